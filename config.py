@@ -1,0 +1,157 @@
+"""One config object for the whole pipeline, saved inside every checkpoint.
+
+Defaults are FashionLens' own choices (SPEC sections 3-6). Every place where we deliberately differ from the
+authors' release is a field whose docstring says "release: ..."; configs/release.yaml sets all of them back.
+A config is YAML (nested by section) plus `section.key=value` overrides; unknown keys are errors.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/ufire-mini"            # U-FIRE root: 0_triplet_files/, <Dataset>_images/, ...
+    gallery_dir: str = ""                    # test candidate files; "" means <root>/0_test_candidates
+    sub_datasets: list = field(default_factory=list)   # keys like "7_cir_Shoes"; empty = all 18
+    max_query_images: int = 5                # ClothesV1 / QMUL-Shoe-V2: up to 5 sketches drawn at random
+    allow_missing: bool = False              # skip records whose files are missing instead of failing
+    max_bad_records: int = 20                # training stops when more records than this were unreadable
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "qwen3vl"                    # "qwen3vl" (FashionLens) or "openclip" (dual-encoder baseline)
+    backbone: str = "runs/tiny-qwen3vl"      # local directory (Qwen3-VL) or open_clip "NAME:WEIGHTS_FILE"
+    trainable: str = "lora"                  # "lora" (real backbone) or "full" (tiny random backbone)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    keep_rope_positions: bool = True         # release: False (inputs_embeds only; 3-D rotary positions lost)
+    normed_readout: bool = True              # release: False (pre-norm state via LM head + cache + all states)
+    fp32_trainable: bool = True              # release: False (trainable tensors kept in bf16)
+    dtype: str = "bfloat16"                  # compute dtype on GPU (CPU always computes in fp32)
+    image_pixels: int = 224 * 224            # pixel budget for training and evaluation
+    eval_image_pixels: int = 0               # 0 = same as image_pixels; release: 256 * 256
+    video_frames: int = 8
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"        # "flash_attention_2" when installed
+
+
+@dataclass
+class CalibratorConfig:
+    mode: str = "slerp"                      # "slerp" | "lerp" | "none"   (SPEC section 4)
+    gate: str = "learned"                    # "learned" | "fixed"
+    fixed_gate: float = 0.5                  # lambda when gate == "fixed"
+    hidden: int = 512
+    rank: int = 32
+    gate_bias_init: float = -3.0
+    init_std: float = 1e-6
+    fro_weight: float = 1e-4
+    orth_weight: float = 1e-2
+    reg_per_chunk: bool = False              # release: True (regularisers summed per gradient-cache chunk)
+
+
+@dataclass
+class SamplerConfig:
+    mode: str = "ggas"                       # "ggas" | "uniform" | "size" | "size_pow"  (SPEC section 5)
+    alpha: float = 0.9                       # EMA of the difficulty
+    gamma: float = 0.5                       # data-scale prior exponent
+    eta: float = 1.0                         # temperature
+    floor: float = 0.02
+    guaranteed_floor: bool = True            # release: False (floor, renormalise; the floor may not hold)
+    warmup_epochs: int = 1                   # uniform over sub-datasets first
+    update_every: int = 50                   # recompute P every N steps; release: 0 (= once per epoch)
+    difficulty: str = "joint"                # "joint" (one norm of both tokens, release) | "sum" (two norms)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny"
+    seed: int = 0
+    batch_size: int = 64                     # per GPU / process
+    chunk_size: int = 16                     # gradient-cache chunk, default for every sub-dataset
+    chunk_sizes: dict = field(default_factory=dict)   # per sub-dataset override, e.g. {"6_video2img_MovingFashion": 4}
+    epochs: float = 5.0
+    max_steps: int = 0                       # > 0 stops earlier (quick runs, tests)
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    schedule: str = "constant"               # "constant" (release) | "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 0.0                   # 0 = off (release)
+    temperature: float = 0.07
+    gather_negatives: bool = False           # negatives from every GPU
+    asfr_hard_negatives: int = 0             # extra targets per asfr query from its negative_image list
+    val_every: int = 0                       # 0 = only at the end
+    val_max_queries: int = 0                 # cap queries per sub-dataset during periodic validation; 0 = all
+    log_every: int = 10
+    save_every: int = 100                    # write last.pt every N steps (and at the end)
+    eval_batch_size: int = 32
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibrator: CalibratorConfig = field(default_factory=CalibratorConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        cfg = cls()
+        for section, values in (d or {}).items():
+            if section not in SECTIONS:
+                raise KeyError(f"unknown config section {section!r}; known: {sorted(SECTIONS)}")
+            for key, value in (values or {}).items():
+                _set(cfg, section, key, value)
+        return cfg
+
+
+SECTIONS = {f.name for f in dataclasses.fields(Config)}
+
+
+def _set(cfg, section, key, value):
+    sub = getattr(cfg, section)
+    names = {f.name: f for f in dataclasses.fields(sub)}
+    if key not in names:
+        raise KeyError(f"unknown config key {section}.{key}; known: {sorted(names)}")
+    default = getattr(sub, key)
+    # Values from YAML or the command line are coerced to the field's type so "lr=1e-3" is a float.
+    if isinstance(value, str) and not isinstance(default, str):
+        value = yaml.safe_load(value)          # "1e-3" -> 1e-3, "true" -> True, "[a, b]" -> list
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        value = float(value)                   # YAML reads "1e-4" as a string and "1" as an int
+    if type(value) is not type(default):
+        raise TypeError(f"config {section}.{key} must be {type(default).__name__}, got {value!r}")
+    setattr(sub, key, value)
+
+
+def load_config(path=None, overrides=()):
+    """YAML file (may `inherit: other.yaml`, relative to itself) plus `section.key=value` overrides."""
+    import os
+    raw = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        parent = raw.pop("inherit", None)
+        if parent:
+            base = load_config(os.path.join(os.path.dirname(path), parent)).to_dict()
+            for section, values in raw.items():
+                base.setdefault(section, {}).update(values or {})
+            raw = base
+    cfg = Config.from_dict(raw)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise KeyError(f"unknown config section {section!r} in override {item!r}")
+        _set(cfg, section, key, value)
+    return cfg
