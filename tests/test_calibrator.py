@@ -1,0 +1,138 @@
+"""calibrator.py: slerp / lerp against their closed forms and limits, finite gradients at the singular points,
+the identity-like initialisation, and the full PGSQC forward (proposal, gate, regularisers) for known A, B."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibrator import QueryCalibrator, lerp, slerp
+from config import CalibratorConfig
+
+
+def unit(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+
+
+def slerp_closed_form(q, p, lam):
+    q, p, lam = q.double(), p.double(), lam.double()[:, None]
+    omega = torch.acos((q * p).sum(-1, keepdim=True))
+    return (torch.sin((1 - lam) * omega) * q + torch.sin(lam * omega) * p) / torch.sin(omega)
+
+
+def test_slerp_unit_norm_limits_and_closed_form():
+    q, p = unit(64, 16, seed=0), unit(64, 16, seed=1)
+    lam = torch.rand(64, generator=torch.Generator().manual_seed(2))
+    out = slerp(q, p, lam)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.norm(dim=-1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(out.double(), slerp_closed_form(q, p, lam), atol=1e-5)
+    assert torch.allclose(slerp(q, p, 0.0), q, atol=1e-5)
+    assert torch.allclose(slerp(q, p, 1.0), p, atol=1e-5)
+    # The angle to q grows linearly with lambda (constant speed along the great circle).
+    omega = torch.acos((q * p).sum(-1))
+    angle = torch.acos((slerp(q, p, 0.25) * q).sum(-1).clamp(-1, 1))
+    assert torch.allclose(angle, 0.25 * omega, atol=1e-3)
+
+
+def test_lerp_is_renormalised_linear_interpolation_and_differs_from_slerp():
+    q, p = unit(32, 8, seed=3), unit(32, 8, seed=4)
+    out = lerp(q, p, 0.25)
+    assert torch.allclose(out, F.normalize(0.75 * q + 0.25 * p, dim=-1), atol=1e-6)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(32), atol=1e-5)
+    assert (out - slerp(q, p, 0.25)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("noise", [0.0, 1e-8, 1e-4])
+def test_slerp_gradients_finite_near_parallel(sign, noise):
+    q = unit(8, 16, seed=5)
+    p = F.normalize(sign * q + noise * unit(8, 16, seed=6), dim=-1)
+    q, p = q.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    lam = torch.full((8,), 0.3, requires_grad=True)
+    out = slerp(q, p, lam)
+    (out * unit(8, 16, seed=7)).sum().backward()
+    assert torch.isfinite(out).all()
+    for t in (q, p, lam):
+        assert torch.isfinite(t.grad).all()
+    if sign > 0:  # parallel inputs: every point between them is q itself
+        assert torch.allclose(out, q.detach(), atol=1e-4)
+
+
+def test_slerp_bf16_inputs_computed_in_fp32():
+    q = unit(16, 32, seed=8, dtype=torch.bfloat16).requires_grad_(True)
+    p = F.normalize(q.detach().float() + 1e-3 * unit(16, 32, seed=9), dim=-1).bfloat16().requires_grad_(True)
+    out = slerp(q, p, torch.full((16,), 0.5))
+    out.sum().backward()
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.norm(dim=-1), torch.ones(16), atol=1e-5)
+    assert torch.isfinite(q.grad).all() and torch.isfinite(p.grad).all()
+
+
+def small_cfg(**overrides):
+    return CalibratorConfig(**{"hidden": 16, "rank": 2, **overrides})
+
+
+@pytest.mark.parametrize("mode", ["slerp", "lerp"])
+def test_initialisation_is_close_to_identity(mode):
+    torch.manual_seed(0)
+    cal = QueryCalibrator(32, small_cfg(mode=mode))
+    h = 10 * torch.randn(6, 32)
+    out, gate, fro, orth = cal(h)
+    assert (out - F.normalize(h, dim=-1)).abs().max() < 1e-4
+    assert torch.allclose(gate, torch.full((6,), 1 / (1 + math.exp(3))), atol=1e-5)
+    assert fro.shape == orth.shape == (6,)
+
+
+def set_constant_output(cal, a, b, gate_logit=None):
+    """Make the hypernetwork output the same (A, B, l) for every input: last layer weight 0, bias = values."""
+    last = cal.hyper[-1]
+    values = [a.reshape(-1), b.reshape(-1)] + ([torch.tensor([gate_logit])] if gate_logit is not None else [])
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.cat(values))
+
+
+def test_forward_and_regularisers_match_hand_computation():
+    d, r = 4, 2
+    cal = QueryCalibrator(d, small_cfg(rank=r))
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [1.0, 0.0]])   # A^T A = [[2, 0], [0, 4]]
+    b = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0]])
+    set_constant_output(cal, a, b, gate_logit=0.4)
+    h = torch.tensor([[3.0, 0.0, 0.0, 4.0], [0.0, 1.0, 0.0, 0.0]])
+    out, gate, fro, orth = cal(h)
+    # |A|_F = sqrt(6), |B|_F = sqrt(1.25); |A^T A - I|_F = |diag(1, 3)|_F = sqrt(10)
+    assert torch.allclose(fro, torch.full((2,), math.sqrt(6) + math.sqrt(1.25)))
+    assert torch.allclose(orth, torch.full((2,), math.sqrt(10)))
+    assert torch.allclose(gate, torch.full((2,), 1 / (1 + math.exp(-0.4))))
+    q = F.normalize(h, dim=-1)
+    p = F.normalize(q + q @ a @ b, dim=-1)
+    assert torch.allclose(out.double(), slerp_closed_form(q, p, gate), atol=1e-5)
+
+
+def test_fixed_gate_lerp_and_none_variants():
+    d, r = 4, 2
+    a, b = torch.randn(d, r), torch.randn(r, d)
+    h = torch.randn(3, d)
+    q = F.normalize(h, dim=-1)
+    p = F.normalize(q + q @ a @ b, dim=-1)
+
+    fixed = QueryCalibrator(d, small_cfg(rank=r, gate="fixed", fixed_gate=0.7))
+    assert fixed.hyper[-1].out_features == 2 * d * r        # no gate logit to leave without gradient
+    set_constant_output(fixed, a, b)
+    out, gate, _, _ = fixed(h)
+    assert torch.equal(gate, torch.full((3,), 0.7))
+    assert torch.allclose(out, slerp(q, p, 0.7), atol=1e-6)
+
+    linear = QueryCalibrator(d, small_cfg(rank=r, mode="lerp"))
+    set_constant_output(linear, a, b, gate_logit=0.0)
+    assert torch.allclose(linear(h)[0], F.normalize(q + p, dim=-1), atol=1e-6)
+
+    none = QueryCalibrator(d, small_cfg(mode="none"))
+    assert not list(none.parameters())
+    out, gate, fro, orth = none(h)
+    assert torch.allclose(out, q) and gate is None and fro is None and orth is None
+
+    with pytest.raises(ValueError, match="mode"):
+        QueryCalibrator(d, small_cfg(mode="cosine"))
