@@ -1,0 +1,170 @@
+"""Encoding throughput of the FashionLens encoder (model.py).
+
+Default (CPU): the tiny random Qwen3-VL. Items per second for query encoding (text-only and image+text queries)
+and target encoding, medians over repeats, one thread.
+
+--real-arch (GPU): Qwen3-VL-4B-Instruct's architecture, built from its config (written out below; random weights,
+bf16) with LoRA as in training. At the training pixel budget it reports images/s and peak GPU memory (weights
+included) for target encoding (no grad) and for a training chunk (forward + backward), with our readout (inner
+model, normed state, no LM head or cache) and the release's (LM head + KV cache + all hidden states, pre-norm
+state) side by side: one encoder, the readout switch flipped between measurements, so the weights are identical.
+
+    python benchmarks/encode_throughput.py
+    python benchmarks/encode_throughput.py --real-arch
+"""
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import CalibratorConfig, ModelConfig  # noqa: E402
+from model import FashionLensEncoder, make_tiny_backbone  # noqa: E402
+
+# Qwen/Qwen3-VL-4B-Instruct config.json (architecture fields). The token ids are replaced by those of the tiny
+# tokenizer used here; only the sequence lengths of the text parts differ slightly from the real tokenizer's.
+QWEN3_VL_4B = {
+    "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "tie_word_embeddings": True,
+    "text_config": {
+        "model_type": "qwen3_vl_text", "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
+        "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 262144, "attention_bias": False,
+        "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+        "rope_theta": 5000000, "tie_word_embeddings": True},
+    "vision_config": {
+        "model_type": "qwen3_vl", "depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
+        "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "out_hidden_size": 2560, "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [5, 11, 17]},
+}
+
+
+def write_images(directory, n, size=(320, 400)):
+    """n random photos of a typical product-image size (they are resized to the pixel budget)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = os.path.join(directory, f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def median_seconds(fn, repeats):
+    fn()  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def tiny_cpu(args, tmp):
+    torch.set_num_threads(1)
+    backbone = args.backbone or os.path.join(tmp, "tiny")
+    if not args.backbone:
+        start = time.perf_counter()
+        make_tiny_backbone(backbone)
+        print(f"make-tiny: {time.perf_counter() - start:.1f} s")
+    torch.manual_seed(0)
+    encoder = FashionLensEncoder(ModelConfig(backbone=backbone, trainable="full", image_pixels=args.pixels),
+                                 CalibratorConfig(), device="cpu")
+    images = write_images(tmp, args.items)
+    text = [{"id": str(i), "instruction_text": "A navy wool coat with a belt and large pockets.",
+             "query_image": [], "query_video": []} for i in range(args.items)]
+    image_text = [dict(q, query_image=[p]) for q, p in zip(text, images)]
+    print(f"tiny Qwen3-VL on CPU, 1 thread, {args.items} items, batch {args.batch_size}, "
+          f"{args.pixels} pixels per image, median of {args.repeats}")
+    for name, fn in [("query (text)", lambda: encoder.encode_queries(text, args.batch_size)),
+                     ("query (image+text)", lambda: encoder.encode_queries(image_text, args.batch_size)),
+                     ("target (image)", lambda: encoder.encode_targets(images, args.batch_size))]:
+        print(f"  {name:20s} {args.items / median_seconds(fn, args.repeats):8.1f} items/s")
+
+
+def real_arch(args, tmp):
+    from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    device = torch.device(args.device)
+    tiny_dir, backbone = os.path.join(tmp, "tiny"), os.path.join(tmp, "qwen3-vl-4b-random")
+    make_tiny_backbone(tiny_dir)  # its tokenizer, chat template and processor go with the 4B architecture
+    with open(os.path.join(tiny_dir, "config.json")) as f:
+        tiny = json.load(f)
+    config = dict(QWEN3_VL_4B, **{k: tiny[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                        "vision_end_token_id")})
+    config["text_config"] = dict(config["text_config"], **args.text_overrides)
+    config["vision_config"] = dict(config["vision_config"], **args.vision_overrides)
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**config), dtype=torch.bfloat16)
+    lm.save_pretrained(backbone)
+    AutoProcessor.from_pretrained(tiny_dir).save_pretrained(backbone)
+    del lm
+    model_cfg = ModelConfig(backbone=backbone, trainable="lora", image_pixels=args.pixels)
+    encoder = FashionLensEncoder(model_cfg, CalibratorConfig(), device=device)
+    n_params = sum(p.numel() for p in encoder.lm.parameters())
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"Qwen3-VL-4B architecture ({n_params / 1e9:.2f} B parameters, random weights) ready in "
+          f"{time.perf_counter() - start:.0f} s on {card}; {args.pixels} pixels per image, LoRA r={model_cfg.lora_r}, "
+          f"median of {args.repeats}")
+    images = write_images(tmp, max(args.batch_size, args.train_chunk))
+    encode_inputs = encoder.prepare_targets(images[:args.batch_size], train=True)
+    train_inputs = encoder.prepare_targets(images[:args.train_chunk], train=True)
+
+    def encode():
+        with torch.no_grad():
+            encoder(encode_inputs, role="target")
+
+    def train_chunk():
+        encoder(train_inputs, role="target")["emb"].sum().backward()
+
+    print(f"  {'readout':8s} {'work':28s} {'images/s':>9s} {'peak GiB':>9s}")
+    for normed in (True, False):
+        encoder.model_cfg = dataclasses.replace(model_cfg, normed_readout=normed)
+        for work, fn, n, mode in [(f"encode, batch {args.batch_size}", encode, args.batch_size, "eval"),
+                                  (f"train fwd+bwd, chunk {args.train_chunk}", train_chunk, args.train_chunk, "train")]:
+            encoder.train(mode == "train")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = median_seconds(fn, args.repeats)
+            encoder.zero_grad(set_to_none=True)
+            peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:9.1f}" if device.type == "cuda" else f"{'-':>9s}"
+            print(f"  {'ours' if normed else 'release':8s} {work:28s} {n / seconds:9.1f} {peak}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--real-arch", action="store_true", help="Qwen3-VL-4B architecture on a GPU")
+    parser.add_argument("--backbone", default="", help="tiny backbone directory (default: build one)")
+    parser.add_argument("--items", type=int, default=64, help="CPU: items per measurement")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 16 (CPU) / 64 (--real-arch)")
+    parser.add_argument("--train-chunk", type=int, default=16, help="--real-arch: gradient-cache chunk size")
+    parser.add_argument("--pixels", type=int, default=224 * 224, help="pixel budget per image (training: 224^2)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda", help="--real-arch device; cpu only for a smoke test")
+    parser.add_argument("--text-layers", type=int, help="--real-arch: fewer text layers (smoke test)")
+    parser.add_argument("--vision-depth", type=int, help="--real-arch: fewer vision blocks (smoke test)")
+    args = parser.parse_args()
+    args.batch_size = args.batch_size or (64 if args.real_arch else 16)
+    args.text_overrides = {"num_hidden_layers": args.text_layers} if args.text_layers else {}
+    args.vision_overrides = ({"depth": args.vision_depth, "deepstack_visual_indexes": [args.vision_depth - 1]}
+                             if args.vision_depth else {})
+    with tempfile.TemporaryDirectory() as tmp:
+        (real_arch if args.real_arch else tiny_cpu)(args, tmp)
+
+
+if __name__ == "__main__":
+    main()

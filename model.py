@@ -1,0 +1,540 @@
+"""FashionLens encoders (SPEC sections 3-4) and the tiny random Qwen3-VL used on CPU.
+
+- FashionLensEncoder: Qwen3-VL prompted per SPEC section 3, read out at a learnable token (<|MEAN|> for queries,
+  <|IMG|> for gallery images), queries calibrated by PGSQC (calibrator.py). LoRA or full training.
+- OpenClipEncoder: the dual-encoder baseline (UniIR score fusion) with the same interface.
+- make_tiny_backbone / `python model.py make-tiny DIR`: a random-weight Qwen3-VL saved in the real checkpoint's
+  layout, so every downstream loader treats it exactly like Qwen3-VL-4B-Instruct.
+
+Interface of both encoders (CONTRACT "model.py"): prepare_queries / prepare_targets (records -> CPU tensors),
+forward(inputs, role) -> {"emb", "gate", "reg_fro", "reg_orth"}, encode_queries / encode_targets,
+trainable_state_dict / load_trainable_state_dict, token_grad_norms, embed_dim.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (NOTES "open_clip offline")
+
+import argparse
+import dataclasses
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+from transformers import (AutoProcessor, PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+from transformers import video_utils
+
+from calibrator import QueryCalibrator
+from config import CalibratorConfig, ModelConfig
+
+QUERY_TOKEN, TARGET_TOKEN = "<|MEAN|>", "<|IMG|>"
+SYSTEM_PROMPT = "You are a fashion expert in processing fashion images."
+QUERY_SUFFIX = "Summarize the semantic feature of the target fashion image in one word."
+TARGET_SUFFIX = "Summarize the image in one word."
+
+
+def conversation(user_content, readout_token):
+    """SPEC section 3 prompt: system, the user turn, and the readout token as the assistant's answer."""
+    return [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+            {"role": "user", "content": user_content},
+            {"role": "assistant", "content": [{"type": "text", "text": readout_token}]}]
+
+
+# ----------------------------------------------------------------------------- media
+
+def data_error(path, message, record_id):
+    from prepare_data import DataError  # imported here: model.py does not need prepare_data for anything else
+    return DataError(path, message, record_id=record_id)  # the message names path and record id
+
+
+def load_image(path, record_id=None):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # missing, truncated, not an image
+        raise data_error(path, f"cannot read image: {err}", record_id) from err
+
+
+def load_video(path, num_frames=8, record_id=None):
+    """(frames uint8 [num_frames, H, W, 3], VideoMetadata), sampled uniformly with PyAV. Clips with fewer frames
+    repeat frames, so exactly num_frames always come back (NOTES "Video": frames are otherwise lost silently)."""
+    def uniform(metadata, **kwargs):  # like load_video's own sampling, which refuses clips shorter than num_frames
+        return np.linspace(0, max(metadata.total_num_frames - 1, 0), num_frames).round().astype(int)
+
+    if not os.path.isfile(path):  # checked here: load_video would fetch http(s) paths and call others a format error
+        raise data_error(path, "video file not found", record_id)
+    try:
+        frames, meta = video_utils.load_video(path, backend="pyav", sample_indices_fn=uniform)
+    except Exception as err:  # PyAV raises its own error family (and IndexError, ZeroDivisionError) on bad files
+        raise data_error(path, f"cannot read video: {err}", record_id) from err
+    if len(frames) == 0:
+        raise data_error(path, "video has no decodable frames", record_id)
+    # PyAV yields each index once and none past the decoded end; map the frames we got back to their indices.
+    decoded = np.unique(meta.frames_indices)[:len(frames)]
+    pick = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
+    meta.frames_indices = decoded[pick].tolist()
+    meta.fps = meta.fps or 24.0  # the timestamps in Qwen3-VL's video prompt divide by it; 24 is the processor's default
+    return frames[pick], meta
+
+
+# ----------------------------------------------------------------------------- tiny backbone
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2/3's pre-tokenizer split pattern (contractions, letters, single digits, punctuation runs, whitespace).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Renders like Qwen3-VL's own template for the messages we build: <|im_start|>role\n ... <|im_end|>\n, images and
+# videos as vision_start/pad/end, text items joined without separator.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+COLORS = ("red blue navy green olive black white ivory beige brown tan grey pink purple yellow orange gold "
+          "silver").split()
+MATERIALS = "cotton denim leather suede silk wool linen lace knit satin velvet chiffon canvas mesh".split()
+GARMENTS = ("dress shirt blouse top tee sweater cardigan hoodie jacket coat blazer vest skirt jeans trousers shorts "
+            "leggings jumpsuit sneaker boot sandal heel loafer bag belt hat scarf").split()
+DETAILS = ("long sleeves,short sleeves,a round neck,a v-neck,a collar,a hood,buttons,a zipper,pockets,a belt,"
+           "a floral print,stripes,polka dots,a logo,ruffles,pleats,a slit,laces,a high heel,a flat sole").split(",")
+PHRASES = ["is more {c}", "make it {c}", "change the {g} from {c} to {c2}", "is {m} and has {d}",
+           "has {d} instead of {d2}", "a {c} {m} {g} with {d}", "find the {g} that goes with this outfit",
+           "the {g} shown in the sketch", "same {g} as in the street photo", "what {c} {g} is this"]
+
+
+def fashion_sentences(rng, n):
+    """n random fashion sentences (the tiny tokenizer's training corpus), plus the prompts of SPEC section 3."""
+    sentences = [SYSTEM_PROMPT, QUERY_SUFFIX, TARGET_SUFFIX]
+    for _ in range(n):
+        words = dict(c=rng.choice(COLORS), c2=rng.choice(COLORS), m=rng.choice(MATERIALS), g=rng.choice(GARMENTS),
+                     d=rng.choice(DETAILS), d2=rng.choice(DETAILS))
+        sentence = " and ".join(rng.choice(PHRASES).format(**words) for _ in range(rng.randint(1, 3)))
+        sentences.append(sentence[0].upper() + sentence[1:] + rng.choice([".", "", "!", "?"]))
+    return sentences
+
+
+def make_tiny_tokenizer(seed, vocab_size):
+    """Byte-level BPE trained on fashion sentences, with Qwen's special tokens (NOTES "A tiny Qwen3-VL")."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(fashion_sentences(random.Random(seed), 3000), trainer)
+    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   model_max_length=32768)
+
+
+def make_tiny_backbone(out_dir, seed=0, *, text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2,
+                       text_intermediate=512, vision_depth=2, vision_hidden=128, vision_heads=2,
+                       vision_intermediate=512, bpe_vocab=1024):
+    """A random-weight Qwen3-VL (fp32) with tokenizer, chat template and processor, saved with save_pretrained
+    in the real checkpoint's layout. Same seed and sizes -> identical files. Returns the parameter count."""
+    tokenizer = make_tiny_tokenizer(seed, bpe_vocab)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    head_dim = text_hidden // text_heads
+    half = head_dim // 2  # mrope_section splits the rotary half-dimension over (t, h, w); Qwen3-VL: 24/20/20 of 64
+    hw = half * 5 // 16
+    config = Qwen3VLConfig(
+        text_config=dict(
+            # Vocabulary padded above the tokenizer (like Qwen's 151,936 > 151,669) so <|MEAN|>/<|IMG|> fit.
+            vocab_size=(len(tokenizer) + 64 + 63) // 64 * 64, hidden_size=text_hidden,
+            intermediate_size=text_intermediate, num_hidden_layers=text_layers, num_attention_heads=text_heads,
+            num_key_value_heads=text_kv_heads, head_dim=head_dim, max_position_embeddings=32768,
+            rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0, mrope_section=[half - 2 * hw, hw, hw],
+                                 mrope_interleaved=True),
+            tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(
+            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_intermediate,
+            num_heads=vision_heads, out_hidden_size=text_hidden, patch_size=16, temporal_patch_size=2,
+            spatial_merge_size=2, num_position_embeddings=256, deepstack_visual_indexes=[vision_depth // 2]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    patching = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**patching, size={"shortest_edge": 65536, "longest_edge": 16777216}),
+        video_processor=Qwen3VLVideoProcessor(**patching, size={"shortest_edge": 4096, "longest_edge": 25165824}),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir))) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        publish_dir(tmp, out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def publish_dir(tmp, out_dir):
+    """Move every file of tmp into out_dir, config.json last, each with an atomic os.replace: an interrupted
+    build never leaves a config.json next to missing or stale weights."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+
+
+# ----------------------------------------------------------------------------- shared encoder machinery
+
+class Encoder(nn.Module):
+    """What FashionLensEncoder and OpenClipEncoder share: batched no-grad encoding and the trainable state."""
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def to_device(self, inputs):
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+    def autocast(self):
+        # SPEC section 3, correction 3: bf16 compute on GPU, fp32 parameters; CPU computes in fp32.
+        return torch.autocast("cuda", dtype=getattr(torch, self.model_cfg.dtype), enabled=self.device.type == "cuda")
+
+    def encode_queries(self, queries, batch_size=32, progress=False):
+        return self._encode(queries, self.prepare_queries, "query", batch_size, progress)
+
+    def encode_targets(self, paths, batch_size=32, progress=False):
+        return self._encode(paths, self.prepare_targets, "target", batch_size, progress)
+
+    @torch.no_grad()
+    def _encode(self, items, prepare, role, batch_size, progress):
+        was_training = self.training
+        self.eval()
+        try:
+            embs = [self(prepare(items[i:i + batch_size], train=False), role)["emb"].cpu()
+                    for i in tqdm(range(0, len(items), batch_size), desc=f"encode {role}s", disable=not progress)]
+        finally:
+            self.train(was_training)
+        return torch.cat(embs) if embs else torch.zeros(0, self.embed_dim)
+
+    def trainable_state_dict(self):
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state):
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+        if missing or unexpected:
+            raise KeyError(f"trainable state does not match this encoder: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]} (was it saved with another model config?)")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+
+def resolve_device(device):
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ----------------------------------------------------------------------------- FashionLens (Qwen3-VL)
+
+class FashionLensEncoder(Encoder):
+    """Qwen3-VL embedder of SPEC section 3. Each of the four corrections to the release is a ModelConfig
+    switch: keep_rope_positions, normed_readout, fp32_trainable, eval_image_pixels."""
+
+    def __init__(self, model_cfg, calib_cfg, device=None):
+        super().__init__()
+        device = resolve_device(device)
+        self.model_cfg, self.calibrator_cfg = model_cfg, calib_cfg
+        # NOTES: transformers 5 loads in the checkpoint's dtype; this CPU has no fast bf16, so CPU runs fp32.
+        dtype = getattr(torch, model_cfg.dtype) if device.type == "cuda" else torch.float32
+        trainable_dtype = torch.float32 if model_cfg.fp32_trainable else dtype
+        self.processor = AutoProcessor.from_pretrained(model_cfg.backbone, local_files_only=True)
+        self.padding_side = "right"  # not saved with the tokenizer (NOTES); the readout does not depend on it
+        tokenizer = self.processor.tokenizer
+        tokenizer.add_tokens([QUERY_TOKEN, TARGET_TOKEN], special_tokens=True)
+        self.lm = Qwen3VLForConditionalGeneration.from_pretrained(
+            model_cfg.backbone, dtype=dtype, attn_implementation=model_cfg.attn_implementation, local_files_only=True)
+        vocab = self.lm.get_input_embeddings().weight
+        self.token_ids = {"query": tokenizer.convert_tokens_to_ids(QUERY_TOKEN),
+                          "target": tokenizer.convert_tokens_to_ids(TARGET_TOKEN)}
+        if max(self.token_ids.values()) >= vocab.shape[0]:
+            raise ValueError(f"{model_cfg.backbone}: vocabulary of {vocab.shape[0]} rows has no room for "
+                             f"{QUERY_TOKEN}/{TARGET_TOKEN} (ids {self.token_ids})")
+        # The two learnable readout tokens start from <|im_end|>'s embedding (SPEC section 3). Their own rows in
+        # the embedding table are never used; the <|image_pad|> row must stay untouched (NOTES).
+        im_end = vocab[tokenizer.convert_tokens_to_ids("<|im_end|>")].detach().to(trainable_dtype)
+        self.query_token = nn.Parameter(im_end.clone())
+        self.target_token = nn.Parameter(im_end.clone())
+        self.embed_dim = vocab.shape[1]
+        self.calibrator = QueryCalibrator(self.embed_dim, calib_cfg).to(trainable_dtype)
+        self.set_trainable(model_cfg, trainable_dtype)
+        self.to(device)
+
+    def set_trainable(self, cfg, trainable_dtype):
+        if cfg.gradient_checkpointing:  # before LoRA wrapping, non-reentrant (NOTES "LoRA and DDP")
+            self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.trainable == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+            self.lm.requires_grad_(False)
+            # A string target is a full-match regex: restricted to the language model (SPEC section 3).
+            inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                               target_modules=cfg.lora_targets), self.lm)
+            for p in self.lm.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(trainable_dtype)
+        elif cfg.trainable == "full":  # the tiny random backbone: LoRA on random weights learns little
+            self.lm.to(trainable_dtype).requires_grad_(True)
+        else:
+            raise ValueError(f"model.trainable must be 'lora' or 'full', got {cfg.trainable!r}")
+
+    # --- records -> inputs
+
+    def prepare_queries(self, queries, train):
+        conversations, images, videos, metadata = [], [], [], []
+        for query in queries:
+            images += [load_image(p, query["id"]) for p in query["query_image"]]
+            for path in query["query_video"]:
+                frames, meta = load_video(path, self.model_cfg.video_frames, query["id"])
+                videos.append(frames)
+                metadata.append(meta)
+            media = [{"type": "image"}] * len(query["query_image"]) + [{"type": "video"}] * len(query["query_video"])
+            text = [{"type": "text", "text": query["instruction_text"]}]
+            conversations.append(conversation(text + media + [{"type": "text", "text": QUERY_SUFFIX}], QUERY_TOKEN))
+        return self.process(conversations, images, videos, metadata, train)
+
+    def prepare_targets(self, paths, train):
+        user = [{"type": "image"}, {"type": "text", "text": TARGET_SUFFIX}]
+        return self.process([conversation(user, TARGET_TOKEN)] * len(paths), [load_image(p) for p in paths], [], [],
+                            train)
+
+    def process(self, conversations, images, videos, metadata, train):
+        # One pixel budget for train and eval (SPEC section 3, correction 4); release: eval_image_pixels = 256^2.
+        cfg = self.model_cfg
+        pixels = cfg.image_pixels if train or not cfg.eval_image_pixels else cfg.eval_image_pixels
+        frames_pixels = pixels * cfg.video_frames  # the video budget covers all frames together
+        texts = self.processor.apply_chat_template(conversations, tokenize=False)
+        batch = self.processor(
+            text=texts, images=images or None, videos=videos or None, video_metadata=metadata or None,
+            padding=True, padding_side=self.padding_side, return_tensors="pt",
+            # min = max = budget: every image is resized to about `pixels`, sides multiples of 32 (patch 16 x merge 2)
+            images_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
+            # every decoded frame is kept: the default re-sampling would silently drop half of them (NOTES)
+            videos_kwargs={"size": {"shortest_edge": frames_pixels, "longest_edge": frames_pixels},
+                           "do_sample_frames": False, "cap_pixels_per_frame": False})
+        return dict(batch)
+
+    # --- inputs -> embeddings
+
+    def forward(self, inputs, role):
+        if role not in self.token_ids:
+            raise ValueError(f"role must be 'query' or 'target', got {role!r}")
+        inputs = self.to_device(inputs)
+        with self.autocast():
+            h = self.readout(inputs, self.token_ids[role], self.query_token if role == "query" else self.target_token)
+        if role == "target":  # targets are never calibrated (SPEC section 4)
+            return {"emb": F.normalize(h.float(), dim=-1), "gate": None, "reg_fro": None, "reg_orth": None}
+        emb, gate, fro, orth = self.calibrator(h)
+        return {"emb": emb, "gate": gate, "reg_fro": fro, "reg_orth": orth}
+
+    def readout(self, inputs, token_id, token_vector):
+        """Hidden state at the readout token, one row per prompt, [B, D]."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        at_token = ids == token_id
+        if not bool((at_token.sum(1) == 1).all()):
+            raise ValueError(f"every prompt needs exactly one readout token (id {token_id}) in its text")
+        embeds = self.lm.get_input_embeddings()(ids)
+        embeds = torch.where(at_token[..., None], token_vector.to(embeds.dtype), embeds)
+        if self.model_cfg.keep_rope_positions:
+            # Correction 1: Qwen3-VL's 3-D rotary positions for vision tokens, computed from the ids (NOTES).
+            positions, _ = self.lm.model.get_rope_index(
+                ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
+        else:
+            # Release: inputs_embeds only, for which transformers 4.57 numbered the non-padding tokens 0, 1, 2, ...
+            # on all three rotary axes. Passed explicitly: 5.x would reuse rope deltas cached by another call.
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+        media = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+                 if k in inputs}
+        if self.model_cfg.normed_readout:
+            # Correction 2: the inner model's final normed state; no LM head, no KV cache.
+            hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                   use_cache=False, **media).last_hidden_state
+        else:
+            # Release: the full LM forward (vocabulary logits, a KV cache and every layer's state, all discarded),
+            # read before the final norm. In transformers 5.24 hidden_states[-1] is the *normed* state, so the
+            # pre-norm state is taken as the input of the final norm.
+            captured = []
+            final_norm = self.lm.model.language_model.norm
+            hook = final_norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+            try:
+                self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                        output_hidden_states=True, **media)
+            finally:
+                hook.remove()
+            hidden = captured[0]
+        # Index per row: independent of the padding side and of the other prompts (NOTES).
+        return hidden[torch.arange(ids.shape[0], device=ids.device), at_token.int().argmax(1)]
+
+    def token_grad_norms(self):
+        """(joint, summed) gradient norms of the two learnable tokens: the GGAS difficulty (SPEC section 5)."""
+        norms = [p.grad.float().norm() if p.grad is not None else torch.zeros((), device=p.device)
+                 for p in (self.query_token, self.target_token)]
+        return float(torch.stack(norms).norm()), float(norms[0] + norms[1])
+
+    # --- standalone export with LoRA folded into the weights
+
+    def save_merged(self, out_dir):
+        """Write a self-contained model: the backbone with LoRA merged into its weights (plain Qwen3-VL layout,
+        loads with from_pretrained), its processor, and fashionlens_heads.pt (the token vectors, the calibrator
+        and both configs). load_merged(out_dir) gives the same embeddings."""
+        state = self.lm.state_dict()
+        for name, module in self.lm.named_modules():
+            if hasattr(module, "get_delta_weight"):  # a peft LoRA layer: base weight + scale * B A
+                base = state.pop(f"{name}.base_layer.weight")
+                state[f"{name}.weight"] = (base.float() + module.get_delta_weight("default").float()).to(base.dtype)
+                if f"{name}.base_layer.bias" in state:
+                    state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
+        state = {k: v for k, v in state.items() if "lora_" not in k}
+        heads = {n: p.detach().cpu() for n, p in self.named_parameters() if not n.startswith("lm.")}
+        cfgs = {"model": dataclasses.asdict(self.model_cfg), "calibrator": dataclasses.asdict(self.calibrator_cfg)}
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir))) as tmp:
+            self.lm.save_pretrained(tmp, state_dict=state)
+            self.processor.save_pretrained(tmp)
+            torch.save({"config": cfgs, "heads": heads}, os.path.join(tmp, "fashionlens_heads.pt"))
+            publish_dir(tmp, out_dir)
+
+
+def load_merged(out_dir, device=None):
+    """The encoder written by FashionLensEncoder.save_merged (for inference: every weight counts as trainable)."""
+    saved = torch.load(os.path.join(out_dir, "fashionlens_heads.pt"), map_location="cpu", weights_only=True)
+    model_cfg = ModelConfig(**{**saved["config"]["model"], "backbone": out_dir, "trainable": "full"})
+    encoder = FashionLensEncoder(model_cfg, CalibratorConfig(**saved["config"]["calibrator"]), device)
+    missing, unexpected = encoder.load_state_dict(saved["heads"], strict=False)
+    if unexpected or any(not n.startswith("lm.") for n in missing):
+        raise KeyError(f"{out_dir}/fashionlens_heads.pt does not match the encoder: missing "
+                       f"{[n for n in missing if not n.startswith('lm.')][:5]}, unexpected {unexpected[:5]}")
+    return encoder
+
+
+# ----------------------------------------------------------------------------- open_clip baseline
+
+def make_tiny_openclip_config(out_dir, name="fashionlens-tiny-clip"):
+    """Write a tiny open_clip model config (random weights when built); returns its path, usable as
+    model.backbone (optionally "PATH:WEIGHTS_FILE")."""
+    config = {"embed_dim": 64,
+              "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+    return path
+
+
+class OpenClipEncoder(Encoder):
+    """CLIP dual encoder with UniIR score fusion (the baseline): a query is the normalised sum of its text
+    embedding and its image embedding, several query images (or a video's frames) averaged first. Targets are
+    image embeddings. model.backbone = "NAME[:WEIGHTS]": an open_clip model name or the path of a JSON model
+    config, and optionally a local weights file (none: random weights). All weights train (trainable "full");
+    the input size is the model's own, so `train` does not change the pixel budget."""
+
+    def __init__(self, model_cfg, calib_cfg, device=None):
+        super().__init__()
+        import open_clip  # imported here: it pulls in timm (seconds of start-up) that the Qwen3-VL path never needs
+        if model_cfg.trainable != "full":
+            raise ValueError(f"the open_clip baseline trains all its weights: set model.trainable=full "
+                             f"(got {model_cfg.trainable!r})")
+        self.model_cfg, self.calibrator_cfg = model_cfg, calib_cfg
+        name, _, weights = model_cfg.backbone.partition(":")
+        if name.endswith(".json"):
+            open_clip.add_model_config(name)
+            name = Path(name).stem
+        self.clip, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=weights or None)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.embed_dim = self.clip.text_projection.shape[1]
+        self.calibrator = QueryCalibrator(self.embed_dim, calib_cfg)
+        self.to(resolve_device(device))
+
+    def prepare_queries(self, queries, train):
+        pixels, owner = [], []
+        for i, query in enumerate(queries):
+            images = [load_image(p, query["id"]) for p in query["query_image"]]
+            for path in query["query_video"]:
+                images += [Image.fromarray(f) for f in load_video(path, self.model_cfg.video_frames, query["id"])[0]]
+            pixels += [self.preprocess(image) for image in images]
+            owner += [i] * len(images)
+        return {"text": self.tokenizer([q["instruction_text"] for q in queries]),
+                "pixels": torch.stack(pixels) if pixels else torch.zeros(0),
+                "owner": torch.tensor(owner, dtype=torch.long)}
+
+    def prepare_targets(self, paths, train):
+        return {"pixels": torch.stack([self.preprocess(load_image(p)) for p in paths])}
+
+    def forward(self, inputs, role):
+        if role not in ("query", "target"):
+            raise ValueError(f"role must be 'query' or 'target', got {role!r}")
+        inputs = self.to_device(inputs)
+        with self.autocast():
+            if role == "target":
+                images = F.normalize(self.clip.encode_image(inputs["pixels"]).float(), dim=-1)
+                return {"emb": images, "gate": None, "reg_fro": None, "reg_orth": None}
+            fused = F.normalize(self.clip.encode_text(inputs["text"]).float(), dim=-1)
+            if inputs["pixels"].shape[0]:
+                images = F.normalize(self.clip.encode_image(inputs["pixels"]).float(), dim=-1)
+                # Mean image embedding per query; rows of queries without images stay 0 (text alone).
+                mean = torch.zeros_like(fused).index_add_(0, inputs["owner"], images)
+                fused = fused + F.normalize(mean, dim=-1)
+        emb, gate, fro, orth = self.calibrator(fused)
+        return {"emb": emb, "gate": gate, "reg_fro": fro, "reg_orth": orth}
+
+    def token_grad_norms(self):
+        """Stand-in for the learnable-token gradient (GGAS difficulty, SPEC section 5), which CLIP does not
+        have: the gradients of the two final projections (image and text), (joint norm, sum of norms)."""
+        projections = (self.clip.visual.proj, self.clip.text_projection)
+        norms = [p.grad.float().norm() if p.grad is not None else torch.zeros((), device=p.device)
+                 for p in projections]
+        return float(torch.stack(norms).norm()), float(norms[0] + norms[1])
+
+
+def build_encoder(model_cfg, calib_cfg, device=None):
+    """The encoder named by model_cfg.kind, on `device` (default: CUDA when available, else CPU)."""
+    if model_cfg.kind == "qwen3vl":
+        return FashionLensEncoder(model_cfg, calib_cfg, device)
+    if model_cfg.kind == "openclip":
+        return OpenClipEncoder(model_cfg, calib_cfg, device)
+    raise ValueError(f"model.kind must be 'qwen3vl' or 'openclip', got {model_cfg.kind!r}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="FashionLens model utilities")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tiny = sub.add_parser("make-tiny", help="build the tiny random Qwen3-VL backbone into DIR")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    for knob in ("text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_intermediate", "vision_depth",
+                 "vision_hidden", "vision_heads", "vision_intermediate", "bpe_vocab"):
+        tiny.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=int)
+    args = parser.parse_args(argv)
+    knobs = {k: v for k, v in vars(args).items() if k not in ("command", "out_dir", "seed") and v is not None}
+    start = time.time()
+    n_params = make_tiny_backbone(args.out_dir, args.seed, **knobs)
+    print(f"tiny Qwen3-VL ({n_params / 1e6:.2f} M parameters) written to {args.out_dir} "
+          f"in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Shared test fixtures. Tests run on CPU with one thread (the machine is shared) and never touch the network."""
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory):
+    """Directory of the tiny random Qwen3-VL (model.py make-tiny), built once per test session."""
+    from model import make_tiny_backbone
+    out = tmp_path_factory.mktemp("tiny-qwen3vl")
+    make_tiny_backbone(str(out), seed=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def mini_root(tmp_path_factory):
+    """A small U-FIRE-mini (prepare_data.py, 1/10 of the default size), built once per test session; read-only:
+    a test that damages files copies it first."""
+    from prepare_data import generate
+    return generate(str(tmp_path_factory.mktemp("ufire") / "ufire-mini"), seed=0, scale=0.1, image_size=64,
+                    progress=False)

@@ -1,0 +1,294 @@
+"""model.py on the tiny random Qwen3-VL and a tiny open_clip: every query kind embeds, a query's embedding does
+not depend on its batch or the padding side, the release switches change what they should (and only that),
+the readout equals the plain input-ids forward, and saved trainable state reloads to identical embeddings."""
+import hashlib
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import model
+from config import CalibratorConfig, ModelConfig
+
+PIXELS = 128 * 128  # small budget: 16 visual tokens per image keeps every test fast
+
+
+def write_png(path, size, seed):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def write_mp4(path, frames, seed, size=(96, 64)):
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for _ in range(frames):
+            image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    sizes = [(120, 90), (64, 160), (200, 200)]  # upscaled, tall, square
+    return {"images": [write_png(d / f"img{i}.png", size, i) for i, size in enumerate(sizes)],
+            "video": write_mp4(d / "clip.mp4", 12, 0), "short_video": write_mp4(d / "short.mp4", 3, 1)}
+
+
+def queries_of_every_kind(media):
+    imgs, video, short = media["images"], media["video"], media["short_video"]
+    return [{"id": "text", "instruction_text": "Find a red silk dress.", "query_image": [], "query_video": []},
+            {"id": "image", "instruction_text": "Find the shop image.", "query_image": imgs[:1], "query_video": []},
+            {"id": "sketches", "instruction_text": "Find the shoe.", "query_image": imgs, "query_video": []},
+            {"id": "video", "instruction_text": "Find the item.", "query_image": [], "query_video": [video]},
+            {"id": "mixed", "instruction_text": "Make it blue.", "query_image": imgs[1:2], "query_video": [short]}]
+
+
+def build(tiny_backbone, seed=0, calibrator=None, **model_overrides):
+    torch.manual_seed(seed)  # the calibrator's (and LoRA's) initialisation
+    cfg = ModelConfig(**{"backbone": tiny_backbone, "trainable": "full", "image_pixels": PIXELS, **model_overrides})
+    return model.build_encoder(cfg, calibrator or CalibratorConfig(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_backbone):
+    return build(tiny_backbone).eval()
+
+
+def test_make_tiny_is_deterministic_per_seed(tiny_backbone, tmp_path):
+    def digest(d, name):
+        return hashlib.sha256(open(os.path.join(d, name), "rb").read()).hexdigest()
+
+    n_params = model.make_tiny_backbone(str(tmp_path / "same"), seed=0)
+    assert 0.5e6 < n_params < 5e6
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
+        assert digest(tmp_path / "same", name) == digest(tiny_backbone, name), name
+    model.make_tiny_backbone(str(tmp_path / "other"), seed=1)
+    assert digest(tmp_path / "other", "model.safetensors") != digest(tiny_backbone, "model.safetensors")
+
+
+def test_every_query_kind_embeds(encoder, media):
+    queries = queries_of_every_kind(media)
+    out = encoder(encoder.prepare_queries(queries, train=True), role="query")
+    emb = out["emb"]
+    assert emb.shape == (5, encoder.embed_dim) and emb.dtype == torch.float32
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert (emb @ emb.T - torch.eye(5)).abs().max() < 0.999  # five different queries, five different embeddings
+    for key in ("gate", "reg_fro", "reg_orth"):
+        assert out[key].shape == (5,) and torch.isfinite(out[key]).all()
+    targets = encoder(encoder.prepare_targets(media["images"], train=True), role="target")
+    assert targets["emb"].shape == (3, encoder.embed_dim) and targets["gate"] is None
+    assert torch.allclose(targets["emb"].norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_video_keeps_every_frame_and_pixel_budget(encoder, media):
+    for path in (media["video"], media["short_video"]):
+        frames, meta = model.load_video(path, 8)
+        assert frames.shape[0] == 8 and len(meta.frames_indices) == 8
+    queries = queries_of_every_kind(media)
+    inputs = encoder.prepare_queries(queries[3:4], train=True)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    assert t == 8 // 2  # 8 frames, temporal patch 2: no frame dropped
+    inputs = encoder.prepare_queries(queries[2:3], train=True)
+    for t, h, w in inputs["image_grid_thw"].tolist():
+        assert h % 2 == 0 and w % 2 == 0  # sides multiples of 32 = patch 16 x merge 2
+        assert 0.5 * PIXELS <= h * w * 16 * 16 <= 1.5 * PIXELS
+    eval_budget = build(encoder.model_cfg.backbone, eval_image_pixels=4 * PIXELS)
+    grid_train = eval_budget.prepare_targets(media["images"][2:], train=True)["image_grid_thw"]
+    grid_eval = eval_budget.prepare_targets(media["images"][2:], train=False)["image_grid_thw"]
+    assert grid_eval.prod() == 4 * grid_train.prod()  # 200x200 -> 128x128 (train), 256x256 (eval)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_embedding_independent_of_batch_and_padding_side(encoder, media, side):
+    queries = queries_of_every_kind(media)
+    encoder.padding_side = "right"
+    alone = torch.cat([encoder.encode_queries([q]) for q in queries])
+    encoder.padding_side = side
+    try:
+        together = encoder.encode_queries(queries[::-1], batch_size=5).flip(0)
+        pairs = encoder.encode_queries([queries[0], queries[3], queries[1], queries[4], queries[2]], batch_size=2)
+    finally:
+        encoder.padding_side = "right"
+    assert (together - alone).abs().max() < 1e-5
+    assert (pairs - alone[[0, 3, 1, 4, 2]]).abs().max() < 1e-5
+    targets = encoder.encode_targets(media["images"], batch_size=2)
+    assert (targets - torch.cat([encoder.encode_targets([p]) for p in media["images"]])).abs().max() < 1e-5
+
+
+def test_rope_switch_changes_only_vision_queries(tiny_backbone, media):
+    none = CalibratorConfig(mode="none")
+    ours = build(tiny_backbone, calibrator=none)
+    release = build(tiny_backbone, calibrator=none, keep_rope_positions=False)
+    queries = queries_of_every_kind(media)
+    a, b = ours.encode_queries(queries), release.encode_queries(queries)
+    assert (a[0] - b[0]).abs().max() < 1e-6  # text only: 3-D positions reduce to 0, 1, 2, ...
+    assert ((a[1:] - b[1:]).abs().amax(dim=1) > 1e-3).all()  # images / video: positions lost in the release
+
+
+def test_readout_equals_input_ids_forward(encoder, media):
+    queries = queries_of_every_kind(media)[1:]
+    inputs = encoder.prepare_queries(queries, train=True)
+    token = encoder.token_ids["query"]
+    lm = encoder.lm
+    with torch.no_grad():
+        ours = encoder.readout(inputs, token, encoder.query_token)
+        saved = lm.get_input_embeddings().weight[token].clone()
+        lm.get_input_embeddings().weight[token] = encoder.query_token  # the ids path then sees the same vector
+        try:
+            hidden = lm.model(**inputs, use_cache=False).last_hidden_state
+        finally:
+            lm.get_input_embeddings().weight[token] = saved
+    reference = hidden[torch.arange(len(queries)), (inputs["input_ids"] == token).int().argmax(1)]
+    assert (ours - reference).abs().max() < 1e-5
+
+
+def test_release_readout_is_the_pre_norm_state(tiny_backbone, encoder, media):
+    release = build(tiny_backbone, normed_readout=False)
+    inputs = encoder.prepare_queries(queries_of_every_kind(media), train=True)
+    token = encoder.token_ids["query"]
+    with torch.no_grad():
+        pre_norm = release.readout(inputs, token, release.query_token)
+        normed = encoder.readout(inputs, token, encoder.query_token)
+        assert (release.lm.model.language_model.norm(pre_norm) - normed).abs().max() < 1e-5
+    assert (pre_norm - normed).abs().max() > 1e-2
+
+
+def train_a_little(encoder, media):
+    """Stand-in for training: every trainable tensor moved off its initial value."""
+    with torch.no_grad():
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+
+
+def test_lora_trains_only_adapters_tokens_calibrator(tiny_backbone, media):
+    enc = build(tiny_backbone, trainable="lora")
+    names = [n for n, p in enc.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or n.startswith(("query_token", "target_token", "calibrator.")) for n in names)
+    assert any("language_model" in n and "lora_A" in n for n in names)
+    assert not any("visual" in n for n in names)
+    queries = queries_of_every_kind(media)[:2]
+    loss = (enc(enc.prepare_queries(queries, train=True), "query")["emb"]
+            * enc(enc.prepare_targets(media["images"][:2], train=True), "target")["emb"]).sum()
+    loss.backward()
+    joint, summed = enc.token_grad_norms()
+    a, b = enc.query_token.grad.norm().item(), enc.target_token.grad.norm().item()
+    assert a > 0 and b > 0
+    assert joint == pytest.approx((a * a + b * b) ** 0.5, rel=1e-5) and summed == pytest.approx(a + b, rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_backbone, media):
+    queries = queries_of_every_kind(media)[1:3]
+    grads = []
+    for checkpointing in (False, True):
+        enc = build(tiny_backbone, trainable="lora", lora_dropout=0.0, gradient_checkpointing=checkpointing)
+        train_a_little(enc, media)  # LoRA B starts at zero: give A a gradient too
+        enc(enc.prepare_queries(queries, train=True), "query")["emb"].square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_trainable_state_round_trip_gives_identical_embeddings(tiny_backbone, media, tmp_path, trainable):
+    trained = build(tiny_backbone, seed=0, trainable=trainable)
+    train_a_little(trained, media)
+    torch.save(trained.trainable_state_dict(), tmp_path / "state.pt")
+    fresh = build(tiny_backbone, seed=1, trainable=trainable)
+    queries = queries_of_every_kind(media)
+    assert (fresh.encode_queries(queries) - trained.encode_queries(queries)).abs().max() > 1e-3
+    fresh.load_trainable_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert torch.equal(fresh.encode_queries(queries), trained.encode_queries(queries))
+    assert torch.equal(fresh.encode_targets(media["images"]), trained.encode_targets(media["images"]))
+    other = build(tiny_backbone, trainable="lora" if trainable == "full" else "full")
+    with pytest.raises(KeyError, match="missing"):
+        other.load_trainable_state_dict(trained.trainable_state_dict())
+
+
+def test_merged_export_gives_the_same_embeddings(tiny_backbone, media, tmp_path):
+    trained = build(tiny_backbone, trainable="lora")
+    train_a_little(trained, media)
+    trained.save_merged(str(tmp_path / "merged"))
+    merged = model.load_merged(str(tmp_path / "merged"), device="cpu")
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    queries = queries_of_every_kind(media)
+    assert (merged.encode_queries(queries) - trained.encode_queries(queries)).abs().max() < 1e-5
+    assert (merged.encode_targets(media["images"]) - trained.encode_targets(media["images"])).abs().max() < 1e-5
+
+
+def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media, tmp_path):
+    from prepare_data import DataError
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    missing = str(tmp_path / "missing.jpg")
+    query = {"id": "rec-7", "instruction_text": "x", "query_image": [missing], "query_video": []}
+    with pytest.raises(DataError) as err:
+        encoder.prepare_queries([query], train=True)
+    assert err.value.path == missing and err.value.record_id == "rec-7" and missing in str(err.value)
+    query = {"id": "rec-8", "instruction_text": "x", "query_image": [], "query_video": [str(broken)]}
+    with pytest.raises(DataError) as err:
+        encoder.prepare_queries([query], train=True)
+    assert err.value.path == str(broken) and err.value.record_id == "rec-8"
+    with pytest.raises(DataError, match="not found"):
+        model.load_video(str(tmp_path / "missing.mp4"), record_id="rec-9")
+
+
+# ----------------------------------------------------------------------------- open_clip baseline
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    config = model.make_tiny_openclip_config(str(tmp_path_factory.mktemp("clip")))
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="openclip", backbone=config, trainable="full")
+    return model.build_encoder(cfg, CalibratorConfig(mode="none"), device="cpu").eval()
+
+
+def test_open_clip_offline_fuses_text_and_images(clip, media):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    imgs = media["images"]
+    text = {"id": "t", "instruction_text": "a red dress", "query_image": [], "query_video": []}
+    one = dict(text, id="i", query_image=imgs[:1])
+    two = dict(text, id="ii", query_image=imgs[:2])
+    video = dict(text, id="v", query_video=[media["video"]])
+    q = clip.encode_queries([text, one, two, video])
+    t = clip.encode_targets(imgs[:2])
+    assert q.shape == (4, clip.embed_dim) and torch.allclose(q.norm(dim=-1), torch.ones(4), atol=1e-5)
+    # UniIR score fusion: normalised sum of the text embedding and the (mean) image embedding.
+    assert torch.allclose(q[1], F.normalize(q[0] + t[0], dim=0), atol=1e-5)
+    assert torch.allclose(q[2], F.normalize(q[0] + F.normalize(t[0] + t[1], dim=0), dim=0), atol=1e-5)
+    assert (q[3] - q[0]).abs().max() > 1e-3
+    assert torch.allclose(clip.encode_queries([two, text]), q[[2, 0]], atol=1e-5)
+    assert torch.allclose(clip.encode_queries([text]), q[:1], atol=1e-5)
+
+
+def test_open_clip_trains_and_round_trips(clip, media):
+    enc = clip.train()
+    try:
+        query = {"id": "i", "instruction_text": "a red dress", "query_image": media["images"][:1], "query_video": []}
+        (enc(enc.prepare_queries([query], True), "query")["emb"]
+         * enc(enc.prepare_targets(media["images"][1:2], True), "target")["emb"]).sum().backward()
+        joint, summed = enc.token_grad_norms()
+        assert joint > 0 and summed >= joint
+        state = enc.trainable_state_dict()
+        before = enc.encode_queries([query])
+        enc.load_trainable_state_dict({k: v + 0.01 for k, v in state.items()})
+        assert (enc.encode_queries([query]) - before).abs().max() > 1e-4
+        enc.load_trainable_state_dict(state)
+        assert torch.equal(enc.encode_queries([query]), before)
+    finally:
+        enc.zero_grad(set_to_none=True)
+        enc.eval()
+    with pytest.raises(ValueError, match="trainable=full"):
+        model.build_encoder(ModelConfig(kind="openclip", backbone=enc.model_cfg.backbone), CalibratorConfig())
