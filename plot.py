@@ -1,0 +1,133 @@
+"""Turn train.py's JSONL log into PNG plots: loss and regulariser, GGAS sampling probability and difficulty per
+sub-dataset (SPEC §5, Eq. 7-10), the calibrator's mean gate (SPEC §4) and, when present, the validation score.
+
+    python plot.py runs/tiny/log.jsonl [--out DIR]      # DIR defaults to the log's folder
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")                  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_log(path):
+    """(training lines, validation lines), each sorted by step with one line per step; other lines are ignored.
+
+    A resumed run appends again the steps logged between its checkpoint and the kill: the last line for a step
+    wins. A line cut short by a kill cannot be parsed; it is skipped with a warning naming file and line."""
+    train, val = {}, {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"{path}:{number}: skipping an unreadable log line", file=sys.stderr)
+                continue
+            if "val_score" in record:
+                val[record["step"]] = record
+            elif "loss" in record:
+                train[record["step"]] = record
+    return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
+
+
+def save_atomic(fig, path):
+    tmp = path + ".tmp"
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def moving_average(values, window):
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_per_sub_dataset(lines, field, title, ylabel, path):
+    """One curve per sub-dataset key of the dict `field` (probs or difficulty) over steps."""
+    keys = sorted({k for line in lines for k in line[field]})
+    fig, ax = plt.subplots(figsize=(10, 5))
+    colors = plt.get_cmap("tab20")
+    for i, key in enumerate(keys):
+        points = [(line["step"], line[field][key]) for line in lines if key in line[field]]
+        # Ten distinct dark hues first, then their light, dashed twins (18 sub-datasets fit).
+        ax.plot(*zip(*points), label=key, color=colors((2 * i) % 20 + (i % 20 >= 10)),
+                linestyle="--" if i % 20 >= 10 else "-", linewidth=1.2)
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+    ax.grid(alpha=0.3)
+    save_atomic(fig, path)
+
+
+def plot_log(log_path, out_dir=None):
+    """Write the PNGs for one log; returns their paths."""
+    train, val = read_log(log_path)
+    if not train:
+        raise ValueError(f"{log_path}: no training lines to plot")
+    out_dir = out_dir or os.path.dirname(os.path.abspath(log_path))
+    os.makedirs(out_dir, exist_ok=True)
+    steps = [line["step"] for line in train]
+    written = []
+
+    fig, (ax_loss, ax_reg) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    loss = [line["loss"] for line in train]
+    ax_loss.plot(steps, loss, alpha=0.35, linewidth=0.8, label="loss")
+    ax_loss.plot(steps, moving_average(loss, max(1, len(loss) // 50)), label="moving average")
+    ax_loss.set(title="training loss (InfoNCE, SPEC §6)", ylabel="loss")
+    ax_loss.legend()
+    ax_reg.plot(steps, [line["reg"] for line in train], color="tab:red")
+    ax_reg.set(title="calibrator regulariser (SPEC §4)", xlabel="step", ylabel="regulariser")
+    for ax in (ax_loss, ax_reg):
+        ax.grid(alpha=0.3)
+    written.append(os.path.join(out_dir, "loss.png"))
+    save_atomic(fig, written[-1])
+
+    written.append(os.path.join(out_dir, "probabilities.png"))
+    plot_per_sub_dataset(train, "probs", "GGAS sampling probability P_k (SPEC §5, Eq. 9-10)", "P_k", written[-1])
+    written.append(os.path.join(out_dir, "difficulty.png"))
+    plot_per_sub_dataset(train, "difficulty", "GGAS difficulty G_k, EMA of the token gradient norm (Eq. 7)",
+                         "G_k", written[-1])
+
+    gate = [(line["step"], line["gate_mean"]) for line in train if line.get("gate_mean") is not None]
+    if gate:        # gate_mean is null when the model has no calibrator
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot(*zip(*gate), color="tab:green")
+        ax.set(title="mean calibrator gate lambda (SPEC §4)", xlabel="step", ylabel="lambda")
+        ax.grid(alpha=0.3)
+        written.append(os.path.join(out_dir, "gate.png"))
+        save_atomic(fig, written[-1])
+
+    if val:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot([line["step"] for line in val], [line["val_score"] for line in val], marker="o")
+        ax.set(title="validation score: sum of Recall@1 over sub-datasets (SPEC §2)", xlabel="step",
+               ylabel="sum R@1")
+        ax.grid(alpha=0.3)
+        written.append(os.path.join(out_dir, "val_score.png"))
+        save_atomic(fig, written[-1])
+    return written
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("log", help="the JSONL log written by train.py")
+    parser.add_argument("--out", help="folder for the PNGs (default: the log's folder)")
+    args = parser.parse_args()
+    for path in plot_log(args.log, args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""plot.py turns a JSONL training log into valid PNGs; resumed and cut-short logs are handled."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from plot import plot_log, read_log  # noqa: E402
+
+KEYS = ["1_t2i_FashionGen", "7_cir_Shoes", "9_asfr_DARN"]
+
+
+def train_line(step, gate=True):
+    probs = [1 + math.sin(step / 10 + i) ** 2 for i in range(len(KEYS))]
+    return {"step": step, "epoch": step // 40, "key": KEYS[step % 3], "loss": 3 / (1 + step / 30), "reg": 1e-4,
+            "gate_mean": 0.05 + step / 1000 if gate else None, "lr": 1e-4,
+            "probs": {k: p / sum(probs) for k, p in zip(KEYS, probs)},
+            "difficulty": {k: (i + 1) * (1 - math.exp(-step / 20)) for i, k in enumerate(KEYS)},
+            "samples_per_s": 50.0, "peak_mem_mb": 900.0}
+
+
+def write_log(path, lines, tail=""):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+        f.write(tail)
+
+
+def test_read_log_keeps_last_line_per_step_and_skips_cut_lines(tmp_path, capsys):
+    lines = [train_line(s) for s in range(10)] + [{"step": 9, "val": {}, "val_score": 0.5}]
+    resumed = [dict(train_line(s), loss=-1.0) for s in range(6, 12)]     # resumed from a step-6 checkpoint
+    path = str(tmp_path / "log.jsonl")
+    write_log(path, lines, '{"step": 10, "loss": 1.')                   # killed mid-line ...
+    with open(path, "a") as f:
+        f.write("\n" + "".join(json.dumps(line) + "\n" for line in resumed))    # ... then resumed
+    train, val = read_log(path)
+    assert [line["step"] for line in train] == list(range(12))
+    assert [line["loss"] for line in train[6:]] == [-1.0] * 6
+    assert [line["val_score"] for line in val] == [0.5]
+    assert "log.jsonl:12: skipping" in capsys.readouterr().err
+
+
+def test_plot_log_writes_valid_pngs(tmp_path):
+    log = str(tmp_path / "log.jsonl")
+    write_log(log, [train_line(s) for s in range(120)] + [{"step": 60, "val": {}, "val_score": 1.2}])
+    written = plot_log(log, str(tmp_path / "plots"))
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ["difficulty.png", "gate.png", "loss.png", "probabilities.png", "val_score.png"]
+    for path in written:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 100
+            image.verify()
+    assert sorted(os.listdir(tmp_path / "plots")) == names                 # no temp files left behind
+
+
+def test_cli_without_gate_or_validation(tmp_path):
+    log = str(tmp_path / "log.jsonl")
+    write_log(log, [train_line(s, gate=False) for s in range(30)])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), log], capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
+    assert sorted(os.listdir(tmp_path)) == ["difficulty.png", "log.jsonl", "loss.png", "probabilities.png"]
+    assert len(result.stdout.split()) == 3

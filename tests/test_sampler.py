@@ -1,0 +1,198 @@
+"""GGAS sampler (SPEC §5): floor, warm-up, epoch length, determinism, distinct records, DDP agreement, resume."""
+import json
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import SamplerConfig  # noqa: E402
+from sampler import TaskSampler, floor_renormalise, floor_water_fill, softmax  # noqa: E402
+
+SIZES = {"1_t2i_FashionGen": 400, "2_sketch2i_ClothesV1": 30, "7_cir_Shoes": 120, "9_asfr_DARN": 250}
+
+
+def cfg(**kw):
+    return SamplerConfig(**kw)
+
+
+def draw(sampler, steps, difficulty=lambda key, step: 0.0):
+    """Run `steps` training steps; returns the list of (key, indices). difficulty(key, global step index)."""
+    out = []
+    for _ in range(steps):
+        key, idx = sampler.next_batch()
+        sampler.update(key, difficulty(key, sampler.step - 1))
+        out.append((key, idx))
+    return out
+
+
+def test_water_fill_floor_holds_where_the_release_floor_does_not():
+    # One dominant sub-dataset: softmax leaves the other 17 near zero. Flooring at 0.02 and renormalising divides
+    # by 1 + 17 * 0.02 = 1.34, so the release's floor ends at about 0.0149 < 0.02.
+    p = softmax(np.array([30.0] + [0.0] * 17))
+    release, ours = floor_renormalise(p, 0.02), floor_water_fill(p, 0.02)
+    assert release.min() < 0.015
+    assert ours.min() >= 0.02 - 1e-12 and abs(ours.sum() - 1) < 1e-12
+    assert ours[0] == pytest.approx(1 - 17 * 0.02)
+
+
+def test_water_fill_keeps_ratios_of_unclamped_and_is_identity_when_nothing_is_below():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = softmax(rng.normal(0, 3, size=18))
+        q = floor_water_fill(p, 0.02)
+        assert q.min() >= 0.02 - 1e-12 and abs(q.sum() - 1) < 1e-12
+        free = q > 0.02 + 1e-12
+        assert np.allclose(q[free] / q[free].sum(), p[free] / p[free].sum())
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    assert np.allclose(floor_water_fill(p, 0.05), p)
+
+
+def test_sampler_floor_holds_under_adversarial_difficulties():
+    sizes = {f"k{i}": 1000 * (i + 1) for i in range(18)}
+    for guaranteed, holds in [(True, True), (False, False)]:
+        s = TaskSampler(sizes, cfg(warmup_epochs=0, update_every=1, guaranteed_floor=guaranteed), batch_size=8)
+        draw(s, 30, difficulty=lambda key, step: 100.0 if key == "k17" else 0.0)
+        assert s.P[s.keys.index("k17")] > 0.5
+        assert (s.P.min() >= 0.02 - 1e-12) == holds
+
+
+def test_warmup_is_uniform_then_ggas_starts():
+    s = TaskSampler(SIZES, cfg(warmup_epochs=1, update_every=0), batch_size=8)
+    L = s.epoch_length
+    seen = Counter()
+    for key, _ in draw(s, L, difficulty=lambda key, step: 5.0 if key == "7_cir_Shoes" else 0.0):
+        assert np.allclose(s.P, 0.25)
+        seen[key] += 1
+    assert set(seen) == set(SIZES)
+    s.next_batch()          # first step of epoch 2: P from the scale prior and the difficulties
+    assert s.epoch == 1 and not np.allclose(s.P, 0.25)
+    assert max(s.probabilities(), key=s.probabilities().get) == "7_cir_Shoes"
+
+
+def test_epoch_length_and_small_sub_dataset_batches():
+    s = TaskSampler(SIZES, cfg(), batch_size=16, world_size=2)
+    # 400 // 32 + 30 // 32 + 120 // 32 + 250 // 32
+    assert s.epoch_length == 12 + 0 + 3 + 7
+    assert s.batch.tolist() == [16, 15, 16, 16]
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        TaskSampler({"a": 10, "b": 20}, cfg(), batch_size=16, world_size=2)
+    with pytest.raises(ValueError, match="fewer than the 4 ranks"):
+        TaskSampler({"a": 100, "b": 3}, cfg(), batch_size=8, world_size=4)
+
+
+def test_deterministic_per_seed():
+    run = lambda seed: draw(TaskSampler(SIZES, cfg(warmup_epochs=0), 8, seed=seed), 100,
+                            difficulty=lambda key, step: len(key) % 3 + step % 5)
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_no_record_twice_in_a_global_batch_across_ranks():
+    ranks = [TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 16, world_size=2, rank=r, seed=1)
+             for r in range(2)]
+    for _ in range(300):
+        batches = [r.next_batch() for r in ranks]
+        assert batches[0][0] == batches[1][0]
+        key = batches[0][0]
+        joined = batches[0][1] + batches[1][1]
+        assert len(joined) == len(set(joined)) == 2 * ranks[0].batch[ranks[0].keys.index(key)]
+        assert all(0 <= i < SIZES[key] for i in joined)
+        for r in ranks:
+            r.update(key, 1.0)
+    assert ranks[0].passes.max() > 3     # many reshuffles happened along the way
+
+
+def test_probability_moves_toward_a_sub_dataset_whose_difficulty_rises():
+    s = TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 8)
+    before = s.probabilities()["2_sketch2i_ClothesV1"]
+    draw(s, 60, difficulty=lambda key, step: 3.0 if key == "2_sketch2i_ClothesV1" else 0.5)
+    after = s.probabilities()["2_sketch2i_ClothesV1"]
+    assert after > before + 0.1
+    assert s.difficulties()["2_sketch2i_ClothesV1"] > s.difficulties()["7_cir_Shoes"]
+
+
+def test_update_every_zero_recomputes_only_at_epoch_starts():
+    s = TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=0), 8)
+    P0 = s.P.copy()
+    for _ in range(s.epoch_length):
+        key, _ = s.next_batch()
+        s.update(key, 10.0)
+        assert np.array_equal(s.P, P0)
+    s.next_batch()
+    assert s.epoch == 1 and not np.array_equal(s.P, P0)
+
+
+def test_ablation_modes():
+    n = np.array(list(SIZES.values()), dtype=float)
+    expected = {"uniform": np.full(4, 0.25), "size": n / n.sum(), "size_pow": np.sqrt(n) / np.sqrt(n).sum()}
+    for mode, p in expected.items():
+        s = TaskSampler(SIZES, cfg(mode=mode, gamma=0.5), 8)
+        draws = draw(s, 4000, difficulty=lambda key, step: 50.0 if key == "7_cir_Shoes" else 0.0)
+        assert np.allclose(s.P, p)    # difficulties are ignored, no warm-up
+        freq = Counter(k for k, _ in draws)
+        assert np.allclose([freq[k] / 4000 for k in SIZES], p, atol=0.03)
+    with pytest.raises(ValueError, match="sampler.mode"):
+        TaskSampler(SIZES, cfg(mode="bogus"), 8)
+
+
+def test_state_dict_round_trip_continues_identically(tmp_path):
+    def difficulty(key, step):
+        return (step * 7 % 13) / 3 + len(key) % 2
+    config = cfg(warmup_epochs=1, update_every=5)
+    reference = TaskSampler(SIZES, config, 8, world_size=2, rank=1, seed=5)
+    full = draw(reference, 200, difficulty)
+    first = TaskSampler(SIZES, config, 8, world_size=2, rank=1, seed=5)
+    head = draw(first, 77, difficulty)
+    torch.save(first.state_dict(), tmp_path / "sampler.pt")
+    resumed = TaskSampler(SIZES, config, 8, world_size=2, rank=1, seed=999)   # the saved seed wins
+    resumed.load_state_dict(torch.load(tmp_path / "sampler.pt"))
+    assert head + draw(resumed, 123, difficulty) == full
+    assert np.array_equal(resumed.G, reference.G) and np.array_equal(resumed.P, reference.P)
+    with pytest.raises(ValueError, match="does not match"):
+        TaskSampler(SIZES, config, 16, world_size=2, rank=1).load_state_dict(first.state_dict())
+
+
+def _gloo_worker(rank, world_size, init_file, out_dir, steps):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        s = TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 8, world_size=world_size, rank=rank, seed=2)
+        log = []
+        for step in range(steps):
+            key, idx = s.next_batch()
+            # Ranks see very different local difficulties; only their mean may drive the choice.
+            s.update(key, local_difficulty(rank, key, step))
+            log.append([key, idx])
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"log": log, "G": s.G.tolist()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def local_difficulty(rank, key, step):
+    return (8.0 if rank == 0 else 0.0) * (key == "9_asfr_DARN") + rank * 6.0 * (key == "7_cir_Shoes") + step % 3
+
+
+def test_two_gloo_ranks_draw_identical_sub_datasets(tmp_path):
+    steps, world = 150, 2
+    mp.spawn(_gloo_worker, args=(world, str(tmp_path / "init"), str(tmp_path), steps), nprocs=world, join=True)
+    runs = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
+    keys = [[k for k, _ in run["log"]] for run in runs]
+    assert keys[0] == keys[1]
+    assert runs[0]["G"] == runs[1]["G"]
+    for (_, a), (_, b) in zip(runs[0]["log"], runs[1]["log"]):
+        assert not set(a) & set(b)
+    # The same as one process fed the rank-averaged difficulty ...
+    mean = lambda key, step: sum(local_difficulty(r, key, step) for r in range(world)) / world
+    single = TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 8, world_size=world, rank=0, seed=2)
+    assert [k for k, _ in draw(single, steps, mean)] == keys[0]
+    # ... while local difficulties alone would have made the ranks disagree.
+    local = [[k for k, _ in draw(TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 8, world, r, seed=2),
+                                 steps, lambda key, step, r=r: local_difficulty(r, key, step))] for r in range(world)]
+    assert local[0] != local[1]
