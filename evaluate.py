@@ -1,0 +1,409 @@
+"""U-FIRE evaluation: Recall@{1,5,10,50} per sub-dataset for a FashionLens checkpoint or a baseline.
+
+    python evaluate.py runs/tiny/best.pt                        # val split; everything else from the checkpoint
+    python evaluate.py runs/tiny/best.pt --split test --cache runs/emb-cache
+    python evaluate.py --baseline openclip:ViT-B-32:weights.bin --root DIR --split test   # zero-shot baseline
+    python evaluate.py --untrained --config configs/full.yaml   # floor: the backbone with fresh trainable parts
+    torchrun --nproc_per_node=8 evaluate.py runs/full/best.pt    # encoding sharded over ranks, rank 0 searches
+
+Protocol (SPEC section 2): every sub-dataset is ranked against its own gallery; a query is a hit at K when any of
+its ground-truth images is among its top K (its top min(K, gallery size) when the gallery is smaller than K);
+Recall@K is divided by all queries. Search is faiss exact inner product in fp32 over L2-normalised embeddings,
+i.e. cosine (the release ranks in bf16, where ties make Recall@1 unstable).
+
+Own-image exclusion: in the two evaluation-only tasks the query's own images sit in the gallery (the outfit
+items of a compatibility query, the street photo of a street-to-shop query) and would trivially rank first.
+EvalSet.exclude lists them per query and they are dropped from that query's ranking before ranks are counted.
+On by default; --no-exclude-own keeps them in the ranking.
+
+The library functions (evaluate_sets, score, format_table) also serve train.py's periodic validation.
+"""
+import argparse
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+from collections import Counter
+
+import faiss
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+KS = (1, 5, 10, 50)
+CHUNK_BATCHES = 16          # forward batches per encoding chunk: the unit of progress and of cache files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recall@K
+
+def recall_at_k(query_emb, gallery_emb, ground_truth, ks=KS, exclude=None):
+    """Recall@K in percent, {"R@1": ..., ...}, of L2-normalised query [Q, D] vs gallery [G, D] embeddings.
+
+    ground_truth[q]: gallery indices that count as a hit for query q (several for multi-target and asfr queries).
+    exclude[q]: gallery indices removed from q's ranking before ranks are counted (its own images).
+    """
+    queries, gallery = _as_f32(query_emb), _as_f32(gallery_emb)
+    if len(queries) == 0:
+        raise ValueError("recall_at_k: no queries")
+    exclude = exclude or [[]] * len(queries)
+    # Deep enough that max(ks) results survive the largest exclusion; never deeper than the gallery.
+    depth = min(max(ks) + max(map(len, exclude)), len(gallery))
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(gallery)
+    _, ranked = index.search(queries, depth)                  # [Q, depth] gallery ids, best first
+    is_gt = _member(ranked, ground_truth, len(gallery))
+    is_excluded = _member(ranked, exclude, len(gallery))
+    rank = np.cumsum(~is_excluded, axis=1) - 1                # rank among the results that are kept
+    first_hit = np.where(is_gt & ~is_excluded, rank, np.inf).min(axis=1)     # inf: no hit in the whole depth
+    return {f"R@{k}": 100.0 * float(np.mean(first_hit < k)) for k in ks}
+
+
+def _as_f32(x):
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _member(ranked, id_lists, n_gallery):
+    """Boolean [Q, depth]: ranked[q, j] is in id_lists[q]. One vectorised lookup of (query, id) pair codes, as an
+    asfr query has thousands of ground-truth ids and a test set tens of thousands of queries."""
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    owners = np.repeat(np.arange(len(id_lists), dtype=np.int64), lengths)
+    ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
+    ranked_codes = np.arange(len(ranked), dtype=np.int64)[:, None] * n_gallery + ranked
+    return np.isin(ranked_codes, owners * n_gallery + ids)
+
+
+def chance_recall(n_gallery, ground_truth, ks=KS, exclude=None):
+    """Expected Recall@K (percent) of a random ranking: per query 1 - C(G-n, K) / C(G, K), with n its ground-truth
+    images and G the gallery less its excluded images. It is K/G for single-target queries and much higher for asfr,
+    where a query's ground truth is every image of its label."""
+    exclude = exclude or [[]] * len(ground_truth)
+    cases = Counter((n_gallery - len(ex), len(set(gt) - set(ex))) for gt, ex in zip(ground_truth, exclude))
+
+    def hit_probability(size, n_gt, k):
+        k = min(k, size)
+        return 1.0 - math.comb(size - n_gt, k) / math.comb(size, k)     # exact integers; comb is 0 when k > n
+
+    total = sum(cases.values())
+    return {f"R@{k}": 100.0 * sum(c * hit_probability(g, n, k) for (g, n), c in cases.items()) / total for k in ks}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding: each distinct image once, sharded over ranks, optionally cached on disk
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _encode_sharded(encode, items, batch_size, progress, desc, on_chunk=None):
+    """Embeddings [len(items), D] fp32 on rank 0 (None on other ranks).
+
+    Under torch.distributed rank r encodes items r, r+W, r+2W, ...: interleaving gives every rank the same mix of
+    cheap and expensive queries (text vs video). The list is padded with its last item to a multiple of W so every
+    rank runs the same number of forward batches and nobody waits; the padding is dropped after the gather.
+    on_chunk(items, emb) sees every encoded chunk (the embedding cache writes it to disk).
+    """
+    world, rank = _world()
+    padded = items + items[-1:] * (-len(items) % world)
+    shard = padded[rank::world]
+    chunk = batch_size * CHUNK_BATCHES
+    pieces = []
+    with tqdm(total=len(padded), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+        for start in range(0, len(shard), chunk):
+            part = shard[start:start + chunk]
+            emb = encode(part, batch_size=batch_size).float().cpu()
+            if on_chunk is not None:
+                on_chunk(part, emb)
+            pieces.append(emb)
+            bar.update(len(part) * world)
+    local = torch.cat(pieces)
+    if world == 1:
+        return local
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    local = local.to(device)
+    gathered = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
+    dist.gather(local, gathered, dst=0)
+    if rank != 0:
+        return None
+    # gathered[r][i] is padded[i * W + r]: stacking on dim 1 restores the original order.
+    return torch.stack(gathered, dim=1).reshape(-1, local.shape[1])[:len(items)].cpu()
+
+
+def _encode_targets(encoder, paths, batch_size, cache_dir, progress):
+    """Gallery embeddings [len(paths), D] on rank 0. With cache_dir, embeddings found there are reused and every new
+    chunk is written there as soon as it is encoded, so a killed run loses at most one chunk per rank."""
+    if cache_dir is None:
+        return _encode_sharded(encoder.encode_targets, paths, batch_size, progress, "gallery")
+    world, rank = _world()
+    cached = _load_cache(cache_dir) if rank == 0 else {}
+    missing = [[p for p in paths if p not in cached]]
+    if world > 1:                                  # rank 0 decides, so every rank encodes the same list
+        dist.broadcast_object_list(missing, src=0)
+    missing = missing[0]
+    if missing:
+        new = _encode_sharded(encoder.encode_targets, missing, batch_size, progress, "gallery",
+                              on_chunk=lambda part, emb: _save_cache_chunk(cache_dir, part, emb))
+        if rank == 0:
+            cached.update(zip(missing, new))
+    return torch.stack([cached[p] for p in paths]) if rank == 0 else None
+
+
+def _load_cache(cache_dir):
+    cached = {}
+    for path in sorted(glob.glob(os.path.join(cache_dir, "targets-*.pt"))):
+        chunk = torch.load(path, map_location="cpu", weights_only=True)
+        cached.update(zip(chunk["paths"], chunk["emb"]))
+    return cached
+
+
+def _save_cache_chunk(cache_dir, paths, emb):
+    os.makedirs(cache_dir, exist_ok=True)
+    name = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:20]
+    target = os.path.join(cache_dir, f"targets-{name}.pt")
+    temp = f"{target}.tmp{os.getpid()}"
+    torch.save({"paths": list(paths), "emb": emb.clone()}, temp)
+    os.replace(temp, target)
+
+
+def fingerprint(cfg, encoder):
+    """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...) and every
+    trainable tensor. The backbone's frozen weights are identified by their path only."""
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
+                                       sort_keys=True).encode())
+    for name, tensor in sorted(encoder.trainable_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation of a list of EvalSets
+
+def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True):
+    """Encode and score prepare_data.EvalSets; returns the same results dict on every rank.
+
+    Each distinct gallery image is encoded once across all sets (SPEC section 7: the 18 test galleries hold 145,592
+    images counted per gallery, 144,762 distinct). Under torch.distributed, gallery and query encoding are sharded
+    evenly over the ranks; rank 0 searches and broadcasts the results. cache_dir must be specific to the encoder's
+    weights (the CLI uses <--cache>/<fingerprint>). Results: {"ks": [...], "sets": {name: {"family", "queries",
+    "gallery", "recall": {"R@1": %, ...}, "chance": {...}, "near_chance": bool}}}, sets in the given order.
+    """
+    if not eval_sets or not all(s.queries for s in eval_sets):
+        # Checked here, on every rank, rather than by rank 0 alone after encoding (the other ranks would hang).
+        raise ValueError(f"evaluate_sets: need sets with queries, got {[(s.name, len(s.queries)) for s in eval_sets]}")
+    world, rank = _world()
+    paths = list(dict.fromkeys(p for s in eval_sets for p in s.gallery))
+    row = {p: i for i, p in enumerate(paths)}
+    target_emb = _encode_targets(encoder, paths, batch_size, cache_dir, progress)
+    query_emb = _encode_sharded(encoder.encode_queries, [q for s in eval_sets for q in s.queries],
+                                batch_size, progress, "queries")
+    results = [None]
+    if rank == 0:
+        sets, start = {}, 0
+        for s in eval_sets:
+            queries = query_emb[start:start + len(s.queries)]
+            start += len(s.queries)
+            gallery = target_emb[[row[p] for p in s.gallery]]
+            recall = recall_at_k(queries, gallery, s.ground_truth, exclude=s.exclude)
+            chance = chance_recall(len(s.gallery), s.ground_truth, exclude=s.exclude)
+            sets[s.name] = {"family": s.family, "queries": len(s.queries), "gallery": len(s.gallery),
+                            "recall": recall, "chance": chance,
+                            # Not even twice a random ranking's recall at any K: the model has learnt nothing here.
+                            "near_chance": all(recall[k] < 2 * chance[k] for k in recall)}
+        results = [{"ks": list(KS), "sets": sets}]
+    if world > 1:
+        dist.broadcast_object_list(results, src=0)
+    return results[0]
+
+
+def score(results):
+    """Model selection (SPEC section 2): the sum of Recall@1 over the trained sub-datasets (unseen tasks excluded)."""
+    return sum(r["recall"]["R@1"] for r in results["sets"].values() if r["family"] != "unseen")
+
+
+def format_table(results, title="U-FIRE"):
+    """Markdown: per-sub-dataset rows with the chance level in brackets, per-family and overall means over the
+    trained sub-datasets, then the unseen tasks on their own."""
+    columns = [f"R@{k}" for k in results["ks"]]
+    trained = {n: r for n, r in results["sets"].items() if r["family"] != "unseen"}
+    unseen = {n: r for n, r in results["sets"].items() if r["family"] == "unseen"}
+
+    def set_rows(rows, what):
+        lines = [f"| family | {what} | queries | gallery | {' | '.join(columns)} |",
+                 "|---|---|---:|---:|" + "---:|" * len(columns)]
+        for name, r in rows.items():
+            cells = [f"{r['recall'][c]:.1f} ({r['chance'][c]:.1f})" for c in columns]
+            mark = " ⚠" if r["near_chance"] else ""
+            lines.append(f"| {r['family']} | {name}{mark} | {r['queries']} | {r['gallery']} | {' | '.join(cells)} |")
+        return lines
+
+    def mean_row(label, rows):
+        means = [sum(r["recall"][c] for r in rows) / len(rows) for c in columns]
+        return f"| {label} | {len(rows)} | " + " | ".join(f"{m:.1f}" for m in means) + " |"
+
+    lines = [f"## {title}: Recall@K (%), chance level of a random ranking in brackets", ""]
+    if trained:
+        lines += set_rows(trained, "sub-dataset")
+        lines += ["", f"| family | sub-datasets | {' | '.join(columns)} |", "|---|---:|" + "---:|" * len(columns)]
+        for family in dict.fromkeys(r["family"] for r in trained.values()):
+            lines.append(mean_row(family, [r for r in trained.values() if r["family"] == family]))
+        lines += [mean_row("**overall mean**", list(trained.values())), "",
+                  f"Model-selection score (sum of R@1 over trained sub-datasets): {score(results):.2f}"]
+    if unseen:
+        lines += ["", "### Evaluation-only (unseen) tasks", ""] + set_rows(unseen, "task")
+    if any(r["near_chance"] for r in results["sets"].values()):
+        lines += ["", "⚠ near chance: recall below twice the random-ranking level at every K."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt", nargs="?", help="checkpoint written by train.py")
+    parser.add_argument("--split", choices=["val", "test"], default="val")
+    parser.add_argument("--tasks", nargs="+", metavar="KEY",
+                        help="sub-dataset keys and/or unseen task names (default: all 18, plus both unseen on test)")
+    parser.add_argument("--out", help="output directory (default: <checkpoint dir>/eval_<split>)")
+    parser.add_argument("--root", help="U-FIRE root (default: the checkpoint's data.root)")
+    parser.add_argument("--gallery-dir", help="test candidate files (default: <root>/0_test_candidates)")
+    parser.add_argument("--backbone", help="backbone directory (default: the checkpoint's model.backbone)")
+    parser.add_argument("--batch-size", type=int, help="encoding batch (default: train.eval_batch_size)")
+    parser.add_argument("--cache", help="gallery embedding cache root; entries are keyed by model fingerprint")
+    parser.add_argument("--no-exclude-own", action="store_true",
+                        help="keep an unseen-task query's own images in its ranking")
+    parser.add_argument("--baseline", metavar="openclip:MODEL[:WEIGHTS]",
+                        help="zero-shot open_clip baseline; MODEL is an open_clip name or a model-config JSON path, "
+                             "WEIGHTS a local file (none: random weights)")
+    parser.add_argument("--untrained", action="store_true", help="backbone with fresh trainable parts (a floor)")
+    parser.add_argument("--config", help="YAML config for --untrained / --baseline without a checkpoint")
+    args = parser.parse_args(argv)
+    if args.baseline and (args.ckpt or args.untrained):
+        parser.error("--baseline takes no checkpoint and no --untrained")
+    if args.baseline and (not args.baseline.startswith("openclip:") or len(args.baseline) == len("openclip:")):
+        parser.error(f"--baseline must look like openclip:MODEL[:WEIGHTS], got {args.baseline!r}")
+    if not (args.ckpt or args.baseline or args.untrained):
+        parser.error("give a checkpoint, --baseline or --untrained")
+    if args.ckpt and args.config:
+        parser.error("--config is only for runs without a checkpoint (the checkpoint holds its config)")
+    return args
+
+
+def resolve_config(args):
+    """(config with command-line overrides, trainable state to load or None, label) for the checkpoint, the
+    baseline or the untrained floor."""
+    from config import Config, load_config
+
+    state = None
+    if args.ckpt:
+        # Our own file; it also holds optimizer and RNG states that plain weights_only loading rejects.
+        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+        cfg = Config.from_dict(ckpt["config"])
+        state, label = (None, f"untrained ({args.ckpt})") if args.untrained else (ckpt["model"], args.ckpt)
+    else:
+        cfg = load_config(args.config)
+        label = args.baseline or f"untrained ({args.config or 'default config'})"
+    if args.baseline:
+        # Zero-shot dual encoder: open_clip's own weights (model.py's OpenClipEncoder counts them all as trainable),
+        # no calibrator.
+        cfg.model.kind, cfg.model.backbone = "openclip", args.baseline[len("openclip:"):]
+        cfg.model.trainable, cfg.calibrator.mode = "full", "none"
+    cfg.data.root = args.root or cfg.data.root
+    cfg.data.gallery_dir = args.gallery_dir or cfg.data.gallery_dir
+    cfg.model.backbone = args.backbone or cfg.model.backbone
+    return cfg, state, label
+
+
+def load_encoder(cfg, state, device):
+    from model import build_encoder
+
+    torch.manual_seed(cfg.train.seed)      # fresh trainable parts (untrained floor) must be identical on every rank
+    encoder = build_encoder(cfg.model, cfg.calibrator, device)
+    if state is not None:
+        encoder.load_trainable_state_dict(state)
+    return encoder.eval()
+
+
+def build_sets(args, cfg):
+    from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
+
+    gallery_dir = cfg.data.gallery_dir or None
+    if args.tasks is None:
+        sets = build_eval_sets(cfg.data.root, args.split, gallery_dir=gallery_dir, unseen=args.split == "test")
+    else:
+        unknown = [t for t in args.tasks if t not in SUB_DATASETS and t not in UNSEEN_TASKS]
+        if unknown:
+            sys.exit(f"evaluate.py: unknown task(s) {unknown}; known: {list(SUB_DATASETS) + UNSEEN_TASKS}")
+        keys = [t for t in args.tasks if t in SUB_DATASETS]
+        unseen = [t for t in args.tasks if t in UNSEEN_TASKS]
+        if unseen and args.split != "test":
+            sys.exit(f"evaluate.py: the evaluation-only tasks {unseen} exist for --split test only")
+        sets = build_eval_sets(cfg.data.root, args.split, keys=keys, gallery_dir=gallery_dir,
+                               unseen=False) if keys else []
+        sets += [build_unseen_eval_set(cfg.data.root, task) for task in unseen]
+    if args.no_exclude_own:
+        sets = [dataclasses.replace(s, exclude=[[] for _ in s.queries]) for s in sets]
+    return sets
+
+
+def write_atomic(path, text):
+    temp = f"{path}.tmp{os.getpid()}"
+    with open(temp, "w") as f:
+        f.write(text)
+    os.replace(temp, path)
+
+
+def default_out_dir(args):
+    if args.ckpt:
+        return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.split}")
+    return os.path.join("runs", f"eval_{'baseline' if args.baseline else 'untrained'}_{args.split}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from prepare_data import DataError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":
+            torch.set_num_threads(1)     # ranks share the CPU cores (NOTES: DDP)
+    rank = dist.get_rank() if world > 1 else 0
+
+    cfg, state, label = resolve_config(args)
+    try:
+        sets = build_sets(args, cfg)           # data errors surface before the slow model load
+        encoder = load_encoder(cfg, state, device)
+        cache_dir = os.path.join(args.cache, fingerprint(cfg, encoder)) if args.cache else None
+        results = evaluate_sets(encoder, sets, args.batch_size or cfg.train.eval_batch_size, cache_dir)
+    except DataError as error:
+        sys.exit(f"evaluate.py: {error}")
+    if rank == 0:
+        results.update(model=label, split=args.split, root=cfg.data.root, score=score(results))
+        out = args.out or default_out_dir(args)
+        os.makedirs(out, exist_ok=True)
+        table = format_table(results, title=f"U-FIRE {args.split}, {label}")
+        print(table)
+        write_atomic(os.path.join(out, "results.md"), table)
+        write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")
+        print(f"wrote {out}/results.md and results.json")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
