@@ -1,0 +1,313 @@
+"""prepare_data.py: readers, U-FIRE-mini, the validator, the released annotations and bad input (CPU, seconds)."""
+import json
+import os
+import random
+import shutil
+
+import av
+import pytest
+
+import prepare_data as pd
+from prepare_data import (COLOUR_PAIRS, SUB_DATASETS, UNSEEN_TASKS, VERBS, DataError, Mini, build_eval_set,
+                          build_eval_sets, build_unseen_eval_set, check_media, count_records, describe, generate,
+                          load_candidates, load_records, modification, validate_tree)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANNOTATIONS = os.environ.get("UFIRE_ANNOTATIONS", os.path.join(REPO, "..", "shared", "ufire-annotations"))
+needs_annotations = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(ANNOTATIONS, "gallery")),
+    reason=f"released U-FIRE annotations not found at {ANNOTATIONS} (set UFIRE_ANNOTATIONS)")
+GALLERY_SIZES = {   # SPEC §7, per gallery after deduplication
+    "1_t2i_FashionGen": 51089, "1_t2i_Shoes": 1200, "2_sketch2i_ClothesV1": 220, "2_sketch2i_HAIFashion": 1200,
+    "2_sketch2i_QMUL-Shoe-V2": 400, "3_inshop_DeepFashion": 10563, "4_street2shop_DeepFashion2": 9369,
+    "5_compatibility_FashionVC": 7006, "5_compatibility_Polyvore": 7249, "6_video2img_MovingFashion": 2608,
+    "7_cir_Fashion200K": 2790, "7_cir_FashionIQ-Dress": 5650, "7_cir_FashionIQ-Shirt": 8215,
+    "7_cir_FashionIQ-Toptee": 7237, "7_cir_Shoes": 4910, "8_sketch&text_CSTBIR": 2632, "9_asfr_DARN": 8854,
+    "9_asfr_FashionAI": 14400}
+
+
+def tree_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+
+def copy_tree(mini_root, tmp_path):
+    return str(shutil.copytree(mini_root, tmp_path / "copy"))
+
+
+# ---------------------------------------------------------------------------------------------------- U-FIRE-mini
+
+def test_generation_is_byte_identical_per_seed(tmp_path):
+    a = generate(str(tmp_path / "a"), seed=3, scale=0.03, image_size=32, progress=False)
+    b = generate(str(tmp_path / "b"), seed=3, scale=0.03, image_size=32, progress=False)
+    c = generate(str(tmp_path / "c"), seed=4, scale=0.03, image_size=32, progress=False)
+    assert tree_files(a) == tree_files(b)
+    for rel in tree_files(a):
+        with open(os.path.join(a, rel), "rb") as fa, open(os.path.join(b, rel), "rb") as fb:
+            assert fa.read() == fb.read(), rel
+    triplets = "0_triplet_files/1_t2i_FashionGen_train_triplet_data.json"
+    with open(os.path.join(a, triplets)) as fa, open(os.path.join(c, triplets)) as fc:
+        assert fa.read() != fc.read()
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "c"]   # no temporary folders left behind
+
+
+def test_every_sub_dataset_and_unseen_task_has_valid_records(mini_root):
+    for key, (family, dataset) in SUB_DATASETS.items():
+        for split in ("train", "val", "test"):
+            records = load_records(mini_root, key, split)    # schema-checked
+            assert records and count_records(mini_root, key, split) == len(records)
+            for rec in records:
+                assert (rec["dataset"], rec["split"], rec["task"].split("-")[0]) == (dataset, split, family)
+                assert rec["instruction_text"].split(" ")[0] in {v.split(" ")[0] for v in VERBS}
+                assert family != "asfr" or (rec["attribute"] and rec["target_label"] and "negative_image" in rec)
+                assert family != "video2img" or len(rec["query_video"]) == 1
+    for task in UNSEEN_TASKS:
+        with open(os.path.join(mini_root, "evaluation_only_tasks", task, "triplet_data.json")) as f:
+            records = json.load(f)
+        assert records and all("/" not in name for r in records for name in r["query_image"] + r["target_image"])
+
+
+def test_instructions_use_four_templates_per_task(mini_root):
+    for key in ("1_t2i_FashionGen", "3_inshop_DeepFashion", "9_asfr_FashionAI"):
+        verbs = {next(v for v in VERBS if r["instruction_text"].startswith(v + " "))
+                 for r in load_records(mini_root, key, "train")}
+        assert verbs == set(VERBS), key
+
+
+def test_every_referenced_file_exists_and_decodes(mini_root):
+    report = validate_tree(mini_root, progress=False)
+    for name, row in report["rows"].items():
+        assert not (row["errors"] or row["missing"] or row["unreadable"]), (name, row)
+        assert row["gallery"] > 0 and row["records"]["test"] > 0
+    folder = os.path.join(mini_root, "MovingFashion_videos")
+    videos = [os.path.join(folder, v) for v in sorted(os.listdir(folder))]
+    for video in videos:
+        with av.open(video) as container:
+            frames = [f.to_image() for f in container.decode(video=0)]
+        assert len(frames) >= 8 and frames[0].size == (64, 64)
+    from transformers.video_utils import load_video       # the model's decoding path (NOTES: Video)
+    frames, metadata = load_video(videos[0], backend="pyav", num_frames=8)
+    assert frames.shape[0] == 8 and list(metadata.frames_indices) == list(range(8))
+
+
+def test_eval_sets_follow_the_protocol(mini_root):
+    for split in ("val", "test"):
+        sets = build_eval_sets(mini_root, split)
+        assert [s.name for s in sets] == list(SUB_DATASETS) + (UNSEEN_TASKS if split == "test" else [])
+        for ev in sets:
+            assert len(set(ev.gallery)) == len(ev.gallery) and all(os.path.isabs(p) for p in ev.gallery)
+            assert len(ev.ground_truth) == len(ev.exclude) == len(ev.queries) > 0
+            assert all(hits and all(0 <= i < len(ev.gallery) for i in hits) for hits in ev.ground_truth)
+            assert all(q.keys() == {"id", "instruction_text", "query_image", "query_video"} for q in ev.queries)
+            assert ev.family == "unseen" or not any(ev.exclude)
+            if ev.family not in ("asfr", "unseen"):   # ground truth = the listed targets, all in the gallery
+                records = load_records(mini_root, ev.name, split)
+                for rec, hits in zip(records, ev.ground_truth):
+                    assert {ev.gallery[i] for i in hits} == set(rec["target_image"])
+    # The DeepFashion candidate file lists some images twice, as the release does; the gallery holds them once.
+    with open(os.path.join(mini_root, "0_test_candidates", "3_inshop_DeepFashion_test_candidates.json")) as f:
+        listed = json.load(f)
+    assert len(build_eval_set(mini_root, "3_inshop_DeepFashion", "test").gallery) == len(set(listed)) < len(listed)
+
+
+def test_asfr_ground_truth_is_every_image_with_the_label(mini_root):
+    for key in ("9_asfr_DARN", "9_asfr_FashionAI"):
+        for split in ("val", "test"):
+            ev = build_eval_set(mini_root, key, split)
+            gallery, labels = load_candidates(pd.candidate_path(mini_root, key, split), mini_root)
+            assert gallery == ev.gallery and labels.keys() == set(gallery)   # labels partition the pool
+            for rec, hits in zip(load_records(mini_root, key, split), ev.ground_truth):
+                assert sorted(hits) == [i for i, p in enumerate(gallery) if labels[p] == rec["target_label"]]
+                assert all(labels[p] == rec["target_label"] for p in rec["target_image"])
+                attribute = rec["target_label"].rsplit("+", 1)[0]      # same attribute, another value
+                assert all(labels[p] != rec["target_label"] and labels[p].rsplit("+", 1)[0] == attribute
+                           for p in rec["negative_image"])
+
+
+def test_unseen_names_resolve_to_the_task_images_first_then_the_source(mini_root):
+    street = build_unseen_eval_set(mini_root, UNSEEN_TASKS[0])
+    images = os.path.join(mini_root, "evaluation_only_tasks", UNSEEN_TASKS[0], "images")
+    assert all(os.path.dirname(p) == images for p in street.gallery)
+    compatible = build_unseen_eval_set(mini_root, UNSEEN_TASKS[1])
+    polyvore = set(build_eval_set(mini_root, "5_compatibility_Polyvore", "test").gallery)
+    assert set(compatible.gallery) <= polyvore       # all from the Polyvore test gallery, as in the release
+    for ev in (street, compatible):
+        for query, exclude, hits in zip(ev.queries, ev.exclude, ev.ground_truth):
+            assert [ev.gallery[i] for i in exclude] == query["query_image"]   # its own images leave its ranking
+            assert not set(exclude) & set(hits)
+
+
+def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
+    sketches = pd.TrainSet(mini_root, "2_sketch2i_ClothesV1", max_query_images=2)
+    assert any(len(r["query_image"]) > 2 for r in sketches.records)
+    for i, rec in enumerate(sketches.records):
+        ex = sketches.example(i, random.Random(7))
+        assert len(ex["query_image"]) == min(2, len(rec["query_image"]))
+        assert set(ex["query_image"]) <= set(rec["query_image"])
+        assert ex["target_image"] in rec["target_image"] and sketches[i] == sketches[i]
+    multi_target = pd.TrainSet(mini_root, "1_t2i_FashionGen")
+    i = next(i for i, r in enumerate(multi_target.records) if len(r["target_image"]) > 1)
+    assert len({multi_target.example(i, random.Random(s))["target_image"] for s in range(20)}) > 1
+    polyvore = pd.TrainSet(mini_root, "5_compatibility_Polyvore", max_query_images=1)   # outfits are not subsampled
+    assert [polyvore[i]["query_image"] for i in range(len(polyvore))] == [r["query_image"] for r in polyvore.records]
+    asfr = pd.TrainSet(mini_root, "9_asfr_DARN")
+    examples = [asfr[i] for i in range(len(asfr))]
+    assert all(ex["target_label"] for ex in examples) and any(ex["negative_image"] for ex in examples)
+    assert pd.TrainSet(mini_root, "6_video2img_MovingFashion")[0]["query_video"][0].endswith(".mp4")
+
+
+def test_pools_hold_hard_distractors(tmp_path):
+    g = Mini(str(tmp_path), 0, 32)
+    pool = g.pool("test", 60, pd.CLOTHES)
+    assert len(set(pool)) == 60 and all(g.split_of[it] == "test" for it in pool)
+    differ_once = lambda a, b: a.category == b.category and sum(x != y for x, y in zip(a.attrs(), b.attrs())) == 1
+    assert sum(any(differ_once(a, b) for b in pool) for a in pool) >= 40
+
+
+def test_outfits_follow_the_hidden_compatibility_rule(tmp_path):
+    g = Mini(str(tmp_path), 0, 32)
+    records, images = pd.build_compatibility(g, "5_compatibility_Polyvore", "test", 40)
+    assert len(records) == 40 and len(set(images)) == len(images)
+    for items, _, _ in g.polyvore_test:
+        assert any({it.colour for it in items} <= set(pair) for pair in COLOUR_PAIRS)
+        assert sum(it.pattern != "plain" for it in items) <= 1
+        lower = {it.category for it in items} & {"dress", "skirt", "trousers"}
+        shoes = next(it.style for it in items if it.category == "shoes")
+        assert shoes in (("heel", "sandal") if lower & {"dress", "skirt"} else ("sneaker", "boot"))
+
+
+def test_texts_name_the_attributes(tmp_path):
+    g, rng = Mini(str(tmp_path), 0, 32), random.Random(0)
+    for category in pd.CATEGORIES:
+        for item in g.by_cat["train", category][:20]:
+            text = describe(item, rng)
+            nouns = pd.NOUNS[item.style if category == "shoes" else category]
+            assert item.colour in text and any(n in text for n in nouns), text
+            for attr, value in item.attrs()[1:]:
+                assert (attr == "style" and category == "shoes") or any(w in text for w in pd.words(attr, value)), text
+            changed = g.change(item, ["colour", "pattern"])
+            caption = modification(item, changed, rng)
+            assert changed.colour in caption and any(w in caption for w in pd.words("pattern", changed.pattern))
+
+
+# ---------------------------------------------------------------------------------- the released annotations
+
+@needs_annotations
+def test_released_test_galleries_have_the_published_sizes():
+    gallery_dir, distinct, total = os.path.join(ANNOTATIONS, "gallery"), set(), 0
+    for key, size in GALLERY_SIZES.items():
+        gallery, _ = load_candidates(pd.candidate_path(ANNOTATIONS, key, "test", gallery_dir), ANNOTATIONS)
+        assert len(gallery) == size, key
+        total += len(gallery)
+        distinct.update(gallery)
+    assert (total, len(distinct)) == (145592, 144762)
+
+
+@needs_annotations
+def test_released_asfr_labels_partition_their_pool():
+    for key in ("9_asfr_DARN", "9_asfr_FashionAI"):
+        path = pd.candidate_path(ANNOTATIONS, key, "test", os.path.join(ANNOTATIONS, "gallery"))
+        gallery, labels = load_candidates(path, ANNOTATIONS)
+        with open(path) as f:
+            raw = json.load(f)
+        assert labels.keys() == set(gallery)
+        assert sum(len(v) for k, v in raw.items() if not k.endswith("_candidate")) == len(gallery)
+
+
+@needs_annotations
+def test_released_unseen_tasks():
+    for task, candidates in zip(UNSEEN_TASKS, (1765, 2302)):
+        ev = build_unseen_eval_set(ANNOTATIONS, task)
+        assert (len(ev.queries), len(ev.gallery)) == (1000, candidates)
+        assert all(len(hits) == 1 for hits in ev.ground_truth) and all(ev.exclude)
+        assert all(1 <= len(q["query_image"]) <= 7 for q in ev.queries)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+def test_missing_and_corrupt_files_are_named_with_their_record(mini_root, tmp_path):
+    root = copy_tree(mini_root, tmp_path)
+    rec = load_records(root, "4_street2shop_DeepFashion2", "test")[0]     # its street photo is its own
+    missing, truncated = rec["query_image"][0], rec["target_image"][0]
+    corrupt = load_records(root, "2_sketch2i_HAIFashion", "test")[0]["query_image"][0]
+    video = load_records(root, "6_video2img_MovingFashion", "val")[0]["query_video"][0]
+    os.remove(missing)
+    with open(corrupt, "wb") as f:
+        f.write(b"not a png")
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) // 2)
+    with open(video, "wb") as f:
+        f.write(b"\x00" * 100)
+    for path in (missing, corrupt, truncated, video):
+        with pytest.raises(DataError) as e:
+            check_media(path, "rec-7")
+        assert path in str(e.value) and "rec-7" in str(e.value) and e.value.record_id == "rec-7"
+    report_path = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as e:
+        pd.main(["--root", root, "--report", str(report_path)])
+    assert e.value.code != 0 and missing in str(e.value)
+    report = json.loads(report_path.read_text())   # complete JSON, and no temporary file beside it
+    assert sorted(os.listdir(tmp_path)) == ["copy", "report.json"]
+    row = report["rows"]["4_street2shop_DeepFashion2"]
+    assert any(missing in m and rec["id"] in m for m in row["missing"]) and rec["id"] in row["bad_records"]["test"]
+    assert len(sum((r["missing"] + r["unreadable"] for r in report["rows"].values()), [])) == 4
+    assert pd.main(["--root", root, "--allow-missing"]) == 0
+
+
+def test_malformed_json_bad_schema_and_unknown_names(mini_root, tmp_path):
+    root = copy_tree(mini_root, tmp_path)
+    path = pd.triplet_path(root, "1_t2i_Shoes", "train")
+    with open(path, "w") as f:
+        f.write('[{"id": "a", ')
+    with pytest.raises(DataError, match="malformed JSON") as e:
+        load_records(root, "1_t2i_Shoes", "train")
+    assert e.value.path == path
+    good = load_records(mini_root, "9_asfr_DARN", "train")[0]
+    for broken, field in (({k: v for k, v in good.items() if k != "target_image"}, "target_image"),
+                          ({**good, "target_image": []}, "target_image"),
+                          ({k: v for k, v in good.items() if k != "target_label"}, "target_label"),
+                          ({**good, "query_image": "one.jpg"}, "query_image")):
+        pd.write_json(pd.triplet_path(root, "9_asfr_DARN", "train"), [broken])
+        with pytest.raises(DataError, match=field) as e:
+            load_records(root, "9_asfr_DARN", "train")
+        assert e.value.record_id == good["id"] and "9_asfr_DARN_train" in str(e.value)
+    pd.write_json(pd.triplet_path(root, "9_asfr_DARN", "train"), [good, good])
+    with pytest.raises(DataError, match="unique"):
+        load_records(root, "9_asfr_DARN", "train")
+    for call in (lambda: load_records(root, "1_t2i_Nope", "train"), lambda: build_eval_set(root, "1_t2i_Nope", "val"),
+                 lambda: build_unseen_eval_set(root, "Sketch 2 Nothing")):
+        with pytest.raises(DataError, match="unknown"):
+            call()
+    assert validate_tree(root, progress=False)["rows"]["1_t2i_Shoes"]["errors"][0].startswith(path)
+
+
+def test_empty_gallery_and_missing_ground_truth(mini_root, tmp_path):
+    root = copy_tree(mini_root, tmp_path)
+    candidates = pd.candidate_path(root, "7_cir_Shoes", "test")
+    pd.write_json(candidates, [])
+    with pytest.raises(DataError, match="empty gallery") as e:
+        build_eval_set(root, "7_cir_Shoes", "test")
+    assert e.value.path == candidates
+    first = load_records(root, "7_cir_Shoes", "test")[0]
+    pd.write_json(candidates, [os.path.relpath(p, root) for r in load_records(root, "7_cir_Shoes", "test")[1:]
+                               for p in r["target_image"] if p not in first["target_image"]])
+    with pytest.raises(DataError, match="no ground-truth") as e:
+        build_eval_set(root, "7_cir_Shoes", "test")
+    assert e.value.record_id == first["id"]
+    asfr = pd.candidate_path(root, "9_asfr_DARN", "val")
+    pd.write_json(asfr, {"DARN+0+0": ["DARN_images/elsewhere.jpg"], "DARN_asfr_val_candidate": ["DARN_images/a.jpg"]})
+    with pytest.raises(DataError, match="not in the pool"):
+        build_eval_set(root, "9_asfr_DARN", "val")
+
+
+def test_failed_generation_leaves_no_partial_output(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(pd, "sketch_image", broken)
+    with pytest.raises(RuntimeError):
+        generate(str(tmp_path / "fresh"), scale=0.03, image_size=32, progress=False)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "marker").write_text("previous tree")
+    with pytest.raises(RuntimeError):
+        generate(str(old), scale=0.03, image_size=32, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["old"] and os.listdir(old) == ["marker"]
