@@ -1,0 +1,402 @@
+"""Train FashionLens (paper section IV-E; SPEC sections 5 and 6).
+
+    python train.py configs/tiny.yaml [section.key=value ...] [--resume]
+    torchrun --nproc_per_node=8 train.py configs/full.yaml
+
+Every step trains on one sub-dataset chosen by GGAS (sampler.py), with an InfoNCE loss over that batch's
+targets. The batch is pushed through the encoder in chunks with exact gradient caching, and gradients are
+averaged across processes once per step. Checkpoints hold everything needed to resume bit-for-bit.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import Config, load_config
+from evaluate import evaluate_sets, score
+from model import build_encoder
+from prepare_data import SUB_DATASETS, DataError, TrainSet, build_eval_sets
+from sampler import TaskSampler
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+def world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def setup_distributed():
+    """torchrun sets WORLD_SIZE; NCCL on GPU, gloo on CPU (one thread per rank: 2 cores here)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "gloo":
+            torch.set_num_threads(1)
+    rank, _ = world()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def gather_list(items):
+    """Concatenation of every rank's list, in rank order."""
+    rank, size = world()
+    if size == 1:
+        return list(items)
+    parts = [None] * size
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def gather_keep_local(x):
+    """Every rank's rows of `x` in rank order (ranks may hold different counts after skipping bad records).
+    This rank's rows stay `x` itself, so gradients of a loss on the result reach them. Returns rows, counts."""
+    rank, size = world()
+    counts = gather_list([x.shape[0]])
+    padded = torch.cat([x.detach(), x.new_zeros(max(counts) - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    parts = [part[:n] for part, n in zip(parts, counts)]
+    parts[rank] = x
+    return torch.cat(parts), counts
+
+
+# ----------------------------------------------------------------------------- the loss (SPEC section 6)
+
+def contrastive_loss(q, t, positives, t_paths, t_labels, temperature):
+    """Query->target InfoNCE. Row i's positive is column positives[i]. Other columns that show the same image,
+    or (asfr) an image with the positive's label, are false negatives: masked out rather than pushed away."""
+    path_ids = {p: i for i, p in enumerate(dict.fromkeys(t_paths))}
+    label_ids = {lab: i for i, lab in enumerate(dict.fromkeys(t_labels))}
+    # Unlabelled columns get distinct negative ids so they never match each other.
+    paths = torch.tensor([path_ids[p] for p in t_paths])
+    labels = torch.tensor([label_ids[lab] if lab is not None else -1 - j for j, lab in enumerate(t_labels)])
+    false_negative = (paths[None, :] == paths[positives][:, None]) | (labels[None, :] == labels[positives][:, None])
+    false_negative[torch.arange(len(positives)), positives] = False
+    logits = (q @ t.T / temperature).masked_fill(false_negative.to(q.device), float("-inf"))
+    return F.cross_entropy(logits, positives.to(q.device))
+
+
+# ----------------------------------------------------------------------------- one step, gradient-cached
+
+def prepare_chunks(encoder, examples, chunk_size):
+    """Turn a batch into model inputs once (reused by both passes), dropping unreadable records.
+    Returns (kept examples, query input chunks, target input chunks, target paths, bad records)."""
+    bad = []
+    while True:
+        targets = [e["target_image"] for e in examples] + [p for e in examples for p in e["negative_image"]]
+        try:
+            q_chunks = [encoder.prepare_queries(examples[i:i + chunk_size], train=True)
+                        for i in range(0, len(examples), chunk_size)]
+            t_chunks = [encoder.prepare_targets(targets[i:i + chunk_size], train=True)
+                        for i in range(0, len(targets), chunk_size)]
+            return examples, q_chunks, t_chunks, targets, bad
+        except DataError as err:
+            culprits = {e["id"] for e in examples if err.record_id == e["id"] or err.path in
+                        (e["query_image"] + e["query_video"] + [e["target_image"]] + e["negative_image"])}
+            if not culprits:
+                raise
+            bad.append((sorted(culprits), str(err)))
+            examples = [e for e in examples if e["id"] not in culprits]
+            if not examples:
+                return examples, [], [], [], bad
+
+
+def cached_step(encoder, examples, cfg, chunk_size):
+    """Loss and gradients of one batch, exactly as if the whole batch went through the model at once
+    (SPEC section 6, gradient caching): embed every chunk without a graph, get d(loss)/d(embedding),
+    then re-run each chunk with a graph, replaying its random state so dropout masks match, and
+    back-propagate the cached embedding gradients. Leaves the local gradients in .grad; returns stats."""
+    examples, q_chunks, t_chunks, t_paths, bad = prepare_chunks(encoder, examples, chunk_size)
+    rank, size = world()
+    if not examples:
+        return None, bad
+    cuda = next(encoder.parameters()).is_cuda
+
+    def rng_state():
+        return (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+
+    def set_rng_state(state):
+        torch.set_rng_state(state[0])
+        if cuda:
+            torch.cuda.set_rng_state(state[1])
+
+    # Pass 1: embeddings without a graph, remembering each chunk's random state.
+    q_states, t_states, q_embs, t_embs, regs, gates = [], [], [], [], [], []
+    with torch.no_grad():
+        for inputs in q_chunks:
+            q_states.append(rng_state())
+            out = encoder(inputs, role="query")
+            q_embs.append(out["emb"])
+            if out["gate"] is not None:
+                gates.append(out["gate"])
+        for inputs in t_chunks:
+            t_states.append(rng_state())
+            t_embs.append(encoder(inputs, role="target")["emb"])
+    end_state = rng_state()
+
+    # Loss and its gradient with respect to every embedding. With cross-GPU negatives every rank computes
+    # the global loss; scaling the local embedding gradients by the world size keeps the later average exact.
+    q = torch.cat(q_embs).requires_grad_(True)
+    t = torch.cat(t_embs).requires_grad_(True)
+    labels = [e["target_label"] for e in examples] + [None] * (len(t_paths) - len(examples))
+    if cfg.train.gather_negatives and size > 1:
+        q_all, q_counts = gather_keep_local(q)
+        t_all, t_counts = gather_keep_local(t)
+        t_starts = np.cumsum([0] + t_counts[:-1])
+        # Each rank's first targets are its queries' positives, in order.
+        positives = torch.tensor([t_starts[r] + i for r, n in enumerate(q_counts) for i in range(n)])
+        loss = contrastive_loss(q_all, t_all, positives, gather_list(t_paths), gather_list(labels),
+                                cfg.train.temperature)
+        scale = size
+    else:
+        loss = contrastive_loss(q, t, torch.arange(q.shape[0]), t_paths, labels, cfg.train.temperature)
+        scale = 1
+    grad_q, grad_t = torch.autograd.grad(loss, [q, t])
+    grad_q, grad_t = grad_q * scale, grad_t * scale
+
+    # Pass 2: replay each chunk with a graph. The calibrator's regularisers (SPEC section 4) are averaged
+    # over the batch, or (release) averaged per chunk and summed over chunks.
+    reg_total = 0.0
+    w_fro, w_orth = cfg.calibrator.fro_weight, cfg.calibrator.orth_weight
+    start = 0
+    for inputs, state in zip(q_chunks, q_states):
+        set_rng_state(state)
+        out = encoder(inputs, role="query")
+        n = out["emb"].shape[0]
+        surrogate = (out["emb"] * grad_q[start:start + n]).sum()
+        if out["reg_fro"] is not None:
+            per_sample = w_fro * out["reg_fro"] + w_orth * out["reg_orth"]
+            reg = per_sample.mean() if cfg.calibrator.reg_per_chunk else per_sample.sum() / q.shape[0]
+            surrogate = surrogate + reg
+            reg_total += reg.item()
+        surrogate.backward()
+        start += n
+    start = 0
+    for inputs, state in zip(t_chunks, t_states):
+        set_rng_state(state)
+        out = encoder(inputs, role="target")
+        n = out["emb"].shape[0]
+        (out["emb"] * grad_t[start:start + n]).sum().backward()
+        start += n
+    set_rng_state(end_state)
+    gate_mean = torch.cat(gates).mean().item() if gates else None
+    return {"loss": loss.item() + reg_total, "contrastive": loss.item(), "reg": reg_total,
+            "gate_mean": gate_mean, "samples": q.shape[0]}, bad
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score):
+    # Each rank's random state differs (seeded per rank); all of them are saved so every rank resumes exactly.
+    return {"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": gather_list([rng_states()]),
+            "step": step, "best_score": best_score}
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def learning_rate_factor(cfg, total_steps):
+    """Constant (release, SPEC section 6) or linear warm-up then cosine decay to zero."""
+    def factor(step):
+        if step < cfg.train.warmup_steps:
+            return (step + 1) / cfg.train.warmup_steps
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.train.warmup_steps) / max(1, total_steps - cfg.train.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.train.schedule not in ("constant", "cosine"):
+        raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {cfg.train.schedule!r}")
+    return factor
+
+
+def batch_examples(train_set, indices, cfg, step, rank):
+    """The batch's training views. The random choices (which target, which sketches, which hard negatives)
+    come from a generator seeded by (seed, step, rank), so a resumed run draws the same ones."""
+    rng = random.Random(f"{cfg.train.seed}-{step}-{rank}")
+    examples = [train_set.example(i, rng) for i in indices]
+    for e in examples:
+        k = min(cfg.train.asfr_hard_negatives, len(e["negative_image"]))
+        e["negative_image"] = rng.sample(e["negative_image"], k)
+    return examples
+
+
+def average_gradients(params):
+    """One all-reduce per step, after every chunk has been replayed (not one per chunk). Parameters that a
+    step did not use (the vision tower on a text-only task) contribute zeros, so every rank stays in lockstep."""
+    rank, size = world()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if size > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)                  # gloo has no AVG: sum, then divide
+        flat /= size
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+    else:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(cfg, resume=False, stop_after=None):
+    """Run training to the end (or, for tests that simulate a killed run, return after `stop_after` steps)."""
+    device = setup_distributed()
+    rank, size = world()
+    os.makedirs(cfg.train.out_dir, exist_ok=True)
+    last_path = os.path.join(cfg.train.out_dir, "last.pt")
+    best_path = os.path.join(cfg.train.out_dir, "best.pt")
+    log_path = os.path.join(cfg.train.out_dir, "log.jsonl")
+
+    keys = cfg.data.sub_datasets or list(SUB_DATASETS)
+    train_sets = {k: TrainSet(cfg.data.root, k, cfg.data.max_query_images) for k in keys}
+    sampler = TaskSampler({k: len(s) for k, s in train_sets.items()}, cfg.sampler, cfg.train.batch_size,
+                          world_size=size, rank=rank, seed=cfg.train.seed)
+    total_steps = cfg.train.max_steps or int(cfg.train.epochs * sampler.epoch_length)
+    val_sets = build_eval_sets(cfg.data.root, "val", keys=keys, unseen=False)
+    if cfg.train.val_max_queries:
+        for s in val_sets:
+            s.queries, s.ground_truth, s.exclude = (x[:cfg.train.val_max_queries]
+                                                    for x in (s.queries, s.ground_truth, s.exclude))
+
+    torch.manual_seed(cfg.train.seed)          # the same fresh trainable weights on every rank
+    encoder = build_encoder(cfg.model, cfg.calibrator, device)
+    # Then one random stream per rank (dropout masks differ across ranks, as under DDP).
+    torch.manual_seed(cfg.train.seed + rank)
+    np.random.seed(cfg.train.seed + rank)
+    random.seed(cfg.train.seed + rank)
+    encoder.train()
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(cfg, total_steps))
+    step, best_score, bad_records = 0, -1.0, []
+    if resume and os.path.exists(last_path):
+        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        if ckpt["config"] != cfg.to_dict():
+            raise ValueError(f"{last_path} was written with another config; resume with the same config")
+        encoder.load_trainable_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        set_rng_states(ckpt["rng"][rank])
+        step, best_score = ckpt["step"], ckpt["best_score"]
+        if rank == 0:
+            print(f"resumed {last_path} at step {step}")
+    elif rank == 0 and os.path.exists(log_path):
+        os.remove(log_path)                      # a fresh run starts a fresh log; a resumed one appends
+
+    def log(record):
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def validate():
+        # Every rank gets the same results back, so all take the same best-checkpoint decision.
+        results = evaluate_sets(encoder, val_sets, batch_size=cfg.train.eval_batch_size, progress=False)
+        encoder.train()
+        return results
+
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    while step < total_steps:
+        started = time.time()
+        key, indices = sampler.next_batch()
+        examples = batch_examples(train_sets[key], indices, cfg, step, rank)
+        chunk = cfg.train.chunk_sizes.get(key, cfg.train.chunk_size)
+        stats, bad = cached_step(encoder, examples, cfg, chunk)
+        for ids, message in bad:
+            print(f"[rank {rank}] skipped record(s) {', '.join(ids)} of {key}: {message}", file=sys.stderr)
+            bad_records.extend(ids)
+        if len(bad_records) > cfg.data.max_bad_records:
+            raise DataError(cfg.data.root, f"{len(bad_records)} unreadable training records (limit "
+                                           f"data.max_bad_records={cfg.data.max_bad_records}); first: {bad_records[:5]}")
+        average_gradients(params)
+        joint, summed = encoder.token_grad_norms()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # SPEC section 5: difficulty d_k is the token-gradient norm, one norm of both (release) or a sum of two.
+        sampler.update(key, joint if cfg.sampler.difficulty == "joint" else summed, device=device)
+        step += 1
+
+        samples = (stats or {}).get("samples", 0)
+        record = {"step": step, "epoch": sampler.epoch, "key": key, **(stats or {}), "lr": scheduler.get_last_lr()[0],
+                  "probs": sampler.probabilities(), "difficulty": sampler.difficulties(),
+                  "samples_per_s": samples * size / (time.time() - started), "peak_mem_mb": peak_memory_mb(device)}
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            log(record)
+        bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", task=key.split("_", 2)[-1],
+                        sps=f"{record['samples_per_s']:.1f}")
+        bar.update(1)
+
+        if (cfg.train.val_every and step % cfg.train.val_every == 0) or step == total_steps:
+            results = validate()
+            current = score(results)
+            log({"step": step, "val": results, "val_score": current})
+            if current > best_score:
+                best_score = current
+                state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score)
+                if rank == 0:
+                    save_atomic(state, best_path)
+        if step % cfg.train.save_every == 0 or step == total_steps:
+            state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score)
+            if rank == 0:
+                save_atomic(state, last_path)
+        if stop_after is not None and step >= stop_after:
+            break
+    bar.close()
+    return encoder, best_score
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
+    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if it exists")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    _, best = train(cfg, resume=args.resume)
+    if world()[0] == 0:
+        print(f"best validation score (sum of Recall@1): {best:.2f}; checkpoints in {cfg.train.out_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
