@@ -94,24 +94,39 @@ def tiny_cpu(args, tmp):
         print(f"  {name:20s} {args.items / median_seconds(fn, args.repeats):8.1f} items/s")
 
 
-def real_arch(args, tmp):
+def random_qwen3vl_4b(out_dir, tmp, device, text_layers=None, vision_depth=None):
+    """Qwen3-VL-4B-Instruct's architecture with random bf16 weights, saved to out_dir with the tiny backbone's
+    tokenizer, chat template and processor (built under tmp/tiny). It exists because the 4B checkpoint itself is
+    not available offline, yet throughput and memory depend only on the architecture; shared by the --real-arch
+    modes of this script and train_throughput.py. text_layers / vision_depth cut the towers for a CPU smoke test.
+    Returns the parameter count."""
     from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    device = torch.device(args.device)
-    tiny_dir, backbone = os.path.join(tmp, "tiny"), os.path.join(tmp, "qwen3-vl-4b-random")
-    make_tiny_backbone(tiny_dir)  # its tokenizer, chat template and processor go with the 4B architecture
+    tiny_dir = os.path.join(tmp, "tiny")
+    make_tiny_backbone(tiny_dir)
     with open(os.path.join(tiny_dir, "config.json")) as f:
         tiny = json.load(f)
-    config = dict(QWEN3_VL_4B, **{k: tiny[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                        "vision_end_token_id")})
-    config["text_config"] = dict(config["text_config"], **args.text_overrides)
-    config["vision_config"] = dict(config["vision_config"], **args.vision_overrides)
-    start = time.perf_counter()
+    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    config = dict(QWEN3_VL_4B, **{k: tiny[k] for k in ids})
+    if text_layers:
+        config["text_config"] = dict(config["text_config"], num_hidden_layers=text_layers)
+    if vision_depth:  # the deepstack taps must lie inside the cut tower
+        config["vision_config"] = dict(config["vision_config"], depth=vision_depth,
+                                       deepstack_visual_indexes=[vision_depth - 1])
     torch.manual_seed(0)
     with torch.device(device):
         lm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**config), dtype=torch.bfloat16)
-    lm.save_pretrained(backbone)
-    AutoProcessor.from_pretrained(tiny_dir).save_pretrained(backbone)
+    lm.save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(tiny_dir).save_pretrained(out_dir)
+    n_params = sum(p.numel() for p in lm.parameters())
     del lm
+    return n_params
+
+
+def real_arch(args, tmp):
+    device = torch.device(args.device)
+    backbone = os.path.join(tmp, "qwen3-vl-4b-random")
+    start = time.perf_counter()
+    random_qwen3vl_4b(backbone, tmp, device, args.text_layers, args.vision_depth)
     model_cfg = ModelConfig(backbone=backbone, trainable="lora", image_pixels=args.pixels)
     encoder = FashionLensEncoder(model_cfg, CalibratorConfig(), device=device)
     n_params = sum(p.numel() for p in encoder.lm.parameters())
@@ -159,9 +174,6 @@ def main():
     parser.add_argument("--vision-depth", type=int, help="--real-arch: fewer vision blocks (smoke test)")
     args = parser.parse_args()
     args.batch_size = args.batch_size or (64 if args.real_arch else 16)
-    args.text_overrides = {"num_hidden_layers": args.text_layers} if args.text_layers else {}
-    args.vision_overrides = ({"depth": args.vision_depth, "deepstack_visual_indexes": [args.vision_depth - 1]}
-                             if args.vision_depth else {})
     with tempfile.TemporaryDirectory() as tmp:
         (real_arch if args.real_arch else tiny_cpu)(args, tmp)
 

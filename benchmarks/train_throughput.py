@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from config import load_config  # noqa: E402
-from encode_throughput import QWEN3_VL_4B, write_images  # noqa: E402
+from encode_throughput import random_qwen3vl_4b, write_images  # noqa: E402
 from model import build_encoder, make_tiny_backbone  # noqa: E402
 from train import average_gradients, cached_step, peak_memory_mb  # noqa: E402
 
@@ -140,31 +140,6 @@ def tiny_cpu(args, tmp):
     rows = []
     run_setting(rows, "tiny", cfg, examples, args.chunks, args, device)
     return header, rows
-
-
-def random_qwen3vl_4b(out_dir, tmp, device, text_layers=None, vision_depth=None):
-    """Qwen3-VL-4B-Instruct's architecture with random bf16 weights, saved with the tiny backbone's tokenizer and
-    processor (the 4B checkpoint itself is not available offline), as encode_throughput.py's --real-arch does."""
-    from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    tiny_dir = os.path.join(tmp, "tiny")
-    make_tiny_backbone(tiny_dir)
-    with open(os.path.join(tiny_dir, "config.json")) as f:
-        tiny = json.load(f)
-    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    config = dict(QWEN3_VL_4B, **{k: tiny[k] for k in ids})
-    if text_layers:
-        config["text_config"] = dict(config["text_config"], num_hidden_layers=text_layers)
-    if vision_depth:  # the deepstack taps must lie inside the cut tower
-        config["vision_config"] = dict(config["vision_config"], depth=vision_depth,
-                                       deepstack_visual_indexes=[vision_depth - 1])
-    torch.manual_seed(0)
-    with torch.device(device):
-        lm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**config), dtype=torch.bfloat16)
-    lm.save_pretrained(out_dir)
-    AutoProcessor.from_pretrained(tiny_dir).save_pretrained(out_dir)
-    n_params = sum(p.numel() for p in lm.parameters())
-    del lm
-    return n_params
 
 
 def real_arch(args, tmp):
