@@ -757,7 +757,8 @@ class Mini:
                          lambda rng, _: shop_image(item, view, self.size, rng))
 
     def worn(self, folder, split, items, view, stem=None):
-        stem = stem or f"{split}+{items[0].uid}+{view}{next(self.counter) if view == 'street' else ''}"
+        # "worn-" keeps a try-on view's name apart from the shop shot of the same view (shop(): "+front").
+        stem = stem or f"{split}+{items[0].uid}+" + (f"street{next(self.counter)}" if view == "street" else f"worn-{view}")
         return self.save(f"{folder}/{stem}.jpg", lambda rng, _: worn_image(items, view, self.size, rng))
 
     def sketch(self, folder, split, item, sketcher, stem=None):

@@ -136,6 +136,15 @@ def test_unseen_names_resolve_to_the_task_images_first_then_the_source(mini_root
             assert not set(exclude) & set(hits)
 
 
+def test_no_query_contains_its_own_target(mini_root):
+    """A query that holds its target image is solved by copy detection (a try-on view once shared the shop
+    shot's file name, so in-shop queries contained their answer)."""
+    for key in SUB_DATASETS:
+        for split in pd.SPLITS:
+            for rec in pd.load_records(mini_root, key, split):
+                assert not set(rec.get("query_image", [])) & set(rec["target_image"]), (key, rec["id"])
+
+
 def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
     sketches = pd.TrainSet(mini_root, "2_sketch2i_ClothesV1", max_query_images=2)
     assert any(len(r["query_image"]) > 2 for r in sketches.records)
