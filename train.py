@@ -133,24 +133,30 @@ def cached_step(encoder, examples, cfg, chunk_size):
         if cuda:
             torch.cuda.set_rng_state(state[1])
 
-    # Pass 1: embeddings without a graph, remembering each chunk's random state.
-    q_states, t_states, q_embs, t_embs, regs, gates = [], [], [], [], [], []
-    with torch.no_grad():
+    # Pass 1: embeddings without a graph, remembering each chunk's random state. When the whole batch is one
+    # chunk there is nothing to save by caching: that chunk keeps its graph and is not replayed.
+    single = len(q_chunks) == 1 and len(t_chunks) == 1
+    q_outs, t_outs, q_states, t_states = [], [], [], []
+    with torch.set_grad_enabled(single):
         for inputs in q_chunks:
             q_states.append(rng_state())
-            out = encoder(inputs, role="query")
-            q_embs.append(out["emb"])
-            if out["gate"] is not None:
-                gates.append(out["gate"])
+            q_outs.append(encoder(inputs, role="query"))
         for inputs in t_chunks:
             t_states.append(rng_state())
-            t_embs.append(encoder(inputs, role="target")["emb"])
+            t_outs.append(encoder(inputs, role="target"))
     end_state = rng_state()
+
+    def replay(chunks, states, outs, role):
+        for inputs, state, out in zip(chunks, states, outs):
+            if not single:
+                set_rng_state(state)
+                out = encoder(inputs, role=role)
+            yield out
 
     # Loss and its gradient with respect to every embedding. With cross-GPU negatives every rank computes
     # the global loss; scaling the local embedding gradients by the world size keeps the later average exact.
-    q = torch.cat(q_embs).requires_grad_(True)
-    t = torch.cat(t_embs).requires_grad_(True)
+    q = torch.cat([out["emb"].detach() for out in q_outs]).requires_grad_(True)
+    t = torch.cat([out["emb"].detach() for out in t_outs]).requires_grad_(True)
     labels = [e["target_label"] for e in examples] + [None] * (len(t_paths) - len(examples))
     if cfg.train.gather_negatives and size > 1:
         q_all, q_counts = gather_keep_local(q)
@@ -167,14 +173,13 @@ def cached_step(encoder, examples, cfg, chunk_size):
     grad_q, grad_t = torch.autograd.grad(loss, [q, t])
     grad_q, grad_t = grad_q * scale, grad_t * scale
 
-    # Pass 2: replay each chunk with a graph. The calibrator's regularisers (SPEC section 4) are averaged
-    # over the batch, or (release) averaged per chunk and summed over chunks.
+    # Pass 2: replay each chunk with a graph, its random state restored so dropout masks match, and push the
+    # cached embedding gradients through it. The calibrator's regularisers (SPEC section 4) are averaged over
+    # the batch, or (release) averaged per chunk and summed over chunks.
     reg_total = 0.0
     w_fro, w_orth = cfg.calibrator.fro_weight, cfg.calibrator.orth_weight
     start = 0
-    for inputs, state in zip(q_chunks, q_states):
-        set_rng_state(state)
-        out = encoder(inputs, role="query")
+    for out in replay(q_chunks, q_states, q_outs, "query"):
         n = out["emb"].shape[0]
         surrogate = (out["emb"] * grad_q[start:start + n]).sum()
         if out["reg_fro"] is not None:
@@ -185,13 +190,12 @@ def cached_step(encoder, examples, cfg, chunk_size):
         surrogate.backward()
         start += n
     start = 0
-    for inputs, state in zip(t_chunks, t_states):
-        set_rng_state(state)
-        out = encoder(inputs, role="target")
+    for out in replay(t_chunks, t_states, t_outs, "target"):
         n = out["emb"].shape[0]
         (out["emb"] * grad_t[start:start + n]).sum().backward()
         start += n
     set_rng_state(end_state)
+    gates = [out["gate"].detach() for out in q_outs if out["gate"] is not None]
     gate_mean = torch.cat(gates).mean().item() if gates else None
     return {"loss": loss.item() + reg_total, "contrastive": loss.item(), "reg": reg_total,
             "gate_mean": gate_mean, "samples": q.shape[0]}, bad
