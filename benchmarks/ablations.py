@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from evaluate import write_atomic  # noqa: E402
 from model import make_tiny_openclip_config  # noqa: E402
 
 # The release's behaviour at the tiny scale: its four encoder defects, its per-chunk regularisers, its sampler
@@ -91,12 +92,6 @@ def markdown(summaries, seeds):
     for name, summary in summaries.items():
         lines.append(f"| {name} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in summary.values()) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path, text):
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
 
 
 def main():
