@@ -758,7 +758,9 @@ class Mini:
 
     def worn(self, folder, split, items, view, stem=None):
         # "worn-" keeps a try-on view's name apart from the shop shot of the same view (shop(): "+front").
-        stem = stem or f"{split}+{items[0].uid}+" + (f"street{next(self.counter)}" if view == "street" else f"worn-{view}")
+        if stem is None:
+            name = f"street{next(self.counter)}" if view == "street" else f"worn-{view}"
+            stem = f"{split}+{items[0].uid}+{name}"
         return self.save(f"{folder}/{stem}.jpg", lambda rng, _: worn_image(items, view, self.size, rng))
 
     def sketch(self, folder, split, item, sketcher, stem=None):

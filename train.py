@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import Config, load_config
+from config import load_config
 from evaluate import evaluate_sets, score
 from model import build_encoder
 from prepare_data import SUB_DATASETS, DataError, TrainSet, build_eval_sets
@@ -52,7 +52,7 @@ def setup_distributed():
 
 def gather_list(items):
     """Concatenation of every rank's list, in rank order."""
-    rank, size = world()
+    _, size = world()
     if size == 1:
         return list(items)
     parts = [None] * size
@@ -346,8 +346,8 @@ def train(cfg, resume=False, stop_after=None):
             print(f"[rank {rank}] skipped record(s) {', '.join(ids)} of {key}: {message}", file=sys.stderr)
             bad_records.extend(ids)
         if len(bad_records) > cfg.data.max_bad_records:
-            raise DataError(cfg.data.root, f"{len(bad_records)} unreadable training records (limit "
-                                           f"data.max_bad_records={cfg.data.max_bad_records}); first: {bad_records[:5]}")
+            raise DataError(cfg.data.root, f"{len(bad_records)} unreadable training records (limit data."
+                                           f"max_bad_records={cfg.data.max_bad_records}); first: {bad_records[:5]}")
         average_gradients(params)
         joint, summed = encoder.token_grad_norms()
         if cfg.train.grad_clip > 0:
