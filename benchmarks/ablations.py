@@ -105,7 +105,7 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     clip_config = make_tiny_openclip_config(os.path.join(args.out, "tiny-clip"))
-    jobs = [(name, seed) for name in args.variants for seed in args.seeds]
+    jobs = [(name, seed) for seed in args.seeds for name in args.variants]   # every variant once, then again
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: train_and_evaluate(*job, args, clip_config), jobs))
     runs = {name: [r for (n, _), r in zip(jobs, results) if n == name] for name in args.variants}
