@@ -180,11 +180,19 @@ def make_tiny_backbone(out_dir, seed=0, *, text_hidden=128, text_layers=2, text_
         image_processor=Qwen2VLImageProcessor(**patching, size={"shortest_edge": 65536, "longest_edge": 16777216}),
         video_processor=Qwen3VLVideoProcessor(**patching, size={"shortest_edge": 4096, "longest_edge": 25165824}),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir))) as tmp:
+    with staging_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         publish_dir(tmp, out_dir)
     return sum(p.numel() for p in model.parameters())
+
+
+def staging_dir(out_dir):
+    """A temporary folder beside out_dir (same file system, so publish_dir's renames are atomic), creating
+    out_dir's parent if needed (`model.py make-tiny runs/x` on a fresh clone has no runs/ yet)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=parent)
 
 
 def publish_dir(tmp, out_dir):
@@ -408,7 +416,7 @@ class FashionLensEncoder(Encoder):
         state = {k: v for k, v in state.items() if "lora_" not in k}
         heads = {n: p.detach().cpu() for n, p in self.named_parameters() if not n.startswith("lm.")}
         cfgs = {"model": dataclasses.asdict(self.model_cfg), "calibrator": dataclasses.asdict(self.calibrator_cfg)}
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir))) as tmp:
+        with staging_dir(out_dir) as tmp:
             self.lm.save_pretrained(tmp, state_dict=state)
             self.processor.save_pretrained(tmp)
             torch.save({"config": cfgs, "heads": heads}, os.path.join(tmp, "fashionlens_heads.pt"))

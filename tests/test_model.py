@@ -69,10 +69,11 @@ def test_make_tiny_is_deterministic_per_seed(tiny_backbone, tmp_path):
     def digest(d, name):
         return hashlib.sha256(open(os.path.join(d, name), "rb").read()).hexdigest()
 
-    n_params = model.make_tiny_backbone(str(tmp_path / "same"), seed=0)
+    same = tmp_path / "runs" / "same"           # runs/ does not exist yet, as on a fresh clone
+    n_params = model.make_tiny_backbone(str(same), seed=0)
     assert 0.5e6 < n_params < 5e6
     for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
-        assert digest(tmp_path / "same", name) == digest(tiny_backbone, name), name
+        assert digest(same, name) == digest(tiny_backbone, name), name
     model.make_tiny_backbone(str(tmp_path / "other"), seed=1)
     assert digest(tmp_path / "other", "model.safetensors") != digest(tiny_backbone, "model.safetensors")
 
