@@ -250,6 +250,15 @@ class Encoder(nn.Module):
                 params[name].copy_(value)
 
 
+def attention_kernel(model_cfg, device):
+    """FlashAttention on GPU when the flash-attn package is installed, else PyTorch's sdpa ("auto"); any other
+    value of model.attn_implementation is passed to transformers as it is."""
+    if model_cfg.attn_implementation != "auto":
+        return model_cfg.attn_implementation
+    import importlib.util
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def resolve_device(device):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -272,7 +281,8 @@ class FashionLensEncoder(Encoder):
         tokenizer = self.processor.tokenizer
         tokenizer.add_tokens([QUERY_TOKEN, TARGET_TOKEN], special_tokens=True)
         self.lm = Qwen3VLForConditionalGeneration.from_pretrained(
-            model_cfg.backbone, dtype=dtype, attn_implementation=model_cfg.attn_implementation, local_files_only=True)
+            model_cfg.backbone, dtype=dtype, attn_implementation=attention_kernel(model_cfg, device),
+            local_files_only=True)
         vocab = self.lm.get_input_embeddings().weight
         self.token_ids = {"query": tokenizer.convert_tokens_to_ids(QUERY_TOKEN),
                           "target": tokenizer.convert_tokens_to_ids(TARGET_TOKEN)}
