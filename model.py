@@ -6,9 +6,9 @@
 - make_tiny_backbone / `python model.py make-tiny DIR`: a random-weight Qwen3-VL saved in the real checkpoint's
   layout, so every downstream loader treats it exactly like Qwen3-VL-4B-Instruct.
 
-Interface of both encoders (train.py and evaluate.py use nothing else): prepare_queries / prepare_targets (records -> CPU tensors),
-forward(inputs, role) -> {"emb", "gate", "reg_fro", "reg_orth"}, encode_queries / encode_targets,
-trainable_state_dict / load_trainable_state_dict, token_grad_norms, embed_dim.
+Interface of both encoders (train.py and evaluate.py use nothing else): prepare_queries / prepare_targets
+(records -> CPU tensors), forward(inputs, role) -> {"emb", "gate", "reg_fro", "reg_orth"}, encode_queries /
+encode_targets, trainable_state_dict / load_trainable_state_dict, token_grad_norms, embed_dim.
 """
 import os
 
