@@ -16,8 +16,7 @@ class DataConfig:
     gallery_dir: str = ""                    # test candidate files; "" means <root>/0_test_candidates
     sub_datasets: list = field(default_factory=list)   # keys like "7_cir_Shoes"; empty = all 18
     max_query_images: int = 5                # ClothesV1 / QMUL-Shoe-V2: up to 5 sketches drawn at random
-    allow_missing: bool = False              # skip records whose files are missing instead of failing
-    max_bad_records: int = 20                # training stops when more records than this were unreadable
+    max_bad_records: int = 20                # unreadable records are skipped and reported; more than this stops training
 
 
 @dataclass

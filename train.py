@@ -120,7 +120,7 @@ def cached_step(encoder, examples, cfg, chunk_size):
     then re-run each chunk with a graph, replaying its random state so dropout masks match, and
     back-propagate the cached embedding gradients. Leaves the local gradients in .grad; returns stats."""
     examples, q_chunks, t_chunks, t_paths, bad = prepare_chunks(encoder, examples, chunk_size)
-    rank, size = world()
+    _, size = world()
     if not examples:
         return None, bad
     cuda = next(encoder.parameters()).is_cuda
@@ -259,7 +259,7 @@ def batch_examples(train_set, indices, cfg, step, rank):
 def average_gradients(params):
     """One all-reduce per step, after every chunk has been replayed (not one per chunk). Parameters that a
     step did not use (the vision tower on a text-only task) contribute zeros, so every rank stays in lockstep."""
-    rank, size = world()
+    _, size = world()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     if size > 1:
         flat = torch.cat([g.reshape(-1) for g in grads])
