@@ -451,7 +451,7 @@ def make_tiny_openclip_config(out_dir, name="fashionlens-tiny-clip"):
     """Write a tiny open_clip model config (random weights when built); returns its path, usable as
     model.backbone (optionally "PATH:WEIGHTS_FILE")."""
     config = {"embed_dim": 64,
-              "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+              "vision_cfg": {"image_size": 96, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")

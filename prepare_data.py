@@ -677,15 +677,17 @@ ASFR_ATTRIBUTES = {   # (attribute name, item field, categories it applies to); 
                          ("skirt length", "length", ("skirt", "dress")),
                          ("pant length", "length", ("trousers",)), ("coat length", "length", ("coat",))),
 }
-# Queries per split at --scale 1: U-FIRE's proportions (SPEC §7) scaled down so a CPU quickstart trains in minutes.
-SIZES = {"1_t2i_FashionGen": (700, 100, 150), "1_t2i_Shoes": (150, 50, 60), "2_sketch2i_ClothesV1": (60, 30, 30),
-         "2_sketch2i_HAIFashion": (100, 40, 60), "2_sketch2i_QMUL-Shoe-V2": (80, 30, 40),
+# Queries per split at --scale 1: U-FIRE's proportions (SPEC §7) scaled down so a CPU quickstart trains in minutes,
+# except that the sketch sets, CSTBIR and DARN train on 2-4x their share: at their U-FIRE share (60-120 records)
+# the tiny model learned nothing on them (test Recall@10 at chance); at these sizes it does (README, Results).
+SIZES = {"1_t2i_FashionGen": (700, 100, 150), "1_t2i_Shoes": (150, 50, 60), "2_sketch2i_ClothesV1": (240, 30, 30),
+         "2_sketch2i_HAIFashion": (300, 40, 60), "2_sketch2i_QMUL-Shoe-V2": (240, 30, 40),
          "3_inshop_DeepFashion": (400, 80, 120), "4_street2shop_DeepFashion2": (300, 80, 100),
          "5_compatibility_FashionVC": (200, 60, 80), "5_compatibility_Polyvore": (250, 60, 100),
          "6_video2img_MovingFashion": (150, 40, 60), "7_cir_Fashion200K": (200, 50, 80),
          "7_cir_FashionIQ-Dress": (200, 60, 80), "7_cir_FashionIQ-Shirt": (200, 60, 80),
-         "7_cir_FashionIQ-Toptee": (200, 60, 80), "7_cir_Shoes": (150, 50, 60), "8_sketch&text_CSTBIR": (120, 40, 60),
-         "9_asfr_DARN": (200, 60, 80), "9_asfr_FashionAI": (250, 60, 100)}
+         "7_cir_FashionIQ-Toptee": (200, 60, 80), "7_cir_Shoes": (150, 50, 60), "8_sketch&text_CSTBIR": (240, 40, 60),
+         "9_asfr_DARN": (400, 60, 80), "9_asfr_FashionAI": (250, 60, 100)}
 UNSEEN_QUERIES, SKETCHERS = 100, 20
 
 
