@@ -65,7 +65,7 @@ def train_and_evaluate(name, seed, args, clip_config):
         return json.load(f)
 
 
-def summarise(name, runs):
+def summarise(runs):
     """{column: (mean, std)} over seeds: R@1 and R@10 per family, overall (trained sub-datasets), unseen tasks."""
     per_run = []
     for results in runs:
@@ -109,7 +109,7 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: train_and_evaluate(*job, args, clip_config), jobs))
     runs = {name: [r for (n, _), r in zip(jobs, results) if n == name] for name in args.variants}
-    summaries = {name: summarise(name, rs) for name, rs in runs.items()}
+    summaries = {name: summarise(rs) for name, rs in runs.items()}
     table = markdown(summaries, args.seeds)
     write_atomic(os.path.join(args.out, "ablations.md"), table)
     write_atomic(os.path.join(args.out, "ablations.json"), json.dumps(
