@@ -121,8 +121,9 @@ def cached_step(encoder, examples, cfg, chunk_size):
     back-propagate the cached embedding gradients. Leaves the local gradients in .grad; returns stats."""
     examples, q_chunks, t_chunks, t_paths, bad = prepare_chunks(encoder, examples, chunk_size)
     _, size = world()
-    if not examples:
-        return None, bad
+    gather = cfg.train.gather_negatives and size > 1
+    if not examples and not gather:
+        return None, bad   # nothing to learn from; average_gradients still adds this rank's zeros
     cuda = next(encoder.parameters()).is_cuda
 
     def rng_state():
@@ -155,10 +156,13 @@ def cached_step(encoder, examples, cfg, chunk_size):
 
     # Loss and its gradient with respect to every embedding. With cross-GPU negatives every rank computes
     # the global loss; scaling the local embedding gradients by the world size keeps the later average exact.
-    q = torch.cat([out["emb"].detach() for out in q_outs]).requires_grad_(True)
-    t = torch.cat([out["emb"].detach() for out in t_outs]).requires_grad_(True)
+    # A rank whose whole batch was unreadable still joins the gathers below with no rows; skipping them would
+    # leave the other ranks waiting forever.
+    empty = torch.zeros(0, encoder.embed_dim, device=next(encoder.parameters()).device)
+    q = torch.cat([empty] + [out["emb"].detach() for out in q_outs]).requires_grad_(True)
+    t = torch.cat([empty] + [out["emb"].detach() for out in t_outs]).requires_grad_(True)
     labels = [e["target_label"] for e in examples] + [None] * (len(t_paths) - len(examples))
-    if cfg.train.gather_negatives and size > 1:
+    if gather:
         q_all, q_counts = gather_keep_local(q)
         t_all, t_counts = gather_keep_local(t)
         t_starts = np.cumsum([0] + t_counts[:-1])
@@ -197,6 +201,8 @@ def cached_step(encoder, examples, cfg, chunk_size):
     set_rng_state(end_state)
     gates = [out["gate"].detach() for out in q_outs if out["gate"] is not None]
     gate_mean = torch.cat(gates).mean().item() if gates else None
+    if not examples:
+        return None, bad
     return {"loss": loss.item() + reg_total, "contrastive": loss.item(), "reg": reg_total,
             "gate_mean": gate_mean, "samples": q.shape[0]}, bad
 

@@ -1,5 +1,6 @@
 """train.py: exact gradient caching, the loss's false-negative mask, bit-for-bit resume, two-process training,
 and a loss that falls on U-FIRE-mini."""
+import json
 import os
 import subprocess
 import sys
@@ -135,6 +136,54 @@ def test_unreadable_record_is_skipped_and_named(tiny_backbone, tmp_path):
     stats, bad = cached_step(encoder, examples, cfg, 2)
     assert stats["samples"] == 3
     assert bad[0][0] == ["r2"] and "broken.png" in bad[0][1]
+
+
+def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbone, tmp_path):
+    """With train.gather_negatives every rank must take part in the gathers. Rank 1's only record is unreadable;
+    before it joined with no rows, rank 0 waited on it forever. Both ranks must end with the gradient that rank
+    0's records give in a single process. (The calibrator's regularisers are off: each rank averages them over
+    its own batch, like the loss without gathered negatives, so with uneven ranks they are weighted per rank.)"""
+    examples = make_examples(tmp_path, 3)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    examples[2]["target_image"] = str(tmp_path / "broken.png")
+    (tmp_path / "batches.json").write_text(json.dumps([examples[:2], examples[2:]]))
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import json, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from config import Config\nfrom model import build_encoder\n"
+        "from train import average_gradients, cached_step, setup_distributed\n"
+        "setup_distributed()\nrank = dist.get_rank()\n"
+        "cfg = Config()\n"
+        f"cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = {tiny_backbone!r}, 'full', 64 * 64\n"
+        "cfg.train.gather_negatives = True\n"
+        "cfg.calibrator.fro_weight = cfg.calibrator.orth_weight = 0.0\n"
+        "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu').train()\n"
+        f"batch = json.load(open({str(tmp_path / 'batches.json')!r}))[rank]\n"
+        "stats, bad = cached_step(encoder, batch, cfg, 2)\n"
+        "average_gradients([p for p in encoder.parameters() if p.requires_grad])\n"
+        "grads = {n: p.grad for n, p in encoder.named_parameters() if p.requires_grad}\n"
+        f"torch.save({{'stats': stats, 'bad': bad, 'grads': grads}}, f'{tmp_path}/rank{{rank}}.pt')\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                           str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["stats"]["samples"] == 2 and rank1["stats"] is None
+    assert rank1["bad"][0][0] == ["r2"] and "broken.png" in rank1["bad"][0][1]
+
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "full", 64 * 64
+    cfg.calibrator.fro_weight = cfg.calibrator.orth_weight = 0.0
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    stats, _ = cached_step(encoder, examples[:2], cfg, 2)
+    assert rank0["stats"]["loss"] == pytest.approx(stats["loss"], abs=1e-5)
+    expected = grads(encoder)
+    assert len(expected) > 10
+    for name, grad in expected.items():
+        torch.testing.assert_close(rank0["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        assert torch.equal(rank0["grads"][name], rank1["grads"][name]), name
 
 
 # ----------------------------------------------------------------------------- whole runs on U-FIRE-mini
