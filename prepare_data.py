@@ -122,6 +122,10 @@ class TrainSet(torch.utils.data.Dataset):
     def __init__(self, root, key, max_query_images=5):
         self.key, self.max_query_images = key, max_query_images
         self.records = load_records(root, key, "train")
+        # asfr: a pool image's label, known from the records that list it as a positive, so the loss can mask a
+        # hard negative drawn for one query that carries another query's label (train.contrastive_loss).
+        self.label_of = {p: rec["target_label"] for rec in self.records if rec.get("target_label")
+                         for p in rec["target_image"]}
 
     def __len__(self):
         return len(self.records)
@@ -131,10 +135,11 @@ class TrainSet(torch.utils.data.Dataset):
         query_image = rec.get("query_image", [])
         if self.key in SKETCH_SETS and len(query_image) > self.max_query_images:
             query_image = rng.sample(query_image, self.max_query_images)
+        negatives = list(rec.get("negative_image", []))
         return {"id": rec["id"], "key": self.key, "instruction_text": rec["instruction_text"],
                 "query_image": list(query_image), "query_video": list(rec.get("query_video", [])),
                 "target_image": rng.choice(rec["target_image"]), "target_label": rec.get("target_label"),
-                "negative_image": list(rec.get("negative_image", []))}
+                "negative_image": negatives, "negative_label": [self.label_of.get(p) for p in negatives]}
 
     def __getitem__(self, index):
         return self.example(index, random.Random(index))

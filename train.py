@@ -161,7 +161,7 @@ def cached_step(encoder, examples, cfg, chunk_size):
     empty = torch.zeros(0, encoder.embed_dim, device=next(encoder.parameters()).device)
     q = torch.cat([empty] + [out["emb"].detach() for out in q_outs]).requires_grad_(True)
     t = torch.cat([empty] + [out["emb"].detach() for out in t_outs]).requires_grad_(True)
-    labels = [e["target_label"] for e in examples] + [None] * (len(t_paths) - len(examples))
+    labels = [e["target_label"] for e in examples] + [lab for e in examples for lab in e["negative_label"]]
     if gather:
         q_all, q_counts = gather_keep_local(q)
         t_all, t_counts = gather_keep_local(t)
@@ -257,8 +257,10 @@ def batch_examples(train_set, indices, cfg, step, rank):
     rng = random.Random(f"{cfg.train.seed}-{step}-{rank}")
     examples = [train_set.example(i, rng) for i in indices]
     for e in examples:
-        k = min(cfg.train.asfr_hard_negatives, len(e["negative_image"]))
-        e["negative_image"] = rng.sample(e["negative_image"], k)
+        n = len(e["negative_image"])
+        picked = rng.sample(range(n), min(cfg.train.asfr_hard_negatives, n))
+        e["negative_image"] = [e["negative_image"][i] for i in picked]
+        e["negative_label"] = [e["negative_label"][i] for i in picked]
     return examples
 
 

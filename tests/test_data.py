@@ -161,6 +161,10 @@ def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
     asfr = pd.TrainSet(mini_root, "9_asfr_DARN")
     examples = [asfr[i] for i in range(len(asfr))]
     assert all(ex["target_label"] for ex in examples) and any(ex["negative_image"] for ex in examples)
+    # hard negatives carry their pool label where some record lists them as a positive; never the query's own
+    labelled = [(lab, ex["target_label"]) for ex in examples for lab in ex["negative_label"]]
+    assert len(labelled) == sum(len(ex["negative_image"]) for ex in examples)
+    assert sum(lab is not None for lab, _ in labelled) > len(labelled) // 2 and all(lab != own for lab, own in labelled)
     assert pd.TrainSet(mini_root, "6_video2img_MovingFashion")[0]["query_video"][0].endswith(".mp4")
 
 

@@ -45,7 +45,7 @@ def make_examples(tmp_path, n):
             paths.append(str(path))
         examples.append({"id": f"r{i}", "key": "9_asfr_DARN", "instruction_text": f"find item number {i} in red",
                          "query_image": [paths[0]] if i % 2 else [], "query_video": [], "target_image": paths[1],
-                         "target_label": f"label{i % 3}", "negative_image": []})
+                         "target_label": f"label{i % 3}", "negative_image": [], "negative_label": []})
     return examples
 
 
@@ -136,6 +136,26 @@ def test_unreadable_record_is_skipped_and_named(tiny_backbone, tmp_path):
     stats, bad = cached_step(encoder, examples, cfg, 2)
     assert stats["samples"] == 3
     assert bad[0][0] == ["r2"] and "broken.png" in bad[0][1]
+
+
+def test_hard_negative_with_another_querys_label_is_masked(tiny_backbone, tmp_path):
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "full", 64 * 64
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()   # full training: no dropout
+    examples = make_examples(tmp_path, 3)
+    negative = str(tmp_path / "negative.png")    # query 0's hard negative, labelled like query 1's positive
+    Image.new("RGB", (64, 64), (200, 10, 90)).save(negative)
+    examples[0]["negative_image"], examples[0]["negative_label"] = [negative], [examples[1]["target_label"]]
+    stats, _ = cached_step(encoder, examples, cfg, 4)
+    with torch.no_grad():
+        q = encoder(encoder.prepare_queries(examples, train=True), "query")["emb"]
+        paths = [e["target_image"] for e in examples] + [negative]
+        t = encoder(encoder.prepare_targets(paths, train=True), "target")["emb"]
+    labels = [e["target_label"] for e in examples]
+    masked = contrastive_loss(q, t, torch.arange(3), paths, labels + [examples[1]["target_label"]], 0.07)
+    unmasked = contrastive_loss(q, t, torch.arange(3), paths, labels + [None], 0.07)
+    assert stats["contrastive"] == pytest.approx(masked.item(), abs=1e-5)
+    assert abs(masked.item() - unmasked.item()) > 1e-3
 
 
 def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbone, tmp_path):
