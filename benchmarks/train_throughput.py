@@ -56,7 +56,7 @@ def synthetic_batch(directory, n):
     paths = write_images(directory, 2 * n, size=(160, 200))
     return [{"id": f"bench-{i}", "key": "7_cir_FashionIQ-Dress", "instruction_text": INSTRUCTION,
              "query_image": [paths[i]], "query_video": [], "target_image": paths[n + i], "target_label": None,
-             "negative_image": []} for i in range(n)]
+             "negative_image": [], "negative_label": []} for i in range(n)]
 
 
 def reset_peak_memory(device):

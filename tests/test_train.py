@@ -2,6 +2,7 @@
 and a loss that falls on U-FIRE-mini."""
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from config import Config, load_config
 from model import build_encoder
+from prepare_data import TrainSet
 from train import contrastive_loss, cached_step, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,6 +206,13 @@ def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbo
     for name, grad in expected.items():
         torch.testing.assert_close(rank0["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
         assert torch.equal(rank0["grads"][name], rank1["grads"][name]), name
+
+
+def test_throughput_benchmark_feeds_training_views_in_the_training_format(mini_root, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from train_throughput import synthetic_batch
+    view = TrainSet(mini_root, "7_cir_FashionIQ-Dress").example(0, random.Random(0))
+    assert set(synthetic_batch(str(tmp_path), 2)[0]) == set(view)
 
 
 # ----------------------------------------------------------------------------- whole runs on U-FIRE-mini
