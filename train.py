@@ -158,7 +158,7 @@ def cached_step(encoder, examples, cfg, chunk_size):
     # the global loss; scaling the local embedding gradients by the world size keeps the later average exact.
     # A rank whose whole batch was unreadable still joins the gathers below with no rows; skipping them would
     # leave the other ranks waiting forever.
-    empty = torch.zeros(0, encoder.embed_dim, device=next(encoder.parameters()).device)
+    empty = torch.zeros(0, encoder.embed_dim, device=encoder.device)
     q = torch.cat([empty] + [out["emb"].detach() for out in q_outs]).requires_grad_(True)
     t = torch.cat([empty] + [out["emb"].detach() for out in t_outs]).requires_grad_(True)
     labels = [e["target_label"] for e in examples] + [lab for e in examples for lab in e["negative_label"]]
