@@ -51,6 +51,13 @@ def make_examples(tmp_path, n):
     return examples
 
 
+def full_training_config(tiny_backbone):
+    """The tiny backbone trained in full (no LoRA, so no dropout) at 64 x 64 pixels."""
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "full", 64 * 64
+    return cfg
+
+
 def uncached_reference(encoder, examples, cfg, chunk_size):
     """The same computation with every chunk's graph kept (no caching): forward all chunks with gradients in
     the same order, one loss, one backward."""
@@ -112,8 +119,7 @@ def test_cached_gradients_equal_uncached_with_dropout(tiny_backbone, tmp_path, c
 
 
 def test_chunk_size_does_not_change_loss_or_gradients(tiny_backbone, tmp_path):
-    cfg = Config()
-    cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "full", 64 * 64
+    cfg = full_training_config(tiny_backbone)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     perturb(encoder)
     examples = make_examples(tmp_path, 6)
@@ -129,8 +135,7 @@ def test_chunk_size_does_not_change_loss_or_gradients(tiny_backbone, tmp_path):
 
 
 def test_unreadable_record_is_skipped_and_named(tiny_backbone, tmp_path):
-    cfg = Config()
-    cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "full", 64 * 64
+    cfg = full_training_config(tiny_backbone)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     examples = make_examples(tmp_path, 4)
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -141,9 +146,8 @@ def test_unreadable_record_is_skipped_and_named(tiny_backbone, tmp_path):
 
 
 def test_hard_negative_with_another_querys_label_is_masked(tiny_backbone, tmp_path):
-    cfg = Config()
-    cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "full", 64 * 64
-    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()   # full training: no dropout
+    cfg = full_training_config(tiny_backbone)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     examples = make_examples(tmp_path, 3)
     negative = str(tmp_path / "negative.png")    # query 0's hard negative, labelled like query 1's positive
     Image.new("RGB", (64, 64), (200, 10, 90)).save(negative)
@@ -194,8 +198,7 @@ def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbo
     assert rank0["stats"]["samples"] == 2 and rank1["stats"] is None
     assert rank1["bad"][0][0] == ["r2"] and "broken.png" in rank1["bad"][0][1]
 
-    cfg = Config()
-    cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "full", 64 * 64
+    cfg = full_training_config(tiny_backbone)
     cfg.calibrator.fro_weight = cfg.calibrator.orth_weight = 0.0
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
