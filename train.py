@@ -228,11 +228,17 @@ def set_rng_states(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score):
+def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records):
     # Each rank's random state differs (seeded per rank); all of them are saved so every rank resumes exactly.
     return {"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": gather_list([rng_states()]),
-            "step": step, "best_score": best_score}
+            "step": step, "best_score": best_score, "bad_records": sorted(bad_records)}
+
+
+def load_checkpoint(path):
+    """A training checkpoint, every tensor on the CPU: torch.set_rng_state and torch.cuda.set_rng_state_all take
+    only CPU byte tensors, and the optimizer moves its own state to its parameters' device when loaded."""
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -280,6 +286,20 @@ def average_gradients(params):
             p.grad = g
 
 
+def record_bad_records(bad_records, key, bad, rank, cfg):
+    """Add this step's unreadable records of every rank to `bad_records` (a collective: every rank calls it every
+    step, so all keep the same set). Each record is reported once; more than data.max_bad_records stops the run."""
+    for ids, message in gather_list(bad):
+        new = [f"{key}/{i}" for i in ids if f"{key}/{i}" not in bad_records]
+        if new and rank == 0:
+            print(f"skipped record(s) {', '.join(new)} from now on: {message}", file=sys.stderr)
+        bad_records.update(new)
+    if len(bad_records) > cfg.data.max_bad_records:
+        first = sorted(bad_records)[:5]
+        raise DataError(cfg.data.root, f"{len(bad_records)} unreadable training records (limit data."
+                                       f"max_bad_records={cfg.data.max_bad_records}); first: {first}")
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -316,9 +336,11 @@ def train(cfg, resume=False, stop_after=None):
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(cfg, total_steps))
-    step, best_score, bad_records = 0, -1.0, []
+    # Unreadable training records, as "key/id": shared by every rank, excluded from sampling once found, counted
+    # once each against data.max_bad_records, and saved in the checkpoint so a resumed run keeps skipping them.
+    step, best_score, bad_records = 0, -1.0, set()
     if resume and os.path.exists(last_path):
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(last_path)
         if ckpt["config"] != cfg.to_dict():
             raise ValueError(f"{last_path} was written with another config; resume with the same config")
         encoder.load_trainable_state_dict(ckpt["model"])
@@ -326,7 +348,7 @@ def train(cfg, resume=False, stop_after=None):
         scheduler.load_state_dict(ckpt["scheduler"])
         sampler.load_state_dict(ckpt["sampler"])
         set_rng_states(ckpt["rng"][rank])
-        step, best_score = ckpt["step"], ckpt["best_score"]
+        step, best_score, bad_records = ckpt["step"], ckpt["best_score"], set(ckpt["bad_records"])
         if rank == 0:
             print(f"resumed {last_path} at step {step}")
     elif rank == 0 and os.path.exists(log_path):
@@ -348,14 +370,10 @@ def train(cfg, resume=False, stop_after=None):
         started = time.time()
         key, indices = sampler.next_batch()
         examples = batch_examples(train_sets[key], indices, cfg, step, rank)
+        examples = [e for e in examples if f"{key}/{e['id']}" not in bad_records]
         chunk = cfg.train.chunk_sizes.get(key, cfg.train.chunk_size)
         stats, bad = cached_step(encoder, examples, cfg, chunk)
-        for ids, message in bad:
-            print(f"[rank {rank}] skipped record(s) {', '.join(ids)} of {key}: {message}", file=sys.stderr)
-            bad_records.extend(ids)
-        if len(bad_records) > cfg.data.max_bad_records:
-            raise DataError(cfg.data.root, f"{len(bad_records)} unreadable training records (limit data."
-                                           f"max_bad_records={cfg.data.max_bad_records}); first: {bad_records[:5]}")
+        record_bad_records(bad_records, key, bad, rank, cfg)
         average_gradients(params)
         joint, summed = encoder.token_grad_norms()
         if cfg.train.grad_clip > 0:
@@ -383,11 +401,11 @@ def train(cfg, resume=False, stop_after=None):
             log({"step": step, "val": results, "val_score": current})
             if current > best_score:
                 best_score = current
-                state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score)
+                state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records)
                 if rank == 0:
                     save_atomic(state, best_path)
         if step % cfg.train.save_every == 0 or step == total_steps:
-            state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score)
+            state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records)
             if rank == 0:
                 save_atomic(state, last_path)
         if stop_after is not None and step >= stop_after:

@@ -10,12 +10,48 @@ import pytest
 import torch
 from PIL import Image
 
+import train as train_module
 from config import Config, load_config
 from model import build_encoder
-from prepare_data import TrainSet
-from train import contrastive_loss, cached_step, train
+from prepare_data import SUB_DATASETS, TrainSet
+from train import contrastive_loss, cached_step, load_checkpoint, rng_states, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(script, *args, nproc=2, timeout=600):
+    """Run `script` under torchrun on CPU. --standalone picks a free rendezvous port, so two test sessions at
+    once never collide."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_state(a, b, where="", atol=0.0):
+    """Recursive comparison of two checkpoint-like objects: tensors and floats equal within atol (exactly at 0),
+    everything else equal."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (where, sorted(a.keys() ^ b.keys()))
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}/{k}", atol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]", atol)
+    elif isinstance(a, torch.Tensor):
+        if atol == 0.0 or not a.is_floating_point():
+            assert torch.equal(a, b), where
+        else:
+            torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=where)
+    elif hasattr(a, "shape"):                                    # numpy arrays inside RNG states
+        assert (a == b).all(), where
+    elif isinstance(a, float) and atol:
+        assert a == pytest.approx(b, abs=atol), where
+    else:
+        assert a == b, where
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -164,6 +200,49 @@ def test_hard_negative_with_another_querys_label_is_masked(tiny_backbone, tmp_pa
     assert abs(masked.item() - unmasked.item()) > 1e-3
 
 
+def per_sample_regulariser(encoder, examples, cfg):
+    """The weighted calibrator regulariser of each query, from one plain forward of the whole batch."""
+    with torch.no_grad():
+        out = encoder(encoder.prepare_queries(examples, train=True), "query")
+    return cfg.calibrator.fro_weight * out["reg_fro"] + cfg.calibrator.orth_weight * out["reg_orth"]
+
+
+@pytest.mark.parametrize("per_chunk", [False, True])
+def test_regulariser_weight_scales_with_chunks_only_in_release_mode(tiny_backbone, tmp_path, per_chunk):
+    """calibrator.reg_per_chunk=false: the regularisers are averaged over the batch, whatever the chunking;
+    true (release): averaged per chunk and summed over chunks, so the weight is the number of chunks.
+    Catches: `per_sample.mean()` and `per_sample.sum() / q.shape[0]` swapped, or either branch ignored."""
+    cfg = full_training_config(tiny_backbone)
+    cfg.calibrator.reg_per_chunk = per_chunk
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    perturb(encoder)
+    examples = make_examples(tmp_path, 6)
+    batch_mean = per_sample_regulariser(encoder, examples, cfg).mean().item()
+    for chunk_size, chunks in ((6, 1), (2, 3)):
+        encoder.zero_grad(set_to_none=True)
+        stats, _ = cached_step(encoder, examples, cfg, chunk_size)
+        assert stats["reg"] == pytest.approx(batch_mean * (chunks if per_chunk else 1), rel=1e-5), chunk_size
+
+
+# The release's gradient-cache chunk per sub-dataset (its training script), at batch 64 per GPU.
+RELEASE_CHUNKS = {"FashionGen": 8, "Shoes-t2i": 32, "ClothesV1": 16, "HAIFashion": 16, "QMUL-Shoe-V2": 16,
+                  "DeepFashion": 8, "DeepFashion2": 8, "FashionVC": 32, "Polyvore": 8, "MovingFashion": 2,
+                  "Fashion200K": 8, "FashionIQ-Dress": 32, "FashionIQ-Shirt": 32, "FashionIQ-Toptee": 32,
+                  "Shoes-cir": 32, "CSTBIR": 32, "DARN": 4, "FashionAI": 4}
+
+
+def test_release_config_reproduces_the_release_regulariser_weight():
+    """With per-chunk regularisers (tested above: weight = number of chunks) the release's weight per sub-dataset
+    is 64 / its chunk size, so configs/release.yaml must carry the release's chunk sizes and batch 64.
+    Catches: a sub-dataset missing from release.yaml's chunk_sizes (it would inherit full.yaml's 16 or 8)."""
+    cfg = load_config(os.path.join(REPO, "configs", "release.yaml"))
+    assert cfg.calibrator.reg_per_chunk and cfg.train.batch_size == 64
+    for key, (family, dataset) in SUB_DATASETS.items():
+        name = f"{dataset}-{family}" if dataset == "Shoes" else dataset
+        chunk = cfg.train.chunk_sizes.get(key, cfg.train.chunk_size)
+        assert cfg.train.batch_size / chunk == 64 / RELEASE_CHUNKS[name], key
+
+
 def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbone, tmp_path):
     """With train.gather_negatives every rank must take part in the gathers. Rank 1's only record is unreadable;
     before it joined with no rows, rank 0 waited on it forever. Both ranks must end with the gradient that rank
@@ -190,10 +269,7 @@ def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbo
         "average_gradients([p for p in encoder.parameters() if p.requires_grad])\n"
         "grads = {n: p.grad for n, p in encoder.named_parameters() if p.requires_grad}\n"
         f"torch.save({{'stats': stats, 'bad': bad, 'grads': grads}}, f'{tmp_path}/rank{{rank}}.pt')\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                           str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(script)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["stats"]["samples"] == 2 and rank1["stats"] is None
     assert rank1["bad"][0][0] == ["r2"] and "broken.png" in rank1["bad"][0][1]
@@ -209,6 +285,66 @@ def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbo
     for name, grad in expected.items():
         torch.testing.assert_close(rank0["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
         assert torch.equal(rank0["grads"][name], rank1["grads"][name]), name
+
+
+def test_two_processes_step_like_one_process(tiny_backbone, tmp_path):
+    """Data parallel, one step: 2 processes x 2 records against one process on the same 4 records.
+    With train.gather_negatives the averaged gradient must equal one process's on all 4 (every query sees all
+    targets); without, it must equal the mean of the two halves' gradients, each with its own negatives.
+    Catches: gradients summed instead of averaged in average_gradients (x2); every rank's positives indexing
+    rank 0's targets (`t_starts[r] + i` -> `i` in cached_step); the world-size scaling of the embedding
+    gradients dropped."""
+    examples = make_examples(tmp_path, 4)
+    (tmp_path / "examples.json").write_text(json.dumps(examples))
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import json, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from config import Config\nfrom model import build_encoder\n"
+        "from train import average_gradients, cached_step, setup_distributed\n"
+        "setup_distributed()\nrank = dist.get_rank()\n"
+        "cfg = Config()\n"
+        f"cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = {tiny_backbone!r}, 'full', 64 * 64\n"
+        "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu').train()\n"
+        "torch.manual_seed(1)\n"
+        "with torch.no_grad():\n"
+        "    for n, p in encoder.named_parameters():\n"
+        "        if 'hyper' in n: p.add_(0.05 * torch.randn_like(p))\n"
+        f"batch = json.load(open({str(tmp_path / 'examples.json')!r}))[2 * rank:2 * rank + 2]\n"
+        "params = [p for p in encoder.parameters() if p.requires_grad]\n"
+        "out = {}\n"
+        "for gather in (False, True):\n"
+        "    cfg.train.gather_negatives = gather\n"
+        "    encoder.zero_grad(set_to_none=True)\n"
+        "    stats, _ = cached_step(encoder, batch, cfg, 1)\n"
+        "    average_gradients(params)\n"
+        "    out[gather] = {'contrastive': stats['contrastive'],\n"
+        "                   'grads': {n: p.grad.clone() for n, p in encoder.named_parameters() if p.requires_grad}}\n"
+        f"torch.save(out, f'{tmp_path}/rank{{rank}}.pt')\n")
+    torchrun(script)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+    cfg = full_training_config(tiny_backbone)
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    perturb(encoder)                               # the same perturbation as the script's
+    whole, _ = cached_step(encoder, examples, cfg, 2)
+    expected_gathered = grads(encoder)
+    halves = []
+    for part in (examples[:2], examples[2:]):
+        encoder.zero_grad(set_to_none=True)
+        stats, _ = cached_step(encoder, part, cfg, 2)
+        halves.append((stats["contrastive"], grads(encoder)))
+    expected_local = {n: (halves[0][1][n] + halves[1][1][n]) / 2 for n in expected_gathered}
+    assert len(expected_gathered) > 10
+    for rank, result in enumerate(ranks):
+        assert result[True]["contrastive"] == pytest.approx(whole["contrastive"], abs=1e-5)
+        assert result[False]["contrastive"] == pytest.approx(halves[rank][0], abs=1e-5)
+        for name in expected_gathered:
+            torch.testing.assert_close(result[True]["grads"][name], expected_gathered[name], atol=2e-5, rtol=1e-3,
+                                       msg=lambda m, name=name: f"gathered {name}: {m}")
+            torch.testing.assert_close(result[False]["grads"][name], expected_local[name], atol=2e-5, rtol=1e-3,
+                                       msg=lambda m, name=name: f"local {name}: {m}")
 
 
 def test_throughput_benchmark_feeds_training_views_in_the_training_format(mini_root, tmp_path):
@@ -232,54 +368,112 @@ def run_config(*args):
     return load_config(os.path.join(REPO, "configs", "tiny.yaml"), run_overrides(*args))
 
 
-def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path):
+def logged_steps(out_dir):
+    return [r["step"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
+
+
+def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, capsys):
+    """A run killed after step 4 (last.pt at step 3) and resumed must really continue from step 3 and end with
+    exactly the uninterrupted run's last.pt: trainable weights, optimizer and scheduler state, sampler state,
+    every RNG state, best score. Catches: resume switched off (`if resume and ...` -> `if False and ...`: a fresh
+    seeded run would give the same weights, but logs steps 1-6 again); any piece of state not restored (the
+    RNG, the sampler's generator, the optimizer moments) or not saved."""
     straight = run_config(tiny_backbone, mini_root, tmp_path / "straight", "train.max_steps=6", "train.save_every=3")
-    encoder, _ = train(straight)
-    expected = encoder.trainable_state_dict()
+    train(straight)
 
     interrupted = run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3")
     train(interrupted, stop_after=4)           # killed after step 4: last.pt holds step 3
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["step"] == 3
-    encoder, _ = train(interrupted, resume=True)
-    resumed = encoder.trainable_state_dict()
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        assert torch.equal(expected[name], resumed[name]), name
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 3
+    capsys.readouterr()
+    train(interrupted, resume=True)
+    assert f"resumed {tmp_path / 'resumed' / 'last.pt'} at step 3" in capsys.readouterr().out
+    # The killed run logged steps 1-4; the resumed one appends 4, 5, 6.
+    assert logged_steps(tmp_path / "resumed") == [1, 2, 3, 4, 4, 5, 6]
+
+    expected = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert expected["step"] == 6
+    expected["config"]["train"].pop("out_dir"), resumed["config"]["train"].pop("out_dir")
+    assert_same_state(expected, resumed)
     # the run really trained: parameters moved away from a fresh encoder
     fresh = build_encoder(straight.model, straight.calibrator, "cpu").trainable_state_dict()
-    changed = sum(not torch.equal(fresh[n], expected[n]) for n in fresh)
+    changed = sum(not torch.equal(fresh[n], expected["model"][n]) for n in fresh)
     assert changed > len(fresh) // 2
 
 
-def test_torchrun_two_processes_keep_identical_parameters(tiny_backbone, mini_root, tmp_path):
+def test_checkpoint_rng_states_load_as_cpu_byte_tensors(tmp_path):
+    """torch.set_rng_state / torch.cuda.set_rng_state_all accept only CPU byte tensors, so a checkpoint must load
+    to the CPU whatever device the run uses. Catches: `map_location=device` in load_checkpoint (on a GPU the RNG
+    states land on CUDA and resuming crashes; `map_location="meta"` stands in for that on CPU)."""
+    torch.save({"rng": [rng_states()], "model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+    state = load_checkpoint(tmp_path / "last.pt")["rng"][0]["torch"]
+    assert state.device.type == "cpu" and state.dtype == torch.uint8
+    torch.set_rng_state(state)
+
+
+def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbone, mini_root, tmp_path):
+    """torchrun with 2 processes x batch 2 and cross-process negatives must train like 1 process with batch 4:
+    the same records per step, the same loss at every step and, after 4 steps, the same weights, optimizer
+    moments and GGAS state (which sub-dataset is drawn depends on the averaged token gradients).
+    Catches: gradients summed instead of averaged (the optimizer's second moments and GGAS's difficulty double);
+    rank 1's positives pointing at rank 0's targets (`t_starts[r] + i` -> `i`); ranks reading the same records."""
+    # One target per record and no hard negatives: nothing is drawn per rank. No dropout (full training).
+    common = ["train.max_steps=4", "train.gather_negatives=true", "model.trainable=full",
+              "data.sub_datasets=[1_t2i_Shoes, 7_cir_FashionIQ-Dress]"]
+    overrides = run_overrides(tiny_backbone, mini_root, tmp_path / "two", *common, "train.batch_size=2")
     script = tmp_path / "run.py"
     script.write_text(
-        "import sys, torch, torch.distributed as dist\n"
+        "import sys\n"
         f"sys.path.insert(0, {REPO!r})\n"
         "from config import load_config\nfrom train import train\n"
-        "cfg = load_config(sys.argv[1], sys.argv[2:])\n"
-        "encoder, _ = train(cfg)\n"
-        "torch.save(encoder.trainable_state_dict(), f'{cfg.train.out_dir}/rank{dist.get_rank()}.pt')\n")
-    overrides = run_overrides(tiny_backbone, mini_root, tmp_path / "ddp", "train.max_steps=3",
-                              "train.gather_negatives=true")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                           str(script), os.path.join(REPO, "configs", "tiny.yaml"), *overrides],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
-    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name
-    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
-    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
+        "train(load_config(sys.argv[1], sys.argv[2:]))\n")
+    torchrun(script, os.path.join(REPO, "configs", "tiny.yaml"), *overrides)
+    train(run_config(tiny_backbone, mini_root, tmp_path / "one", *common, "train.batch_size=4"))
+
+    logs = [[r for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "loss" in r] for run in ("two", "one")]
+    assert [r["key"] for r in logs[0]] == [r["key"] for r in logs[1]] and len(logs[0]) == 4
+    for two, single in zip(*logs):
+        assert two["contrastive"] == pytest.approx(single["contrastive"], abs=1e-5), two["step"]
+    two, single = (load_checkpoint(tmp_path / run / "last.pt") for run in ("two", "one"))
+    assert len(two["rng"]) == 2 and two["step"] == single["step"] == 4
+    assert_same_state(two["model"], single["model"], "model", atol=1e-6)
+    assert_same_state(two["optimizer"], single["optimizer"], "optimizer", atol=1e-6)
+    for name in ("G", "P", "positions", "passes"):
+        assert_same_state(two["sampler"][name], single["sampler"][name], name, atol=1e-6)
+
+
+def test_corrupt_record_is_reported_once_and_left_out(tiny_backbone, mini_root, tmp_path, monkeypatch, capsys):
+    """One corrupt image in a 15-record sub-dataset, 20 steps of 4 (5 passes over it): the run ends normally,
+    the record is reported once, saved in last.pt, and never reaches a batch again.
+    Catches: visits counted instead of distinct records (it would exceed data.max_bad_records=1 and stop the
+    run); the record not excluded from later batches; the set not saved in the checkpoint."""
+    import shutil
+    root = tmp_path / "ufire"
+    shutil.copytree(mini_root, root)
+    record = TrainSet(str(root), "1_t2i_Shoes").records[5]
+    with open(record["target_image"][0], "wb") as f:
+        f.write(b"not an image")
+    seen = []
+    real_step = train_module.cached_step
+
+    def counting_step(encoder, examples, cfg, chunk_size):
+        seen.extend(e["id"] for e in examples)
+        return real_step(encoder, examples, cfg, chunk_size)
+
+    monkeypatch.setattr(train_module, "cached_step", counting_step)
+    cfg = run_config(tiny_backbone, str(root), tmp_path / "run", "data.sub_datasets=[1_t2i_Shoes]",
+                     "train.max_steps=20", "data.max_bad_records=1")
+    capsys.readouterr()
+    train(cfg)
+    assert capsys.readouterr().err.count(record["id"]) == 1
+    assert seen.count(record["id"]) == 1 and len(seen) > 60
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["bad_records"] == [f"1_t2i_Shoes/{record['id']}"]
 
 
 def test_training_loss_falls_on_ufire_mini(tiny_backbone, mini_root, tmp_path):
     cfg = run_config(tiny_backbone, mini_root, tmp_path / "learn", "train.max_steps=40", "train.batch_size=8",
                      "train.chunk_size=8", "data.sub_datasets=[1_t2i_FashionGen]", "train.lr=1e-3")
     train(cfg)
-    import json
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "learn" / "log.jsonl") if '"loss"' in line]
     assert len(losses) == 40
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
