@@ -11,12 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# cos(omega) is clamped this far inside +-1: acos has an infinite derivative at +-1, and in fp32 1 - 1e-6 is
-# still distinct from 1 (in bf16 it is not, which is why slerp always runs in fp32; SPEC section 4).
-COS_CLAMP = 1e-6
-# Below this sin(omega), q and p are (anti)parallel and the slerp weights are 0/0: normalized lerp is used
-# instead (for parallel inputs it agrees with slerp to O(omega^2)).
-SIN_EPS = 1e-3
+# Where |q.p| > 1 - PARALLEL_EPS (sin w < 1.4e-3), q and p are (anti)parallel to fp32 precision and the slerp
+# weights are 0/0 or ill-conditioned: normalized lerp is used instead (for parallel inputs it agrees with slerp
+# to O(w^2)). In bf16 1 - 1e-6 rounds to 1, which is why slerp always runs in fp32 (paper section IV-C).
+PARALLEL_EPS = 1e-6
+# Exactly opposite inputs have no great circle between them and their lerp vanishes at lambda = 0.5: where the
+# lerp is shorter than this (rounding noise) the output is q.
+LERP_EPS = 1e-6
 
 
 def unit_fp32(x):
@@ -32,18 +33,24 @@ def lerp(q, p, lam):
 
 
 def slerp(q, p, lam):
-    """Spherical interpolation sin((1-lam) w)/sin w * q + sin(lam w)/sin w * p, w = acos(q.p) (SPEC section 4),
-    in fp32 whatever the input dtype; falls back to lerp where sin w < SIN_EPS. Gradients stay finite for
-    q.p -> +-1: the unused branch never divides by a near-zero sine."""
+    """Spherical interpolation sin((1-lam) w)/sin w * q + sin(lam w)/sin w * p, w = acos(q.p) (paper section IV-C,
+    Eq. 5), in fp32 whatever the input dtype; always a unit vector with finite gradients.
+
+    Where |q.p| > 1 - PARALLEL_EPS it falls back to normalized lerp: for near-parallel inputs that is slerp to
+    O(w^2); for near-opposite ones the great circle is ill-conditioned (undefined at q.p = -1) and the output
+    goes from q to p through their lerp, which for p = -q exactly is q for lam <= 0.5 and p above."""
     q, p = unit_fp32(q), unit_fp32(p)
     lam = torch.as_tensor(lam, dtype=torch.float32, device=q.device).reshape(-1, 1)
-    cos = (q * p).sum(-1, keepdim=True).clamp(-1 + COS_CLAMP, 1 - COS_CLAMP)
-    omega = torch.acos(cos)
-    sin = torch.sin(omega)
-    parallel = sin < SIN_EPS
-    safe_sin = torch.where(parallel, torch.ones_like(sin), sin)
-    spherical = (torch.sin((1 - lam) * omega) * q + torch.sin(lam * omega) * p) / safe_sin
-    return torch.where(parallel, lerp(q, p, lam), spherical)
+    # Decided on the unclamped cosine (the release clamped it first, so sin w stayed above its threshold).
+    fallback = (q * p).sum(-1, keepdim=True).abs() > 1 - PARALLEL_EPS
+    # w from atan2 rather than acos(q.p): acos of an fp32 cosine near -1 is off by percents, which the 1 / sin w
+    # weights amplify; atan2 has finite derivatives everywhere, so the unused branch's gradient stays finite.
+    omega = 2 * torch.atan2((q - p).norm(dim=-1, keepdim=True), (q + p).norm(dim=-1, keepdim=True))
+    sin = torch.where(fallback, torch.ones_like(omega), torch.sin(omega))
+    spherical = (torch.sin((1 - lam) * omega) * q + torch.sin(lam * omega) * p) / sin
+    linear = (1 - lam) * q + lam * p
+    linear = torch.where(linear.norm(dim=-1, keepdim=True) < LERP_EPS, q, linear)
+    return F.normalize(torch.where(fallback, linear, spherical), dim=-1)
 
 
 class QueryCalibrator(nn.Module):

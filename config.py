@@ -62,6 +62,7 @@ class SamplerConfig:
     floor: float = 0.02
     guaranteed_floor: bool = True            # release: False (floor, renormalise; the floor may not hold)
     warmup_epochs: int = 1                   # uniform over sub-datasets first
+    warmup_all_modes: bool = False           # the warm-up also for uniform/size/size_pow (false: GGAS only)
     update_every: int = 50                   # recompute P every N steps; release: 0 (= once per epoch)
     difficulty: str = "joint"                # "joint" (one norm of both tokens, release) | "sum" (two norms)
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 MODES = ("ggas", "uniform", "size", "size_pow")
+DIFFICULTIES = ("joint", "sum")
 
 
 def softmax(x):
@@ -57,6 +58,8 @@ class TaskSampler:
     def __init__(self, sizes, cfg, batch_size, world_size=1, rank=0, seed=0):
         if cfg.mode not in MODES:
             raise ValueError(f"sampler.mode must be one of {MODES}, got {cfg.mode!r}")
+        if cfg.difficulty not in DIFFICULTIES:
+            raise ValueError(f"sampler.difficulty must be one of {DIFFICULTIES}, got {cfg.difficulty!r}")
         if not sizes:
             raise ValueError("TaskSampler needs at least one sub-dataset")
         if cfg.mode == "ggas" and cfg.floor * len(sizes) >= 1:
@@ -95,8 +98,10 @@ class TaskSampler:
         return np.full(len(self.keys), 1.0 / len(self.keys))
 
     def _in_warmup(self):
-        # The uniform warm-up belongs to GGAS (it gathers difficulty estimates); the ablations need none.
-        return self.cfg.mode == "ggas" and self.epoch < self.cfg.warmup_epochs
+        # The uniform warm-up belongs to GGAS (it gathers difficulty estimates); sampler.warmup_all_modes gives it
+        # to the ablation modes too, so that an ablation differs from GGAS in the sampler alone.
+        warms_up = self.cfg.mode == "ggas" or self.cfg.warmup_all_modes
+        return warms_up and self.epoch < self.cfg.warmup_epochs
 
     def _target_probabilities(self):
         mode = self.cfg.mode
@@ -113,8 +118,6 @@ class TaskSampler:
     def _refresh(self):
         """P for the step about to be drawn: uniform during warm-up, then recomputed from G at the start of every
         epoch and, when sampler.update_every > 0, every update_every steps (SPEC §5; release: 0, per epoch)."""
-        if self.cfg.mode != "ggas":
-            return
         if self._in_warmup():
             self.P = self._uniform()
         elif self.step % self.epoch_length == 0 or (self.cfg.update_every and self.step % self.cfg.update_every == 0):

@@ -44,20 +44,41 @@ def test_lerp_is_renormalised_linear_interpolation_and_differs_from_slerp():
     assert (out - slerp(q, p, 0.25)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-@pytest.mark.parametrize("noise", [0.0, 1e-8, 1e-4])
-def test_slerp_gradients_finite_near_parallel(sign, noise):
-    q = unit(8, 16, seed=5)
-    p = F.normalize(sign * q + noise * unit(8, 16, seed=6), dim=-1)
-    q, p = q.clone().requires_grad_(True), p.clone().requires_grad_(True)
-    lam = torch.full((8,), 0.3, requires_grad=True)
+def pair_at_angle(theta, n, d=16, seed=5):
+    """n unit pairs (q, p) in fp32 at angle theta: p = cos(theta) q + sin(theta) v with v a unit vector orthogonal
+    to q; theta = 0 and pi give p = q and p = -q exactly."""
+    q = unit(n, d, seed=seed)
+    if theta in (0.0, math.pi):
+        return q, q.clone() if theta == 0 else -q
+    v = unit(n, d, seed=seed + 1).double()
+    v = F.normalize(v - (v * q.double()).sum(-1, keepdim=True) * q.double(), dim=-1)
+    return q, (math.cos(theta) * q.double() + math.sin(theta) * v).float()
+
+
+@pytest.mark.parametrize("theta, expected, atol", [
+    (0.0, "q", 1e-6), (1e-4, "slerp", 1e-6), (2e-3, "slerp", 1e-6),
+    (math.pi - 2e-3, "slerp", 1e-4), (math.pi - 1e-4, "lerp", 1e-3), (math.pi, "antipodal", 1e-6)])
+def test_slerp_at_and_near_parallel_and_opposite(theta, expected, atol):
+    """Values, unit norm and finite gradients at q.p = +1, -1 and near both, one lambda per sample. Near +1 slerp
+    and lerp agree; below sin w = 1.4e-3 near -1 the output is the documented normalized lerp, and for p = -q
+    exactly it is q for lambda <= 0.5 and p above. Near -1 the result is ill-conditioned in fp32 (rounding in q + p
+    is divided by sin w), hence the looser tolerances there.
+    Catches: the fallback decided on the clamped cosine (it never runs: at p = -q the output was cos(lam pi) q,
+    the zero vector at lam = 0.5); the vanishing lerp at p = -q, lam = 0.5 not replaced by q; the lerp branch not
+    renormalised; w = acos(q.p) in fp32 (off by 1e-2 at w = pi - 2e-3)."""
+    lam = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    q, p = pair_at_angle(theta, len(lam))
+    q, p, lam = q.requires_grad_(True), p.requires_grad_(True), lam.requires_grad_(True)
     out = slerp(q, p, lam)
-    (out * unit(8, 16, seed=7)).sum().backward()
-    assert torch.isfinite(out).all()
+    (out * unit(5, 16, seed=7)).sum().backward()
     for t in (q, p, lam):
         assert torch.isfinite(t.grad).all()
-    if sign > 0:  # parallel inputs: every point between them is q itself
-        assert torch.allclose(out, q.detach(), atol=1e-4)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(5), atol=1e-6)
+    q64, p64, lam64 = F.normalize(q.detach().double(), dim=-1), F.normalize(p.detach().double(), dim=-1), lam.detach()
+    want = {"q": q64, "slerp": slerp_closed_form(q64, p64, lam64),
+            "lerp": F.normalize((1 - lam64.double()[:, None]) * q64 + lam64.double()[:, None] * p64, dim=-1),
+            "antipodal": torch.where(lam64[:, None] <= 0.5, q64, p64)}[expected]
+    assert torch.allclose(out.double(), want, atol=atol)
 
 
 def test_slerp_bf16_inputs_computed_in_fp32():
@@ -109,6 +130,30 @@ def test_forward_and_regularisers_match_hand_computation():
     q = F.normalize(h, dim=-1)
     p = F.normalize(q + q @ a @ b, dim=-1)
     assert torch.allclose(out.double(), slerp_closed_form(q, p, gate), atol=1e-5)
+
+
+def test_forward_per_sample_matches_a_loop_over_the_batch():
+    """Distinct A, B and gate for every sample (a random hypernetwork), checked one sample at a time with plain
+    matrix maths on that sample's rows of the hypernetwork output.
+    Catches: another sample's A or B used (e.g. `.flip(0)` on b in forward), which the constant-A/B test passes."""
+    d, r, n = 6, 3, 5
+    torch.manual_seed(0)
+    cal = QueryCalibrator(d, small_cfg(rank=r, init_std=0.3))
+    h = torch.randn(n, d)
+    out, gate, fro, orth = cal(h)
+    with torch.no_grad():
+        rows = cal.hyper(h).double()      # per sample: A (d x r, row-major), B (r x d), gate logit
+    assert (rows[1:] - rows[:1]).abs().min() > 1e-4          # every sample has its own A, B, l
+    for i in range(n):
+        a, b = rows[i, :d * r].reshape(d, r), rows[i, d * r:2 * d * r].reshape(r, d)
+        q = h[i].double() / h[i].double().norm()
+        p = F.normalize(q + q @ a @ b, dim=0)
+        assert (q @ p) < 0.99                                   # the proposal really moves the query
+        lam = torch.sigmoid(rows[i, -1])
+        assert gate[i].item() == pytest.approx(lam.item(), abs=1e-6)
+        assert torch.allclose(out[i].double(), slerp_closed_form(q[None], p[None], lam[None])[0], atol=1e-5)
+        assert fro[i].item() == pytest.approx((a.norm() + b.norm()).item(), rel=1e-5)
+        assert orth[i].item() == pytest.approx((a.T @ a - torch.eye(r, dtype=torch.float64)).norm().item(), rel=1e-5)
 
 
 def test_fixed_gate_lerp_and_none_variants():

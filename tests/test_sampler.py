@@ -1,5 +1,6 @@
 """GGAS sampler (SPEC §5): floor, warm-up, epoch length, determinism, distinct records, DDP agreement, resume."""
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -139,6 +140,49 @@ def test_ablation_modes():
         assert np.allclose([freq[k] / 4000 for k in SIZES], p, atol=0.03)
     with pytest.raises(ValueError, match="sampler.mode"):
         TaskSampler(SIZES, cfg(mode="bogus"), 8)
+
+
+def test_ggas_probabilities_match_equations_7_to_9_by_hand():
+    """Eq. 7-9 with non-default alpha, gamma, eta, against numbers worked out with plain math.
+    Catches: the data-scale prior dropped (softmax(G / eta)), G * eta in place of G / eta, and alpha swapped with
+    1 - alpha in the EMA."""
+    sizes = {"a": 100, "b": 400, "c": 900}
+    s = TaskSampler(sizes, cfg(alpha=0.7, gamma=0.3, eta=2.0, floor=0.01, warmup_epochs=0), batch_size=8)
+    for key, d in [("a", 3.0), ("a", 1.0), ("b", 2.0)]:
+        s.update(key, d)
+    # Eq. 7 from G = 0: a: 0.7 * (0.3 * 3) + 0.3 * 1 = 0.93; b: 0.3 * 2 = 0.6; c never trained: 0.
+    assert s.difficulties() == pytest.approx({"a": 0.93, "b": 0.6, "c": 0.0}, abs=1e-12)
+    s.next_batch()            # step 0 starts an epoch: P is recomputed from G
+    # Eq. 8: log S_k = 0.3 log N_k + G_k / 2; Eq. 9: P = softmax(log S). All above the floor, so no clamping.
+    scores = {"a": 0.3 * math.log(100) + 0.93 / 2, "b": 0.3 * math.log(400) + 0.6 / 2, "c": 0.3 * math.log(900)}
+    total = sum(math.exp(v) for v in scores.values())
+    expected = {k: math.exp(v) / total for k, v in scores.items()}
+    assert s.probabilities() == pytest.approx(expected, abs=1e-12)
+    assert s.probabilities() == pytest.approx({"a": 0.2858, "b": 0.3672, "c": 0.3470}, abs=1e-4)
+
+
+def test_warmup_all_modes_gives_the_ablations_the_same_uniform_warmup():
+    """With sampler.warmup_all_modes every mode samples uniformly for warmup_epochs, then follows its own P.
+    Catches: the switch ignored (only GGAS warms up) and _refresh returning early for the ablation modes (P would
+    stay uniform after the warm-up)."""
+    n = np.array(list(SIZES.values()), dtype=float)
+    after = {"uniform": np.full(4, 0.25), "size": n / n.sum(), "size_pow": np.sqrt(n) / np.sqrt(n).sum()}
+    for mode, p in after.items():
+        s = TaskSampler(SIZES, cfg(mode=mode, gamma=0.5, warmup_epochs=1, warmup_all_modes=True), 8)
+        for _ in range(s.epoch_length):
+            draw(s, 1)
+            assert np.allclose(s.P, 0.25)
+        draw(s, 1)
+        assert s.epoch == 1 and np.allclose(s.P, p)
+
+
+def test_unknown_difficulty_is_refused():
+    """train.py treats anything but "joint" as "sum"; the sampler refuses other values.
+    Catches: the check in TaskSampler.__init__ removed."""
+    for ok in ("joint", "sum"):
+        TaskSampler(SIZES, cfg(difficulty=ok), 8)
+    with pytest.raises(ValueError, match="sampler.difficulty"):
+        TaskSampler(SIZES, cfg(difficulty="Joint"), 8)
 
 
 def test_state_dict_round_trip_continues_identically(tmp_path):
