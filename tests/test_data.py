@@ -51,10 +51,15 @@ def test_generation_is_byte_identical_per_seed(tmp_path):
 
 
 def test_every_sub_dataset_and_unseen_task_has_valid_records(mini_root):
+    """Catches: load_records dropping a record (count_records is len(load_records), so it is counted from the raw
+    file here)."""
     for key, (family, dataset) in SUB_DATASETS.items():
         for split in ("train", "val", "test"):
             records = load_records(mini_root, key, split)    # schema-checked
-            assert records and count_records(mini_root, key, split) == len(records)
+            with open(pd.triplet_path(mini_root, key, split)) as f:
+                raw = json.load(f)
+            assert records and count_records(mini_root, key, split) == len(records) == len(raw)
+            assert [r["id"] for r in records] == [r["id"] for r in raw]
             for rec in records:
                 assert (rec["dataset"], rec["split"], rec["task"].split("-")[0]) == (dataset, split, family)
                 assert rec["instruction_text"].split(" ")[0] in {v.split(" ")[0] for v in VERBS}
@@ -97,6 +102,7 @@ def test_eval_sets_follow_the_protocol(mini_root):
             assert len(set(ev.gallery)) == len(ev.gallery) and all(os.path.isabs(p) for p in ev.gallery)
             assert len(ev.ground_truth) == len(ev.exclude) == len(ev.queries) > 0
             assert all(hits and all(0 <= i < len(ev.gallery) for i in hits) for hits in ev.ground_truth)
+            assert ev.missing == 0
             assert all(q.keys() == {"id", "instruction_text", "query_image", "query_video"} for q in ev.queries)
             assert ev.family == "unseen" or not any(ev.exclude)
             if ev.family not in ("asfr", "unseen"):   # ground truth = the listed targets, all in the gallery
@@ -227,10 +233,27 @@ def test_released_asfr_labels_partition_their_pool():
 
 
 @needs_annotations
-def test_released_unseen_tasks():
-    for task, candidates in zip(UNSEEN_TASKS, (1765, 2302)):
-        ev = build_unseen_eval_set(ANNOTATIONS, task)
-        assert (len(ev.queries), len(ev.gallery)) == (1000, candidates)
+def test_released_unseen_tasks_resolve_to_their_source_images():
+    """Compatible Item names are Polyvore test-gallery files (2,302 of 2,302); Street+Modification names
+    "<category>+<id>.jpg" are DeepFashion2 train-split images, which U-FIRE names DeepFashion2_images/train+image+<id>.jpg
+    (its DeepFashion2 test gallery holds 25 of them under exactly that name).
+    Catches: Polyvore names resolved under DeepFashion2_images/; Street names kept as they stand ({name} for {id});
+    data.street2shop_images ignored."""
+    gallery_dir = os.path.join(ANNOTATIONS, "gallery")
+    test_gallery = lambda key: set(load_candidates(pd.candidate_path(ANNOTATIONS, key, "test", gallery_dir),
+                                                   ANNOTATIONS)[0])
+    street, compatible = (build_unseen_eval_set(ANNOTATIONS, task) for task in UNSEEN_TASKS)
+    assert len(compatible.gallery) == 2302 and set(compatible.gallery) <= test_gallery("5_compatibility_Polyvore")
+    with open(os.path.join(ANNOTATIONS, "evaluation_only_tasks", UNSEEN_TASKS[0], "candidate_images.json")) as f:
+        names = json.load(f)
+    ids = [name.split("+")[1] for name in names]
+    expected = {os.path.join(os.path.abspath(ANNOTATIONS), "DeepFashion2_images", f"train+image+{i}") for i in ids}
+    assert len(names) == 1765 and len(expected) == 1755     # 10 images are named under two categories
+    assert set(street.gallery) == expected and len(expected & test_gallery("4_street2shop_DeepFashion2")) == 25
+    raw = build_unseen_eval_set(ANNOTATIONS, UNSEEN_TASKS[0], street2shop_images="/data/DeepFashion2/train/image/{id}")
+    assert raw.gallery[0] == f"/data/DeepFashion2/train/image/{ids[0]}"
+    for ev in (street, compatible):
+        assert len(ev.queries) == 1000 and ev.missing == 0
         assert all(len(hits) == 1 for hits in ev.ground_truth) and all(ev.exclude)
         assert all(1 <= len(q["query_image"]) <= 7 for q in ev.queries)
 
@@ -304,8 +327,8 @@ def test_empty_gallery_and_missing_ground_truth(mini_root, tmp_path):
     pd.write_json(candidates, [os.path.relpath(p, root) for r in load_records(root, "7_cir_Shoes", "test")[1:]
                                for p in r["target_image"] if p not in first["target_image"]])
     with pytest.raises(DataError, match="no ground-truth") as e:
-        build_eval_set(root, "7_cir_Shoes", "test")
-    assert e.value.record_id == first["id"]
+        build_eval_set(root, "7_cir_Shoes", "test", strict=True)
+    assert e.value.record_id == first["id"] and e.value.path == pd.triplet_path(root, "7_cir_Shoes", "test")
     asfr = pd.candidate_path(root, "9_asfr_DARN", "val")
     pd.write_json(asfr, {"DARN+0+0": ["DARN_images/elsewhere.jpg"], "DARN_asfr_val_candidate": ["DARN_images/a.jpg"]})
     with pytest.raises(DataError, match="not in the pool"):
