@@ -280,6 +280,8 @@ def parse_args(argv=None):
     parser.add_argument("--backbone", help="backbone directory (default: the checkpoint's model.backbone)")
     parser.add_argument("--batch-size", type=int, help="encoding batch (default: train.eval_batch_size)")
     parser.add_argument("--cache", help="gallery embedding cache root; entries are keyed by model fingerprint")
+    parser.add_argument("--strict", action="store_true",
+                        help="a query with no target in its gallery is an error (default: a miss, as in the release)")
     parser.add_argument("--no-exclude-own", action="store_true",
                         help="keep an unseen-task query's own images in its ranking")
     parser.add_argument("--baseline", metavar="openclip:MODEL[:WEIGHTS]",
@@ -339,7 +341,8 @@ def build_sets(args, cfg):
 
     gallery_dir = cfg.data.gallery_dir or None
     if args.tasks is None:
-        sets = build_eval_sets(cfg.data.root, args.split, gallery_dir=gallery_dir, unseen=args.split == "test")
+        sets = build_eval_sets(cfg.data.root, args.split, gallery_dir=gallery_dir, unseen=args.split == "test",
+                               strict=args.strict, street2shop_images=cfg.data.street2shop_images)
     else:
         unknown = [t for t in args.tasks if t not in SUB_DATASETS and t not in UNSEEN_TASKS]
         if unknown:
@@ -349,10 +352,14 @@ def build_sets(args, cfg):
         if unseen and args.split != "test":
             sys.exit(f"evaluate.py: the evaluation-only tasks {unseen} exist for --split test only")
         sets = build_eval_sets(cfg.data.root, args.split, keys=keys, gallery_dir=gallery_dir,
-                               unseen=False) if keys else []
-        sets += [build_unseen_eval_set(cfg.data.root, task) for task in unseen]
+                               unseen=False, strict=args.strict) if keys else []
+        sets += [build_unseen_eval_set(cfg.data.root, task, args.strict, cfg.data.street2shop_images)
+                 for task in unseen]
     if args.no_exclude_own:
         sets = [dataclasses.replace(s, exclude=[[] for _ in s.queries]) for s in sets]
+    for s in sets:   # counted as misses: recall divides by all queries (--strict refuses them)
+        if s.missing:
+            print(f"{s.name}: {s.missing} of {len(s.queries)} queries have no target in the gallery (misses)")
     return sets
 
 

@@ -55,6 +55,17 @@ def data_error(path, message, record_id):
     return DataError(path, message, record_id=record_id)  # the message names path and record id
 
 
+def instruction_text(query):
+    """A query's text. A lone surrogate ("\\ud800" is valid JSON, no character) would end in a TypeError from the
+    tokenizer naming nothing; the readers refuse it, and so does this for queries built by other means (a training
+    example names its sub-dataset; an evaluation query only its id)."""
+    try:
+        query["instruction_text"].encode("utf-8")
+    except UnicodeEncodeError:
+        raise data_error(query.get("key", "query"), "'instruction_text' holds a lone surrogate", query["id"]) from None
+    return query["instruction_text"]
+
+
 def load_image(path, record_id=None):
     try:
         with Image.open(path) as image:
@@ -327,7 +338,7 @@ class FashionLensEncoder(Encoder):
                 videos.append(frames)
                 metadata.append(meta)
             media = [{"type": "image"}] * len(query["query_image"]) + [{"type": "video"}] * len(query["query_video"])
-            text = [{"type": "text", "text": query["instruction_text"]}]
+            text = [{"type": "text", "text": instruction_text(query)}]
             conversations.append(conversation(text + media + [{"type": "text", "text": QUERY_SUFFIX}], QUERY_TOKEN))
         return self.process(conversations, images, videos, metadata, train)
 
@@ -493,7 +504,7 @@ class OpenClipEncoder(Encoder):
                 images += [Image.fromarray(f) for f in load_video(path, self.model_cfg.video_frames, query["id"])[0]]
             pixels += [self.preprocess(image) for image in images]
             owner += [i] * len(images)
-        return {"text": self.tokenizer([q["instruction_text"] for q in queries]),
+        return {"text": self.tokenizer([instruction_text(q) for q in queries]),
                 "pixels": torch.stack(pixels) if pixels else torch.zeros(0),
                 "owner": torch.tensor(owner, dtype=torch.long)}
 

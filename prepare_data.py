@@ -28,6 +28,8 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from config import DataConfig
+
 # The benchmark's names (SPEC §2): key = file prefix -> (family = prefix without its number, dataset).
 SUB_DATASETS = {key: tuple(key.split("_", 2)[1:]) for key in (
     "1_t2i_FashionGen", "1_t2i_Shoes", "2_sketch2i_ClothesV1", "2_sketch2i_HAIFashion", "2_sketch2i_QMUL-Shoe-V2",
@@ -35,8 +37,6 @@ SUB_DATASETS = {key: tuple(key.split("_", 2)[1:]) for key in (
     "6_video2img_MovingFashion", "7_cir_Fashion200K", "7_cir_FashionIQ-Dress", "7_cir_FashionIQ-Shirt",
     "7_cir_FashionIQ-Toptee", "7_cir_Shoes", "8_sketch&text_CSTBIR", "9_asfr_DARN", "9_asfr_FashionAI")}
 UNSEEN_TASKS = ["Street+Modification Text 2 Shop", "Image(s)+Text 2 Compatible Item"]
-# Bare names of an evaluation-only task resolve to <task>/images/ first, then to the dataset they came from.
-UNSEEN_SOURCE_DIRS = dict(zip(UNSEEN_TASKS, ("DeepFashion2_images", "Polyvore_images")))
 SPLITS = ("train", "val", "test")
 SKETCH_SETS = ("2_sketch2i_ClothesV1", "2_sketch2i_QMUL-Shoe-V2")   # up to max_query_images drawn (SPEC §2)
 MEDIA_FIELDS = ("query_image", "query_video", "target_image", "negative_image")
@@ -62,17 +62,46 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    """Atomic (temporary file, then rename): nobody ever reads half a file."""
+    """Atomic (temporary file, then rename): nobody ever reads half a file, and a failed write leaves nothing.
+    What UTF-8 cannot hold (a lone surrogate, e.g. from a file name that is not valid UTF-8) is written as its JSON
+    escape \\udcxx."""
+    text = json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8", "backslashreplace")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp-{os.getpid()}", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
+    temp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temp, "wb") as f:
+            f.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def is_unicode(text):
+    """False for a string with a lone surrogate: "\\ud800" is valid JSON but no character, and tokenizers fail on it."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def in_root(root, rel, path, record_id=None):
+    """root/rel for a path named in a data file. A path that leaves the root (absolute, or through '..') is refused:
+    a data file names files of its own tree only. (Lexical: symbolic links inside the root may point anywhere.)"""
+    full = os.path.normpath(os.path.join(root, rel))
+    if os.path.isabs(rel) or not full.startswith(os.path.join(root, "")):
+        raise DataError(path, f"{rel!r} is outside the data root {root}", record_id)
+    return full
 
 
 def check_records(records, path, required, lists=MEDIA_FIELDS):
-    """Schema of a triplet file (SPEC §2): a list of objects, unique string ids, typed fields, some target."""
+    """Schema of a triplet file (SPEC §2): a non-empty list of objects, unique string ids, typed fields, a target."""
     if not isinstance(records, list):
         raise DataError(path, f"expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise DataError(path, "no records")
     ids = set()
     for i, rec in enumerate(records):
         rid = rec.get("id") if isinstance(rec, dict) else None
@@ -87,6 +116,8 @@ def check_records(records, path, required, lists=MEDIA_FIELDS):
                 raise DataError(path, f"'{name}' must be a list of non-empty path strings", rid)
             if name in TEXT_FIELDS and not isinstance(value, str):
                 raise DataError(path, f"'{name}' must be a string", rid)
+            if name in TEXT_FIELDS and not is_unicode(value):
+                raise DataError(path, f"'{name}' holds a lone surrogate (not valid Unicode)", rid)
         if not rec["target_image"]:
             raise DataError(path, "'target_image' is empty", rid)
 
@@ -99,7 +130,7 @@ def triplet_path(root, key, split):
 
 
 def load_records(root, key, split):
-    """Schema-checked records of one sub-dataset split, media paths made absolute."""
+    """Schema-checked records of one sub-dataset split, media paths made absolute (and kept inside root)."""
     root = os.path.abspath(root)
     path = triplet_path(root, key, split)
     records = read_json(path)
@@ -108,7 +139,7 @@ def load_records(root, key, split):
     for rec in records:
         for name in MEDIA_FIELDS:
             if name in rec:
-                rec[name] = [os.path.join(root, p) for p in rec[name]]
+                rec[name] = [in_root(root, p, path, rec["id"]) for p in rec[name]]
     return records
 
 
@@ -151,8 +182,9 @@ class EvalSet:
     family: str                     # "t2i", ..., "asfr"; "unseen" for the evaluation-only tasks
     queries: list                   # {"id", "instruction_text", "query_image", "query_video"}
     gallery: list                   # absolute image paths, unique, first-seen order
-    ground_truth: list              # per query: gallery indices, non-empty
+    ground_truth: list              # per query: gallery indices; empty for a query none of whose targets is listed
     exclude: list                   # per query: gallery indices of its own images (unseen tasks only)
+    missing: int = 0                # queries with an empty ground truth: misses, as in the release (strict: an error)
 
 
 def candidate_path(root, key, split, gallery_dir=None):
@@ -182,19 +214,27 @@ def load_candidates(path, root):
     pool_keys = [k for k in data if k.endswith("_candidate")] if isinstance(data, dict) else [None]
     if len(pool_keys) != 1:
         raise DataError(path, f"expected exactly one '*_candidate' pool key, found {pool_keys}")
-    gallery = [os.path.join(root, p) for p in path_list(data[pool_keys[0]] if pool_keys[0] else data, path)]
+    gallery = [in_root(root, p, path) for p in path_list(data[pool_keys[0]] if pool_keys[0] else data, path)]
     if not isinstance(data, dict):
         return gallery, None
     labels, pool = {}, set(gallery)
     for label in [k for k in data if k != pool_keys[0]]:
         for p in path_list(data[label], path, f"label {label!r}"):
-            p = os.path.join(root, p)
+            p = in_root(root, p, path)
             if p not in pool or labels.setdefault(p, label) != label:
                 raise DataError(path, f"{p} of label {label!r} is not in the pool or has a second label")
     return gallery, labels
 
 
-def build_eval_set(root, key, split, gallery_dir=None):
+def checked_hits(hits, strict, path, record_id):
+    """A query none of whose targets is in the gallery stays, as a miss: the release divides recall by all queries.
+    strict: refuse it instead."""
+    if not hits and strict:
+        raise DataError(path, "no ground-truth image in the gallery (strict)", record_id)
+    return hits
+
+
+def build_eval_set(root, key, split, gallery_dir=None, strict=False):
     """Gallery and ground truth of one sub-dataset split (SPEC §2 Protocol)."""
     if split not in ("val", "test"):
         raise ValueError(f"evaluation split must be 'val' or 'test', got {split!r}")
@@ -214,45 +254,60 @@ def build_eval_set(root, key, split, gallery_dir=None):
             hits = sorted(by_label.get(rec["target_label"], []))
         else:
             hits = list(dict.fromkeys(index[p] for p in rec["target_image"] if p in index))
-        if not hits:
-            raise DataError(path, "no ground-truth image in the gallery", rec["id"])
         queries.append({"id": rec["id"], "instruction_text": rec["instruction_text"],
                         "query_image": rec.get("query_image", []), "query_video": rec.get("query_video", [])})
-        ground_truth.append(hits)
-    return EvalSet(key, family, queries, gallery, ground_truth, [[] for _ in records])
+        ground_truth.append(checked_hits(hits, strict, path, rec["id"]))
+    missing = sum(not hits for hits in ground_truth)
+    return EvalSet(key, family, queries, gallery, ground_truth, [[] for _ in records], missing)
 
 
-def build_unseen_eval_set(root, task):
-    """An evaluation-only task; a query must not find its own images, so they are excluded from its ranking."""
+def unseen_source(task, street2shop_images=DataConfig.street2shop_images):
+    """Where the bare names of an evaluation-only task live when <task>/images/ lacks them: a path pattern relative to
+    the root, {name} the bare name, {id} the name less its "<category>+" prefix. Compatible Item names are files of
+    the Polyvore gallery; Street+Modification names are "<category>+<DeepFashion2 train-split image id>"."""
+    return {UNSEEN_TASKS[0]: street2shop_images, UNSEEN_TASKS[1]: "Polyvore_images/{name}"}[task]
+
+
+def build_unseen_eval_set(root, task, strict=False, street2shop_images=DataConfig.street2shop_images):
+    """An evaluation-only task; a query must not find its own images, so they are excluded from its ranking.
+    Bare names resolve to <task>/images/ first (U-FIRE-mini ships one), then as unseen_source says; names that
+    resolve to the same file are one gallery image."""
     root = os.path.abspath(root)
     task_dir = os.path.join(root, "evaluation_only_tasks", task)
     if task not in UNSEEN_TASKS:
         raise DataError(task_dir, f"unknown evaluation-only task; known: {UNSEEN_TASKS}")
-    images = os.path.join(task_dir, "images")
+    images, source = os.path.join(task_dir, "images"), unseen_source(task, street2shop_images)
     local = set(os.listdir(images)) if os.path.isdir(images) else set()
-    resolve = lambda name: os.path.join(images if name in local else os.path.join(root, UNSEEN_SOURCE_DIRS[task]), name)
+
+    def resolve(name, path, record_id=None):
+        if os.path.basename(name) != name or name in (".", ".."):   # a bare name cannot leave the root
+            raise DataError(path, f"{name!r} is not a bare file name", record_id)
+        if name in local:
+            return os.path.join(images, name)
+        return os.path.join(root, source.format(name=name, id=name.split("+", 1)[-1]))
+
     path = os.path.join(task_dir, "triplet_data.json")
     records = read_json(path)
     check_records(records, path, ("instruction_text", "query_image", "target_image"), ("query_image", "target_image"))
     gallery_path = os.path.join(task_dir, "candidate_images.json")
-    gallery = [resolve(n) for n in path_list(read_json(gallery_path), gallery_path)]
+    gallery = list(dict.fromkeys(resolve(n, gallery_path) for n in path_list(read_json(gallery_path), gallery_path)))
     index = {p: i for i, p in enumerate(gallery)}
     queries, ground_truth, exclude = [], [], []
     for rec in records:
-        query_image = [resolve(n) for n in rec["query_image"]]
-        hits = [index[resolve(n)] for n in rec["target_image"] if resolve(n) in index]
-        if not hits:
-            raise DataError(path, "no ground-truth image in the gallery", rec["id"])
+        query_image = [resolve(n, path, rec["id"]) for n in rec["query_image"]]
+        targets = [resolve(n, path, rec["id"]) for n in rec["target_image"]]
+        ground_truth.append(checked_hits([index[p] for p in targets if p in index], strict, path, rec["id"]))
         queries.append({"id": rec["id"], "instruction_text": rec["instruction_text"], "query_image": query_image,
                         "query_video": []})
-        ground_truth.append(hits)
         exclude.append([index[p] for p in query_image if p in index])
-    return EvalSet(task, "unseen", queries, gallery, ground_truth, exclude)
+    return EvalSet(task, "unseen", queries, gallery, ground_truth, exclude, sum(not h for h in ground_truth))
 
 
-def build_eval_sets(root, split, keys=None, gallery_dir=None, unseen=True):
-    sets = [build_eval_set(root, key, split, gallery_dir) for key in (keys or SUB_DATASETS)]
-    return sets + [build_unseen_eval_set(root, t) for t in UNSEEN_TASKS if unseen and split == "test"]
+def build_eval_sets(root, split, keys=None, gallery_dir=None, unseen=True, strict=False,
+                    street2shop_images=DataConfig.street2shop_images):
+    sets = [build_eval_set(root, key, split, gallery_dir, strict) for key in (keys or SUB_DATASETS)]
+    return sets + [build_unseen_eval_set(root, t, strict, street2shop_images)
+                   for t in UNSEEN_TASKS if unseen and split == "test"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,14 +326,32 @@ def check_media(path, record_id=None):
             with Image.open(path) as im:
                 im.draft("RGB", (64, 64))   # JPEG decodes every block at reduced size: corruption still shows
                 im.load()
-    except (OSError, SyntaxError, ValueError, av.error.FFmpegError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, av.error.FFmpegError) as e:
         raise DataError(path, f"cannot decode: {e}", record_id) from None
 
 
-def validate_tree(root, gallery_dir=None, progress=True):
-    """Every JSON file parsed and schema-checked, every file it names opened: a report row per sub-dataset/task.
-    A bad file is reported once, under the first row naming it; every record naming it lands in bad_records."""
+def unknown_names(root, gallery_dir=None):
+    """Entries of a tree's annotation folders that no sub-dataset or evaluation-only task reads: a misspelt or extra
+    sub-dataset would otherwise be ignored without a word."""
+    known = {os.path.basename(triplet_path(root, k, s)) for k in SUB_DATASETS for s in SPLITS}
+    known |= {os.path.basename(candidate_path(root, k, "val")) for k, (f, _) in SUB_DATASETS.items() if f == "asfr"}
+    folders = {os.path.join(root, "0_triplet_files"): known,
+               gallery_dir or os.path.join(root, "0_test_candidates"):
+                   {os.path.basename(candidate_path(root, k, "test")) for k in SUB_DATASETS},
+               os.path.join(root, "evaluation_only_tasks"): set(UNSEEN_TASKS)}
+    return [os.path.join(folder, n) for folder, names in folders.items() if os.path.isdir(folder)
+            for n in sorted(os.listdir(folder)) if n not in names]
+
+
+def validate_tree(root, gallery_dir=None, progress=True, street2shop_images=DataConfig.street2shop_images):
+    """Every JSON file parsed and schema-checked, the val and test sets built as evaluation builds them (strictly: a
+    query with no ground truth in its gallery is an error here), every file named opened: a report row per
+    sub-dataset/task. A bad file is reported once, under the first row naming it; every record naming it lands in
+    bad_records. A tree without 0_triplet_files/ (the released annotations alone, README "Full reproduction") has its
+    test galleries and evaluation-only tasks checked, not their images."""
     root, rows, media = os.path.abspath(root), {}, defaultdict(list)     # media: path -> [(row, record id, split)]
+    galleries_only = not os.path.isdir(os.path.join(root, "0_triplet_files"))
+    test_galleries = []
 
     def attempt(row, load):   # one JSON file: its problem goes to the row, the other files are still checked
         try:
@@ -291,13 +364,16 @@ def validate_tree(root, gallery_dir=None, progress=True):
                             "bad_records": defaultdict(dict)}
         for split in ("test",) if name in UNSEEN_TASKS else SPLITS:
             if name in UNSEEN_TASKS:
-                ev = attempt(row, lambda: build_unseen_eval_set(root, name))
+                ev = attempt(row, lambda: build_unseen_eval_set(root, name, True, street2shop_images))
                 records, gallery = (ev.queries, ev.gallery) if ev else (None, None)
             else:
-                records = attempt(row, lambda: load_records(root, name, split))
-                has_gallery = split == "test" or (split == "val" and SUB_DATASETS[name][0] == "asfr")
+                records = None if galleries_only else attempt(row, lambda: load_records(root, name, split))
+                has_gallery = split == "test" or (split == "val" and SUB_DATASETS[name][0] == "asfr"
+                                                  and not galleries_only)   # asfr val pools sit with the triplets
                 where = candidate_path(root, name, split, gallery_dir)
                 gallery = attempt(row, lambda: load_candidates(where, root)[0]) if has_gallery else None
+                if split != "train" and records is not None and (gallery is not None or not has_gallery):
+                    attempt(row, lambda: build_eval_set(root, name, split, gallery_dir, strict=True))
             if records is not None:
                 row["records"][split] = len(records)
                 for rec in records:
@@ -305,9 +381,11 @@ def validate_tree(root, gallery_dir=None, progress=True):
                         media[p].append((name, rec["id"], split))
             if gallery is not None:
                 row["gallery"] = len(gallery) if split == "test" else row["gallery"]
+                test_galleries += gallery if split == "test" and name in SUB_DATASETS else []
                 for p in gallery:
                     media[p].append((name, None, split))
-    for p, refs in tqdm(media.items(), desc="checking files", unit="file", disable=not progress):
+    for p, refs in tqdm({} if galleries_only else media.items(), desc="checking files", unit="file",
+                        disable=not progress):
         try:
             check_media(p, refs[0][1])
         except DataError as e:
@@ -317,7 +395,9 @@ def validate_tree(root, gallery_dir=None, progress=True):
                     rows[name]["bad_records"][split][rid] = None      # an ordered set
     for row in rows.values():
         row["bad_records"] = {split: list(ids) for split, ids in row["bad_records"].items()}
-    return {"root": root, "gallery_dir": gallery_dir, "rows": rows}
+    return {"root": root, "gallery_dir": gallery_dir, "galleries_only": galleries_only, "rows": rows,
+            "test_gallery_images": [len(test_galleries), len(set(test_galleries))],     # per gallery, distinct
+            "warnings": [f"{p}: not a sub-dataset or task name; ignored" for p in unknown_names(root, gallery_dir)]}
 
 
 def format_report(report):
@@ -1014,19 +1094,39 @@ def main(argv=None):
     parser.add_argument("--gallery-dir", help="test candidate files (the release ships them in gallery/)")
     parser.add_argument("--report", help="also write the validation report as JSON here")
     parser.add_argument("--allow-missing", action="store_true", help="report missing or unreadable files, exit 0")
+    parser.add_argument("--street2shop-images", default=DataConfig.street2shop_images,
+                        help="where Street+Modification Text 2 Shop's images are (data.street2shop_images)")
     args = parser.parse_args(argv)
     if not args.root:
         print(f"wrote {generate(args.out, args.seed, args.scale, args.image_size)}")
         return 0
-    report = validate_tree(args.root, args.gallery_dir)
+    if args.report:   # found before the scan, not after it
+        try:
+            if os.path.isdir(args.report):
+                raise IsADirectoryError(f"{args.report} is a directory")
+            os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+            tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(args.report))).close()
+        except OSError as e:
+            sys.exit(f"cannot write the report {args.report}: {e}")
+    report = validate_tree(args.root, args.gallery_dir, street2shop_images=args.street2shop_images)
     print(format_report(report))
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
+    print("test galleries: {} images, {} distinct".format(*report["test_gallery_images"]))
+    if report["rows"][UNSEEN_TASKS[0]]["missing"]:
+        print(f"{UNSEEN_TASKS[0]}: its images are DeepFashion2 train-split images, looked for at "
+              f"{args.street2shop_images!r} under the root (--street2shop-images, data.street2shop_images)")
     if args.report:
         write_json(args.report, report)
     errors = [e for row in report["rows"].values() for e in row["errors"]]
     bad = [e for row in report["rows"].values() for e in row["missing"] + row["unreadable"]]
     if errors or (bad and not args.allow_missing):
         sys.exit("validation failed; first problems:\n  " + "\n  ".join((errors + bad)[:5]))
-    print(f"{len(bad)} missing or unreadable files (--allow-missing)" if bad else "all files present and readable")
+    if report["galleries_only"]:
+        print(f"{report['root']} has no 0_triplet_files/: its test galleries and evaluation-only tasks are well-formed "
+              "(their images were not looked for)")
+    else:
+        print(f"{len(bad)} missing or unreadable files (--allow-missing)" if bad else "all files present and readable")
     return 0
 
 

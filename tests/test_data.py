@@ -6,6 +6,7 @@ import shutil
 
 import av
 import pytest
+import torch
 
 import prepare_data as pd
 from prepare_data import (COLOUR_PAIRS, SUB_DATASETS, UNSEEN_TASKS, VERBS, DataError, Mini, build_eval_set,
@@ -51,10 +52,15 @@ def test_generation_is_byte_identical_per_seed(tmp_path):
 
 
 def test_every_sub_dataset_and_unseen_task_has_valid_records(mini_root):
+    """Catches: load_records dropping a record (count_records is len(load_records), so it is counted from the raw
+    file here)."""
     for key, (family, dataset) in SUB_DATASETS.items():
         for split in ("train", "val", "test"):
             records = load_records(mini_root, key, split)    # schema-checked
-            assert records and count_records(mini_root, key, split) == len(records)
+            with open(pd.triplet_path(mini_root, key, split)) as f:
+                raw = json.load(f)
+            assert records and count_records(mini_root, key, split) == len(records) == len(raw)
+            assert [r["id"] for r in records] == [r["id"] for r in raw]
             for rec in records:
                 assert (rec["dataset"], rec["split"], rec["task"].split("-")[0]) == (dataset, split, family)
                 assert rec["instruction_text"].split(" ")[0] in {v.split(" ")[0] for v in VERBS}
@@ -97,6 +103,7 @@ def test_eval_sets_follow_the_protocol(mini_root):
             assert len(set(ev.gallery)) == len(ev.gallery) and all(os.path.isabs(p) for p in ev.gallery)
             assert len(ev.ground_truth) == len(ev.exclude) == len(ev.queries) > 0
             assert all(hits and all(0 <= i < len(ev.gallery) for i in hits) for hits in ev.ground_truth)
+            assert ev.missing == 0
             assert all(q.keys() == {"id", "instruction_text", "query_image", "query_video"} for q in ev.queries)
             assert ev.family == "unseen" or not any(ev.exclude)
             if ev.family not in ("asfr", "unseen"):   # ground truth = the listed targets, all in the gallery
@@ -227,10 +234,27 @@ def test_released_asfr_labels_partition_their_pool():
 
 
 @needs_annotations
-def test_released_unseen_tasks():
-    for task, candidates in zip(UNSEEN_TASKS, (1765, 2302)):
-        ev = build_unseen_eval_set(ANNOTATIONS, task)
-        assert (len(ev.queries), len(ev.gallery)) == (1000, candidates)
+def test_released_unseen_tasks_resolve_to_their_source_images():
+    """Compatible Item names are Polyvore test-gallery files (2,302 of 2,302); Street+Modification names
+    "<category>+<id>.jpg" are DeepFashion2 train-split images, which U-FIRE names DeepFashion2_images/train+image+<id>.jpg
+    (its DeepFashion2 test gallery holds 25 of them under exactly that name).
+    Catches: Polyvore names resolved under DeepFashion2_images/; Street names kept as they stand ({name} for {id});
+    data.street2shop_images ignored."""
+    gallery_dir = os.path.join(ANNOTATIONS, "gallery")
+    test_gallery = lambda key: set(load_candidates(pd.candidate_path(ANNOTATIONS, key, "test", gallery_dir),
+                                                   ANNOTATIONS)[0])
+    street, compatible = (build_unseen_eval_set(ANNOTATIONS, task) for task in UNSEEN_TASKS)
+    assert len(compatible.gallery) == 2302 and set(compatible.gallery) <= test_gallery("5_compatibility_Polyvore")
+    with open(os.path.join(ANNOTATIONS, "evaluation_only_tasks", UNSEEN_TASKS[0], "candidate_images.json")) as f:
+        names = json.load(f)
+    ids = [name.split("+")[1] for name in names]
+    expected = {os.path.join(os.path.abspath(ANNOTATIONS), "DeepFashion2_images", f"train+image+{i}") for i in ids}
+    assert len(names) == 1765 and len(expected) == 1755     # 10 images are named under two categories
+    assert set(street.gallery) == expected and len(expected & test_gallery("4_street2shop_DeepFashion2")) == 25
+    raw = build_unseen_eval_set(ANNOTATIONS, UNSEEN_TASKS[0], street2shop_images="/data/DeepFashion2/train/image/{id}")
+    assert raw.gallery[0] == f"/data/DeepFashion2/train/image/{ids[0]}"
+    for ev in (street, compatible):
+        assert len(ev.queries) == 1000 and ev.missing == 0
         assert all(len(hits) == 1 for hits in ev.ground_truth) and all(ev.exclude)
         assert all(1 <= len(q["query_image"]) <= 7 for q in ev.queries)
 
@@ -304,8 +328,8 @@ def test_empty_gallery_and_missing_ground_truth(mini_root, tmp_path):
     pd.write_json(candidates, [os.path.relpath(p, root) for r in load_records(root, "7_cir_Shoes", "test")[1:]
                                for p in r["target_image"] if p not in first["target_image"]])
     with pytest.raises(DataError, match="no ground-truth") as e:
-        build_eval_set(root, "7_cir_Shoes", "test")
-    assert e.value.record_id == first["id"]
+        build_eval_set(root, "7_cir_Shoes", "test", strict=True)
+    assert e.value.record_id == first["id"] and e.value.path == pd.triplet_path(root, "7_cir_Shoes", "test")
     asfr = pd.candidate_path(root, "9_asfr_DARN", "val")
     pd.write_json(asfr, {"DARN+0+0": ["DARN_images/elsewhere.jpg"], "DARN_asfr_val_candidate": ["DARN_images/a.jpg"]})
     with pytest.raises(DataError, match="not in the pool"):
@@ -324,3 +348,231 @@ def test_failed_generation_leaves_no_partial_output(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         generate(str(old), scale=0.03, image_size=32, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["old"] and os.listdir(old) == ["marker"]
+
+
+def test_validator_builds_the_eval_sets_as_evaluation_does(mini_root, tmp_path):
+    """A target missing from the gallery, an asfr label missing from the pool and an empty test triplet file are
+    errors (exit 1), each naming its file and record. Catches: the validator not building the val/test sets, or
+    building them non-strictly; an empty record list accepted."""
+    root = copy_tree(mini_root, tmp_path)
+    cir = load_records(root, "7_cir_Shoes", "test")
+    candidates = pd.candidate_path(root, "7_cir_Shoes", "test")
+    with open(candidates) as f:
+        listed = json.load(f)
+    pd.write_json(candidates, [p for p in listed if os.path.join(root, p) not in cir[0]["target_image"]])
+    darn = load_records(root, "9_asfr_DARN", "val")
+    pool_path = pd.candidate_path(root, "9_asfr_DARN", "val")
+    with open(pool_path) as f:
+        pool = json.load(f)
+    gone = pool.pop(darn[0]["target_label"])
+    pool["DARN_asfr_val_candidate"] = [p for p in pool["DARN_asfr_val_candidate"] if p not in gone]
+    pd.write_json(pool_path, pool)
+    pd.write_json(pd.triplet_path(root, "1_t2i_Shoes", "test"), [])
+    rows = validate_tree(root, progress=False)["rows"]
+    assert [e for e in rows["7_cir_Shoes"]["errors"] if candidates not in e and cir[0]["id"] in e]   # the triplets
+    assert any(pd.triplet_path(root, "9_asfr_DARN", "val") in e and darn[0]["id"] in e
+               for e in rows["9_asfr_DARN"]["errors"])
+    assert rows["1_t2i_Shoes"]["errors"] == [f"{pd.triplet_path(root, '1_t2i_Shoes', 'test')}: no records"]
+    with pytest.raises(SystemExit) as e:
+        pd.main(["--root", root, "--allow-missing"])
+    assert "no records" in str(e.value)
+    with pytest.raises(DataError, match="no records"):      # evaluation refuses it too, naming the file
+        build_eval_set(root, "1_t2i_Shoes", "test")
+
+
+def test_a_query_without_its_target_in_the_gallery_is_a_miss(mini_root, tmp_path, capsys):
+    """The release keeps such a query and divides recall by all queries; --strict refuses it. Catches: the query
+    dropped (or refused) by default, missing not counted, strict ignored, evaluate.py not passing --strict."""
+    import evaluate
+    root = copy_tree(mini_root, tmp_path)
+    cir = load_records(root, "7_cir_Shoes", "test")
+    candidates = pd.candidate_path(root, "7_cir_Shoes", "test")
+    with open(candidates) as f:
+        listed = json.load(f)
+    pd.write_json(candidates, [p for p in listed if os.path.join(root, p) not in cir[1]["target_image"]])
+    ev = build_eval_set(root, "7_cir_Shoes", "test")
+    assert [q["id"] for q in ev.queries] == [r["id"] for r in cir] and ev.missing == 1
+    assert ev.ground_truth[1] == [] and all(ev.ground_truth[:1] + ev.ground_truth[2:])
+    with pytest.raises(DataError, match="no ground-truth") as e:
+        build_eval_set(root, "7_cir_Shoes", "test", strict=True)
+    assert e.value.record_id == cir[1]["id"] and e.value.path == pd.triplet_path(root, "7_cir_Shoes", "test")
+    task = UNSEEN_TASKS[1]
+    unseen_candidates = os.path.join(root, "evaluation_only_tasks", task, "candidate_images.json")
+    with open(unseen_candidates) as f:
+        names = json.load(f)
+    with open(os.path.join(root, "evaluation_only_tasks", task, "triplet_data.json")) as f:
+        first = json.load(f)[0]
+    pd.write_json(unseen_candidates, [n for n in names if n != first["target_image"][0]])
+    assert build_unseen_eval_set(root, task).missing == 1
+    with pytest.raises(DataError, match="no ground-truth"):
+        build_unseen_eval_set(root, task, strict=True)
+    args = ["--untrained", "--root", root, "--split", "test", "--tasks", "7_cir_Shoes", task]
+    sets = evaluate.build_sets(evaluate.parse_args(args), evaluate.resolve_config(evaluate.parse_args(args))[0])
+    assert [s.missing for s in sets] == [1, 1]
+    assert f"7_cir_Shoes: 1 of {len(cir)} queries have no target in the gallery" in capsys.readouterr().out
+    for one in ("7_cir_Shoes", task):     # --strict reaches both readers
+        strict = evaluate.parse_args(["--untrained", "--root", root, "--split", "test", "--tasks", one, "--strict"])
+        with pytest.raises(DataError, match="no ground-truth"):
+            evaluate.build_sets(strict, evaluate.resolve_config(strict)[0])
+
+
+def test_recall_and_chance_divide_by_all_queries():
+    """Three queries over a gallery of four, the third with no ground truth: query 0 ranks its target first, query 1
+    second, query 2 can never hit. By hand: R@1 = 1/3, R@5 = 2/3; chance at K=1 = (1/4 + 1/4 + 0) / 3 = 1/6.
+    Catches: recall or chance averaged over the queries with a ground truth only (1/2, 1, 1/4)."""
+    from evaluate import chance_recall, recall_at_k
+    gallery = torch.eye(4)
+    queries = torch.stack([gallery[0], 0.9 * gallery[3] + 0.1 * gallery[1], gallery[2]])
+    recall = recall_at_k(torch.nn.functional.normalize(queries, dim=1), gallery, [[0], [1], []], ks=(1, 5))
+    assert recall == pytest.approx({"R@1": 100 / 3, "R@5": 200 / 3})
+    assert chance_recall(4, [[0], [1], []], ks=(1,)) == pytest.approx({"R@1": 100 / 6})
+
+
+def test_asfr_ground_truth_is_the_label_not_the_listed_targets(tmp_path):
+    """A hand-made asfr split: label "DARN+colour+red" has three pool images, the query lists one of them; the
+    ground truth is all three (and only them). Catches: ground truth taken from the listed targets."""
+    root = str(tmp_path)
+    pool = {"DARN+colour+red": ["DARN_images/r0.jpg", "DARN_images/r1.jpg", "DARN_images/r2.jpg"],
+            "DARN+colour+blue": ["DARN_images/b0.jpg", "DARN_images/b1.jpg"]}
+    pd.write_json(pd.candidate_path(root, "9_asfr_DARN", "val"),
+                  {**pool, "DARN_asfr_val_candidate": ["DARN_images/b0.jpg", "DARN_images/r0.jpg",
+                                                       "DARN_images/b1.jpg", "DARN_images/r1.jpg", "DARN_images/r2.jpg"]})
+    pd.write_json(pd.triplet_path(root, "9_asfr_DARN", "val"), [
+        {"id": "q", "instruction_text": "same colour", "query_image": ["DARN_images/q.jpg"], "attribute": "colour",
+         "target_label": "DARN+colour+red", "target_image": ["DARN_images/r1.jpg"], "negative_image": []}])
+    ev = build_eval_set(root, "9_asfr_DARN", "val")
+    assert ev.ground_truth == [[1, 3, 4]]      # r0, r1, r2 at their places in the pool
+
+
+def test_paths_leaving_the_root_are_refused(mini_root, tmp_path):
+    """'../outside.jpg' or an absolute path elsewhere, in a query, a target, a gallery or an unseen task: a DataError
+    naming the file and the record, in the readers (so training, evaluation and the validator refuse it).
+    Catches: in_root not checking; an unseen name with a folder accepted."""
+    root = copy_tree(mini_root, tmp_path)
+    (tmp_path / "outside.jpg").write_bytes(open(load_records(root, "1_t2i_Shoes", "val")[0]["target_image"][0],
+                                                 "rb").read())
+    path = pd.triplet_path(root, "7_cir_Shoes", "train")
+    with open(path) as f:
+        good = json.load(f)[0]      # paths relative to the root
+    for field, bad in (("query_image", "../outside.jpg"), ("target_image", str(tmp_path / "outside.jpg")),
+                       ("query_image", "Shoes_images/../../outside.jpg")):
+        pd.write_json(path, [{**good, field: [bad]}])
+        with pytest.raises(DataError, match="outside the data root") as e:
+            load_records(root, "7_cir_Shoes", "train")
+        assert e.value.path == path and e.value.record_id == good["id"] and bad in str(e.value)
+    candidates = pd.candidate_path(root, "1_t2i_Shoes", "test")
+    pd.write_json(candidates, ["../outside.jpg"])
+    with pytest.raises(DataError, match="outside the data root") as e:
+        build_eval_set(root, "1_t2i_Shoes", "test")
+    assert e.value.path == candidates
+    assert any(candidates in err for err in validate_tree(root, progress=False)["rows"]["1_t2i_Shoes"]["errors"])
+    task_dir = os.path.join(root, "evaluation_only_tasks", UNSEEN_TASKS[0])
+    with open(os.path.join(task_dir, "triplet_data.json")) as f:
+        first = json.load(f)[0]
+    pd.write_json(os.path.join(task_dir, "triplet_data.json"), [{**first, "query_image": ["../../../outside.jpg"]}])
+    with pytest.raises(DataError, match="not a bare file name") as e:
+        build_unseen_eval_set(root, UNSEEN_TASKS[0])
+    assert e.value.record_id == first["id"]
+
+
+def png_header(width, height):
+    """A PNG that declares width x height and holds no pixels: a decompression bomb in 45 bytes."""
+    import struct
+    import zlib
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_named_without_a_traceback(mini_root, tmp_path):
+    """A 20000x20000 PNG header: the validator reports the file and exits 1 with a message. Catches: PIL's
+    DecompressionBombError (not an OSError) left uncaught in check_media."""
+    root = copy_tree(mini_root, tmp_path)
+    bomb = load_records(root, "2_sketch2i_HAIFashion", "test")[0]["query_image"][0]
+    with open(bomb, "wb") as f:
+        f.write(png_header(20000, 20000))
+    with pytest.raises(DataError, match="decompression bomb") as e:
+        check_media(bomb, "rec-3")
+    assert bomb in str(e.value) and e.value.record_id == "rec-3"
+    with pytest.raises(SystemExit) as e:
+        pd.main(["--root", root])
+    assert bomb in str(e.value)
+
+
+def test_lone_surrogate_in_a_caption_is_a_data_error(mini_root, tmp_path, tiny_backbone):
+    """"\\ud800" is valid JSON but no character: the readers name file, record and field; at encoding time both
+    encoders name the record instead of failing in the tokenizer. Catches: the check removed from check_records or
+    from either encoder's prepare_queries."""
+    import model
+    from config import CalibratorConfig, ModelConfig
+    root = copy_tree(mini_root, tmp_path)
+    good = load_records(mini_root, "1_t2i_Shoes", "train")[0]
+    path = pd.triplet_path(root, "1_t2i_Shoes", "train")
+    for field in ("instruction_text", "query_text"):
+        with open(path, "w") as f:
+            f.write(json.dumps([{**good, field: "a red \ud800 shoe"}]))     # ensure_ascii: written as \ud800
+        with pytest.raises(DataError, match=f"'{field}' holds a lone surrogate") as e:
+            load_records(root, "1_t2i_Shoes", "train")
+        assert e.value.path == path and e.value.record_id == good["id"]
+    query = {"id": "q-7", "instruction_text": "a red \ud800 shoe", "query_image": [], "query_video": []}
+    clip_cfg = ModelConfig(kind="openclip", backbone=model.make_tiny_openclip_config(str(tmp_path)), trainable="full")
+    for cfg in (ModelConfig(backbone=tiny_backbone, trainable="full"), clip_cfg):
+        encoder = model.build_encoder(cfg, CalibratorConfig(mode="none"), device="cpu")
+        with pytest.raises(DataError, match="lone surrogate") as e:
+            encoder.prepare_queries([query], train=False)
+        assert e.value.record_id == "q-7"
+
+
+def test_report_writer_is_safe(mini_root, tmp_path, monkeypatch):
+    """An unwritable --report fails before the scan; a lone surrogate is escaped; a failed write leaves no temporary
+    file. Catches: the writability check after the scan; a UTF-8 write of a lone surrogate; the temporary file kept
+    on failure."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(pd, "validate_tree", lambda *a, **k: pytest.fail("scanned before checking --report"))
+    with pytest.raises(SystemExit, match="cannot write the report"):
+        pd.main(["--root", mini_root, "--report", str(blocker / "report.json")])
+    report = tmp_path / "out" / "report.json"
+    pd.write_json(str(report), {"missing": ["images/\udce9t\u00e9.jpg"]})
+    assert json.loads(report.read_text()) == {"missing": ["images/\udce9t\u00e9.jpg"]}
+    with pytest.raises(TypeError):
+        pd.write_json(str(report), {"not json": {1, 2}})
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        pd.write_json(str(report), {"new": 1})
+    assert os.listdir(tmp_path / "out") == ["report.json"]
+    assert json.loads(report.read_text()) == {"missing": ["images/\udce9t\u00e9.jpg"]}
+
+
+def test_released_annotations_alone_check_with_exit_0(mini_root, tmp_path, capsys):
+    """The README's check of the released galleries: a tree with gallery/ and evaluation_only_tasks/ JSON files only
+    (no triplet files, no images) exits 0; a broken gallery file still fails. Catches: absent triplet files or
+    images counted as errors in that mode."""
+    annotations = tmp_path / "annotations"
+    shutil.copytree(os.path.join(mini_root, "0_test_candidates"), annotations / "gallery")
+    for task in UNSEEN_TASKS:
+        for name in ("triplet_data.json", "candidate_images.json"):
+            os.makedirs(annotations / "evaluation_only_tasks" / task, exist_ok=True)
+            shutil.copy(os.path.join(mini_root, "evaluation_only_tasks", task, name),
+                        annotations / "evaluation_only_tasks" / task / name)
+    args = ["--root", str(annotations), "--gallery-dir", str(annotations / "gallery")]
+    assert pd.main(args) == 0
+    assert "well-formed" in capsys.readouterr().out
+    (annotations / "gallery" / "7_cir_Shoes_test_candidates.json").write_text("[")
+    with pytest.raises(SystemExit, match="7_cir_Shoes_test_candidates.json: malformed JSON"):
+        pd.main(args)
+
+
+def test_unknown_sub_dataset_names_are_warned(mini_root, tmp_path, capsys):
+    """Catches: files or folders under names no sub-dataset or task reads, ignored without a word."""
+    root = copy_tree(mini_root, tmp_path)
+    extra = [os.path.join(root, "0_triplet_files", "1_t2i_Shoes2_train_triplet_data.json"),
+             os.path.join(root, "0_test_candidates", "7_cir_Shos_test_candidates.json"),
+             os.path.join(root, "evaluation_only_tasks", "Sketch 2 Shop")]
+    for p in extra[:2]:
+        pd.write_json(p, [])
+    os.makedirs(extra[2])
+    report = validate_tree(root, progress=False)
+    assert report["warnings"] == [f"{p}: not a sub-dataset or task name; ignored" for p in extra]
+    assert pd.main(["--root", root]) == 0 and all(f"warning: {p}" in capsys.readouterr().out for p in extra[:1])
