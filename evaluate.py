@@ -16,6 +16,15 @@ items of a compatibility query, the street photo of a street-to-shop query) and 
 EvalSet.exclude lists them per query and they are dropped from that query's ranking before ranks are counted.
 On by default; --no-exclude-own keeps them in the ranking.
 
+Gallery-embedding cache (--cache DIR): one sub-directory per model fingerprint (the model and calibrator config,
+the size and mtime of every backbone file, the library versions, model.py's source, the trainable weights); in it,
+entries are keyed by image path, size and mtime, so an image regenerated at the same path is encoded again.
+
+Refused with a one-line error naming the file or the record (exit status 1), never a number in the table: a missing,
+truncated or foreign checkpoint; trainable tensors that do not fit the backbone (the tensor is named); a backbone
+directory that is not there (a relative path is looked for in the working directory, then the checkpoint's
+directory; nothing is downloaded); a non-finite query or gallery embedding (faiss ranks a NaN query nowhere).
+
 The library functions (evaluate_sets, score, format_table) also serve train.py's periodic validation.
 """
 import argparse
@@ -39,6 +48,18 @@ KS = (1, 5, 10, 50)
 CHUNK_BATCHES = 16          # forward batches per encoding chunk: the unit of progress and of cache files
 
 
+class EvaluationError(Exception):
+    """What the command line reports in one line instead of a traceback: an unreadable or mismatched checkpoint, a
+    missing backbone, a model that gives a non-finite embedding. The message names the file or the record."""
+
+
+def _one_line(err, with_type=False):
+    """An exception's message on one line; with_type prefixes its type (for errors raised by other libraries)."""
+    text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err     # KeyError quotes its str
+    text = " ".join(str(text).split())
+    return f"{type(err).__name__}: {text}" if with_type or not text else text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Recall@K
 
@@ -51,6 +72,10 @@ def recall_at_k(query_emb, gallery_emb, ground_truth, ks=KS, exclude=None):
     queries, gallery = _as_f32(query_emb), _as_f32(gallery_emb)
     if len(queries) == 0:
         raise ValueError("recall_at_k: no queries")
+    for what, emb in (("query", queries), ("gallery", gallery)):
+        bad = _non_finite_rows(emb)
+        if len(bad):    # faiss ranks such a query nowhere (id -1); evaluate_sets names the record first
+            raise ValueError(f"recall_at_k: {len(bad)} non-finite {what} embedding(s), rows {bad[:5].tolist()}")
     exclude = exclude or [[]] * len(queries)
     # Deep enough that max(ks) results survive the largest exclusion; never deeper than the gallery.
     depth = min(max(ks) + max(map(len, exclude)), len(gallery))
@@ -70,14 +95,20 @@ def _as_f32(x):
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _non_finite_rows(emb):
+    """Indices of the rows of [N, D] that hold a NaN or an infinity."""
+    return np.flatnonzero(~np.isfinite(_as_f32(emb)).all(axis=1))
+
+
 def _member(ranked, id_lists, n_gallery):
     """Boolean [Q, depth]: ranked[q, j] is in id_lists[q]. One vectorised lookup of (query, id) pair codes, as an
-    asfr query has thousands of ground-truth ids and a test set tens of thousands of queries."""
+    asfr query has thousands of ground-truth ids and a test set tens of thousands of queries. faiss's "no result"
+    id -1 is never a member (its code q * G - 1 would be the previous query's last gallery image)."""
     lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
     owners = np.repeat(np.arange(len(id_lists), dtype=np.int64), lengths)
     ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
     ranked_codes = np.arange(len(ranked), dtype=np.int64)[:, None] * n_gallery + ranked
-    return np.isin(ranked_codes, owners * n_gallery + ids)
+    return np.isin(ranked_codes, owners * n_gallery + ids) & (ranked >= 0)
 
 
 def chance_recall(n_gallery, ground_truth, ks=KS, exclude=None):
@@ -140,48 +171,108 @@ def _encode_sharded(encode, items, batch_size, progress, desc, on_chunk=None):
 
 def _encode_targets(encoder, paths, batch_size, cache_dir, progress):
     """Gallery embeddings [len(paths), D] on rank 0. With cache_dir, embeddings found there are reused and every new
-    chunk is written there as soon as it is encoded, so a killed run loses at most one chunk per rank."""
+    chunk is written there as soon as it is encoded, so a killed run loses at most one chunk per rank.
+
+    Cache entries are keyed by the image file's identity (path, size, mtime in ns; see file_key), so an image
+    regenerated or replaced at the same path is encoded again; the directory itself is specific to the model
+    (fingerprint)."""
     if cache_dir is None:
         return _encode_sharded(encoder.encode_targets, paths, batch_size, progress, "gallery")
     world, rank = _world()
+    # Stat before encoding: an image rewritten while it is encoded is then keyed by its old identity and is encoded
+    # again next time, never the other way round.
+    keys = [file_key(p) for p in paths] if rank == 0 else None
     cached = _load_cache(cache_dir) if rank == 0 else {}
-    missing = [[p for p in paths if p not in cached]]
+    missing = [list(dict.fromkeys(k for k in keys if k not in cached)) if rank == 0 else None]
     if world > 1:                                  # rank 0 decides, so every rank encodes the same list
         dist.broadcast_object_list(missing, src=0)
     missing = missing[0]
     if missing:
-        new = _encode_sharded(encoder.encode_targets, missing, batch_size, progress, "gallery",
+        new = _encode_sharded(lambda items, batch_size: encoder.encode_targets([k[0] for k in items],
+                                                                               batch_size=batch_size),
+                              missing, batch_size, progress, "gallery",
                               on_chunk=lambda part, emb: _save_cache_chunk(cache_dir, part, emb))
         if rank == 0:
             cached.update(zip(missing, new))
-    return torch.stack([cached[p] for p in paths]) if rank == 0 else None
+    return torch.stack([cached[k] for k in keys]) if rank == 0 else None
+
+
+def file_key(path):
+    """Cache key of a gallery image: (path, size in bytes, mtime in ns). A file that cannot be stat'ed keys as
+    (path, -1, -1); encoding it reports the missing file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (path, -1, -1)
+    return (path, stat.st_size, stat.st_mtime_ns)
 
 
 def _load_cache(cache_dir):
+    """{file_key: embedding} of every readable chunk file. A chunk file without file identities (written before
+    they were part of the key) or one that cannot be read is skipped with a warning: it is only a cache."""
     cached = {}
     for path in sorted(glob.glob(os.path.join(cache_dir, "targets-*.pt"))):
-        chunk = torch.load(path, map_location="cpu", weights_only=True)
-        cached.update(zip(chunk["paths"], chunk["emb"]))
+        try:
+            chunk = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:           # noqa: BLE001: torch.load and pickle raise many types
+            print(f"evaluate.py: ignoring unreadable cache file {path}: {_one_line(err, with_type=True)}",
+                  file=sys.stderr)
+            continue
+        if not isinstance(chunk, dict) or "keys" not in chunk or len(chunk["keys"]) != len(chunk.get("emb", ())):
+            print(f"evaluate.py: ignoring cache file {path}: no file identities (an older format)", file=sys.stderr)
+            continue
+        cached.update(zip((tuple(k) for k in chunk["keys"]), chunk["emb"]))
     return cached
 
 
-def _save_cache_chunk(cache_dir, paths, emb):
+def _save_cache_chunk(cache_dir, keys, emb):
     os.makedirs(cache_dir, exist_ok=True)
-    name = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:20]
+    name = hashlib.sha1(json.dumps(keys).encode()).hexdigest()[:20]
     target = os.path.join(cache_dir, f"targets-{name}.pt")
     temp = f"{target}.tmp{os.getpid()}"
-    torch.save({"paths": list(paths), "emb": emb.clone()}, temp)
+    torch.save({"keys": [list(k) for k in keys], "emb": emb.clone()}, temp)
     os.replace(temp, target)
 
 
+def backbone_files(model_cfg):
+    """The local files the backbone is loaded from: every file under a Qwen3-VL backbone directory (hidden ones
+    aside, such as a download tool's .cache), or an open_clip model-config JSON and weights file."""
+    if model_cfg.kind == "openclip":
+        name, _, weights = model_cfg.backbone.partition(":")
+        return [p for p in (name, weights) if p and os.path.isfile(p)]
+    if os.path.isfile(model_cfg.backbone):
+        return [model_cfg.backbone]
+    files = []
+    for folder, dirs, names in os.walk(model_cfg.backbone):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
 def fingerprint(cfg, encoder):
-    """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...) and every
-    trainable tensor. The backbone's frozen weights are identified by their path only."""
+    """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...), the
+    identity (relative name, size, mtime in ns) of every backbone file, the versions of the libraries that turn an
+    image into an embedding and model.py's source, and every trainable tensor (name, shape, dtype, bytes)."""
+    import PIL
+    import transformers
+
+    import model as model_source
+
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
                                        sort_keys=True).encode())
+    root = cfg.model.backbone if os.path.isdir(cfg.model.backbone) else ""
+    for path in backbone_files(cfg.model):
+        stat = os.stat(path)
+        digest.update(f"file {os.path.relpath(path, root) if root else path} {stat.st_size} "
+                      f"{stat.st_mtime_ns}\n".encode())
+    digest.update(f"torch {torch.__version__} transformers {transformers.__version__} PIL {PIL.__version__}\n"
+                  .encode())
+    with open(model_source.__file__, "rb") as f:
+        digest.update(hashlib.sha256(f.read()).digest())
     for name, tensor in sorted(encoder.trainable_state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -207,7 +298,10 @@ def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True)
     query_emb = _encode_sharded(encoder.encode_queries, [q for s in eval_sets for q in s.queries],
                                 batch_size, progress, "queries")
     results = [None]
-    if rank == 0:
+    error = _non_finite_error(eval_sets, paths, target_emb, query_emb) if rank == 0 else None
+    if error:
+        results = [{"error": error}]
+    elif rank == 0:
         sets, start = {}, 0
         for s in eval_sets:
             queries = query_emb[start:start + len(s.queries)]
@@ -222,7 +316,30 @@ def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True)
         results = [{"ks": list(KS), "sets": sets}]
     if world > 1:
         dist.broadcast_object_list(results, src=0)
+    if "error" in results[0]:                      # raised on every rank, so none waits for the others
+        raise EvaluationError(results[0]["error"])
     return results[0]
+
+
+def _non_finite_error(eval_sets, paths, target_emb, query_emb):
+    """The message refusing non-finite embeddings (naming the first gallery image or the first query of each set
+    that has one), or None. faiss ranks a NaN query nowhere, which must not end as a number in the table."""
+    bad = _non_finite_rows(target_emb)
+    if len(bad):
+        first = paths[bad[0]]
+        owners = [s.name for s in eval_sets if first in s.gallery]
+        return (f"non-finite gallery embedding of {first} (gallery of {', '.join(owners)}); {len(bad)} of "
+                f"{len(paths)} gallery images have one: the model gives NaN or infinite outputs")
+    bad, start, named = set(_non_finite_rows(query_emb).tolist()), 0, []
+    for s in eval_sets:
+        rows = [i for i in range(len(s.queries)) if start + i in bad]
+        start += len(s.queries)
+        if rows:
+            more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
+            named.append(f"{s.name}: query {s.queries[rows[0]]['id']}{more}")
+    if named:
+        return f"non-finite query embedding ({'; '.join(named)}): the model gives NaN or infinite outputs"
+    return None
 
 
 def score(results):
@@ -303,17 +420,18 @@ def parse_args(argv=None):
 
 def resolve_config(args):
     """(config with command-line overrides, trainable state to load or None, label) for the checkpoint, the
-    baseline or the untrained floor."""
-    from config import Config, load_config
+    baseline or the untrained floor. A bad checkpoint or a backbone that is not there is an EvaluationError."""
+    from config import load_config
 
     state = None
     if args.ckpt:
-        # Our own file; it also holds optimizer and RNG states that plain weights_only loading rejects.
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-        cfg = Config.from_dict(ckpt["config"])
-        state, label = (None, f"untrained ({args.ckpt})") if args.untrained else (ckpt["model"], args.ckpt)
+        cfg, ckpt_state = load_checkpoint(args.ckpt)
+        state, label = (None, f"untrained ({args.ckpt})") if args.untrained else (ckpt_state, args.ckpt)
     else:
-        cfg = load_config(args.config)
+        try:
+            cfg = load_config(args.config)
+        except (OSError, KeyError, TypeError, ValueError) as err:      # yaml's errors are ValueErrors
+            raise EvaluationError(f"{args.config}: cannot load the config: {_one_line(err)}") from err
         label = args.baseline or f"untrained ({args.config or 'default config'})"
     if args.baseline:
         # Zero-shot dual encoder: open_clip's own weights (model.py's OpenClipEncoder counts them all as trainable),
@@ -322,17 +440,80 @@ def resolve_config(args):
         cfg.model.trainable, cfg.calibrator.mode = "full", "none"
     cfg.data.root = args.root or cfg.data.root
     cfg.data.gallery_dir = args.gallery_dir or cfg.data.gallery_dir
-    cfg.model.backbone = args.backbone or cfg.model.backbone
+    cfg.model.backbone = resolve_backbone(cfg.model, args.backbone, args.ckpt)
     return cfg, state, label
 
 
-def load_encoder(cfg, state, device):
+def load_checkpoint(path):
+    """(Config, trainable state) of a checkpoint written by train.py; EvaluationError naming the file when it is
+    missing, truncated, not a checkpoint, or holds a config this code does not know."""
+    from config import Config
+
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path}: checkpoint not found" if not os.path.exists(path) else
+                              f"{path}: checkpoint is not a file")
+    try:
+        # Our own file; it also holds optimizer and RNG states that plain weights_only loading rejects.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:            # noqa: BLE001: a truncated zip, a pickle of anything, an empty file ...
+        raise EvaluationError(f"{path}: cannot read the checkpoint (truncated, or not a file written by train.py): "
+                              f"{_one_line(err, with_type=True)}") from err
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
+        what = f"a dict with keys {sorted(map(str, ckpt))[:3]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise EvaluationError(f"{path}: not a FashionLens checkpoint (expected a dict with a 'config' dict and a "
+                              f"'model' dict of tensors, found {what})")
+    bad = [str(k) for k, v in ckpt["model"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise EvaluationError(f"{path}: not a FashionLens checkpoint ('model' holds non-tensor entries {bad[:5]})")
+    try:
+        cfg = Config.from_dict(ckpt["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise EvaluationError(f"{path}: the checkpoint's config is not valid here: {_one_line(err)}") from err
+    return cfg, ckpt["model"]
+
+
+def resolve_backbone(model_cfg, override=None, ckpt=None):
+    """The backbone (model.backbone, or --backbone) with relative local paths resolved against the working
+    directory, then the checkpoint's directory. A Qwen3-VL backbone must be a local directory (nothing is
+    downloaded); one that is not there is an EvaluationError naming where it was looked for. For open_clip
+    ("NAME[:WEIGHTS]") the weights file, and NAME when it is a JSON config path, are resolved the same way."""
+    backbone = override or model_cfg.backbone
+    places = [os.getcwd()] + ([os.path.dirname(os.path.abspath(ckpt))] if ckpt else [])
+
+    def find(path, kind, exists):
+        candidates = list(dict.fromkeys(os.path.join(place, path) for place in places))
+        found = next((c for c in candidates if exists(c)), None)
+        if found is None:
+            where = " or ".join(candidates) if not os.path.isabs(path) else path
+            raise EvaluationError(f"backbone: {kind} {path!r} not found (looked for {where}); the backbone must be "
+                                  f"local: point model.backbone or --backbone at it")
+        return os.path.abspath(found)
+
+    if model_cfg.kind == "openclip":
+        name, colon, weights = backbone.partition(":")
+        name = find(name, "open_clip model config", os.path.isfile) if name.endswith(".json") else name
+        weights = find(weights, "open_clip weights file", os.path.isfile) if weights else ""
+        return name + colon + weights
+    if not backbone:
+        raise EvaluationError("backbone: model.backbone is empty; point it or --backbone at a local directory")
+    return find(backbone, "local directory", os.path.isdir)
+
+
+def load_encoder(cfg, state, device, source=None):
+    """The encoder of cfg with `state` (trainable tensors) loaded. A backbone that cannot be loaded, or a state
+    that does not fit it (names, shapes), is an EvaluationError naming the backbone or `source` (the checkpoint)."""
     from model import build_encoder
 
     torch.manual_seed(cfg.train.seed)      # fresh trainable parts (untrained floor) must be identical on every rank
-    encoder = build_encoder(cfg.model, cfg.calibrator, device)
+    try:
+        encoder = build_encoder(cfg.model, cfg.calibrator, device)
+    except (OSError, ValueError) as err:   # transformers / open_clip: a directory that holds no (complete) model
+        raise EvaluationError(f"backbone {cfg.model.backbone}: cannot load the model: {_one_line(err)}") from err
     if state is not None:
-        encoder.load_trainable_state_dict(state)
+        try:
+            encoder.load_trainable_state_dict(state)
+        except (KeyError, ValueError) as err:
+            raise EvaluationError(f"{source or 'trainable state'}: {_one_line(err)}") from err
     return encoder.eval()
 
 
@@ -391,13 +572,13 @@ def main(argv=None):
             torch.set_num_threads(1)     # ranks share the CPU cores (NOTES: DDP)
     rank = dist.get_rank() if world > 1 else 0
 
-    cfg, state, label = resolve_config(args)
     try:
+        cfg, state, label = resolve_config(args)
         sets = build_sets(args, cfg)           # data errors surface before the slow model load
-        encoder = load_encoder(cfg, state, device)
+        encoder = load_encoder(cfg, state, device, source=args.ckpt)
         cache_dir = os.path.join(args.cache, fingerprint(cfg, encoder)) if args.cache else None
         results = evaluate_sets(encoder, sets, args.batch_size or cfg.train.eval_batch_size, cache_dir)
-    except DataError as error:
+    except (DataError, EvaluationError) as error:
         sys.exit(f"evaluate.py: {error}")
     if rank == 0:
         results.update(model=label, split=args.split, root=cfg.data.root, score=score(results))

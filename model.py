@@ -256,6 +256,11 @@ class Encoder(nn.Module):
         if missing or unexpected:
             raise KeyError(f"trainable state does not match this encoder: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]} (was it saved with another model config?)")
+        for name, value in state.items():  # all checked before any is copied: no half-loaded encoder
+            if not torch.is_tensor(value) or value.shape != params[name].shape:
+                found = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"trainable tensor {name} has shape {found}, this encoder's has "
+                                 f"{tuple(params[name].shape)} (was it saved with another backbone or model config?)")
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value)

@@ -1,5 +1,6 @@
 """evaluate.py: Recall@K against hand-computed values, chance levels, one encoding per distinct image, the embedding
-cache, two gloo processes == one, and the table."""
+cache and its key, two gloo processes == one, the table, non-finite embeddings refused, and the command line's
+errors for bad checkpoints and backbones."""
 import hashlib
 import json
 import os
@@ -12,7 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from evaluate import chance_recall, evaluate_sets, format_table, main, recall_at_k, score
+import evaluate
+from evaluate import (EvaluationError, chance_recall, evaluate_sets, file_key, fingerprint, format_table, main,
+                      recall_at_k, resolve_backbone, score)
 from prepare_data import EvalSet
 
 
@@ -49,6 +52,44 @@ def test_recall_exclusion_shifts_ranks_and_excluded_ground_truth_is_a_miss():
     exclude = [[2], [1, 2], [0]]     # q0: gt now first; q1: gt at rank 3; q2: its only gt is excluded -> never a hit
     assert recall_at_k(queries, gallery, gt, exclude=exclude) == pytest.approx(
         {"R@1": 100 / 3, "R@5": 200 / 3, "R@10": 200 / 3, "R@50": 200 / 3})
+
+
+def test_recall_refuses_non_finite_embeddings():
+    gallery = np.eye(6, dtype=np.float32)
+    queries = np.stack([ranked_query([0, 1, 2, 3, 4, 5], 6), ranked_query([1, 0, 2, 3, 4, 5], 6)])
+    assert recall_at_k(queries, gallery, [[0], [1]])["R@1"] == 100.0
+    for bad_row in (0, 1):
+        broken = queries.copy()
+        broken[bad_row, 2] = np.nan
+        with pytest.raises(ValueError, match=rf"non-finite query embedding.*rows \[{bad_row}\]"):
+            recall_at_k(broken, gallery, [[0], [1]])
+    broken = gallery.copy()
+    broken[4, 0] = np.inf
+    with pytest.raises(ValueError, match=r"non-finite gallery embedding.*rows \[4\]"):
+        recall_at_k(queries, broken, [[0], [1]])
+
+
+def test_recall_never_counts_faiss_no_result_as_a_hit(monkeypatch):
+    """faiss answers id -1 where it has no result (a NaN query). Query 1's -1 has the pair code 1 * 3 - 1 = 2, the
+    code of query 0's ground truth 2: counted as a member, it was a hit at every K."""
+    real_index = evaluate.faiss.IndexFlatIP
+
+    class NoResultForQuery1:
+        def __init__(self, dim):
+            self.index = real_index(dim)
+
+        def add(self, x):
+            self.index.add(x)
+
+        def search(self, x, k):
+            scores, ids = self.index.search(x, k)
+            ids[1] = -1
+            return scores, ids
+
+    gallery = np.eye(3, dtype=np.float32)
+    queries = np.stack([ranked_query([2, 0, 1], 3), ranked_query([0, 1, 2], 3)])
+    monkeypatch.setattr(evaluate.faiss, "IndexFlatIP", NoResultForQuery1)
+    assert recall_at_k(queries, gallery, [[2], [0]]) == {"R@1": 50.0, "R@5": 50.0, "R@10": 50.0, "R@50": 50.0}
 
 
 def test_recall_search_depth_covers_excluded_results():
@@ -162,6 +203,85 @@ def test_each_distinct_image_encoded_once_and_cache_reused(tmp_path):
     assert extended.targets == ["/img/new.jpg"]                # only the image the cache lacks
 
 
+class ContentEncoder(FakeEncoder):
+    """Embeddings from the files' bytes (and the path), like a real encoder: a rewritten image encodes differently."""
+
+    def encode_targets(self, paths, batch_size=32, progress=False):
+        self.targets += paths
+        return torch.stack([unit_vector(p + hashlib.sha1(open(p, "rb").read()).hexdigest()) for p in paths])
+
+
+def sets_on_disk(folder):
+    """make_sets with every gallery image a small file under `folder`."""
+    sets = make_sets()
+    for s in sets:
+        s.gallery = [str(folder / p.lstrip("/")) for p in s.gallery]
+        for q in s.queries:
+            q["query_image"] = [str(folder / p.lstrip("/")) for p in q["query_image"]]
+    for p in {p for s in sets for p in s.gallery}:
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(p.encode())
+    return sets
+
+
+def test_cache_reencodes_an_image_rewritten_at_the_same_path(tmp_path):
+    sets, cache = sets_on_disk(tmp_path / "data"), str(tmp_path / "cache")
+    evaluate_sets(ContentEncoder(), sets, batch_size=4, cache_dir=cache, progress=False)
+    rerun = ContentEncoder()
+    evaluate_sets(rerun, sets, batch_size=4, cache_dir=cache, progress=False)
+    assert rerun.targets == []
+    # Regenerated with other bytes (and so another size), as a tree rebuilt with another --image-size.
+    changed = sets[0].gallery[3]
+    with open(changed, "wb") as f:
+        f.write(b"regenerated " * 7)
+    after = ContentEncoder()
+    cached = evaluate_sets(after, sets, batch_size=4, cache_dir=cache, progress=False)
+    assert after.targets == [changed]                          # that image only, encoded afresh
+    assert cached == evaluate_sets(ContentEncoder(), sets, batch_size=4, progress=False)    # = no cache at all
+    # Same size, other bytes, another modification time: re-encoded too.
+    size = os.path.getsize(changed)
+    with open(changed, "wb") as f:
+        f.write(b"x" * size)
+    stat = os.stat(changed)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    again = ContentEncoder()
+    cached = evaluate_sets(again, sets, batch_size=4, cache_dir=cache, progress=False)
+    assert again.targets == [changed]
+    assert cached == evaluate_sets(ContentEncoder(), sets, batch_size=4, progress=False)
+    assert file_key(changed) == (changed, size, stat.st_mtime_ns + 1_000_000_000)
+
+
+class NonFiniteEncoder(FakeEncoder):
+    """A broken model: NaN for the listed query ids, +inf for the listed gallery paths."""
+
+    def __init__(self, queries=(), paths=()):
+        super().__init__()
+        self.bad_queries, self.bad_paths = set(queries), set(paths)
+
+    def encode_targets(self, paths, batch_size=32, progress=False):
+        emb = super().encode_targets(paths, batch_size)
+        emb[[i for i, p in enumerate(paths) if p in self.bad_paths]] = float("inf")
+        return emb
+
+    def encode_queries(self, queries, batch_size=32, progress=False):
+        emb = super().encode_queries(queries, batch_size)
+        emb[[i for i, q in enumerate(queries) if q["id"] in self.bad_queries]] = float("nan")
+        return emb
+
+
+def test_non_finite_embeddings_are_refused_naming_set_and_query_or_image():
+    with pytest.raises(EvaluationError, match=r"non-finite query embedding \(9_asfr_B: query b-3\)"):
+        evaluate_sets(NonFiniteEncoder(queries=["b-3"]), make_sets(), batch_size=4, progress=False)
+    with pytest.raises(EvaluationError, match=r"7_cir_A: query a-0 and 1 more; Unseen C: query c-6\)"):
+        evaluate_sets(NonFiniteEncoder(queries=["a-0", "a-5", "c-6"]), make_sets(), batch_size=4, progress=False)
+    # A gallery image: its path and every set whose gallery holds it.
+    with pytest.raises(EvaluationError, match=r"gallery embedding of /img/shared1.jpg \(gallery of 7_cir_A, "
+                                              r"9_asfr_B, Unseen C\); 2 of 25"):
+        evaluate_sets(NonFiniteEncoder(paths=["/img/shared1.jpg", "/img/c4.jpg"]), make_sets(), batch_size=4,
+                      progress=False)
+
+
 def test_set_without_queries_is_refused_before_encoding():
     sets = make_sets()
     sets[1].queries, sets[1].ground_truth, sets[1].exclude = [], [], []
@@ -194,8 +314,13 @@ def distributed_worker(rank, world, init_file, out_dir, cache_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     encoder = FakeEncoder()
     results = evaluate_sets(encoder, make_sets(), batch_size=2, cache_dir=cache_dir, progress=False)
+    try:                      # a non-finite query seen by rank 0 alone must stop every rank, none left waiting
+        evaluate_sets(NonFiniteEncoder(queries=["b-2"]), make_sets(), batch_size=2, progress=False)
+        error = None
+    except EvaluationError as err:
+        error = str(err)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"results": results, "targets": encoder.targets, "queries": encoder.queries}, f)
+        json.dump({"results": results, "targets": encoder.targets, "queries": encoder.queries, "error": error}, f)
     dist.destroy_process_group()
 
 
@@ -205,6 +330,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
     mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path), cache), nprocs=2, join=True)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["results"] == single and ranks[1]["results"] == single
+    assert ranks[0]["error"] == ranks[1]["error"] and "9_asfr_B: query b-2" in ranks[0]["error"]
     # 25 distinct images and 21 queries: odd, so one rank encodes one padding item and both ranks encode as many.
     for kind, expected, per_rank in (("targets", {p for s in make_sets() for p in s.gallery}, 13),
                                      ("queries", {q["id"] for s in make_sets() for q in s.queries}, 11)):
@@ -253,38 +379,267 @@ def test_format_table_means_unseen_section_and_chance_marker():
 # ---------------------------------------------------------------------------------------------------------------
 # End to end: U-FIRE-mini, tiny Qwen3-VL, the command line
 
-def test_cli_end_to_end_on_ufire_mini(tmp_path, tiny_backbone):
+def perturb(encoder, seed):
+    """A trained-looking state, unlike a fresh one (whose LoRA is a no-op), so loading it matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return encoder
+
+
+def cached_embeddings(cache_root, path):
+    """{file key: [embeddings]} of every cache entry for `path`, over all fingerprint directories."""
+    found = {}
+    for chunk_file in cache_root.glob("*/targets-*.pt"):
+        chunk = torch.load(chunk_file, weights_only=True)
+        for key, emb in zip(chunk["keys"], chunk["emb"]):
+            if key[0] == path:
+                found.setdefault(tuple(key), []).append(emb)
+    return found
+
+
+def test_cli_end_to_end_on_ufire_mini(tmp_path, tiny_backbone, monkeypatch):
     from config import Config
     from model import build_encoder
-    from prepare_data import SUB_DATASETS, UNSEEN_TASKS, generate
+    from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_set, generate
 
     root = generate(str(tmp_path / "mini"), scale=0.05, image_size=32, progress=False)
     cfg = Config()
     cfg.data.root, cfg.model.backbone, cfg.model.image_pixels = root, tiny_backbone, 64 * 64
     torch.manual_seed(1)
-    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
-    with torch.no_grad():                     # a trained-looking state, unlike a fresh one, so loading it matters
-        for p in encoder.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    ckpt = tmp_path / "run" / "best.pt"
-    ckpt.parent.mkdir()
-    torch.save({"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), "step": 3}, ckpt)
+    encoder = perturb(build_encoder(cfg.model, cfg.calibrator, "cpu"), seed=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    # The backbone is saved relative to the checkpoint's directory and evaluation runs elsewhere: found there.
+    os.symlink(tiny_backbone, run / "backbone")
+    saved = cfg.to_dict()
+    saved["model"]["backbone"] = "backbone"
+    ckpt = run / "best.pt"
+    torch.save({"config": saved, "model": encoder.trainable_state_dict(), "step": 3}, ckpt)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cache = tmp_path / "cache"
 
-    main([str(ckpt), "--split", "test", "--batch-size", "8", "--cache", str(tmp_path / "cache")])
-    out = tmp_path / "run" / "eval_test"
+    main([str(ckpt), "--split", "test", "--batch-size", "8", "--cache", str(cache)])
+    out = run / "eval_test"
     results = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()
     assert list(results["sets"]) == list(SUB_DATASETS) + UNSEEN_TASKS
     for name in list(SUB_DATASETS) + UNSEEN_TASKS:
         assert f"| {name}" in table
-    assert results["score"] == pytest.approx(score(results))
+    # The score written is the sum of Recall@1 over the 18 trained sub-datasets (not recomputed by score()).
+    trained_r1 = sum(results["sets"][key]["recall"]["R@1"] for key in SUB_DATASETS)
+    assert results["score"] == pytest.approx(trained_r1)
+    assert f"Model-selection score (sum of R@1 over trained sub-datasets): {trained_r1:.2f}" in table
     # The command line loaded the checkpoint's weights: its cached gallery embeddings are the saved encoder's, and
-    # differ from those of a freshly built encoder.
-    chunk = torch.load(next((tmp_path / "cache").glob("*/targets-*.pt")), weights_only=True)
-    probe = chunk["paths"][:8]
+    # differ from those of the encoder it builds when it loads no weights.
+    chunk = torch.load(next(cache.glob("*/targets-*.pt")), weights_only=True)
+    probe = [key[0] for key in chunk["keys"][:8]]
+    assert [tuple(key) for key in chunk["keys"][:8]] == [file_key(p) for p in probe]
     assert torch.allclose(chunk["emb"][:8], encoder.encode_targets(probe, batch_size=8), atol=1e-5)
-    torch.manual_seed(1)
-    fresh = build_encoder(cfg.model, cfg.calibrator, "cpu")
-    assert not torch.allclose(chunk["emb"][:8], fresh.encode_targets(probe, batch_size=8), atol=1e-3)
+    unloaded = evaluate.load_encoder(cfg, None, "cpu")
+    assert not torch.allclose(chunk["emb"][:8], unloaded.encode_targets(probe, batch_size=8), atol=1e-3)
 
+    # Other weights, the same --cache: the gallery is encoded with them, not taken from the first model's entries.
+    torch.manual_seed(1)
+    other = perturb(build_encoder(cfg.model, cfg.calibrator, "cpu"), seed=2)
+    other_ckpt = run / "other.pt"
+    torch.save({"config": saved, "model": other.trainable_state_dict(), "step": 4}, other_ckpt)
+    tasks = ["--tasks", "1_t2i_Shoes", "Street+Modification Text 2 Shop"]
+    main([str(other_ckpt), "--split", "test", "--batch-size", "8", "--cache", str(cache), *tasks])
+    image = build_eval_set(root, "1_t2i_Shoes", "test").gallery[0]
+    entries = cached_embeddings(cache, image)[file_key(image)]
+    assert len(entries) == 2
+    assert any(torch.allclose(e, other.encode_targets([image])[0], atol=1e-5) for e in entries)
+
+    # U-FIRE-mini regenerated at the same path with larger images: the cache re-encodes them and the table is
+    # the one of a run without a cache.
+    old_bytes = open(image, "rb").read()
+    generate(root, scale=0.05, image_size=48, progress=False)
+    assert open(image, "rb").read() != old_bytes
+    main([str(other_ckpt), "--split", "test", "--batch-size", "8", "--cache", str(cache), *tasks,
+          "--out", str(tmp_path / "cached")])
+    main([str(other_ckpt), "--split", "test", "--batch-size", "8", *tasks, "--out", str(tmp_path / "uncached")])
+    cached, uncached = (json.loads((tmp_path / name / "results.json").read_text())["sets"]
+                        for name in ("cached", "uncached"))
+    assert cached == uncached
+    fresh = other.encode_targets([image])[0]
+    assert torch.allclose(cached_embeddings(cache, image)[file_key(image)][0], fresh, atol=1e-5)
+    assert not torch.allclose(entries[0], fresh, atol=1e-3) and not torch.allclose(entries[1], fresh, atol=1e-3)
+
+
+class OwnImagesFirstEncoder(FakeEncoder):
+    """Queries closest to their own images, then to their first ground-truth image (256 dimensions: the random
+    vectors are nearly orthogonal). Without exclusion every unseen query misses at Recall@1; with it, every one hits."""
+
+    def __init__(self, eval_sets):
+        super().__init__()
+        self.target = {self.key(q): s.gallery[gt[0]] for s in eval_sets for q, gt in zip(s.queries, s.ground_truth)}
+
+    @staticmethod
+    def key(query):                       # ids alone repeat across tasks
+        return query["id"], tuple(query["query_image"])
+
+    def encode_targets(self, paths, batch_size=32, progress=False):
+        self.targets += paths
+        return torch.stack([unit_vector(p, 256) for p in paths])
+
+    def encode_queries(self, queries, batch_size=32, progress=False):
+        self.queries += [q["id"] for q in queries]
+        return torch.stack([F.normalize(2 * sum(unit_vector(p, 256) for p in q["query_image"])
+                                        + unit_vector(self.target[self.key(q)], 256), dim=0) for q in queries])
+
+
+def test_cli_excludes_own_images_by_default(tmp_path, mini_root, monkeypatch):
+    from prepare_data import UNSEEN_TASKS, build_unseen_eval_set
+
+    unseen = [build_unseen_eval_set(mini_root, task) for task in UNSEEN_TASKS]
+    assert all(all(s.exclude) for s in unseen)                 # every query's own images are in its gallery
+    monkeypatch.setattr(evaluate, "load_encoder", lambda cfg, state, device, source=None: OwnImagesFirstEncoder(unseen))
+
+    def run(*extra):
+        out = tmp_path / f"out{len(extra)}"
+        main(["--untrained", "--root", mini_root, "--backbone", str(tmp_path), "--split", "test",
+              "--tasks", *UNSEEN_TASKS, "--out", str(out), *extra])
+        return json.loads((out / "results.json").read_text())["sets"]
+
+    default, kept = run(), run("--no-exclude-own")
+    for s in unseen:
+        assert default[s.name]["recall"] == recall_from_scratch(OwnImagesFirstEncoder(unseen), s)
+        assert default[s.name]["recall"]["R@1"] == 100.0
+        assert kept[s.name]["recall"]["R@1"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cache key; bad checkpoints and backbones
+
+def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone):
+    import shutil
+    from PIL import Image
+    from config import Config
+    from model import build_encoder, make_tiny_backbone
+
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_backbone, backbone)
+    cfg = Config()
+    cfg.model.backbone, cfg.model.image_pixels = str(backbone), 64 * 64
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    before = fingerprint(cfg, encoder)
+    torch.manual_seed(0)
+    assert fingerprint(cfg, build_encoder(cfg.model, cfg.calibrator, "cpu")) == before     # same model, same key
+
+    # One optimizer step.
+    paths = []
+    for colour in ("red", "blue"):
+        paths.append(str(tmp_path / f"{colour}.png"))
+        Image.new("RGB", (32, 32), colour).save(paths[-1])
+    optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-4)
+    emb = encoder(encoder.prepare_targets(paths, train=True), "target")["emb"]
+    (emb[0] @ emb[1]).backward()
+    optimizer.step()
+    stepped = fingerprint(cfg, encoder)
+    assert stepped != before
+
+    # One backbone file changed in place (same path), then the whole backbone rebuilt with other weights.
+    config_json = backbone / "config.json"
+    config_json.write_text(config_json.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    edited = fingerprint(cfg, encoder)
+    assert edited != stepped
+    make_tiny_backbone(str(backbone), seed=1)
+    assert fingerprint(cfg, encoder) not in (before, stepped, edited)
+
+
+def test_relative_backbone_looked_for_in_working_dir_then_checkpoint_dir(tmp_path, monkeypatch):
+    from config import ModelConfig
+
+    work, run = tmp_path / "work", tmp_path / "run"
+    (run / "bb").mkdir(parents=True)
+    work.mkdir()
+    monkeypatch.chdir(work)
+    ckpt = str(run / "best.pt")
+    real = os.path.realpath
+    assert real(resolve_backbone(ModelConfig(backbone="bb"), ckpt=ckpt)) == real(run / "bb")
+    (work / "bb").mkdir()
+    assert real(resolve_backbone(ModelConfig(backbone="bb"), ckpt=ckpt)) == real(work / "bb")
+    assert real(resolve_backbone(ModelConfig(), override="../run/bb", ckpt=ckpt)) == real(run / "bb")
+    with pytest.raises(EvaluationError, match=r"local directory 'nope' not found \(looked for .*work/nope or "
+                                              r".*run/nope\)"):
+        resolve_backbone(ModelConfig(backbone="nope"), ckpt=ckpt)
+    with pytest.raises(EvaluationError, match=r"local directory 'nope' not found \(looked for [^ ]*work/nope\)"):
+        resolve_backbone(ModelConfig(backbone="nope"))
+    gone = str(tmp_path / "gone")
+    with pytest.raises(EvaluationError, match=rf"local directory '{gone}' not found \(looked for {gone}\)"):
+        resolve_backbone(ModelConfig(backbone=gone), ckpt=ckpt)
+    # open_clip: the weights file (and a JSON model config) the same way; a model name is left alone.
+    (run / "w.bin").write_bytes(b"")
+    got = resolve_backbone(ModelConfig(kind="openclip", backbone="ViT-B-32:w.bin"), ckpt=ckpt)
+    assert got.split(":")[0] == "ViT-B-32" and real(got.split(":")[1]) == real(run / "w.bin")
+    with pytest.raises(EvaluationError, match="open_clip weights file 'x.bin' not found"):
+        resolve_backbone(ModelConfig(kind="openclip", backbone="ViT-B-32:x.bin"), ckpt=ckpt)
+
+
+def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_backbone, mini_root):
+    from config import Config
+    from model import build_encoder, make_tiny_backbone
+
+    out = tmp_path / "out"
+    args = ["--split", "test", "--tasks", "1_t2i_Shoes", "--out", str(out)]
+
+    def fails(ckpt, *extra):
+        with pytest.raises(SystemExit) as info:
+            main([str(ckpt), *args, *extra])
+        message = info.value.code
+        assert isinstance(message, str) and message.startswith("evaluate.py: ") and "\n" not in message
+        assert str(ckpt) in message
+        return message
+
+    cfg = Config()
+    cfg.data.root, cfg.model.backbone, cfg.model.image_pixels = mini_root, tiny_backbone, 64 * 64
+    torch.manual_seed(0)
+    state = build_encoder(cfg.model, cfg.calibrator, "cpu").trainable_state_dict()
+    good = tmp_path / "good.pt"
+    torch.save({"config": cfg.to_dict(), "model": state, "step": 1}, good)
+
+    missing = tmp_path / "missing.pt"
+    assert fails(missing) == f"evaluate.py: {missing}: checkpoint not found"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    assert "cannot read the checkpoint (truncated" in fails(truncated)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    assert "cannot read the checkpoint" in fails(text)
+    bare = tmp_path / "bare.pt"                       # a bare state dict, no config
+    torch.save(state, bare)
+    assert "not a FashionLens checkpoint" in fails(bare)
+    lacking = tmp_path / "lacking.pt"
+    torch.save({"config": cfg.to_dict(), "model": dict(list(state.items())[1:])}, lacking)
+    assert f"missing ['{next(iter(state))}']" in fails(lacking)
+
+    # Another backbone (hidden size 64, not 128): the first tensor that does not fit is named.
+    small = tmp_path / "small-backbone"
+    make_tiny_backbone(str(small), seed=0, text_hidden=64, vision_hidden=64)
+    message = fails(good, "--backbone", str(small))
+    name, shape = next((n, tuple(t.shape)) for n, t in state.items() if 128 in t.shape)
+    assert f"trainable tensor {name} has shape {shape}, this encoder's has" in message
+
+    # A backbone directory that is not there: reported as such, nothing about a hub.
+    elsewhere = tmp_path / "moved.pt"
+    saved = cfg.to_dict()
+    saved["model"]["backbone"] = "qwen-moved-away"
+    torch.save({"config": saved, "model": state}, elsewhere)
+    with pytest.raises(SystemExit) as info:
+        main([str(elsewhere), *args])
+    assert "local directory 'qwen-moved-away' not found" in info.value.code
+    assert "hub" not in info.value.code.lower() and "hugging" not in info.value.code.lower()
+
+    # NaN in the query token: refused, naming the set and a query; nothing written.
+    broken = dict(state, query_token=torch.full_like(state["query_token"], float("nan")))
+    nan = tmp_path / "nan.pt"
+    torch.save({"config": cfg.to_dict(), "model": broken}, nan)
+    with pytest.raises(SystemExit) as info:
+        main([str(nan), *args])
+    assert "non-finite query embedding (1_t2i_Shoes: query " in info.value.code
+    assert not out.exists()
