@@ -380,7 +380,7 @@ def test_validator_builds_the_eval_sets_as_evaluation_does(mini_root, tmp_path):
         build_eval_set(root, "1_t2i_Shoes", "test")
 
 
-def test_a_query_without_its_target_in_the_gallery_is_a_miss(mini_root, tmp_path, capsys):
+def test_a_query_without_its_target_in_the_gallery_is_a_miss(mini_root, tiny_backbone, tmp_path, capsys):
     """The release keeps such a query and divides recall by all queries; --strict refuses it. Catches: the query
     dropped (or refused) by default, missing not counted, strict ignored, evaluate.py not passing --strict."""
     import evaluate
@@ -406,12 +406,14 @@ def test_a_query_without_its_target_in_the_gallery_is_a_miss(mini_root, tmp_path
     assert build_unseen_eval_set(root, task).missing == 1
     with pytest.raises(DataError, match="no ground-truth"):
         build_unseen_eval_set(root, task, strict=True)
-    args = ["--untrained", "--root", root, "--split", "test", "--tasks", "7_cir_Shoes", task]
+    args = ["--untrained", "--root", root, "--backbone", tiny_backbone, "--split", "test",
+            "--tasks", "7_cir_Shoes", task]
     sets = evaluate.build_sets(evaluate.parse_args(args), evaluate.resolve_config(evaluate.parse_args(args))[0])
     assert [s.missing for s in sets] == [1, 1]
     assert f"7_cir_Shoes: 1 of {len(cir)} queries have no target in the gallery" in capsys.readouterr().out
     for one in ("7_cir_Shoes", task):     # --strict reaches both readers
-        strict = evaluate.parse_args(["--untrained", "--root", root, "--split", "test", "--tasks", one, "--strict"])
+        strict = evaluate.parse_args(["--untrained", "--root", root, "--backbone", tiny_backbone, "--split", "test",
+                                      "--tasks", one, "--strict"])
         with pytest.raises(DataError, match="no ground-truth"):
             evaluate.build_sets(strict, evaluate.resolve_config(strict)[0])
 
