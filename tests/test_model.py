@@ -189,14 +189,24 @@ def test_lora_trains_only_adapters_tokens_calibrator(tiny_backbone, media):
     assert joint == pytest.approx((a * a + b * b) ** 0.5, rel=1e-5) and summed == pytest.approx(a + b, rel=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_backbone, media):
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_backbone, media):
+    """With checkpointing on, the backward pass re-runs each decoder layer: a forward pre-hook inside layer 0 (on
+    its MLP: transformers checkpoints the layer's `forward`, so hooks on the layer itself stay outside and fire once)
+    runs twice per forward+backward, and once with checkpointing off; the gradients are the same. (A pre-hook:
+    the recompute stops as soon as it has rebuilt what the backward needs, inside the MLP's forward.)
+    Catches: model.gradient_checkpointing ignored (`if cfg.gradient_checkpointing` -> `if False`)."""
     queries = queries_of_every_kind(media)[1:3]
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
-        enc = build(tiny_backbone, trainable="lora", lora_dropout=0.0, gradient_checkpointing=checkpointing)
+        enc = build(tiny_backbone, trainable="lora", lora_dropout=0.0, gradient_checkpointing=checkpointing).train()
         train_a_little(enc, media)  # LoRA B starts at zero: give A a gradient too
+        calls.append(0)
+        hook = enc.lm.model.language_model.layers[0].mlp.register_forward_pre_hook(
+            lambda *_: calls.__setitem__(-1, calls[-1] + 1))
         enc(enc.prepare_queries(queries, train=True), "query")["emb"].square().sum().backward()
+        hook.remove()
         grads.append({n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
+    assert calls == [1, 2]
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
