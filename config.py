@@ -30,7 +30,7 @@ class ModelConfig:
     lora_targets: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     keep_rope_positions: bool = True         # release: False (inputs_embeds only; 3-D rotary positions lost)
     normed_readout: bool = True              # release: False (pre-norm state via LM head + cache + all states)
-    fp32_trainable: bool = True              # release: False (trainable tensors kept in bf16)
+    fp32_trainable: bool = True              # release: False (calibrator and token vectors in bf16; LoRA fp32 in both)
     dtype: str = "bfloat16"                  # compute dtype on GPU (CPU always computes in fp32)
     image_pixels: int = 224 * 224            # pixel budget for training and evaluation
     eval_image_pixels: int = 0               # 0 = same as image_pixels; release: 256 * 256

@@ -216,8 +216,9 @@ class Encoder(nn.Module):
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def autocast(self):
-        # SPEC section 3, correction 3: bf16 compute on GPU, fp32 parameters; CPU computes in fp32.
-        return torch.autocast("cuda", dtype=getattr(torch, self.model_cfg.dtype), enabled=self.device.type == "cuda")
+        # bf16 compute on GPU, trainable tensors in fp32 (README "Differences from the release"); CPU runs fp32.
+        dtype = compute_dtype(self.model_cfg, self.device)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def encode_queries(self, queries, batch_size=32, progress=False):
         return self._encode(queries, self.prepare_queries, "query", batch_size, progress)
@@ -263,6 +264,12 @@ def resolve_device(device):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def compute_dtype(model_cfg, device):
+    """Dtype of the frozen backbone weights and of autocast: model.dtype on GPU, fp32 on CPU (no fast bf16 there;
+    tests patch this function to run the bf16 paths on CPU)."""
+    return getattr(torch, model_cfg.dtype) if device.type == "cuda" else torch.float32
+
+
 # ----------------------------------------------------------------------------- FashionLens (Qwen3-VL)
 
 class FashionLensEncoder(Encoder):
@@ -274,8 +281,8 @@ class FashionLensEncoder(Encoder):
         device = resolve_device(device)
         self.model_cfg, self.calibrator_cfg = model_cfg, calib_cfg
         # NOTES: transformers 5 loads in the checkpoint's dtype; this CPU has no fast bf16, so CPU runs fp32.
-        dtype = getattr(torch, model_cfg.dtype) if device.type == "cuda" else torch.float32
-        trainable_dtype = torch.float32 if model_cfg.fp32_trainable else dtype
+        dtype = compute_dtype(model_cfg, device)
+        heads_dtype = torch.float32 if model_cfg.fp32_trainable else dtype  # token vectors and calibrator
         self.processor = AutoProcessor.from_pretrained(model_cfg.backbone, local_files_only=True)
         self.padding_side = "right"  # not saved with the tokenizer (NOTES); the readout does not depend on it
         tokenizer = self.processor.tokenizer
@@ -291,15 +298,17 @@ class FashionLensEncoder(Encoder):
                              f"{QUERY_TOKEN}/{TARGET_TOKEN} (ids {self.token_ids})")
         # The two learnable readout tokens start from <|im_end|>'s embedding (SPEC section 3). Their own rows in
         # the embedding table are never used; the <|image_pad|> row must stay untouched (NOTES).
-        im_end = vocab[tokenizer.convert_tokens_to_ids("<|im_end|>")].detach().to(trainable_dtype)
+        im_end = vocab[tokenizer.convert_tokens_to_ids("<|im_end|>")].detach().to(heads_dtype)
         self.query_token = nn.Parameter(im_end.clone())
         self.target_token = nn.Parameter(im_end.clone())
         self.embed_dim = vocab.shape[1]
-        self.calibrator = QueryCalibrator(self.embed_dim, calib_cfg).to(trainable_dtype)
-        self.set_trainable(model_cfg, trainable_dtype)
+        self.calibrator = QueryCalibrator(self.embed_dim, calib_cfg).to(heads_dtype)
+        self.set_trainable(model_cfg)
         self.to(device)
 
-    def set_trainable(self, cfg, trainable_dtype):
+    def set_trainable(self, cfg):
+        """Trainable backbone weights are fp32 whatever model.fp32_trainable says: the release, too, kept LoRA
+        in fp32 (peft creates adapters in the base layer's dtype)."""
         if cfg.gradient_checkpointing:  # before LoRA wrapping, non-reentrant (NOTES "LoRA and DDP")
             self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.trainable == "lora":
@@ -310,9 +319,9 @@ class FashionLensEncoder(Encoder):
                                                target_modules=cfg.lora_targets), self.lm)
             for p in self.lm.parameters():
                 if p.requires_grad:
-                    p.data = p.data.to(trainable_dtype)
+                    p.data = p.data.float()
         elif cfg.trainable == "full":  # the tiny random backbone: LoRA on random weights learns little
-            self.lm.to(trainable_dtype).requires_grad_(True)
+            self.lm.float().requires_grad_(True)
         else:
             raise ValueError(f"model.trainable must be 'lora' or 'full', got {cfg.trainable!r}")
 

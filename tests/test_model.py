@@ -212,6 +212,32 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_bac
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
 
 
+@pytest.fixture
+def bf16_on_cpu(monkeypatch):
+    """Run the GPU dtype path on CPU: bf16 backbone weights and bf16 autocast."""
+    monkeypatch.setattr(model, "compute_dtype", lambda model_cfg, device: torch.bfloat16)
+
+
+@pytest.mark.parametrize("fp32_trainable", [True, False])
+def test_fp32_trainable_decides_only_the_heads_dtype(tiny_backbone, media, bf16_on_cpu, fp32_trainable):
+    """In bf16, model.fp32_trainable=false puts the calibrator and the two token vectors in bf16 (the release) and
+    nothing else: LoRA adapters stay fp32 either way, the frozen backbone is bf16, and a training step runs.
+    Catches: the LoRA adapters cast with the heads (`p.data.float()` -> `p.data.to(heads_dtype)`), and the switch
+    ignored (`heads_dtype = torch.float32`)."""
+    enc = build(tiny_backbone, trainable="lora", fp32_trainable=fp32_trainable).train()
+    heads = torch.float32 if fp32_trainable else torch.bfloat16
+    dtypes = {n: p.dtype for n, p in enc.named_parameters()}
+    assert dtypes["query_token"] == dtypes["target_token"] == heads
+    assert {d for n, d in dtypes.items() if n.startswith("calibrator.")} == {heads}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n.startswith("lm.") and "lora_" not in n} == {torch.bfloat16}
+    queries = queries_of_every_kind(media)[1:2]
+    loss = (enc(enc.prepare_queries(queries, train=True), "query")["emb"]
+            * enc(enc.prepare_targets(media["images"][:1], train=True), "target")["emb"]).sum()
+    loss.backward()
+    assert enc.query_token.grad.dtype == heads and enc.query_token.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("trainable", ["lora", "full"])
 def test_trainable_state_round_trip_gives_identical_embeddings(tiny_backbone, media, tmp_path, trainable):
     trained = build(tiny_backbone, seed=0, trainable=trainable)
