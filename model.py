@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 import torch.nn as nn
@@ -67,6 +68,9 @@ def load_video(path, num_frames=8, record_id=None):
     """(frames uint8 [num_frames, H, W, 3], VideoMetadata), sampled uniformly with PyAV. Clips with fewer frames
     repeat frames, so exactly num_frames always come back (NOTES "Video": frames are otherwise lost silently)."""
     def uniform(metadata, **kwargs):  # like load_video's own sampling, which refuses clips shorter than num_frames
+        if metadata.total_num_frames == 0:  # .mkv, .webm, .ts store no frame count: count by decoding
+            with av.open(path) as container:
+                metadata.total_num_frames = sum(1 for _ in container.decode(video=0))
         return np.linspace(0, max(metadata.total_num_frames - 1, 0), num_frames).round().astype(int)
 
     if not os.path.isfile(path):  # checked here: load_video would fetch http(s) paths and call others a format error

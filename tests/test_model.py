@@ -24,6 +24,7 @@ def write_png(path, size, seed):
 
 
 def write_mp4(path, frames, seed, size=(96, 64)):
+    """A clip of random frames; the container is chosen by the suffix (.mkv stores no frame count)."""
     rng = np.random.default_rng(seed)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=4)
@@ -108,6 +109,20 @@ def test_video_keeps_every_frame_and_pixel_budget(encoder, media):
     grid_train = eval_budget.prepare_targets(media["images"][2:], train=True)["image_grid_thw"]
     grid_eval = eval_budget.prepare_targets(media["images"][2:], train=False)["image_grid_thw"]
     assert grid_eval.prod() == 4 * grid_train.prod()  # 200x200 -> 128x128 (train), 256x256 (eval)
+
+
+def test_video_without_frame_count_is_counted_by_decoding(tmp_path):
+    """A container that stores no frame count (.mkv) still gives 8 distinct frames spread over the whole clip,
+    equal to the frames PyAV decodes at the uniform indices round(linspace(0, 11, 8)).
+    Catches: the frame count taken from the container as it is (0 -> 8 copies of frame 0)."""
+    path = write_mp4(tmp_path / "clip.mkv", 12, seed=2)
+    with av.open(path) as container:
+        assert container.streams.video[0].frames == 0  # the case under test
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames, meta = model.load_video(path, 8)
+    assert len(decoded) == 12 and meta.total_num_frames == 12
+    assert meta.frames_indices == [0, 2, 3, 5, 6, 8, 9, 11]  # 11 * k / 7 rounded, by hand
+    assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
