@@ -32,8 +32,10 @@ class ModelConfig:
     normed_readout: bool = True              # release: False (pre-norm state via LM head + cache + all states)
     fp32_trainable: bool = True              # release: False (calibrator and token vectors in bf16; LoRA fp32 in both)
     dtype: str = "bfloat16"                  # compute dtype on GPU (CPU always computes in fp32)
-    image_pixels: int = 224 * 224            # pixel budget for training and evaluation
-    eval_image_pixels: int = 0               # 0 = same as image_pixels; release: 256 * 256
+    image_pixels: int = 224 * 224            # pixel budget per image (and per video frame), training and evaluation
+    eval_image_pixels: int = 0               # 0 = image_pixels; release: 256 * 256 (evaluation keeps each image
+                                             #   near its own size, between image_pixels and this)
+    fill_pixel_budget: bool = True           # release: False (Qwen2-VL's smart_resize: up to ~27% of it unused)
     video_frames: int = 8
     gradient_checkpointing: bool = False
     attn_implementation: str = "auto"        # "auto": flash_attention_2 on GPU when flash-attn is installed, else sdpa

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (NOTES "ope
 import argparse
 import dataclasses
 import json
+import math
 import random
 import tempfile
 import time
@@ -62,6 +63,29 @@ def load_image(path, record_id=None):
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:  # missing, truncated, not an image
         raise data_error(path, f"cannot read image: {err}", record_id) from err
+
+
+def fill_size(height, width, pixels, factor=32):
+    """(height, width) that use a budget of `pixels` fully: sides multiples of `factor` (patch 16 x merge 2), area
+    <= pixels. Each side is the floor or the ceil (in units of factor) of the exact aspect-keeping fit; of those,
+    the one whose worse axis keeps the most resolution, then the largest area. Qwen2-VL's smart_resize floors
+    both sides and leaves up to ~27% of the budget unused (300x300 at 224x224 -> 192x192, 36 tokens, not 49)."""
+    units = pixels // (factor * factor)
+    if units < 1:
+        raise ValueError(f"pixel budget {pixels} is smaller than one {factor}x{factor} patch")
+    exact_h = min(max(math.sqrt(units * height / width), 1.0), units)  # exact_h * exact_w == units
+    exact_w = units / exact_h
+    sides = [(h, w) for h in (math.floor(exact_h), math.ceil(exact_h)) for w in (math.floor(exact_w), math.ceil(exact_w))
+             if h * w <= units]
+    h, w = max(sides, key=lambda s: (min(s[0] / exact_h, s[1] / exact_w), s[0] * s[1]))
+    return h * factor, w * factor
+
+
+def resize_to_budget(image, min_pixels, max_pixels):
+    """The image (PIL) resized by fill_size to its own area clamped to [min_pixels, max_pixels]."""
+    area = min(max(image.width * image.height, min_pixels), max_pixels)
+    height, width = fill_size(image.height, image.width, area)
+    return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
 def load_video(path, num_frames=8, record_id=None):
@@ -277,8 +301,8 @@ def compute_dtype(model_cfg, device):
 # ----------------------------------------------------------------------------- FashionLens (Qwen3-VL)
 
 class FashionLensEncoder(Encoder):
-    """Qwen3-VL embedder of SPEC section 3. Each of the four corrections to the release is a ModelConfig
-    switch: keep_rope_positions, normed_readout, fp32_trainable, eval_image_pixels."""
+    """Qwen3-VL embedder of SPEC section 3. Each correction to the release is a ModelConfig switch:
+    keep_rope_positions, normed_readout, fp32_trainable, eval_image_pixels, fill_pixel_budget."""
 
     def __init__(self, model_cfg, calib_cfg, device=None):
         super().__init__()
@@ -350,19 +374,26 @@ class FashionLensEncoder(Encoder):
                             train)
 
     def process(self, conversations, images, videos, metadata, train):
-        # One pixel budget for train and eval (SPEC section 3, correction 4); release: eval_image_pixels = 256^2.
+        # One pixel budget per image and per video frame, for train and eval (README "Differences from the
+        # release"); the release evaluates each image between image_pixels and eval_image_pixels (224^2, 256^2).
         cfg = self.model_cfg
-        pixels = cfg.image_pixels if train or not cfg.eval_image_pixels else cfg.eval_image_pixels
-        frames_pixels = pixels * cfg.video_frames  # the video budget covers all frames together
+        low = cfg.image_pixels
+        high = cfg.eval_image_pixels if cfg.eval_image_pixels and not train else low
+        # every decoded frame is kept: the default re-sampling would silently drop half of them (NOTES)
+        videos_kwargs = {"do_sample_frames": False, "cap_pixels_per_frame": False}
+        if cfg.fill_pixel_budget:
+            images = [resize_to_budget(image, low, high) for image in images]
+            videos = [np.stack([np.asarray(resize_to_budget(Image.fromarray(f), low, high)) for f in frames])
+                      for frames in videos]
+            images_kwargs, videos_kwargs["do_resize"] = {"do_resize": False}, False
+        else:  # the release: Qwen2-VL's smart_resize; a video's budget covers all its frames together
+            images_kwargs = {"size": {"shortest_edge": low, "longest_edge": high}}
+            videos_kwargs["size"] = {"shortest_edge": low * cfg.video_frames, "longest_edge": high * cfg.video_frames}
         texts = self.processor.apply_chat_template(conversations, tokenize=False)
         batch = self.processor(
             text=texts, images=images or None, videos=videos or None, video_metadata=metadata or None,
             padding=True, padding_side=self.padding_side, return_tensors="pt",
-            # min = max = budget: every image is resized to about `pixels`, sides multiples of 32 (patch 16 x merge 2)
-            images_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
-            # every decoded frame is kept: the default re-sampling would silently drop half of them (NOTES)
-            videos_kwargs={"size": {"shortest_edge": frames_pixels, "longest_edge": frames_pixels},
-                           "do_sample_frames": False, "cap_pixels_per_frame": False})
+            images_kwargs=images_kwargs, videos_kwargs=videos_kwargs)
         return dict(batch)
 
     # --- inputs -> embeddings

@@ -93,22 +93,60 @@ def test_every_query_kind_embeds(encoder, media):
     assert torch.allclose(targets["emb"].norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
+def tokens(grid_thw):
+    """Visual tokens per image (per temporal patch for a video): patches / merge 2x2."""
+    return [h * w // 4 for _, h, w in grid_thw.tolist()]
+
+
 def test_video_keeps_every_frame_and_pixel_budget(encoder, media):
+    """Catches: video frames left out of the image budget (not resized: 96x64 -> 6 x 4 patches)."""
     for path in (media["video"], media["short_video"]):
         frames, meta = model.load_video(path, 8)
         assert frames.shape[0] == 8 and len(meta.frames_indices) == 8
     queries = queries_of_every_kind(media)
-    inputs = encoder.prepare_queries(queries[3:4], train=True)
-    t, h, w = inputs["video_grid_thw"][0].tolist()
+    t, h, w = encoder.prepare_queries(queries[3:4], train=True)["video_grid_thw"][0].tolist()
     assert t == 8 // 2  # 8 frames, temporal patch 2: no frame dropped
-    inputs = encoder.prepare_queries(queries[2:3], train=True)
-    for t, h, w in inputs["image_grid_thw"].tolist():
-        assert h % 2 == 0 and w % 2 == 0  # sides multiples of 32 = patch 16 x merge 2
-        assert 0.5 * PIXELS <= h * w * 16 * 16 <= 1.5 * PIXELS
-    eval_budget = build(encoder.model_cfg.backbone, eval_image_pixels=4 * PIXELS)
-    grid_train = eval_budget.prepare_targets(media["images"][2:], train=True)["image_grid_thw"]
-    grid_eval = eval_budget.prepare_targets(media["images"][2:], train=False)["image_grid_thw"]
-    assert grid_eval.prod() == 4 * grid_train.prod()  # 200x200 -> 128x128 (train), 256x256 (eval)
+    # 96x64 frames in 16 units of 32x32: exact fit 4.90 x 3.27 units; 5 x 3 keeps most of the worse axis (see
+    # test_pixel_budget_is_used_fully): 160x96 pixels, a grid of 6 x 10 patches, like a 96x64 image.
+    assert (h, w) == (6, 10)
+
+
+def test_pixel_budget_is_used_fully(tiny_backbone, tmp_path):
+    """At 224x224 (49 units of 32x32) each image gets the sides, in units, within one unit of the exact
+    aspect-keeping fit that keep the most resolution on the worse axis, then the most area, by hand:
+      300x300, 600x600: exact 7 x 7                            -> 7 x 7 = 49 tokens (release: 6 x 6 = 36)
+      750x1101 (w x h): exact 5.78 x 8.48 -> 5|6 x 8|9; 6 x 8 keeps min(6/5.78, 8/8.48) = 94%
+                                                               -> 6 x 8 = 48 tokens (release: 5 x 8 = 40)
+      1920x1080: exact 9.33 x 5.25 -> only 9 x 5 fits          -> 45 tokens (release: 45)
+    The release's smart_resize scales both sides by one factor and floors them.
+    Catches: only the floors of the exact fit as candidates (fill_size), model.fill_pixel_budget ignored."""
+    sizes = [(300, 300), (600, 600), (750, 1101), (1920, 1080)]
+    paths = [str(tmp_path / f"{w}x{h}.png") for w, h in sizes]
+    for (w, h), path in zip(sizes, paths):
+        Image.new("RGB", (w, h), (200, 30, 90)).save(path)
+    enc = build(tiny_backbone, image_pixels=224 * 224)
+    for train in (True, False):
+        assert tokens(enc.prepare_targets(paths, train=train)["image_grid_thw"]) == [49, 49, 48, 45]
+    grid = enc.prepare_targets(paths[2:3], train=True)["image_grid_thw"]
+    assert grid.tolist() == [[1, 16, 12]]  # 256 high, 192 wide: the aspect ratio is not turned around
+    enc.model_cfg.fill_pixel_budget = False
+    assert tokens(enc.prepare_targets(paths, train=True)["image_grid_thw"]) == [36, 36, 40, 45]
+
+
+def test_release_evaluates_between_the_two_budgets(tiny_backbone, tmp_path):
+    """The release evaluates with min 224x224 and max 256x256 pixels (Qwen2-VL's smart_resize), by hand:
+      112x112: rounds to 128x128, under the min: scaled by sqrt(224^2 / 112^2) = 2, ceil -> 224x224, 49 tokens
+      240x240: rounds to 256x256 (7.5 -> 8), within [min, max]                         -> 64 tokens
+      400x300: rounds to 384x288, over the max: scaled by sqrt(65536 / 120000), floor -> 288x192, 54 tokens
+    and trains at 224x224 (112x112 -> 49 tokens).
+    Catches: evaluation forced to exactly 256x256 (min = max = eval_image_pixels: 112x112 -> 64 tokens)."""
+    sizes = [(112, 112), (240, 240), (400, 300)]
+    paths = [str(tmp_path / f"{w}x{h}.png") for w, h in sizes]
+    for (w, h), path in zip(sizes, paths):
+        Image.new("RGB", (w, h), (10, 120, 250)).save(path)
+    release = build(tiny_backbone, image_pixels=224 * 224, eval_image_pixels=256 * 256, fill_pixel_budget=False)
+    assert tokens(release.prepare_targets(paths, train=False)["image_grid_thw"]) == [49, 64, 54]
+    assert tokens(release.prepare_targets(paths[:1], train=True)["image_grid_thw"]) == [49]
 
 
 def test_video_without_frame_count_is_counted_by_decoding(tmp_path):
