@@ -23,7 +23,7 @@ class DataConfig:
 class ModelConfig:
     kind: str = "qwen3vl"                    # "qwen3vl" (FashionLens) or "openclip" (dual-encoder baseline)
     backbone: str = "runs/tiny-qwen3vl"      # local directory (Qwen3-VL) or open_clip "NAME:WEIGHTS_FILE"
-    trainable: str = "lora"                  # "lora" (real backbone) or "full" (tiny random backbone)
+    trainable: str = "lora"                  # "lora" (real backbone), "full" (tiny random backbone), "none"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from tqdm import tqdm
 from transformers import (AutoProcessor, PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
@@ -350,8 +351,10 @@ class FashionLensEncoder(Encoder):
                     p.data = p.data.float()
         elif cfg.trainable == "full":  # the tiny random backbone: LoRA on random weights learns little
             self.lm.float().requires_grad_(True)
+        elif cfg.trainable == "none":  # inference (load_merged)
+            self.requires_grad_(False)
         else:
-            raise ValueError(f"model.trainable must be 'lora' or 'full', got {cfg.trainable!r}")
+            raise ValueError(f"model.trainable must be 'lora', 'full' or 'none', got {cfg.trainable!r}")
 
     # --- records -> inputs
 
@@ -458,13 +461,16 @@ class FashionLensEncoder(Encoder):
 
     def save_merged(self, out_dir):
         """Write a self-contained model: the backbone with LoRA merged into its weights (plain Qwen3-VL layout,
-        loads with from_pretrained), its processor, and fashionlens_heads.pt (the token vectors, the calibrator
-        and both configs). load_merged(out_dir) gives the same embeddings."""
-        state = self.lm.state_dict()
+        loads with from_pretrained), its processor, and fashionlens_heads.pt (the token vectors, the calibrator,
+        both configs and the names of the merged layers). load_merged(out_dir) gives the same embeddings."""
+        state, merged = self.lm.state_dict(), []
         for name, module in self.lm.named_modules():
             if hasattr(module, "get_delta_weight"):  # a peft LoRA layer: base weight + scale * B A
                 base = state.pop(f"{name}.base_layer.weight")
-                state[f"{name}.weight"] = (base.float() + module.get_delta_weight("default").float()).to(base.dtype)
+                # Kept in fp32: rounded to bf16, the part of the delta below half a bf16 step of the base weight
+                # (most of a typical LoRA delta) would be lost.
+                state[f"{name}.weight"] = base.float() + module.get_delta_weight("default").float()
+                merged.append(name)
                 if f"{name}.base_layer.bias" in state:
                     state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
         state = {k: v for k, v in state.items() if "lora_" not in k}
@@ -473,20 +479,50 @@ class FashionLensEncoder(Encoder):
         with staging_dir(out_dir) as tmp:
             self.lm.save_pretrained(tmp, state_dict=state)
             self.processor.save_pretrained(tmp)
-            torch.save({"config": cfgs, "heads": heads}, os.path.join(tmp, "fashionlens_heads.pt"))
+            torch.save({"config": cfgs, "heads": heads, "merged": merged}, os.path.join(tmp, "fashionlens_heads.pt"))
             publish_dir(tmp, out_dir)
 
 
+class SplitLinear(nn.Module):
+    """A frozen linear layer whose fp32 weight is held as two parts in a lower dtype, hi (the weight rounded)
+    plus lo (what the rounding lost): a merged LoRA delta survives bf16 inference, for a second matrix product."""
+
+    def __init__(self, weight, bias, dtype):
+        super().__init__()
+        hi = weight.to(dtype)
+        self.register_buffer("hi", hi)
+        self.register_buffer("lo", (weight.float() - hi.float()).to(dtype))
+        self.bias = bias
+
+    def forward(self, x):
+        return F.linear(x, self.hi, self.bias) + F.linear(x, self.lo)
+
+
 def load_merged(out_dir, device=None):
-    """The encoder written by FashionLensEncoder.save_merged (for inference: every weight counts as trainable)."""
+    """The encoder written by FashionLensEncoder.save_merged, frozen for inference (no gradients, eval mode) in
+    the compute dtype; in bf16 its merged layers are SplitLinear, read from their fp32 weights in the files."""
     saved = torch.load(os.path.join(out_dir, "fashionlens_heads.pt"), map_location="cpu", weights_only=True)
-    model_cfg = ModelConfig(**{**saved["config"]["model"], "backbone": out_dir, "trainable": "full"})
+    model_cfg = ModelConfig(**{**saved["config"]["model"], "backbone": out_dir, "trainable": "none"})
     encoder = FashionLensEncoder(model_cfg, CalibratorConfig(**saved["config"]["calibrator"]), device)
     missing, unexpected = encoder.load_state_dict(saved["heads"], strict=False)
     if unexpected or any(not n.startswith("lm.") for n in missing):
         raise KeyError(f"{out_dir}/fashionlens_heads.pt does not match the encoder: missing "
                        f"{[n for n in missing if not n.startswith('lm.')][:5]}, unexpected {unexpected[:5]}")
-    return encoder
+    dtype = compute_dtype(model_cfg, encoder.device)
+    merged = set(saved["merged"]) if dtype != torch.float32 else set()  # fp32 loads the merged weights exactly
+    for path in sorted(Path(out_dir).glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                name = key.removesuffix(".weight")
+                if name in merged:
+                    parent, _, child = name.rpartition(".")
+                    linear = encoder.lm.get_submodule(name)
+                    split = SplitLinear(f.get_tensor(key).to(encoder.device), linear.bias, dtype)
+                    setattr(encoder.lm.get_submodule(parent), child, split)
+                    merged.remove(name)
+    if merged:
+        raise KeyError(f"{out_dir}: no fp32 weight for merged layers {sorted(merged)[:5]}")
+    return encoder.eval()
 
 
 # ----------------------------------------------------------------------------- open_clip baseline
