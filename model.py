@@ -76,8 +76,8 @@ def fill_size(height, width, pixels, factor=32):
         raise ValueError(f"pixel budget {pixels} is smaller than one {factor}x{factor} patch")
     exact_h = min(max(math.sqrt(units * height / width), 1.0), units)  # exact_h * exact_w == units
     exact_w = units / exact_h
-    sides = [(h, w) for h in (math.floor(exact_h), math.ceil(exact_h)) for w in (math.floor(exact_w), math.ceil(exact_w))
-             if h * w <= units]
+    sides = [(h, w) for h in (math.floor(exact_h), math.ceil(exact_h))
+             for w in (math.floor(exact_w), math.ceil(exact_w)) if h * w <= units]
     h, w = max(sides, key=lambda s: (min(s[0] / exact_h, s[1] / exact_w), s[0] * s[1]))
     return h * factor, w * factor
 
@@ -382,7 +382,7 @@ class FashionLensEncoder(Encoder):
         cfg = self.model_cfg
         low = cfg.image_pixels
         high = cfg.eval_image_pixels if cfg.eval_image_pixels and not train else low
-        # every decoded frame is kept: the default re-sampling would silently drop half of them (NOTES)
+        # every decoded frame is kept: the processor's default re-sampling would silently drop half of them
         videos_kwargs = {"do_sample_frames": False, "cap_pixels_per_frame": False}
         if cfg.fill_pixel_budget:
             images = [resize_to_budget(image, low, high) for image in images]
