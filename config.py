@@ -27,17 +27,19 @@ class DataConfig:
 class ModelConfig:
     kind: str = "qwen3vl"                    # "qwen3vl" (FashionLens) or "openclip" (dual-encoder baseline)
     backbone: str = "runs/tiny-qwen3vl"      # local directory (Qwen3-VL) or open_clip "NAME:WEIGHTS_FILE"
-    trainable: str = "lora"                  # "lora" (real backbone) or "full" (tiny random backbone)
+    trainable: str = "lora"                  # "lora" (real backbone), "full" (tiny random backbone), "none"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     keep_rope_positions: bool = True         # release: False (inputs_embeds only; 3-D rotary positions lost)
     normed_readout: bool = True              # release: False (pre-norm state via LM head + cache + all states)
-    fp32_trainable: bool = True              # release: False (trainable tensors kept in bf16)
+    fp32_trainable: bool = True              # release: False (calibrator and token vectors in bf16; LoRA fp32 in both)
     dtype: str = "bfloat16"                  # compute dtype on GPU (CPU always computes in fp32)
-    image_pixels: int = 224 * 224            # pixel budget for training and evaluation
-    eval_image_pixels: int = 0               # 0 = same as image_pixels; release: 256 * 256
+    image_pixels: int = 224 * 224            # pixel budget per image (and per video frame), training and evaluation
+    eval_image_pixels: int = 0               # 0 = image_pixels; release: 256 * 256 (evaluation keeps each image
+                                             #   near its own size, between image_pixels and this)
+    fill_pixel_budget: bool = True           # release: False (Qwen2-VL's smart_resize: up to ~27% of it unused)
     video_frames: int = 8
     gradient_checkpointing: bool = False
     attn_implementation: str = "auto"        # "auto": flash_attention_2 on GPU when flash-attn is installed, else sdpa

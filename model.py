@@ -17,16 +17,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (NOTES "ope
 import argparse
 import dataclasses
 import json
+import math
 import random
 import tempfile
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from tqdm import tqdm
 from transformers import (AutoProcessor, PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
@@ -74,10 +77,36 @@ def load_image(path, record_id=None):
         raise data_error(path, f"cannot read image: {err}", record_id) from err
 
 
+def fill_size(height, width, pixels, factor=32):
+    """(height, width) that use a budget of `pixels` fully: sides multiples of `factor` (patch 16 x merge 2), area
+    <= pixels. Each side is the floor or the ceil (in units of factor) of the exact aspect-keeping fit; of those,
+    the one whose worse axis keeps the most resolution, then the largest area. Qwen2-VL's smart_resize floors
+    both sides and leaves up to ~27% of the budget unused (300x300 at 224x224 -> 192x192, 36 tokens, not 49)."""
+    units = pixels // (factor * factor)
+    if units < 1:
+        raise ValueError(f"pixel budget {pixels} is smaller than one {factor}x{factor} patch")
+    exact_h = min(max(math.sqrt(units * height / width), 1.0), units)  # exact_h * exact_w == units
+    exact_w = units / exact_h
+    sides = [(h, w) for h in (math.floor(exact_h), math.ceil(exact_h))
+             for w in (math.floor(exact_w), math.ceil(exact_w)) if h * w <= units]
+    h, w = max(sides, key=lambda s: (min(s[0] / exact_h, s[1] / exact_w), s[0] * s[1]))
+    return h * factor, w * factor
+
+
+def resize_to_budget(image, min_pixels, max_pixels):
+    """The image (PIL) resized by fill_size to its own area clamped to [min_pixels, max_pixels]."""
+    area = min(max(image.width * image.height, min_pixels), max_pixels)
+    height, width = fill_size(image.height, image.width, area)
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
 def load_video(path, num_frames=8, record_id=None):
     """(frames uint8 [num_frames, H, W, 3], VideoMetadata), sampled uniformly with PyAV. Clips with fewer frames
     repeat frames, so exactly num_frames always come back (NOTES "Video": frames are otherwise lost silently)."""
     def uniform(metadata, **kwargs):  # like load_video's own sampling, which refuses clips shorter than num_frames
+        if metadata.total_num_frames == 0:  # .mkv, .webm, .ts store no frame count: count by decoding
+            with av.open(path) as container:
+                metadata.total_num_frames = sum(1 for _ in container.decode(video=0))
         return np.linspace(0, max(metadata.total_num_frames - 1, 0), num_frames).round().astype(int)
 
     if not os.path.isfile(path):  # checked here: load_video would fetch http(s) paths and call others a format error
@@ -227,8 +256,9 @@ class Encoder(nn.Module):
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
     def autocast(self):
-        # SPEC section 3, correction 3: bf16 compute on GPU, fp32 parameters; CPU computes in fp32.
-        return torch.autocast("cuda", dtype=getattr(torch, self.model_cfg.dtype), enabled=self.device.type == "cuda")
+        # bf16 compute on GPU, trainable tensors in fp32 (README "Differences from the release"); CPU runs fp32.
+        dtype = compute_dtype(self.model_cfg, self.device)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def encode_queries(self, queries, batch_size=32, progress=False):
         return self._encode(queries, self.prepare_queries, "query", batch_size, progress)
@@ -279,19 +309,25 @@ def resolve_device(device):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def compute_dtype(model_cfg, device):
+    """Dtype of the frozen backbone weights and of autocast: model.dtype on GPU, fp32 on CPU (no fast bf16 there;
+    tests patch this function to run the bf16 paths on CPU)."""
+    return getattr(torch, model_cfg.dtype) if device.type == "cuda" else torch.float32
+
+
 # ----------------------------------------------------------------------------- FashionLens (Qwen3-VL)
 
 class FashionLensEncoder(Encoder):
-    """Qwen3-VL embedder of SPEC section 3. Each of the four corrections to the release is a ModelConfig
-    switch: keep_rope_positions, normed_readout, fp32_trainable, eval_image_pixels."""
+    """Qwen3-VL embedder of SPEC section 3. Each correction to the release is a ModelConfig switch:
+    keep_rope_positions, normed_readout, fp32_trainable, eval_image_pixels, fill_pixel_budget."""
 
     def __init__(self, model_cfg, calib_cfg, device=None):
         super().__init__()
         device = resolve_device(device)
         self.model_cfg, self.calibrator_cfg = model_cfg, calib_cfg
         # NOTES: transformers 5 loads in the checkpoint's dtype; this CPU has no fast bf16, so CPU runs fp32.
-        dtype = getattr(torch, model_cfg.dtype) if device.type == "cuda" else torch.float32
-        trainable_dtype = torch.float32 if model_cfg.fp32_trainable else dtype
+        dtype = compute_dtype(model_cfg, device)
+        heads_dtype = torch.float32 if model_cfg.fp32_trainable else dtype  # token vectors and calibrator
         self.processor = AutoProcessor.from_pretrained(model_cfg.backbone, local_files_only=True)
         self.padding_side = "right"  # not saved with the tokenizer (NOTES); the readout does not depend on it
         tokenizer = self.processor.tokenizer
@@ -307,15 +343,17 @@ class FashionLensEncoder(Encoder):
                              f"{QUERY_TOKEN}/{TARGET_TOKEN} (ids {self.token_ids})")
         # The two learnable readout tokens start from <|im_end|>'s embedding (SPEC section 3). Their own rows in
         # the embedding table are never used; the <|image_pad|> row must stay untouched (NOTES).
-        im_end = vocab[tokenizer.convert_tokens_to_ids("<|im_end|>")].detach().to(trainable_dtype)
+        im_end = vocab[tokenizer.convert_tokens_to_ids("<|im_end|>")].detach().to(heads_dtype)
         self.query_token = nn.Parameter(im_end.clone())
         self.target_token = nn.Parameter(im_end.clone())
         self.embed_dim = vocab.shape[1]
-        self.calibrator = QueryCalibrator(self.embed_dim, calib_cfg).to(trainable_dtype)
-        self.set_trainable(model_cfg, trainable_dtype)
+        self.calibrator = QueryCalibrator(self.embed_dim, calib_cfg).to(heads_dtype)
+        self.set_trainable(model_cfg)
         self.to(device)
 
-    def set_trainable(self, cfg, trainable_dtype):
+    def set_trainable(self, cfg):
+        """Trainable backbone weights are fp32 whatever model.fp32_trainable says: the release, too, kept LoRA
+        in fp32 (peft creates adapters in the base layer's dtype)."""
         if cfg.gradient_checkpointing:  # before LoRA wrapping, non-reentrant (NOTES "LoRA and DDP")
             self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.trainable == "lora":
@@ -326,11 +364,13 @@ class FashionLensEncoder(Encoder):
                                                target_modules=cfg.lora_targets), self.lm)
             for p in self.lm.parameters():
                 if p.requires_grad:
-                    p.data = p.data.to(trainable_dtype)
+                    p.data = p.data.float()
         elif cfg.trainable == "full":  # the tiny random backbone: LoRA on random weights learns little
-            self.lm.to(trainable_dtype).requires_grad_(True)
+            self.lm.float().requires_grad_(True)
+        elif cfg.trainable == "none":  # inference (load_merged)
+            self.requires_grad_(False)
         else:
-            raise ValueError(f"model.trainable must be 'lora' or 'full', got {cfg.trainable!r}")
+            raise ValueError(f"model.trainable must be 'lora', 'full' or 'none', got {cfg.trainable!r}")
 
     # --- records -> inputs
 
@@ -353,19 +393,26 @@ class FashionLensEncoder(Encoder):
                             train)
 
     def process(self, conversations, images, videos, metadata, train):
-        # One pixel budget for train and eval (SPEC section 3, correction 4); release: eval_image_pixels = 256^2.
+        # One pixel budget per image and per video frame, for train and eval (README "Differences from the
+        # release"); the release evaluates each image between image_pixels and eval_image_pixels (224^2, 256^2).
         cfg = self.model_cfg
-        pixels = cfg.image_pixels if train or not cfg.eval_image_pixels else cfg.eval_image_pixels
-        frames_pixels = pixels * cfg.video_frames  # the video budget covers all frames together
+        low = cfg.image_pixels
+        high = cfg.eval_image_pixels if cfg.eval_image_pixels and not train else low
+        # every decoded frame is kept: the processor's default re-sampling would silently drop half of them
+        videos_kwargs = {"do_sample_frames": False, "cap_pixels_per_frame": False}
+        if cfg.fill_pixel_budget:
+            images = [resize_to_budget(image, low, high) for image in images]
+            videos = [np.stack([np.asarray(resize_to_budget(Image.fromarray(f), low, high)) for f in frames])
+                      for frames in videos]
+            images_kwargs, videos_kwargs["do_resize"] = {"do_resize": False}, False
+        else:  # the release: Qwen2-VL's smart_resize; a video's budget covers all its frames together
+            images_kwargs = {"size": {"shortest_edge": low, "longest_edge": high}}
+            videos_kwargs["size"] = {"shortest_edge": low * cfg.video_frames, "longest_edge": high * cfg.video_frames}
         texts = self.processor.apply_chat_template(conversations, tokenize=False)
         batch = self.processor(
             text=texts, images=images or None, videos=videos or None, video_metadata=metadata or None,
             padding=True, padding_side=self.padding_side, return_tensors="pt",
-            # min = max = budget: every image is resized to about `pixels`, sides multiples of 32 (patch 16 x merge 2)
-            images_kwargs={"size": {"shortest_edge": pixels, "longest_edge": pixels}},
-            # every decoded frame is kept: the default re-sampling would silently drop half of them (NOTES)
-            videos_kwargs={"size": {"shortest_edge": frames_pixels, "longest_edge": frames_pixels},
-                           "do_sample_frames": False, "cap_pixels_per_frame": False})
+            images_kwargs=images_kwargs, videos_kwargs=videos_kwargs)
         return dict(batch)
 
     # --- inputs -> embeddings
@@ -430,13 +477,16 @@ class FashionLensEncoder(Encoder):
 
     def save_merged(self, out_dir):
         """Write a self-contained model: the backbone with LoRA merged into its weights (plain Qwen3-VL layout,
-        loads with from_pretrained), its processor, and fashionlens_heads.pt (the token vectors, the calibrator
-        and both configs). load_merged(out_dir) gives the same embeddings."""
-        state = self.lm.state_dict()
+        loads with from_pretrained), its processor, and fashionlens_heads.pt (the token vectors, the calibrator,
+        both configs and the names of the merged layers). load_merged(out_dir) gives the same embeddings."""
+        state, merged = self.lm.state_dict(), []
         for name, module in self.lm.named_modules():
             if hasattr(module, "get_delta_weight"):  # a peft LoRA layer: base weight + scale * B A
                 base = state.pop(f"{name}.base_layer.weight")
-                state[f"{name}.weight"] = (base.float() + module.get_delta_weight("default").float()).to(base.dtype)
+                # Kept in fp32: rounded to bf16, the part of the delta below half a bf16 step of the base weight
+                # (most of a typical LoRA delta) would be lost.
+                state[f"{name}.weight"] = base.float() + module.get_delta_weight("default").float()
+                merged.append(name)
                 if f"{name}.base_layer.bias" in state:
                     state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
         state = {k: v for k, v in state.items() if "lora_" not in k}
@@ -445,20 +495,50 @@ class FashionLensEncoder(Encoder):
         with staging_dir(out_dir) as tmp:
             self.lm.save_pretrained(tmp, state_dict=state)
             self.processor.save_pretrained(tmp)
-            torch.save({"config": cfgs, "heads": heads}, os.path.join(tmp, "fashionlens_heads.pt"))
+            torch.save({"config": cfgs, "heads": heads, "merged": merged}, os.path.join(tmp, "fashionlens_heads.pt"))
             publish_dir(tmp, out_dir)
 
 
+class SplitLinear(nn.Module):
+    """A frozen linear layer whose fp32 weight is held as two parts in a lower dtype, hi (the weight rounded)
+    plus lo (what the rounding lost): a merged LoRA delta survives bf16 inference, for a second matrix product."""
+
+    def __init__(self, weight, bias, dtype):
+        super().__init__()
+        hi = weight.to(dtype)
+        self.register_buffer("hi", hi)
+        self.register_buffer("lo", (weight.float() - hi.float()).to(dtype))
+        self.bias = bias
+
+    def forward(self, x):
+        return F.linear(x, self.hi, self.bias) + F.linear(x, self.lo)
+
+
 def load_merged(out_dir, device=None):
-    """The encoder written by FashionLensEncoder.save_merged (for inference: every weight counts as trainable)."""
+    """The encoder written by FashionLensEncoder.save_merged, frozen for inference (no gradients, eval mode) in
+    the compute dtype; in bf16 its merged layers are SplitLinear, read from their fp32 weights in the files."""
     saved = torch.load(os.path.join(out_dir, "fashionlens_heads.pt"), map_location="cpu", weights_only=True)
-    model_cfg = ModelConfig(**{**saved["config"]["model"], "backbone": out_dir, "trainable": "full"})
+    model_cfg = ModelConfig(**{**saved["config"]["model"], "backbone": out_dir, "trainable": "none"})
     encoder = FashionLensEncoder(model_cfg, CalibratorConfig(**saved["config"]["calibrator"]), device)
     missing, unexpected = encoder.load_state_dict(saved["heads"], strict=False)
     if unexpected or any(not n.startswith("lm.") for n in missing):
         raise KeyError(f"{out_dir}/fashionlens_heads.pt does not match the encoder: missing "
                        f"{[n for n in missing if not n.startswith('lm.')][:5]}, unexpected {unexpected[:5]}")
-    return encoder
+    dtype = compute_dtype(model_cfg, encoder.device)
+    merged = set(saved["merged"]) if dtype != torch.float32 else set()  # fp32 loads the merged weights exactly
+    for path in sorted(Path(out_dir).glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                name = key.removesuffix(".weight")
+                if name in merged:
+                    parent, _, child = name.rpartition(".")
+                    linear = encoder.lm.get_submodule(name)
+                    split = SplitLinear(f.get_tensor(key).to(encoder.device), linear.bias, dtype)
+                    setattr(encoder.lm.get_submodule(parent), child, split)
+                    merged.remove(name)
+    if merged:
+        raise KeyError(f"{out_dir}: no fp32 weight for merged layers {sorted(merged)[:5]}")
+    return encoder.eval()
 
 
 # ----------------------------------------------------------------------------- open_clip baseline

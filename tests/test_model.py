@@ -24,6 +24,7 @@ def write_png(path, size, seed):
 
 
 def write_mp4(path, frames, seed, size=(96, 64)):
+    """A clip of random frames; the container is chosen by the suffix (.mkv stores no frame count)."""
     rng = np.random.default_rng(seed)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=4)
@@ -92,22 +93,74 @@ def test_every_query_kind_embeds(encoder, media):
     assert torch.allclose(targets["emb"].norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
+def tokens(grid_thw):
+    """Visual tokens per image (per temporal patch for a video): patches / merge 2x2."""
+    return [h * w // 4 for _, h, w in grid_thw.tolist()]
+
+
 def test_video_keeps_every_frame_and_pixel_budget(encoder, media):
+    """Catches: video frames left out of the image budget (not resized: 96x64 -> 6 x 4 patches)."""
     for path in (media["video"], media["short_video"]):
         frames, meta = model.load_video(path, 8)
         assert frames.shape[0] == 8 and len(meta.frames_indices) == 8
     queries = queries_of_every_kind(media)
-    inputs = encoder.prepare_queries(queries[3:4], train=True)
-    t, h, w = inputs["video_grid_thw"][0].tolist()
+    t, h, w = encoder.prepare_queries(queries[3:4], train=True)["video_grid_thw"][0].tolist()
     assert t == 8 // 2  # 8 frames, temporal patch 2: no frame dropped
-    inputs = encoder.prepare_queries(queries[2:3], train=True)
-    for t, h, w in inputs["image_grid_thw"].tolist():
-        assert h % 2 == 0 and w % 2 == 0  # sides multiples of 32 = patch 16 x merge 2
-        assert 0.5 * PIXELS <= h * w * 16 * 16 <= 1.5 * PIXELS
-    eval_budget = build(encoder.model_cfg.backbone, eval_image_pixels=4 * PIXELS)
-    grid_train = eval_budget.prepare_targets(media["images"][2:], train=True)["image_grid_thw"]
-    grid_eval = eval_budget.prepare_targets(media["images"][2:], train=False)["image_grid_thw"]
-    assert grid_eval.prod() == 4 * grid_train.prod()  # 200x200 -> 128x128 (train), 256x256 (eval)
+    # 96x64 frames in 16 units of 32x32: exact fit 4.90 x 3.27 units; 5 x 3 keeps most of the worse axis (see
+    # test_pixel_budget_is_used_fully): 160x96 pixels, a grid of 6 x 10 patches, like a 96x64 image.
+    assert (h, w) == (6, 10)
+
+
+def test_pixel_budget_is_used_fully(tiny_backbone, tmp_path):
+    """At 224x224 (49 units of 32x32) each image gets the sides, in units, within one unit of the exact
+    aspect-keeping fit that keep the most resolution on the worse axis, then the most area, by hand:
+      300x300, 600x600: exact 7 x 7                            -> 7 x 7 = 49 tokens (release: 6 x 6 = 36)
+      750x1101 (w x h): exact 5.78 x 8.48 -> 5|6 x 8|9; 6 x 8 keeps min(6/5.78, 8/8.48) = 94%
+                                                               -> 6 x 8 = 48 tokens (release: 5 x 8 = 40)
+      1920x1080: exact 9.33 x 5.25 -> only 9 x 5 fits          -> 45 tokens (release: 45)
+    The release's smart_resize scales both sides by one factor and floors them.
+    Catches: only the floors of the exact fit as candidates (fill_size), model.fill_pixel_budget ignored."""
+    sizes = [(300, 300), (600, 600), (750, 1101), (1920, 1080)]
+    paths = [str(tmp_path / f"{w}x{h}.png") for w, h in sizes]
+    for (w, h), path in zip(sizes, paths):
+        Image.new("RGB", (w, h), (200, 30, 90)).save(path)
+    enc = build(tiny_backbone, image_pixels=224 * 224)
+    for train in (True, False):
+        assert tokens(enc.prepare_targets(paths, train=train)["image_grid_thw"]) == [49, 49, 48, 45]
+    grid = enc.prepare_targets(paths[2:3], train=True)["image_grid_thw"]
+    assert grid.tolist() == [[1, 16, 12]]  # 256 high, 192 wide: the aspect ratio is not turned around
+    enc.model_cfg.fill_pixel_budget = False
+    assert tokens(enc.prepare_targets(paths, train=True)["image_grid_thw"]) == [36, 36, 40, 45]
+
+
+def test_release_evaluates_between_the_two_budgets(tiny_backbone, tmp_path):
+    """The release evaluates with min 224x224 and max 256x256 pixels (Qwen2-VL's smart_resize), by hand:
+      112x112: rounds to 128x128, under the min: scaled by sqrt(224^2 / 112^2) = 2, ceil -> 224x224, 49 tokens
+      240x240: rounds to 256x256 (7.5 -> 8), within [min, max]                         -> 64 tokens
+      400x300: rounds to 384x288, over the max: scaled by sqrt(65536 / 120000), floor -> 288x192, 54 tokens
+    and trains at 224x224 (112x112 -> 49 tokens).
+    Catches: evaluation forced to exactly 256x256 (min = max = eval_image_pixels: 112x112 -> 64 tokens)."""
+    sizes = [(112, 112), (240, 240), (400, 300)]
+    paths = [str(tmp_path / f"{w}x{h}.png") for w, h in sizes]
+    for (w, h), path in zip(sizes, paths):
+        Image.new("RGB", (w, h), (10, 120, 250)).save(path)
+    release = build(tiny_backbone, image_pixels=224 * 224, eval_image_pixels=256 * 256, fill_pixel_budget=False)
+    assert tokens(release.prepare_targets(paths, train=False)["image_grid_thw"]) == [49, 64, 54]
+    assert tokens(release.prepare_targets(paths[:1], train=True)["image_grid_thw"]) == [49]
+
+
+def test_video_without_frame_count_is_counted_by_decoding(tmp_path):
+    """A container that stores no frame count (.mkv) still gives 8 distinct frames spread over the whole clip,
+    equal to the frames PyAV decodes at the uniform indices round(linspace(0, 11, 8)).
+    Catches: the frame count taken from the container as it is (0 -> 8 copies of frame 0)."""
+    path = write_mp4(tmp_path / "clip.mkv", 12, seed=2)
+    with av.open(path) as container:
+        assert container.streams.video[0].frames == 0  # the case under test
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames, meta = model.load_video(path, 8)
+    assert len(decoded) == 12 and meta.total_num_frames == 12
+    assert meta.frames_indices == [0, 2, 3, 5, 6, 8, 9, 11]  # 11 * k / 7 rounded, by hand
+    assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -189,17 +242,53 @@ def test_lora_trains_only_adapters_tokens_calibrator(tiny_backbone, media):
     assert joint == pytest.approx((a * a + b * b) ** 0.5, rel=1e-5) and summed == pytest.approx(a + b, rel=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_backbone, media):
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_backbone, media):
+    """With checkpointing on, the backward pass re-runs each decoder layer: a forward pre-hook inside layer 0 (on
+    its MLP: transformers checkpoints the layer's `forward`, so hooks on the layer itself stay outside and fire once)
+    runs twice per forward+backward, and once with checkpointing off; the gradients are the same. (A pre-hook:
+    the recompute stops as soon as it has rebuilt what the backward needs, inside the MLP's forward.)
+    Catches: model.gradient_checkpointing ignored (`if cfg.gradient_checkpointing` -> `if False`)."""
     queries = queries_of_every_kind(media)[1:3]
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
-        enc = build(tiny_backbone, trainable="lora", lora_dropout=0.0, gradient_checkpointing=checkpointing)
+        enc = build(tiny_backbone, trainable="lora", lora_dropout=0.0, gradient_checkpointing=checkpointing).train()
         train_a_little(enc, media)  # LoRA B starts at zero: give A a gradient too
+        calls.append(0)
+        hook = enc.lm.model.language_model.layers[0].mlp.register_forward_pre_hook(
+            lambda *_: calls.__setitem__(-1, calls[-1] + 1))
         enc(enc.prepare_queries(queries, train=True), "query")["emb"].square().sum().backward()
+        hook.remove()
         grads.append({n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None})
+    assert calls == [1, 2]
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
+@pytest.fixture
+def bf16_on_cpu(monkeypatch):
+    """Run the GPU dtype path on CPU: bf16 backbone weights and bf16 autocast."""
+    monkeypatch.setattr(model, "compute_dtype", lambda model_cfg, device: torch.bfloat16)
+
+
+@pytest.mark.parametrize("fp32_trainable", [True, False])
+def test_fp32_trainable_decides_only_the_heads_dtype(tiny_backbone, media, bf16_on_cpu, fp32_trainable):
+    """In bf16, model.fp32_trainable=false puts the calibrator and the two token vectors in bf16 (the release) and
+    nothing else: LoRA adapters stay fp32 either way, the frozen backbone is bf16, and a training step runs.
+    Catches: the LoRA adapters cast with the heads (`p.data.float()` -> `p.data.to(heads_dtype)`), and the switch
+    ignored (`heads_dtype = torch.float32`)."""
+    enc = build(tiny_backbone, trainable="lora", fp32_trainable=fp32_trainable).train()
+    heads = torch.float32 if fp32_trainable else torch.bfloat16
+    dtypes = {n: p.dtype for n, p in enc.named_parameters()}
+    assert dtypes["query_token"] == dtypes["target_token"] == heads
+    assert {d for n, d in dtypes.items() if n.startswith("calibrator.")} == {heads}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n.startswith("lm.") and "lora_" not in n} == {torch.bfloat16}
+    queries = queries_of_every_kind(media)[1:2]
+    loss = (enc(enc.prepare_queries(queries, train=True), "query")["emb"]
+            * enc(enc.prepare_targets(media["images"][:1], train=True), "target")["emb"]).sum()
+    loss.backward()
+    assert enc.query_token.grad.dtype == heads and enc.query_token.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("trainable", ["lora", "full"])
@@ -227,6 +316,45 @@ def test_merged_export_gives_the_same_embeddings(tiny_backbone, media, tmp_path)
     queries = queries_of_every_kind(media)
     assert (merged.encode_queries(queries) - trained.encode_queries(queries)).abs().max() < 1e-5
     assert (merged.encode_targets(media["images"]) - trained.encode_targets(media["images"])).abs().max() < 1e-5
+
+
+def test_merged_export_is_exact_and_frozen_in_bf16(tiny_backbone, media, tmp_path, bf16_on_cpu):
+    """In bf16 (the GPU path, run on CPU), the merged export loads frozen (no gradients, eval mode) in bf16 and
+    gives the adapter model's embeddings (cosine >= 0.9999) with a LoRA delta that moves them (cosine < 0.99
+    without it). Each merged layer's weight equals base + alpha/r * B A, computed here from the LoRA factors, to
+    2^-15 relative (hi + lo, two bf16 parts) and 1e-8 (fp32 arithmetic). The embeddings cannot show the old
+    rounding (in bf16 both models carry rounding noise of its size, 1 - cosine ~ 5e-5); the weights can (a merge
+    rounded to bf16 is off by up to 2^-8 relative).
+    Catches: the merge rounded to bf16 (`base.float() + delta` -> `(base.float() + delta).to(base.dtype)`),
+    load_merged's weights left trainable (trainable "none" -> "full") or in train mode (no `.eval()`), merged
+    layers left plain bf16 Linear (no SplitLinear)."""
+    trained = build(tiny_backbone, trainable="lora", lora_dropout=0.0)
+    train_a_little(trained, media)
+    trained.eval()
+    lora = {n[:-len(".lora_A.default")]: m for n, m in trained.lm.named_modules() if n.endswith(".lora_A.default")}
+    expected = {name: module.base_layer.weight.double()
+                + trained.model_cfg.lora_alpha / trained.model_cfg.lora_r
+                * (module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double())
+                for name, module in ((n, trained.lm.get_submodule(n)) for n in lora)}
+    queries = queries_of_every_kind(media)
+    adapter = torch.cat([trained.encode_queries(queries), trained.encode_targets(media["images"])])
+    trained.save_merged(str(tmp_path / "merged"))
+    merged = model.load_merged(str(tmp_path / "merged"), device="cpu")
+    assert not merged.training and not merged.lm.training
+    assert not any(p.requires_grad for p in merged.parameters())
+    assert {p.dtype for p in merged.lm.parameters()} | {b.dtype for b in merged.lm.buffers()
+                                                       if b.is_floating_point() and b.ndim == 2} == {torch.bfloat16}
+    assert expected and len(expected) == sum(isinstance(m, model.SplitLinear) for m in merged.lm.modules())
+    for name, weight in expected.items():
+        split = merged.lm.get_submodule(name)
+        assert torch.allclose(split.hi.double() + split.lo.double(), weight, rtol=2 ** -15, atol=1e-8), name
+    ours = torch.cat([merged.encode_queries(queries), merged.encode_targets(media["images"])])
+    assert F.cosine_similarity(ours, adapter).min() >= 0.9999
+    with torch.no_grad():
+        for module in lora.values():
+            module.weight.zero_()  # B A = 0: the backbone without LoRA
+    without = torch.cat([trained.encode_queries(queries), trained.encode_targets(media["images"])])
+    assert F.cosine_similarity(without, adapter).max() < 0.99
 
 
 def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media, tmp_path):
