@@ -97,8 +97,8 @@ def test_prompt_of_every_task_family_is_the_release_prompt(encoder, media):
     """Each task family's prompt, rendered through the real directory, is byte for byte the release's
     processor.apply_chat_template(conversation, tokenize=False) with Qwen3-VL's template (written out by hand),
     and the ids around the readout are <|im_start|> assistant \\n <|MEAN|>/<|IMG|> <|im_end|> \\n.
-    Catches: the package's tokenizer_config.json copied as it is and no chat_template.json (Qwen3's text template:
-    the prompt fails to render); media placed before the instruction in prepare_queries; a wrong readout id."""
+    Catches: Qwen3's text template (the tokenizer package's) as the directory's chat template (it cannot render
+    Qwen3-VL's list contents); media placed before the instruction in prepare_queries."""
     sketch, street, square = media["photos"][750, 1101], media["photos"][1920, 1080], media["photos"][300, 300]
     families = {
         "text": (record("A navy wool coat with a belt."), "A navy wool coat with a belt."),
@@ -151,7 +151,8 @@ def test_visual_tokens_follow_the_pixel_budget_and_the_published_resize_rule(enc
     - 8 frames of 640 x 360: beta = sqrt(8 * 230400 / 401408) = 2.143 -> h 168.0 -> 160, w 298.7 -> 288:
       4 x 10 x 18 patches, 4 x 45 = 180 tokens.
     Catches: the image budget not passed to the processor (the published minimum of 65,536 pixels and maximum
-    of 16,777,216 apply: 1088 x 736 for the first photo); frames re-sampled (8 -> 4 frames: 2 temporal patches)."""
+    of 16,777,216 apply: 1088 x 736 for the first photo); do_sample_frames=False dropped (the clip is re-sampled
+    to 4 frames: grid 2 x 14 x 26)."""
     photos = [media["photos"][s] for s in [(750, 1101), (1920, 1080), (300, 300)]]
     inputs = encoder.prepare_targets(photos, train=False)
     assert inputs["image_grid_thw"].tolist() == [[1, 16, 10], [1, 10, 18], [1, 12, 12]]
@@ -165,7 +166,7 @@ def test_train_step_evaluation_and_reload_end_to_end(real_backbone, mini_root, t
     """train.py on the real layout: one step of batch 4 in chunks of 2 (gradient caching), LoRA on, calibrator on;
     the end-of-run validation ranks a small gallery; the checkpoint reloads (evaluate.load_encoder) to the same
     embeddings. Catches: load_trainable_state_dict not copying the saved tensors (the reloaded encoder keeps its
-    fresh LoRA, tokens and calibrator); LoRA not trained (lora_B still zero)."""
+    fresh LoRA, tokens and calibrator)."""
     from evaluate import load_encoder
     from prepare_data import TrainSet
     from train import load_checkpoint, train
