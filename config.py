@@ -36,7 +36,7 @@ class ModelConfig:
     eval_image_pixels: int = 0               # 0 = same as image_pixels; release: 256 * 256
     video_frames: int = 8
     gradient_checkpointing: bool = False
-    attn_implementation: str = "auto"        # "auto": flash_attention_2 on GPU when flash-attn is installed, else sdpa
+    attn_implementation: str = "auto"        # "auto": flash_attention_2 on GPU when flash-attn loads, else sdpa
 
 
 @dataclass
