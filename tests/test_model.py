@@ -23,11 +23,11 @@ def write_png(path, size, seed):
     return str(path)
 
 
-def write_mp4(path, frames, seed, size=(96, 64)):
+def write_mp4(path, frames, seed, size=(96, 64), rate=4):
     """A clip of random frames; the container is chosen by the suffix (.mkv stores no frame count)."""
     rng = np.random.default_rng(seed)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
+        stream = container.add_stream("mpeg4", rate=rate)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         for _ in range(frames):
             image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -16,6 +15,7 @@ from safetensors import safe_open
 
 import model
 from config import CalibratorConfig, Config, ModelConfig
+from test_model import write_mp4
 
 # Qwen's vocabulary (vocab.json / tokenizer_config.json of the real tokenizer).
 IM_START, IM_END, NEWLINE, ASSISTANT = 151644, 151645, 198, 77091   # "<|im_start|>", "<|im_end|>", "\n", "assistant"
@@ -50,20 +50,6 @@ def encoder(real_backbone):
                                     "cpu").eval()
 
 
-def write_mp4(path, frames, size):
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for _ in range(frames):
-            image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     """Photos at real sizes (width x height) and an 8-frame 640x360 clip."""
@@ -73,7 +59,7 @@ def media(tmp_path_factory):
     for w, h in [(750, 1101), (1920, 1080), (300, 300)]:
         photos[w, h] = str(d / f"{w}x{h}.jpg")
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos[w, h])
-    return {"photos": photos, "video": write_mp4(d / "clip.mp4", 8, (640, 360))}
+    return {"photos": photos, "video": write_mp4(d / "clip.mp4", 8, 0, (640, 360), rate=8)}
 
 
 def record(text, images=(), video=()):

@@ -243,15 +243,8 @@ def test_release_config_reproduces_the_release_regulariser_weight():
         assert cfg.train.batch_size / chunk == 64 / RELEASE_CHUNKS[name], key
 
 
-def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbone, tmp_path):
-    """With train.gather_negatives every rank must take part in the gathers. Rank 1's only record is unreadable;
-    before it joined with no rows, rank 0 waited on it forever. Both ranks must end with the gradient that rank
-    0's records give in a single process. (The calibrator's regularisers are off: each rank averages them over
-    its own batch, like the loss without gathered negatives, so with uneven ranks they are weighted per rank.)"""
-    examples = make_examples(tmp_path, 3)
-    (tmp_path / "broken.png").write_bytes(b"not a png")
-    examples[2]["target_image"] = str(tmp_path / "broken.png")
-    (tmp_path / "batches.json").write_text(json.dumps([examples[:2], examples[2:]]))
+def step_script(tmp_path, tiny_backbone, body):
+    """A torchrun script: this rank's full-training tiny encoder config in `cfg`, then `body`."""
     script = tmp_path / "step.py"
     script.write_text(
         "import json, sys, torch, torch.distributed as dist\n"
@@ -261,6 +254,20 @@ def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbo
         "setup_distributed()\nrank = dist.get_rank()\n"
         "cfg = Config()\n"
         f"cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = {tiny_backbone!r}, 'full', 64 * 64\n"
+        + body)
+    return script
+
+
+def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbone, tmp_path):
+    """With train.gather_negatives every rank must take part in the gathers. Rank 1's only record is unreadable;
+    before it joined with no rows, rank 0 waited on it forever. Both ranks must end with the gradient that rank
+    0's records give in a single process. (The calibrator's regularisers are off: each rank averages them over
+    its own batch, like the loss without gathered negatives, so with uneven ranks they are weighted per rank.)"""
+    examples = make_examples(tmp_path, 3)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    examples[2]["target_image"] = str(tmp_path / "broken.png")
+    (tmp_path / "batches.json").write_text(json.dumps([examples[:2], examples[2:]]))
+    script = step_script(tmp_path, tiny_backbone,
         "cfg.train.gather_negatives = True\n"
         "cfg.calibrator.fro_weight = cfg.calibrator.orth_weight = 0.0\n"
         "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu').train()\n"
@@ -296,15 +303,7 @@ def test_two_processes_step_like_one_process(tiny_backbone, tmp_path):
     gradients dropped."""
     examples = make_examples(tmp_path, 4)
     (tmp_path / "examples.json").write_text(json.dumps(examples))
-    script = tmp_path / "step.py"
-    script.write_text(
-        "import json, sys, torch, torch.distributed as dist\n"
-        f"sys.path.insert(0, {REPO!r})\n"
-        "from config import Config\nfrom model import build_encoder\n"
-        "from train import average_gradients, cached_step, setup_distributed\n"
-        "setup_distributed()\nrank = dist.get_rank()\n"
-        "cfg = Config()\n"
-        f"cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = {tiny_backbone!r}, 'full', 64 * 64\n"
+    script = step_script(tmp_path, tiny_backbone,
         "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu').train()\n"
         "torch.manual_seed(1)\n"
         "with torch.no_grad():\n"
