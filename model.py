@@ -410,7 +410,7 @@ def compute_dtype(model_cfg, device):
 # ----------------------------------------------------------------------------- FashionLens (Qwen3-VL)
 
 class FashionLensEncoder(Encoder):
-    """Qwen3-VL embedder of SPEC section 3. Each correction to the release is a ModelConfig switch:
+    """Qwen3-VL embedder of paper section IV-B. Each correction to the release is a ModelConfig switch:
     keep_rope_positions, normed_readout, fp32_trainable, eval_image_pixels, fill_pixel_budget."""
 
     def __init__(self, model_cfg, calib_cfg, device=None):

@@ -97,7 +97,7 @@ def in_root(root, rel, path, record_id=None):
 
 
 def check_records(records, path, required, lists=MEDIA_FIELDS):
-    """Schema of a triplet file (SPEC §2): a non-empty list of objects, unique string ids, typed fields, a target."""
+    """Schema of a triplet file (paper section III): a non-empty list of objects, unique string ids, typed fields, a target."""
     if not isinstance(records, list):
         raise DataError(path, f"expected a JSON list of records, got {type(records).__name__}")
     if not records:

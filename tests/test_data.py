@@ -350,16 +350,22 @@ def test_failed_generation_leaves_no_partial_output(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["old"] and os.listdir(old) == ["marker"]
 
 
+def drop_target_from_test_gallery(root, key, i):
+    """Remove test record i's targets from the test gallery file; returns (test records, gallery file)."""
+    records = load_records(root, key, "test")
+    candidates = pd.candidate_path(root, key, "test")
+    with open(candidates) as f:
+        listed = json.load(f)
+    pd.write_json(candidates, [p for p in listed if os.path.join(root, p) not in records[i]["target_image"]])
+    return records, candidates
+
+
 def test_validator_builds_the_eval_sets_as_evaluation_does(mini_root, tmp_path):
     """A target missing from the gallery, an asfr label missing from the pool and an empty test triplet file are
     errors (exit 1), each naming its file and record. Catches: the validator not building the val/test sets, or
     building them non-strictly; an empty record list accepted."""
     root = copy_tree(mini_root, tmp_path)
-    cir = load_records(root, "7_cir_Shoes", "test")
-    candidates = pd.candidate_path(root, "7_cir_Shoes", "test")
-    with open(candidates) as f:
-        listed = json.load(f)
-    pd.write_json(candidates, [p for p in listed if os.path.join(root, p) not in cir[0]["target_image"]])
+    cir, candidates = drop_target_from_test_gallery(root, "7_cir_Shoes", 0)
     darn = load_records(root, "9_asfr_DARN", "val")
     pool_path = pd.candidate_path(root, "9_asfr_DARN", "val")
     with open(pool_path) as f:
@@ -385,11 +391,7 @@ def test_a_query_without_its_target_in_the_gallery_is_a_miss(mini_root, tiny_bac
     dropped (or refused) by default, missing not counted, strict ignored, evaluate.py not passing --strict."""
     import evaluate
     root = copy_tree(mini_root, tmp_path)
-    cir = load_records(root, "7_cir_Shoes", "test")
-    candidates = pd.candidate_path(root, "7_cir_Shoes", "test")
-    with open(candidates) as f:
-        listed = json.load(f)
-    pd.write_json(candidates, [p for p in listed if os.path.join(root, p) not in cir[1]["target_image"]])
+    cir, candidates = drop_target_from_test_gallery(root, "7_cir_Shoes", 1)
     ev = build_eval_set(root, "7_cir_Shoes", "test")
     assert [q["id"] for q in ev.queries] == [r["id"] for r in cir] and ev.missing == 1
     assert ev.ground_truth[1] == [] and all(ev.ground_truth[:1] + ev.ground_truth[2:])
