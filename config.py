@@ -95,6 +95,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100                    # write last.pt every N steps (and at the end)
     eval_batch_size: int = 32
+    dist_timeout_s: int = 1800               # a collective waiting longer (a dead or stuck rank) fails the job
 
 
 @dataclass

@@ -8,6 +8,7 @@ targets. The batch is pushed through the encoder in chunks with exact gradient c
 averaged across processes once per step. Checkpoints hold everything needed to resume bit-for-bit.
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -35,11 +36,12 @@ def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def setup_distributed():
-    """torchrun sets WORLD_SIZE; NCCL on GPU, gloo on CPU (one thread per rank: 2 cores here)."""
+def setup_distributed(timeout_s=1800):
+    """torchrun sets WORLD_SIZE; NCCL on GPU, gloo on CPU (one thread per rank: 2 cores here). A collective that
+    waits longer than timeout_s (a dead or stuck rank) fails instead of hanging the job."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         if backend == "gloo":
             torch.set_num_threads(1)
     rank, _ = world()
@@ -241,6 +243,32 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def checkpoint_to_resume(path, resume):
+    """The checkpoint every rank resumes from, or None for a fresh start. Rank 0 alone decides and reads it and
+    sends it to the others: a rank must never start fresh because its own file system lacks the file."""
+    rank, size = world()
+    ckpt = load_checkpoint(path) if rank == 0 and resume and os.path.exists(path) else None
+    if size > 1:
+        box = [ckpt]
+        dist.broadcast_object_list(box, src=0)
+        ckpt = box[0]
+    return ckpt
+
+
+def check_ranks_agree(encoder, when):
+    """Every rank's trainable weights must equal rank 0's (a checksum per tensor, compared across ranks): data
+    parallel training keeps them equal only if they start equal."""
+    rank, size = world()
+    if size == 1:
+        return
+    sums = [float(p.detach().double().sum()) for p in encoder.parameters() if p.requires_grad]
+    every = gather_list([sums])
+    differing = [r for r in range(size) if every[r] != every[0]]
+    if differing:
+        raise RuntimeError(f"{when}: the trainable weights of rank(s) {differing} differ from rank 0's "
+                           f"(checksums); every rank must start from the same weights")
+
+
 # ----------------------------------------------------------------------------- the training loop
 
 def learning_rate_factor(cfg, total_steps):
@@ -268,6 +296,21 @@ def batch_examples(train_set, indices, cfg, step, rank):
         e["negative_image"] = [e["negative_image"][i] for i in picked]
         e["negative_label"] = [e["negative_label"][i] for i in picked]
     return examples
+
+
+def batch_report(cfg, sampler, size):
+    """What one step holds, said once at start: the per-process and global batch, what each query is scored
+    against, and the sub-datasets too small for one global batch."""
+    batch, gathered = cfg.train.batch_size, cfg.train.gather_negatives and size > 1
+    targets, source = (batch * size, "gathered from every process") if gathered else (batch, "its own process's")
+    lines = [f"batch {batch} per process x {size} process(es) = global batch {batch * size}; each query is scored "
+             f"against {targets} in-batch targets ({source}; plus up to {cfg.train.asfr_hard_negatives} hard "
+             f"negatives per asfr query); {sampler.epoch_length} steps per epoch"]
+    for key, n, b in zip(sampler.keys, sampler.sizes, sampler.batch):
+        if b < batch:
+            lines.append(f"  {key}: {n} training records, fewer than one global batch of {batch * size}: it trains "
+                         f"with {b} per process and adds no steps to the epoch length")
+    return "\n".join(lines)
 
 
 def average_gradients(params):
@@ -308,7 +351,7 @@ def peak_memory_mb(device):
 
 def train(cfg, resume=False, stop_after=None):
     """Run training to the end (or, for tests that simulate a killed run, return after `stop_after` steps)."""
-    device = setup_distributed()
+    device = setup_distributed(cfg.train.dist_timeout_s)
     rank, size = world()
     os.makedirs(cfg.train.out_dir, exist_ok=True)
     last_path = os.path.join(cfg.train.out_dir, "last.pt")
@@ -339,8 +382,8 @@ def train(cfg, resume=False, stop_after=None):
     # Unreadable training records, as "key/id": shared by every rank, excluded from sampling once found, counted
     # once each against data.max_bad_records, and saved in the checkpoint so a resumed run keeps skipping them.
     step, best_score, bad_records = 0, -1.0, set()
-    if resume and os.path.exists(last_path):
-        ckpt = load_checkpoint(last_path)
+    ckpt = checkpoint_to_resume(last_path, resume)
+    if ckpt is not None:
         if ckpt["config"] != cfg.to_dict():
             raise ValueError(f"{last_path} was written with another config; resume with the same config")
         encoder.load_trainable_state_dict(ckpt["model"])
@@ -353,6 +396,9 @@ def train(cfg, resume=False, stop_after=None):
             print(f"resumed {last_path} at step {step}")
     elif rank == 0 and os.path.exists(log_path):
         os.remove(log_path)                      # a fresh run starts a fresh log; a resumed one appends
+    check_ranks_agree(encoder, f"resuming {last_path} at step {step}" if ckpt is not None else "at start")
+    if rank == 0:
+        print(batch_report(cfg, sampler, size))
 
     def log(record):
         if rank == 0:
@@ -385,11 +431,14 @@ def train(cfg, resume=False, stop_after=None):
         sampler.update(key, joint if cfg.sampler.difficulty == "joint" else summed, device=device)
         step += 1
 
-        samples = (stats or {}).get("samples", 0)
+        samples, elapsed = (stats or {}).get("samples", 0), time.time() - started
         record = {"step": step, "epoch": sampler.epoch, "key": key, **(stats or {}), "lr": scheduler.get_last_lr()[0],
                   "probs": sampler.probabilities(), "difficulty": sampler.difficulties(),
-                  "samples_per_s": samples * size / (time.time() - started), "peak_mem_mb": peak_memory_mb(device)}
+                  "samples_per_s": samples * size / elapsed, "peak_mem_mb": peak_memory_mb(device)}
         if step % cfg.train.log_every == 0 or step == total_steps:
+            # Every rank's step time (a collective, at the same steps on every rank): a straggler shows here.
+            times = gather_list([round(elapsed, 4)])
+            record.update(step_time_s=times, slowest_rank=int(np.argmax(times)))
             log(record)
         bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", task=key.split("_", 2)[-1],
                         sps=f"{record['samples_per_s']:.1f}")

@@ -14,7 +14,8 @@ import train as train_module
 from config import Config, load_config
 from model import build_encoder
 from prepare_data import SUB_DATASETS, TrainSet
-from train import contrastive_loss, cached_step, load_checkpoint, rng_states, train
+from sampler import TaskSampler
+from train import batch_report, contrastive_loss, cached_step, load_checkpoint, rng_states, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -433,12 +434,86 @@ def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbon
     assert [r["key"] for r in logs[0]] == [r["key"] for r in logs[1]] and len(logs[0]) == 4
     for two, single in zip(*logs):
         assert two["contrastive"] == pytest.approx(single["contrastive"], abs=1e-5), two["step"]
+    assert all(len(r["step_time_s"]) == 2 and r["slowest_rank"] in (0, 1) for r in logs[0])   # every rank's time
     two, single = (load_checkpoint(tmp_path / run / "last.pt") for run in ("two", "one"))
     assert len(two["rng"]) == 2 and two["step"] == single["step"] == 4
     assert_same_state(two["model"], single["model"], "model", atol=1e-6)
     assert_same_state(two["optimizer"], single["optimizer"], "optimizer", atol=1e-6)
     for name in ("G", "P", "positions", "passes"):
         assert_same_state(two["sampler"][name], single["sampler"][name], name, atol=1e-6)
+
+
+def test_resume_is_decided_by_rank_0_and_reaches_every_rank(tiny_backbone, mini_root, tmp_path):
+    """Two processes resume a run whose last.pt only rank 0 can see (rank 1's os.path.exists says no, as on a
+    node without the shared output directory): both must resume and end with identical weights.
+    Catches: each rank deciding from its own file system (rank 1 starts fresh; the start-up weight check then
+    stops the run, and without that check the ranks' weights differ at the end)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from config import load_config\nfrom train import setup_distributed, train\n"
+        "setup_distributed()\n"
+        "if dist.get_rank() == 1:\n"
+        "    exists = os.path.exists\n"
+        "    os.path.exists = lambda p: False if str(p).endswith('last.pt') else exists(p)\n"
+        "cfg = load_config(sys.argv[1], sys.argv[4:])\n"
+        "encoder, _ = train(cfg, resume=sys.argv[2] == 'resume', stop_after=int(sys.argv[3]))\n"
+        "torch.save(encoder.trainable_state_dict(), f'{cfg.train.out_dir}/rank{dist.get_rank()}.pt')\n")
+    overrides = run_overrides(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=4", "train.save_every=2",
+                              "train.batch_size=2")
+    config = os.path.join(REPO, "configs", "tiny.yaml")
+    torchrun(script, config, "fresh", 3, *overrides)            # killed after step 3: last.pt holds step 2
+    proc = torchrun(script, config, "resume", 4, *overrides)
+    assert "at step 2" in proc.stdout
+    rank0, rank1 = (torch.load(tmp_path / "run" / f"rank{r}.pt") for r in (0, 1))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_ranks_starting_from_different_weights_stop_with_a_clear_error(tiny_backbone, tmp_path):
+    """Data parallel training keeps ranks equal only if they start equal: a rank whose weights differ from rank
+    0's is named and the run stops. Catches: the start-up checksum comparison skipped."""
+    script = step_script(tmp_path, tiny_backbone,
+        "from train import check_ranks_agree\n"
+        "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu')\n"
+        "if rank == 1:\n"
+        "    with torch.no_grad(): encoder.query_token[0] += 1e-3\n"
+        "check_ranks_agree(encoder, 'at start')\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    assert "at start: the trainable weights of rank(s) [1] differ from rank 0's" in proc.stderr
+
+
+def test_batch_report_states_global_batch_negatives_and_small_sub_datasets():
+    """8 processes x 64 with gathered negatives: global batch 512, 512 in-batch targets, epoch of 5000 // 512 = 9
+    steps; 300 and 40 records are fewer than one global batch and train with 300 // 8 = 37 and 40 // 8 = 5 per
+    process. Catches: the world size left out of the global batch or the negatives; a small sub-dataset not
+    reported."""
+    cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), ["train.gather_negatives=true"])
+    sampler = TaskSampler({"a": 5000, "b": 300, "c": 40}, cfg.sampler, 64, world_size=8)
+    lines = batch_report(cfg, sampler, 8).splitlines()
+    assert lines[0].startswith("batch 64 per process x 8 process(es) = global batch 512; each query is scored "
+                               "against 512 in-batch targets (gathered from every process;")
+    assert lines[0].endswith("9 steps per epoch")
+    assert lines[1:] == [f"  {k}: {n} training records, fewer than one global batch of 512: it trains with {b} per "
+                         f"process and adds no steps to the epoch length" for k, n, b in (("b", 300, 37), ("c", 40, 5))]
+    cfg.train.gather_negatives = False
+    assert "against 64 in-batch targets (its own process's;" in batch_report(cfg, sampler, 8)
+
+
+def test_process_group_timeout_comes_from_the_config(monkeypatch):
+    """train.dist_timeout_s reaches init_process_group. Catches: the timeout not passed (torch's default)."""
+    import datetime
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_module.dist, "init_process_group", lambda backend, **kw: seen.update(kw))
+    monkeypatch.setattr(train_module, "world", lambda: (0, 2))
+    train_module.setup_distributed(timeout_s=123)
+    assert seen["timeout"] == datetime.timedelta(seconds=123)
 
 
 def test_corrupt_record_is_reported_once_and_left_out(tiny_backbone, mini_root, tmp_path, monkeypatch, capsys):
