@@ -1,7 +1,7 @@
 """Train FashionLens (paper section IV-E; SPEC sections 5 and 6).
 
     python train.py configs/tiny.yaml [section.key=value ...] [--resume]
-    torchrun --nproc_per_node=8 train.py configs/full.yaml
+    torchrun --nproc_per_node=8 --max-restarts=3 train.py configs/full.yaml    # restarts resume from last.pt
 
 Every step trains on one sub-dataset chosen by GGAS (sampler.py), with an InfoNCE loss over that batch's
 targets. The batch is pushed through the encoder in chunks with exact gradient caching, and gradients are
@@ -470,7 +470,10 @@ def main():
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if it exists")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    _, best = train(cfg, resume=args.resume)
+    # torchrun --max-restarts=N starts every worker again after one dies, with TORCHELASTIC_RESTART_COUNT > 0:
+    # a restarted run continues from last.pt by itself.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    _, best = train(cfg, resume=args.resume or restarted)
     if world()[0] == 0:
         print(f"best validation score (sum of Recall@1): {best:.2f}; checkpoints in {cfg.train.out_dir}")
     if dist.is_initialized():

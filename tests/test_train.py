@@ -3,6 +3,7 @@ and a loss that falls on U-FIRE-mini."""
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 
@@ -20,14 +21,15 @@ from train import batch_report, contrastive_loss, cached_step, load_checkpoint, 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(script, *args, nproc=2, timeout=600):
-    """Run `script` under torchrun on CPU. --standalone picks a free rendezvous port, so two test sessions at
-    once never collide."""
+def torchrun(script, *args, nproc=2, launcher=(), check=True, timeout=600):
+    """Run `script` under torchrun on CPU (`launcher`: extra torchrun options). --standalone picks a free
+    rendezvous port, so two test sessions at once never collide."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                           *launcher, str(script), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
@@ -411,10 +413,32 @@ def test_checkpoint_rng_states_load_as_cpu_byte_tensors(tmp_path):
     torch.set_rng_state(state)
 
 
-def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbone, mini_root, tmp_path):
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(script, *args, timeout=600):
+    """Two torchrun launches of one gloo process each, as on two nodes: --nnodes=2, node ranks 0 and 1, a c10d
+    rendezvous on 127.0.0.1 at a free port."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+            "--rdzv_id=fashionlens-test"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, f"--node_rank={n}", str(script),
+                               *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=REPO) for n in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=timeout)
+        assert node.returncode == 0, err[-3000:]
+
+
+@pytest.mark.parametrize("launch", ["one node", "two nodes"])
+def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbone, mini_root, tmp_path, launch):
     """torchrun with 2 processes x batch 2 and cross-process negatives must train like 1 process with batch 4:
     the same records per step, the same loss at every step and, after 4 steps, the same weights, optimizer
-    moments and GGAS state (which sub-dataset is drawn depends on the averaged token gradients).
+    moments and GGAS state (which sub-dataset is drawn depends on the averaged token gradients). Launched as one
+    node with 2 processes, and as two nodes of one process each (--nnodes=2, c10d rendezvous on 127.0.0.1).
     Catches: gradients summed instead of averaged (the optimizer's second moments and GGAS's difficulty double);
     rank 1's positives pointing at rank 0's targets (`t_starts[r] + i` -> `i`); ranks reading the same records."""
     # One target per record and no hard negatives: nothing is drawn per rank. No dropout (full training).
@@ -427,7 +451,8 @@ def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbon
         f"sys.path.insert(0, {REPO!r})\n"
         "from config import load_config\nfrom train import train\n"
         "train(load_config(sys.argv[1], sys.argv[2:]))\n")
-    torchrun(script, os.path.join(REPO, "configs", "tiny.yaml"), *overrides)
+    (torchrun if launch == "one node" else launch_two_nodes)(script, os.path.join(REPO, "configs", "tiny.yaml"),
+                                                             *overrides)
     train(run_config(tiny_backbone, mini_root, tmp_path / "one", *common, "train.batch_size=4"))
 
     logs = [[r for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "loss" in r] for run in ("two", "one")]
@@ -441,6 +466,39 @@ def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbon
     assert_same_state(two["optimizer"], single["optimizer"], "optimizer", atol=1e-6)
     for name in ("G", "P", "positions", "passes"):
         assert_same_state(two["sampler"][name], single["sampler"][name], name, atol=1e-6)
+
+
+def test_killed_worker_restarts_and_continues_from_last_checkpoint(tiny_backbone, mini_root, tmp_path):
+    """Under torchrun --max-restarts=1, rank 1 is killed (SIGKILL) during step 3 (last.pt holds step 2): torchrun
+    starts both workers again, they resume from last.pt by themselves and end with exactly the uninterrupted
+    2-process run's last.pt. Catches: a restarted worker starting fresh (TORCHELASTIC_RESTART_COUNT ignored: it
+    would train 4 steps from scratch with another log and state)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import train\n"
+        "kill_at, calls, step = int(sys.argv[1]), [0], train.cached_step\n"
+        "def dying_step(*args):\n"
+        "    calls[0] += 1\n"
+        "    if (calls[0] == kill_at and os.environ['RANK'] == '1'\n"
+        "            and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(*args)\n"
+        "train.cached_step = dying_step\n"
+        "sys.argv = ['train.py'] + sys.argv[2:]\n"
+        "train.main()\n")
+    runs = {}
+    for name, kill_at in (("straight", 0), ("killed", 3)):
+        overrides = run_overrides(tiny_backbone, mini_root, tmp_path / name, "train.max_steps=4",
+                                  "train.save_every=2", "train.batch_size=2")
+        proc = torchrun(script, kill_at, os.path.join(REPO, "configs", "tiny.yaml"), *overrides,
+                        launcher=["--max-restarts=1"])
+        runs[name] = load_checkpoint(tmp_path / name / "last.pt")
+        runs[name]["config"]["train"].pop("out_dir")
+    assert "resumed" in proc.stdout and "at step 2" in proc.stdout
+    assert logged_steps(tmp_path / "killed")[-2:] == [3, 4] and logged_steps(tmp_path / "killed").count(1) == 1
+    assert_same_state(runs["straight"], runs["killed"])
 
 
 def test_resume_is_decided_by_rank_0_and_reaches_every_rank(tiny_backbone, mini_root, tmp_path):
@@ -480,9 +538,7 @@ def test_ranks_starting_from_different_weights_stop_with_a_clear_error(tiny_back
         "if rank == 1:\n"
         "    with torch.no_grad(): encoder.query_token[0] += 1e-3\n"
         "check_ranks_agree(encoder, 'at start')\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    proc = torchrun(script, check=False)
     assert proc.returncode != 0
     assert "at start: the trainable weights of rank(s) [1] differ from rank 0's" in proc.stderr
 
