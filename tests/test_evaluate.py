@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import evaluate
 from evaluate import (EvaluationError, chance_recall, evaluate_sets, file_key, fingerprint, format_table, main,
                       recall_at_k, resolve_backbone, score)
+from launch import launch_two_nodes
 from prepare_data import EvalSet
 
 
@@ -342,6 +343,26 @@ def test_two_gloo_processes_equal_one(tmp_path):
     assert json.loads(json.dumps(evaluate_sets(rerun, make_sets(), batch_size=2, cache_dir=cache,
                                                progress=False))) == single
     assert rerun.targets == []
+
+
+def test_two_nodes_evaluate_like_one_process_and_fill_one_cache(tiny_backbone, mini_root, tmp_path):
+    """`evaluate.py` launched as two torchrun "nodes" (one process each, c10d on 127.0.0.1) with --cache: the
+    ranks encode disjoint shards into the shared cache and the table equals one process's. Catches: shards chosen
+    by the node-local rank (LOCAL_RANK is 0 on both nodes, so both encode shard 0 and half the gallery is never
+    encoded)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--untrained", "--config", os.path.join(repo, "configs", "tiny.yaml"), "--root", mini_root,
+            "--backbone", tiny_backbone, "--split", "test", "--tasks", "1_t2i_Shoes", "7_cir_Shoes"]
+    launch_two_nodes(os.path.join(repo, "evaluate.py"), *args, "--cache", tmp_path / "cache",
+                     "--out", tmp_path / "two")
+    main(args + ["--out", str(tmp_path / "one")])
+    two, one = (json.load(open(tmp_path / run / "results.json")) for run in ("two", "one"))
+    assert two["sets"] == one["sets"]
+    gallery = {p for name in ("1_t2i_Shoes", "7_cir_Shoes") for p in evaluate.build_sets(
+        evaluate.parse_args(args + ["--tasks", name]), evaluate.resolve_config(evaluate.parse_args(args))[0])[0].gallery}
+    cached = {key[0] for chunk in (tmp_path / "cache").glob("*/targets-*.pt")
+              for key in torch.load(chunk, weights_only=True)["keys"]}
+    assert cached == gallery
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,6 @@ and a loss that falls on U-FIRE-mini."""
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -13,24 +11,13 @@ from PIL import Image
 
 import train as train_module
 from config import Config, load_config
+from launch import launch_two_nodes, torchrun
 from model import build_encoder
 from prepare_data import SUB_DATASETS, TrainSet
 from sampler import TaskSampler
 from train import batch_report, contrastive_loss, cached_step, load_checkpoint, rng_states, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def torchrun(script, *args, nproc=2, launcher=(), check=True, timeout=600):
-    """Run `script` under torchrun on CPU (`launcher`: extra torchrun options). --standalone picks a free
-    rendezvous port, so two test sessions at once never collide."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *launcher, str(script), *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=REPO)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def assert_same_state(a, b, where="", atol=0.0):
@@ -411,26 +398,6 @@ def test_checkpoint_rng_states_load_as_cpu_byte_tensors(tmp_path):
     state = load_checkpoint(tmp_path / "last.pt")["rng"][0]["torch"]
     assert state.device.type == "cpu" and state.dtype == torch.uint8
     torch.set_rng_state(state)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_nodes(script, *args, timeout=600):
-    """Two torchrun launches of one gloo process each, as on two nodes: --nnodes=2, node ranks 0 and 1, a c10d
-    rendezvous on 127.0.0.1 at a free port."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-            "--rdzv_id=fashionlens-test"]
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, f"--node_rank={n}", str(script),
-                               *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              cwd=REPO) for n in (0, 1)]
-    for node in nodes:
-        _, err = node.communicate(timeout=timeout)
-        assert node.returncode == 0, err[-3000:]
 
 
 @pytest.mark.parametrize("launch", ["one node", "two nodes"])
