@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (NOTES "ope
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import random
 import tempfile
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from transformers import (AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLImageProcessor,
                           Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
 from transformers import video_utils
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 
 from calibrator import QueryCalibrator
 from config import CalibratorConfig, ModelConfig
@@ -100,6 +102,23 @@ def resize_to_budget(image, min_pixels, max_pixels):
     area = min(max(image.width * image.height, min_pixels), max_pixels)
     height, width = fill_size(image.height, image.width, area)
     return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def resize_frames(frames, height, width):
+    """Video frames (uint8 [T, H, W, 3]) resized as Qwen3-VL's video processor resizes them (torchvision, bicubic,
+    antialiased), so a clip sized here gets the pixels the processor would give it."""
+    from torchvision.transforms.v2 import functional as tvF
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    x = tvF.resize(x, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+# Qwen3-VL's video processor (transformers 5.24) warns on every run that leaves `cap_pixels_per_frame` unset: the
+# parameter's default is to change, then the parameter to go. We size every frame ourselves and never let the
+# processor resize (do_resize=False), so the cap has nothing to act on; passing it would be the deprecated API.
+# That one warning is filtered out; the filter matches nothing once the parameter is gone.
+logging.getLogger("transformers.models.qwen3_vl.video_processing_qwen3_vl").addFilter(
+    lambda record: "cap_pixels_per_frame" not in record.getMessage())
 
 
 def load_video(path, num_frames=8, record_id=None):
@@ -520,16 +539,21 @@ class FashionLensEncoder(Encoder):
         cfg = self.model_cfg
         low = cfg.image_pixels
         high = cfg.eval_image_pixels if cfg.eval_image_pixels and not train else low
-        # every decoded frame is kept: the processor's default re-sampling would silently drop half of them
-        videos_kwargs = {"do_sample_frames": False, "cap_pixels_per_frame": False}
+        # Every decoded frame is kept (the processor's default re-sampling would silently drop half of them), and
+        # sized here: the processor's own video resize depends on cap_pixels_per_frame, whose default is to change.
+        videos_kwargs = {"do_sample_frames": False, "do_resize": False}
         if cfg.fill_pixel_budget:
             images = [resize_to_budget(image, low, high) for image in images]
             videos = [np.stack([np.asarray(resize_to_budget(Image.fromarray(f), low, high)) for f in frames])
                       for frames in videos]
-            images_kwargs, videos_kwargs["do_resize"] = {"do_resize": False}, False
-        else:  # the release: Qwen2-VL's smart_resize; a video's budget covers all its frames together
+            images_kwargs = {"do_resize": False}
+        else:  # the release: Qwen2-VL's smart_resize; a video's budget covers all its frames together (uncapped)
             images_kwargs = {"size": {"shortest_edge": low, "longest_edge": high}}
-            videos_kwargs["size"] = {"shortest_edge": low * cfg.video_frames, "longest_edge": high * cfg.video_frames}
+            vp = self.processor.video_processor
+            videos = [resize_frames(frames, *video_smart_resize(
+                len(frames), *frames.shape[1:3], temporal_factor=vp.temporal_patch_size,
+                factor=vp.patch_size * vp.merge_size, min_pixels=low * len(frames), max_pixels=high * len(frames)))
+                      for frames in videos]
         texts = self.processor.apply_chat_template(conversations, tokenize=False)
         batch = self.processor(
             text=texts, images=images or None, videos=videos or None, video_metadata=metadata or None,
