@@ -797,6 +797,8 @@ def main(argv=None):
     real.add_argument("--text-layers", type=int, default=1, help="real: 36")
     real.add_argument("--vision-depth", type=int, default=1, help="real: 24")
     args = parser.parse_args(argv)
+    if args.command == "make-tiny" and args.real_tokenizer and args.bpe_vocab:
+        parser.error("--bpe-vocab sizes the local tokenizer; --real-tokenizer brings its own vocabulary")
     start = time.time()
     if args.command == "make-real-layout":
         n_params = make_real_layout_backbone(args.out_dir, args.seed, text_layers=args.text_layers,
