@@ -4,7 +4,8 @@
   <|IMG|> for gallery images), queries calibrated by PGSQC (calibrator.py). LoRA or full training.
 - OpenClipEncoder: the dual-encoder baseline (UniIR score fusion) with the same interface.
 - make_tiny_backbone / `python model.py make-tiny DIR`: a random-weight Qwen3-VL saved in the real checkpoint's
-  layout, so every downstream loader treats it exactly like Qwen3-VL-4B-Instruct.
+  layout, so every downstream loader treats it exactly like Qwen3-VL-4B-Instruct (`--real-tokenizer`: with the
+  real Qwen3 tokenizer, Qwen3-VL's chat template and the real vocabulary, at the tiny widths).
 - make_real_layout_backbone / `python model.py make-real-layout DIR`: Qwen3-VL-4B-Instruct's own directory (real
   tokenizer, processor configs, chat template, widths and vocabulary) with random weights and fewer layers.
 
@@ -309,7 +310,7 @@ def real_files(*names):
     for d, files in ((tokenizer_dir, QWEN3_TOKENIZER_FILES), (QWEN3_VL_4B_FILES, ("chat_template.json",) + names)):
         for name in files:
             if not os.path.isfile(os.path.join(d, name)):
-                raise FileNotFoundError(f"{os.path.join(d, name)}: missing, needed for the real Qwen3 tokenizer")
+                raise FileNotFoundError(f"{os.path.join(d, name)}: missing, needed for Qwen3-VL's real files")
     return tokenizer_dir
 
 
