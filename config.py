@@ -28,6 +28,8 @@ class ModelConfig:
     kind: str = "qwen3vl"                    # "qwen3vl" (FashionLens) or "openclip" (dual-encoder baseline)
     backbone: str = "runs/tiny-qwen3vl"      # local directory (Qwen3-VL) or open_clip "NAME:WEIGHTS_FILE"
     trainable: str = "lora"                  # "lora" (real backbone), "full" (tiny random backbone), "none"
+    train_embeddings: bool = True            # trainable=full: the token embeddings too (false: frozen; with the
+                                             #   real vocabulary, the tiny backbone's 151,936 rows double a CPU step)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05

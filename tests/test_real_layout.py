@@ -214,3 +214,22 @@ def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkey
     else:
         assert kernel == "flash_attention_2" and lines == []
     assert model.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cpu")) == "sdpa"
+
+
+def test_tiny_backbone_with_the_real_tokenizer(tmp_path, media):
+    """model.py make-tiny --real-tokenizer: tiny widths (hidden 128) with the real tokenizer's files byte for byte,
+    Qwen3-VL's template and the real 151,936 rows, so <|MEAN|>/<|IMG|> are 151669/151670 and the target prompt is
+    the release's; model.train_embeddings=false freezes those rows. Catches: the vocabulary padded above the
+    loaded tokenizer as for the local BPE (151,744 rows); the train_embeddings switch ignored."""
+    out = tmp_path / "tiny-real-tokenizer"
+    model.make_tiny_backbone(str(out), seed=0, real_tokenizer=True)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        with open(os.path.join(model.qwen3_tokenizer_dir(), name), "rb") as f:
+            assert (out / name).read_bytes() == f.read(), name
+    enc = model.FashionLensEncoder(ModelConfig(backbone=str(out), trainable="full", train_embeddings=False),
+                                   CalibratorConfig(), "cpu")
+    assert enc.token_ids == {"query": MEAN, "target": IMG}
+    embeddings = enc.lm.get_input_embeddings().weight
+    assert embeddings.shape == (151936, 128) and not embeddings.requires_grad
+    text, _ = rendered(enc, enc.prepare_targets, [media["photos"][300, 300]])
+    assert text == [TARGET_PROMPT]
