@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from plumbing import DataError
+
 KS = (1, 5, 10, 50)
 CHUNK_BATCHES = 16          # forward batches per encoding chunk: the unit of progress and of cache files
 
@@ -559,7 +561,6 @@ def default_out_dir(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from prepare_data import DataError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cpu")

@@ -39,6 +39,7 @@ from transformers import video_utils
 
 from calibrator import QueryCalibrator
 from config import CalibratorConfig, ModelConfig
+from plumbing import DataError
 
 QUERY_TOKEN, TARGET_TOKEN = "<|MEAN|>", "<|IMG|>"
 SYSTEM_PROMPT = "You are a fashion expert in processing fashion images."
@@ -56,7 +57,6 @@ def conversation(user_content, readout_token):
 # ----------------------------------------------------------------------------- media
 
 def data_error(path, message, record_id):
-    from prepare_data import DataError  # imported here: model.py does not need prepare_data for anything else
     return DataError(path, message, record_id=record_id)  # the message names path and record id
 
 

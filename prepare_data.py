@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from config import DataConfig
+from plumbing import DataError
 
 # The benchmark's names (SPEC §2): key = file prefix -> (family = prefix without its number, dataset).
 SUB_DATASETS = {key: tuple(key.split("_", 2)[1:]) for key in (
@@ -41,14 +42,6 @@ SPLITS = ("train", "val", "test")
 SKETCH_SETS = ("2_sketch2i_ClothesV1", "2_sketch2i_QMUL-Shoe-V2")   # up to max_query_images drawn (SPEC §2)
 MEDIA_FIELDS = ("query_image", "query_video", "target_image", "negative_image")
 TEXT_FIELDS = ("instruction_text", "query_text", "attribute", "target_label", "task", "category")
-
-
-class DataError(Exception):
-    """Bad input; the message names the file and, when known, the record id."""
-
-    def __init__(self, path, message, record_id=None):
-        self.path, self.record_id = path, record_id
-        super().__init__(f"{path}{f' (record {record_id})' if record_id is not None else ''}: {message}")
 
 
 def read_json(path):

@@ -8,7 +8,6 @@ targets. The batch is pushed through the encoder in chunks with exact gradient c
 averaged across processes once per step. Checkpoints hold everything needed to resume bit-for-bit.
 """
 import argparse
-import datetime
 import json
 import math
 import os
@@ -26,41 +25,13 @@ from tqdm import tqdm
 from config import load_config
 from evaluate import evaluate_sets, score
 from model import build_encoder
-from prepare_data import SUB_DATASETS, DataError, TrainSet, build_eval_sets
+from plumbing import (DataError, average_gradients, gather_list, load_checkpoint, save_atomic, setup_distributed,
+                      world)
+from prepare_data import SUB_DATASETS, TrainSet, build_eval_sets
 from sampler import TaskSampler
 
 
-# ----------------------------------------------------------------------------- distributed helpers
-
-def world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def setup_distributed(timeout_s=1800):
-    """torchrun sets WORLD_SIZE; NCCL on GPU, gloo on CPU (one thread per rank: 2 cores here). A collective that
-    waits longer than timeout_s (a dead or stuck rank) fails instead of hanging the job."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        if backend == "gloo":
-            torch.set_num_threads(1)
-    rank, _ = world()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def gather_list(items):
-    """Concatenation of every rank's list, in rank order."""
-    _, size = world()
-    if size == 1:
-        return list(items)
-    parts = [None] * size
-    dist.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
-
+# ----------------------------------------------------------------------------- gathering across processes
 
 def gather_keep_local(x):
     """Every rank's rows of `x` in rank order (ranks may hold different counts after skipping bad records).
@@ -211,12 +182,6 @@ def cached_step(encoder, examples, cfg, chunk_size):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def rng_states():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -235,12 +200,6 @@ def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, ba
     return {"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": gather_list([rng_states()]),
             "step": step, "best_score": best_score, "bad_records": sorted(bad_records)}
-
-
-def load_checkpoint(path):
-    """A training checkpoint, every tensor on the CPU: torch.set_rng_state and torch.cuda.set_rng_state_all take
-    only CPU byte tensors, and the optimizer moves its own state to its parameters' device when loaded."""
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def checkpoint_to_resume(path, resume):
@@ -311,22 +270,6 @@ def batch_report(cfg, sampler, size):
             lines.append(f"  {key}: {n} training records, fewer than one global batch of {batch * size}: it trains "
                          f"with {b} per process and adds no steps to the epoch length")
     return "\n".join(lines)
-
-
-def average_gradients(params):
-    """One all-reduce per step, after every chunk has been replayed (not one per chunk). Parameters that a
-    step did not use (the vision tower on a text-only task) contribute zeros, so every rank stays in lockstep."""
-    _, size = world()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    if size > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)                  # gloo has no AVG: sum, then divide
-        flat /= size
-        for p, g in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p).clone()
-    else:
-        for p, g in zip(params, grads):
-            p.grad = g
 
 
 def record_bad_records(bad_records, key, bad, rank, cfg):

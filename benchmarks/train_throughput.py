@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from config import load_config  # noqa: E402
 from encode_throughput import random_qwen3vl_4b, write_images  # noqa: E402
 from model import build_encoder, make_tiny_backbone  # noqa: E402
-from train import average_gradients, cached_step, peak_memory_mb  # noqa: E402
+from plumbing import average_gradients  # noqa: E402
+from train import cached_step, peak_memory_mb  # noqa: E402
 
 INSTRUCTION = "Find the dress in the reference image, but make it navy and give it long sleeves."
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import prepare_data as pd
-from prepare_data import (COLOUR_PAIRS, SUB_DATASETS, UNSEEN_TASKS, VERBS, DataError, Mini, build_eval_set,
+from plumbing import DataError
+from prepare_data import (COLOUR_PAIRS, SUB_DATASETS, UNSEEN_TASKS, VERBS, Mini, build_eval_set,
                           build_eval_sets, build_unseen_eval_set, check_media, count_records, describe, generate,
                           load_candidates, load_records, modification, validate_tree)
 
