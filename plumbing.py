@@ -1,4 +1,5 @@
 """Plumbing shared by the stages: the data error type, atomic writes, checkpoint loading and torch.distributed."""
+import contextlib
 import datetime
 import os
 
@@ -14,10 +15,27 @@ class DataError(Exception):
         super().__init__(f"{path}{f' (record {record_id})' if record_id is not None else ''}: {message}")
 
 
+@contextlib.contextmanager
+def atomic_write(path):
+    """A temporary name beside `path` for the block to write; then one rename onto `path`. Nobody ever reads half a
+    file, and a failed write leaves nothing behind."""
+    temp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def write_text_atomic(path, text):
+    with atomic_write(path) as temp, open(temp, "w") as f:
+        f.write(text)
+
+
 def save_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as temp:
+        torch.save(obj, temp)
 
 
 def load_checkpoint(path):
@@ -58,15 +76,20 @@ def gather_list(items):
     return [x for part in parts for x in part]
 
 
+def all_reduce_mean(tensor):
+    """`tensor`, in place, averaged over every rank (gloo has no AVG: sum, then divide)."""
+    dist.all_reduce(tensor)
+    tensor /= world()[1]
+    return tensor
+
+
 def average_gradients(params):
     """One all-reduce per step, after every chunk has been replayed (not one per chunk). Parameters that a
     step did not use (the vision tower on a text-only task) contribute zeros, so every rank stays in lockstep."""
     _, size = world()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     if size > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)                  # gloo has no AVG: sum, then divide
-        flat /= size
+        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
         for p, g in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = g.view_as(p).clone()
     else:

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from config import DataConfig
-from plumbing import DataError
+from plumbing import DataError, atomic_write
 
 # The benchmark's names (SPEC §2): key = file prefix -> (family = prefix without its number, dataset).
 SUB_DATASETS = {key: tuple(key.split("_", 2)[1:]) for key in (
@@ -55,20 +55,12 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    """Atomic (temporary file, then rename): nobody ever reads half a file, and a failed write leaves nothing.
-    What UTF-8 cannot hold (a lone surrogate, e.g. from a file name that is not valid UTF-8) is written as its JSON
+    """Atomic (plumbing.atomic_write). What UTF-8 cannot hold (a lone surrogate, e.g. from a file name that is not valid UTF-8) is written as its JSON
     escape \\udcxx."""
     text = json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8", "backslashreplace")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temp, "wb") as f:
-            f.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+    with atomic_write(path) as temp, open(temp, "wb") as f:
+        f.write(text)
 
 
 def is_unicode(text):
@@ -1053,7 +1045,7 @@ def generate(out="data/ufire-mini", seed=0, scale=1.0, image_size=96, progress=T
                 build = {"compatibility": build_compatibility, "asfr": build_asfr}.get(family, build_items)
                 for s, split in enumerate(SPLITS):
                     records, extra = build(g, key, split, max(2, round(SIZES[key][s] * scale)))
-                    write_json(os.path.join(tmp, "0_triplet_files", f"{key}_{split}_triplet_data.json"), records)
+                    write_json(triplet_path(tmp, key, split), records)
                     if family == "asfr" and split != "train":
                         extra[f"{dataset}_asfr_{split}_candidate"] = [p for paths in extra.values() for p in paths]
                         write_json(candidate_path(tmp, key, split), extra)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from evaluate import write_atomic  # noqa: E402
+from plumbing import write_text_atomic  # noqa: E402
 from model import make_tiny_openclip_config  # noqa: E402
 
 # The release's behaviour at the tiny scale: its five encoder defects, its per-chunk regularisers, its sampler
@@ -74,7 +74,7 @@ def train_and_evaluate(name, seed, args, clip_config):
                                f"another --out")
     else:
         os.makedirs(out, exist_ok=True)
-        write_atomic(recorded, json.dumps(overrides) + "\n")
+        write_text_atomic(recorded, json.dumps(overrides) + "\n")
         log = os.path.join(out, "stdout.log")
         run([sys.executable, "train.py", args.config, *overrides], log)
         run([sys.executable, "evaluate.py", os.path.join(out, "best.pt"), "--split", "test"], log)
@@ -165,8 +165,8 @@ def main():
         results = list(pool.map(lambda job: train_and_evaluate(*job, args, clip_config), jobs))
     runs = {name: {s: r for (n, s), r in zip(jobs, results) if n == name} for name in args.variants}
     table = markdown(*summarise(runs), args.seeds)
-    write_atomic(os.path.join(args.out, "ablations.md"), table)
-    write_atomic(os.path.join(args.out, "ablations.json"), json.dumps(
+    write_text_atomic(os.path.join(args.out, "ablations.md"), table)
+    write_text_atomic(os.path.join(args.out, "ablations.json"), json.dumps(
         {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
          "runs": {f"{n}/seed{s}": r for (n, s), r in zip(jobs, results)}}, indent=1) + "\n")
     print(table)
