@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -132,7 +131,7 @@ def count_records(root, key, split):
     return len(load_records(root, key, split))
 
 
-class TrainSet(torch.utils.data.Dataset):
+class TrainSet:
     """Training view of one sub-dataset (SPEC §2 Protocol): one target drawn per visit, sketch sets subsampled."""
 
     def __init__(self, root, key, max_query_images=5):
@@ -156,10 +155,6 @@ class TrainSet(torch.utils.data.Dataset):
                 "query_image": list(query_image), "query_video": list(rec.get("query_video", [])),
                 "target_image": rng.choice(rec["target_image"]), "target_label": rec.get("target_label"),
                 "negative_image": negatives, "negative_label": [self.label_of.get(p) for p in negatives]}
-
-    def __getitem__(self, index):
-        return self.example(index, random.Random(index))
-
 
 @dataclass
 class EvalSet:

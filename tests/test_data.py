@@ -153,6 +153,11 @@ def test_no_query_contains_its_own_target(mini_root):
                 assert not set(rec.get("query_image", [])) & set(rec["target_image"]), (key, rec["id"])
 
 
+def draw(train_set, index):
+    """A training view of record `index`, its random choices seeded by the index."""
+    return train_set.example(index, random.Random(index))
+
+
 def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
     sketches = pd.TrainSet(mini_root, "2_sketch2i_ClothesV1", max_query_images=2)
     assert any(len(r["query_image"]) > 2 for r in sketches.records)
@@ -160,20 +165,20 @@ def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
         ex = sketches.example(i, random.Random(7))
         assert len(ex["query_image"]) == min(2, len(rec["query_image"]))
         assert set(ex["query_image"]) <= set(rec["query_image"])
-        assert ex["target_image"] in rec["target_image"] and sketches[i] == sketches[i]
+        assert ex["target_image"] in rec["target_image"] and draw(sketches, i) == draw(sketches, i)
     multi_target = pd.TrainSet(mini_root, "1_t2i_FashionGen")
     i = next(i for i, r in enumerate(multi_target.records) if len(r["target_image"]) > 1)
     assert len({multi_target.example(i, random.Random(s))["target_image"] for s in range(20)}) > 1
     polyvore = pd.TrainSet(mini_root, "5_compatibility_Polyvore", max_query_images=1)   # outfits are not subsampled
-    assert [polyvore[i]["query_image"] for i in range(len(polyvore))] == [r["query_image"] for r in polyvore.records]
+    assert [draw(polyvore, i)["query_image"] for i in range(len(polyvore))] == [r["query_image"] for r in polyvore.records]
     asfr = pd.TrainSet(mini_root, "9_asfr_DARN")
-    examples = [asfr[i] for i in range(len(asfr))]
+    examples = [draw(asfr, i) for i in range(len(asfr))]
     assert all(ex["target_label"] for ex in examples) and any(ex["negative_image"] for ex in examples)
     # hard negatives carry their pool label where some record lists them as a positive; never the query's own
     labelled = [(lab, ex["target_label"]) for ex in examples for lab in ex["negative_label"]]
     assert len(labelled) == sum(len(ex["negative_image"]) for ex in examples)
     assert sum(lab is not None for lab, _ in labelled) > len(labelled) // 2 and all(lab != own for lab, own in labelled)
-    assert pd.TrainSet(mini_root, "6_video2img_MovingFashion")[0]["query_video"][0].endswith(".mp4")
+    assert draw(pd.TrainSet(mini_root, "6_video2img_MovingFashion"), 0)["query_video"][0].endswith(".mp4")
 
 
 def test_pools_hold_hard_distractors(tmp_path):
