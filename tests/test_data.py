@@ -10,9 +10,10 @@ import torch
 
 import prepare_data as pd
 from plumbing import DataError
-from prepare_data import (COLOUR_PAIRS, SUB_DATASETS, UNSEEN_TASKS, VERBS, Mini, build_eval_set,
-                          build_eval_sets, build_unseen_eval_set, check_media, count_records, describe, generate,
-                          load_candidates, load_records, modification, validate_tree)
+import ufire_mini
+from prepare_data import (SUB_DATASETS, UNSEEN_TASKS, build_eval_set, build_eval_sets, build_unseen_eval_set,
+                          check_media, count_records, load_candidates, load_records, validate_tree)
+from ufire_mini import COLOUR_PAIRS, VERBS, Mini, describe, generate, modification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANNOTATIONS = os.environ.get("UFIRE_ANNOTATIONS", os.path.join(REPO, "..", "shared", "ufire-annotations"))
@@ -183,7 +184,7 @@ def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
 
 def test_pools_hold_hard_distractors(tmp_path):
     g = Mini(str(tmp_path), 0, 32)
-    pool = g.pool("test", 60, pd.CLOTHES)
+    pool = g.pool("test", 60, ufire_mini.CLOTHES)
     assert len(set(pool)) == 60 and all(g.split_of[it] == "test" for it in pool)
     differ_once = lambda a, b: a.category == b.category and sum(x != y for x, y in zip(a.attrs(), b.attrs())) == 1
     assert sum(any(differ_once(a, b) for b in pool) for a in pool) >= 40
@@ -191,7 +192,7 @@ def test_pools_hold_hard_distractors(tmp_path):
 
 def test_outfits_follow_the_hidden_compatibility_rule(tmp_path):
     g = Mini(str(tmp_path), 0, 32)
-    records, images = pd.build_compatibility(g, "5_compatibility_Polyvore", "test", 40)
+    records, images = ufire_mini.build_compatibility(g, "5_compatibility_Polyvore", "test", 40)
     assert len(records) == 40 and len(set(images)) == len(images)
     for items, _, _ in g.polyvore_test:
         assert any({it.colour for it in items} <= set(pair) for pair in COLOUR_PAIRS)
@@ -203,16 +204,17 @@ def test_outfits_follow_the_hidden_compatibility_rule(tmp_path):
 
 def test_texts_name_the_attributes(tmp_path):
     g, rng = Mini(str(tmp_path), 0, 32), random.Random(0)
-    for category in pd.CATEGORIES:
+    for category in ufire_mini.CATEGORIES:
         for item in g.by_cat["train", category][:20]:
             text = describe(item, rng)
-            nouns = pd.NOUNS[item.style if category == "shoes" else category]
+            nouns = ufire_mini.NOUNS[item.style if category == "shoes" else category]
             assert item.colour in text and any(n in text for n in nouns), text
             for attr, value in item.attrs()[1:]:
-                assert (attr == "style" and category == "shoes") or any(w in text for w in pd.words(attr, value)), text
+                assert (attr == "style" and category == "shoes") or any(
+                    w in text for w in ufire_mini.words(attr, value)), text
             changed = g.change(item, ["colour", "pattern"])
             caption = modification(item, changed, rng)
-            assert changed.colour in caption and any(w in caption for w in pd.words("pattern", changed.pattern))
+            assert changed.colour in caption and any(w in caption for w in ufire_mini.words("pattern", changed.pattern))
 
 
 # ---------------------------------------------------------------------------------- the released annotations
@@ -345,7 +347,7 @@ def test_empty_gallery_and_missing_ground_truth(mini_root, tmp_path):
 def test_failed_generation_leaves_no_partial_output(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(pd, "sketch_image", broken)
+    monkeypatch.setattr(ufire_mini, "sketch_image", broken)
     with pytest.raises(RuntimeError):
         generate(str(tmp_path / "fresh"), scale=0.03, image_size=32, progress=False)
     old = tmp_path / "old"
