@@ -5,6 +5,7 @@ authors' release is a field whose docstring says "release: ..."; configs/release
 A config is YAML (nested by section) plus `section.key=value` overrides; unknown keys are errors.
 """
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import yaml
@@ -143,7 +144,6 @@ def _set(cfg, section, key, value):
 
 def load_config(path=None, overrides=()):
     """YAML file (may `inherit: other.yaml`, relative to itself) plus `section.key=value` overrides."""
-    import os
     raw = {}
     if path:
         with open(path) as f:

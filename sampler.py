@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from plumbing import all_reduce_mean
+
 MODES = ("ggas", "uniform", "size", "size_pow")
 DIFFICULTIES = ("joint", "sum")
 
@@ -151,15 +153,13 @@ class TaskSampler:
 
         d_k is the gradient norm of the two learnable token vectors; config sampler.difficulty picks one norm of
         both ("joint", release) or the sum of two norms ("sum"), computed by the trainer. Under DDP it is
-        averaged across ranks first so every rank keeps the same G (gloo has no AVG: sum, then divide); this is
+        averaged across ranks first so every rank keeps the same G; this is
         a collective, so every rank calls it every step. For NCCL pass the rank's CUDA device."""
         if key not in self.keys:
             raise KeyError(f"unknown sub-dataset {key!r}; known: {self.keys}")
         d = float(difficulty)
         if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([d], dtype=torch.float64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            d = t.item() / dist.get_world_size()
+            d = all_reduce_mean(torch.tensor([d], dtype=torch.float64, device=device)).item()
         if not np.isfinite(d):
             raise ValueError(f"non-finite difficulty {d} for sub-dataset {key} at step {self.step}")
         i = self.keys.index(key)

@@ -8,7 +8,6 @@ targets. The batch is pushed through the encoder in chunks with exact gradient c
 averaged across processes once per step. Checkpoints hold everything needed to resume bit-for-bit.
 """
 import argparse
-import datetime
 import json
 import math
 import os
@@ -26,41 +25,13 @@ from tqdm import tqdm
 from config import load_config
 from evaluate import evaluate_sets, score
 from model import build_encoder
-from prepare_data import SUB_DATASETS, DataError, TrainSet, build_eval_sets
+from plumbing import (DataError, average_gradients, gather_list, load_checkpoint, save_atomic, setup_distributed,
+                      world)
+from prepare_data import SUB_DATASETS, TrainSet, build_eval_sets
 from sampler import TaskSampler
 
 
-# ----------------------------------------------------------------------------- distributed helpers
-
-def world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def setup_distributed(timeout_s=1800):
-    """torchrun sets WORLD_SIZE; NCCL on GPU, gloo on CPU (one thread per rank: 2 cores here). A collective that
-    waits longer than timeout_s (a dead or stuck rank) fails instead of hanging the job."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        if backend == "gloo":
-            torch.set_num_threads(1)
-    rank, _ = world()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def gather_list(items):
-    """Concatenation of every rank's list, in rank order."""
-    _, size = world()
-    if size == 1:
-        return list(items)
-    parts = [None] * size
-    dist.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
-
+# ----------------------------------------------------------------------------- gathering across processes
 
 def gather_keep_local(x):
     """Every rank's rows of `x` in rank order (ranks may hold different counts after skipping bad records).
@@ -116,55 +87,41 @@ def prepare_chunks(encoder, examples, chunk_size):
                 return examples, [], [], [], bad
 
 
-def cached_step(encoder, examples, cfg, chunk_size):
-    """Loss and gradients of one batch, exactly as if the whole batch went through the model at once
-    (SPEC section 6, gradient caching): embed every chunk without a graph, get d(loss)/d(embedding),
-    then re-run each chunk with a graph, replaying its random state so dropout masks match, and
-    back-propagate the cached embedding gradients. Leaves the local gradients in .grad; returns stats."""
-    examples, q_chunks, t_chunks, t_paths, bad = prepare_chunks(encoder, examples, chunk_size)
-    _, size = world()
-    gather = cfg.train.gather_negatives and size > 1
-    if not examples and not gather:
-        return None, bad   # nothing to learn from; average_gradients still adds this rank's zeros
+def torch_rng_state(cuda):
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
+
+
+def set_torch_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+def embed_without_graph(encoder, chunks, role, keep_graph):
+    """Pass 1: every chunk's embeddings without a graph, remembering the random state each chunk starts from.
+    When the whole batch is one chunk there is nothing to save by caching: that chunk keeps its graph
+    (keep_graph) and is not replayed. Returns (outputs, random states)."""
     cuda = next(encoder.parameters()).is_cuda
+    outs, states = [], []
+    with torch.set_grad_enabled(keep_graph):
+        for inputs in chunks:
+            states.append(torch_rng_state(cuda))
+            outs.append(encoder(inputs, role=role))
+    return outs, states
 
-    def rng_state():
-        return (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
 
-    def set_rng_state(state):
-        torch.set_rng_state(state[0])
-        if cuda:
-            torch.cuda.set_rng_state(state[1])
-
-    # Pass 1: embeddings without a graph, remembering each chunk's random state. When the whole batch is one
-    # chunk there is nothing to save by caching: that chunk keeps its graph and is not replayed.
-    single = len(q_chunks) == 1 and len(t_chunks) == 1
-    q_outs, t_outs, q_states, t_states = [], [], [], []
-    with torch.set_grad_enabled(single):
-        for inputs in q_chunks:
-            q_states.append(rng_state())
-            q_outs.append(encoder(inputs, role="query"))
-        for inputs in t_chunks:
-            t_states.append(rng_state())
-            t_outs.append(encoder(inputs, role="target"))
-    end_state = rng_state()
-
-    def replay(chunks, states, outs, role):
-        for inputs, state, out in zip(chunks, states, outs):
-            if not single:
-                set_rng_state(state)
-                out = encoder(inputs, role=role)
-            yield out
-
-    # Loss and its gradient with respect to every embedding. With cross-GPU negatives every rank computes
-    # the global loss; scaling the local embedding gradients by the world size keeps the later average exact.
-    # A rank whose whole batch was unreadable still joins the gathers below with no rows; skipping them would
-    # leave the other ranks waiting forever.
+def loss_and_embedding_gradients(encoder, examples, q_outs, t_outs, t_paths, cfg, gather):
+    """Pass 2: the InfoNCE loss of the whole batch and its gradient with respect to every embedding.
+    With cross-GPU negatives (gather) every rank computes the global loss; scaling the local embedding
+    gradients by the world size keeps the later average exact. A rank whose whole batch was unreadable still
+    joins the gathers with no rows; skipping them would leave the other ranks waiting forever.
+    Returns (loss, d(loss)/d(query embeddings), d(loss)/d(target embeddings))."""
     empty = torch.zeros(0, encoder.embed_dim, device=encoder.device)
     q = torch.cat([empty] + [out["emb"].detach() for out in q_outs]).requires_grad_(True)
     t = torch.cat([empty] + [out["emb"].detach() for out in t_outs]).requires_grad_(True)
     labels = [e["target_label"] for e in examples] + [lab for e in examples for lab in e["negative_label"]]
     if gather:
+        _, size = world()
         q_all, q_counts = gather_keep_local(q)
         t_all, t_counts = gather_keep_local(t)
         t_starts = np.cumsum([0] + t_counts[:-1])
@@ -177,45 +134,58 @@ def cached_step(encoder, examples, cfg, chunk_size):
         loss = contrastive_loss(q, t, torch.arange(q.shape[0]), t_paths, labels, cfg.train.temperature)
         scale = 1
     grad_q, grad_t = torch.autograd.grad(loss, [q, t])
-    grad_q, grad_t = grad_q * scale, grad_t * scale
+    return loss, grad_q * scale, grad_t * scale
 
-    # Pass 2: replay each chunk with a graph, its random state restored so dropout masks match, and push the
-    # cached embedding gradients through it. The calibrator's regularisers (SPEC section 4) are averaged over
-    # the batch, or (release) averaged per chunk and summed over chunks.
+
+def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay):
+    """Pass 3: re-run each chunk with a graph (replay; else its pass-1 graph is kept), its random state restored
+    so dropout masks match, and back-propagate the cached embedding gradients through it. The calibrator's
+    regularisers (queries only) are averaged over the batch, or (release) averaged per chunk and summed over
+    chunks. Returns the regularisers' total."""
     reg_total = 0.0
     w_fro, w_orth = cfg.calibrator.fro_weight, cfg.calibrator.orth_weight
     start = 0
-    for out in replay(q_chunks, q_states, q_outs, "query"):
+    for inputs, state, out in zip(chunks, states, outs):
+        if replay:
+            set_torch_rng_state(state)
+            out = encoder(inputs, role=role)
         n = out["emb"].shape[0]
-        surrogate = (out["emb"] * grad_q[start:start + n]).sum()
+        surrogate = (out["emb"] * grads[start:start + n]).sum()
         if out["reg_fro"] is not None:
             per_sample = w_fro * out["reg_fro"] + w_orth * out["reg_orth"]
-            reg = per_sample.mean() if cfg.calibrator.reg_per_chunk else per_sample.sum() / q.shape[0]
+            reg = per_sample.mean() if cfg.calibrator.reg_per_chunk else per_sample.sum() / grads.shape[0]
             surrogate = surrogate + reg
             reg_total += reg.item()
         surrogate.backward()
         start += n
-    start = 0
-    for out in replay(t_chunks, t_states, t_outs, "target"):
-        n = out["emb"].shape[0]
-        (out["emb"] * grad_t[start:start + n]).sum().backward()
-        start += n
-    set_rng_state(end_state)
-    gates = [out["gate"].detach() for out in q_outs if out["gate"] is not None]
-    gate_mean = torch.cat(gates).mean().item() if gates else None
+    return reg_total
+
+
+def cached_step(encoder, examples, cfg, chunk_size):
+    """Loss and gradients of one batch, exactly as if the whole batch went through the model at once
+    (gradient caching, docs/method.md): embed every chunk without a graph, get d(loss)/d(embedding), then
+    replay each chunk with a graph and back-propagate the cached embedding gradients. Leaves the local
+    gradients in .grad; returns (stats or None, unreadable records)."""
+    examples, q_chunks, t_chunks, t_paths, bad = prepare_chunks(encoder, examples, chunk_size)
+    gather = cfg.train.gather_negatives and world()[1] > 1
+    if not examples and not gather:
+        return None, bad   # nothing to learn from; average_gradients still adds this rank's zeros
+    single = len(q_chunks) == 1 and len(t_chunks) == 1
+    q_outs, q_states = embed_without_graph(encoder, q_chunks, "query", keep_graph=single)
+    t_outs, t_states = embed_without_graph(encoder, t_chunks, "target", keep_graph=single)
+    end_state = torch_rng_state(next(encoder.parameters()).is_cuda)
+    loss, grad_q, grad_t = loss_and_embedding_gradients(encoder, examples, q_outs, t_outs, t_paths, cfg, gather)
+    reg = replay_with_graph(encoder, q_chunks, q_states, q_outs, grad_q, "query", cfg, replay=not single)
+    replay_with_graph(encoder, t_chunks, t_states, t_outs, grad_t, "target", cfg, replay=not single)
+    set_torch_rng_state(end_state)
     if not examples:
         return None, bad
-    return {"loss": loss.item() + reg_total, "contrastive": loss.item(), "reg": reg_total,
-            "gate_mean": gate_mean, "samples": q.shape[0]}, bad
+    gates = [out["gate"].detach() for out in q_outs if out["gate"] is not None]
+    return {"loss": loss.item() + reg, "contrastive": loss.item(), "reg": reg,
+            "gate_mean": torch.cat(gates).mean().item() if gates else None, "samples": grad_q.shape[0]}, bad
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 
 def rng_states():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -235,12 +205,6 @@ def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, ba
     return {"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": gather_list([rng_states()]),
             "step": step, "best_score": best_score, "bad_records": sorted(bad_records)}
-
-
-def load_checkpoint(path):
-    """A training checkpoint, every tensor on the CPU: torch.set_rng_state and torch.cuda.set_rng_state_all take
-    only CPU byte tensors, and the optimizer moves its own state to its parameters' device when loaded."""
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def checkpoint_to_resume(path, resume):
@@ -313,22 +277,6 @@ def batch_report(cfg, sampler, size):
     return "\n".join(lines)
 
 
-def average_gradients(params):
-    """One all-reduce per step, after every chunk has been replayed (not one per chunk). Parameters that a
-    step did not use (the vision tower on a text-only task) contribute zeros, so every rank stays in lockstep."""
-    _, size = world()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    if size > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)                  # gloo has no AVG: sum, then divide
-        flat /= size
-        for p, g in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p).clone()
-    else:
-        for p, g in zip(params, grads):
-            p.grad = g
-
-
 def record_bad_records(bad_records, key, bad, rank, cfg):
     """Add this step's unreadable records of every rank to `bad_records` (a collective: every rank calls it every
     step, so all keep the same set). Each record is reported once; more than data.max_bad_records stops the run."""
@@ -349,6 +297,53 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def load_val_sets(cfg, keys):
+    """The validation sets, each cut to its first train.val_max_queries queries (0: all)."""
+    val_sets = build_eval_sets(cfg.data.root, "val", keys=keys, unseen=False)
+    if cfg.train.val_max_queries:
+        for s in val_sets:
+            s.queries, s.ground_truth, s.exclude = (x[:cfg.train.val_max_queries]
+                                                    for x in (s.queries, s.ground_truth, s.exclude))
+    return val_sets
+
+
+def restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, path):
+    """Load a checkpoint into every part of training; returns (step, best score, unreadable records)."""
+    if ckpt["config"] != cfg.to_dict():
+        raise ValueError(f"{path} was written with another config; resume with the same config")
+    encoder.load_trainable_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    sampler.load_state_dict(ckpt["sampler"])
+    set_rng_states(ckpt["rng"][rank])
+    return ckpt["step"], ckpt["best_score"], set(ckpt["bad_records"])
+
+
+def optimizer_step(encoder, params, optimizer, scheduler, cfg):
+    """Average the gradients over processes, clip, step. Returns GGAS's difficulty d_k (paper section IV-D): the
+    token-gradient norm, one norm of both tokens (release) or the sum of two norms."""
+    average_gradients(params)
+    joint, summed = encoder.token_grad_norms()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return joint if cfg.sampler.difficulty == "joint" else summed
+
+
+def validate(encoder, val_sets, cfg):
+    """Every rank gets the same results back, so all take the same best-checkpoint decision."""
+    results = evaluate_sets(encoder, val_sets, batch_size=cfg.train.eval_batch_size, progress=False)
+    encoder.train()
+    return results
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def train(cfg, resume=False, stop_after=None):
     """Run training to the end (or, for tests that simulate a killed run, return after `stop_after` steps)."""
     device = setup_distributed(cfg.train.dist_timeout_s)
@@ -363,11 +358,7 @@ def train(cfg, resume=False, stop_after=None):
     sampler = TaskSampler({k: len(s) for k, s in train_sets.items()}, cfg.sampler, cfg.train.batch_size,
                           world_size=size, rank=rank, seed=cfg.train.seed)
     total_steps = cfg.train.max_steps or int(cfg.train.epochs * sampler.epoch_length)
-    val_sets = build_eval_sets(cfg.data.root, "val", keys=keys, unseen=False)
-    if cfg.train.val_max_queries:
-        for s in val_sets:
-            s.queries, s.ground_truth, s.exclude = (x[:cfg.train.val_max_queries]
-                                                    for x in (s.queries, s.ground_truth, s.exclude))
+    val_sets = load_val_sets(cfg, keys)
 
     torch.manual_seed(cfg.train.seed)          # the same fresh trainable weights on every rank
     encoder = build_encoder(cfg.model, cfg.calibrator, device)
@@ -384,14 +375,7 @@ def train(cfg, resume=False, stop_after=None):
     step, best_score, bad_records = 0, -1.0, set()
     ckpt = checkpoint_to_resume(last_path, resume)
     if ckpt is not None:
-        if ckpt["config"] != cfg.to_dict():
-            raise ValueError(f"{last_path} was written with another config; resume with the same config")
-        encoder.load_trainable_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        sampler.load_state_dict(ckpt["sampler"])
-        set_rng_states(ckpt["rng"][rank])
-        step, best_score, bad_records = ckpt["step"], ckpt["best_score"], set(ckpt["bad_records"])
+        step, best_score, bad_records = restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, last_path)
         if rank == 0:
             print(f"resumed {last_path} at step {step}")
     elif rank == 0 and os.path.exists(log_path):
@@ -399,17 +383,6 @@ def train(cfg, resume=False, stop_after=None):
     check_ranks_agree(encoder, f"resuming {last_path} at step {step}" if ckpt is not None else "at start")
     if rank == 0:
         print(batch_report(cfg, sampler, size))
-
-    def log(record):
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def validate():
-        # Every rank gets the same results back, so all take the same best-checkpoint decision.
-        results = evaluate_sets(encoder, val_sets, batch_size=cfg.train.eval_batch_size, progress=False)
-        encoder.train()
-        return results
 
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     while step < total_steps:
@@ -420,15 +393,8 @@ def train(cfg, resume=False, stop_after=None):
         chunk = cfg.train.chunk_sizes.get(key, cfg.train.chunk_size)
         stats, bad = cached_step(encoder, examples, cfg, chunk)
         record_bad_records(bad_records, key, bad, rank, cfg)
-        average_gradients(params)
-        joint, summed = encoder.token_grad_norms()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # SPEC section 5: difficulty d_k is the token-gradient norm, one norm of both (release) or a sum of two.
-        sampler.update(key, joint if cfg.sampler.difficulty == "joint" else summed, device=device)
+        difficulty = optimizer_step(encoder, params, optimizer, scheduler, cfg)
+        sampler.update(key, difficulty, device=device)
         step += 1
 
         samples, elapsed = (stats or {}).get("samples", 0), time.time() - started
@@ -439,15 +405,17 @@ def train(cfg, resume=False, stop_after=None):
             # Every rank's step time (a collective, at the same steps on every rank): a straggler shows here.
             times = gather_list([round(elapsed, 4)])
             record.update(step_time_s=times, slowest_rank=int(np.argmax(times)))
-            log(record)
+            if rank == 0:
+                append_log(log_path, record)
         bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", task=key.split("_", 2)[-1],
                         sps=f"{record['samples_per_s']:.1f}")
         bar.update(1)
 
         if (cfg.train.val_every and step % cfg.train.val_every == 0) or step == total_steps:
-            results = validate()
+            results = validate(encoder, val_sets, cfg)
             current = score(results)
-            log({"step": step, "val": results, "val_score": current})
+            if rank == 0:
+                append_log(log_path, {"step": step, "val": results, "val_score": current})
             if current > best_score:
                 best_score = current
                 state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records)

@@ -19,34 +19,32 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import yaml
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from evaluate import write_atomic  # noqa: E402
+from plumbing import write_text_atomic  # noqa: E402
 from model import make_tiny_openclip_config  # noqa: E402
 
-# The release's behaviour at the tiny scale: its five encoder defects, its per-chunk regularisers, its sampler
-# (floor that may not hold, P once per epoch) and its optimisation (constant learning rate, no clipping). The
-# release evaluates each image between 224^2 and 256^2 pixels while training at 224^2; the same ratio at the tiny
-# budget of 96^2 is 110^2. Images are sized by Qwen2-VL's smart_resize.
-RELEASE = ["model.keep_rope_positions=false", "model.normed_readout=false", "model.fp32_trainable=false",
-           "model.eval_image_pixels=12100", "model.fill_pixel_budget=false", "calibrator.reg_per_chunk=true",
-           "sampler.guaranteed_floor=false", "sampler.update_every=0", "train.schedule=constant",
-           "train.warmup_steps=0", "train.grad_clip=0"]
-
 REFERENCE = "FashionLens"
-VARIANTS = {
-    REFERENCE: [],
-    "no calibrator": ["calibrator.mode=none"],
-    "lerp instead of slerp": ["calibrator.mode=lerp"],
-    "uniform sampling": ["sampler.mode=uniform", "sampler.warmup_all_modes=true"],
-    "size-proportional sampling": ["sampler.mode=size", "sampler.warmup_all_modes=true"],
-    "scale-prior sampling": ["sampler.mode=size_pow", "sampler.warmup_all_modes=true"],
-    "release configuration": RELEASE,
-    # A CLIP dual encoder of about the tiny backbone's size, trained with the same data, loss and sampler
-    # (UniIR score fusion for multimodal queries; no calibrator, so it is the plain baseline).
-    "open_clip dual encoder": ["model.kind=openclip", "model.trainable=full", "calibrator.mode=none"],
-}
+# Each variant is one configs/ablation_<name>.yaml overlay, applied on top of --config as overrides.
+OVERLAYS = {"no calibrator": "no_calibrator", "lerp instead of slerp": "lerp", "uniform sampling": "uniform",
+            "size-proportional sampling": "size", "scale-prior sampling": "size_pow",
+            "release configuration": "release", "open_clip dual encoder": "openclip"}
+
+
+def overlay_overrides(name):
+    """The section.key=value overrides an ablation overlay sets, in its order; its inherit and out_dir aside."""
+    with open(os.path.join(REPO, "configs", f"ablation_{name}.yaml")) as f:
+        overlay = yaml.safe_load(f)
+    overlay.pop("inherit")
+    overlay["train"].pop("out_dir")
+    return [f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for section, values in overlay.items() for key, value in values.items()]
+
+
+VARIANTS = {REFERENCE: [], **{name: overlay_overrides(overlay) for name, overlay in OVERLAYS.items()}}
 
 
 def run(cmd, log_path):
@@ -74,7 +72,7 @@ def train_and_evaluate(name, seed, args, clip_config):
                                f"another --out")
     else:
         os.makedirs(out, exist_ok=True)
-        write_atomic(recorded, json.dumps(overrides) + "\n")
+        write_text_atomic(recorded, json.dumps(overrides) + "\n")
         log = os.path.join(out, "stdout.log")
         run([sys.executable, "train.py", args.config, *overrides], log)
         run([sys.executable, "evaluate.py", os.path.join(out, "best.pt"), "--split", "test"], log)
@@ -165,8 +163,8 @@ def main():
         results = list(pool.map(lambda job: train_and_evaluate(*job, args, clip_config), jobs))
     runs = {name: {s: r for (n, s), r in zip(jobs, results) if n == name} for name in args.variants}
     table = markdown(*summarise(runs), args.seeds)
-    write_atomic(os.path.join(args.out, "ablations.md"), table)
-    write_atomic(os.path.join(args.out, "ablations.json"), json.dumps(
+    write_text_atomic(os.path.join(args.out, "ablations.md"), table)
+    write_text_atomic(os.path.join(args.out, "ablations.json"), json.dumps(
         {"config": args.config, "overrides": args.overrides, "seeds": args.seeds,
          "runs": {f"{n}/seed{s}": r for (n, s), r in zip(jobs, results)}}, indent=1) + "\n")
     print(table)

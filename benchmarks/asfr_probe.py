@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import Config  # noqa: E402
 from evaluate import chance_recall, load_encoder, recall_at_k  # noqa: E402
+from plumbing import load_checkpoint  # noqa: E402
 from prepare_data import SUB_DATASETS, build_eval_set, load_records  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def main():
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
-    state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(args.ckpt)
     cfg = Config.from_dict(state["config"])
     encoder = load_encoder(cfg, state["model"], "cuda" if torch.cuda.is_available() else "cpu")
     with torch.no_grad():

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluate import KS, recall_at_k  # noqa: E402
-from prepare_data import SUB_DATASETS, build_eval_set, candidate_path  # noqa: E402
+from prepare_data import SUB_DATASETS, build_eval_set, candidate_path, triplet_path  # noqa: E402
 
 AGREEMENT_QUERIES = 200
 
@@ -52,8 +52,9 @@ def synthesise_queries(gallery_dir, key, root, max_queries, rng):
         else:
             record["target_image"] = [rng.choice(entries)]
         records.append(record)
-    os.makedirs(os.path.join(root, "0_triplet_files"), exist_ok=True)
-    with open(os.path.join(root, "0_triplet_files", f"{key}_test_triplet_data.json"), "w") as f:
+    path = triplet_path(root, key, "test")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(records, f)
     return len(entries)
 
@@ -61,7 +62,7 @@ def synthesise_queries(gallery_dir, key, root, max_queries, rng):
 def naive_build(root, key, gallery_dir):
     """The straightforward construction: list membership to deduplicate, list.index to find ids."""
     family, dataset = SUB_DATASETS[key]
-    with open(os.path.join(root, "0_triplet_files", f"{key}_test_triplet_data.json")) as f:
+    with open(triplet_path(root, key, "test")) as f:
         records = json.load(f)
     with open(candidate_path(root, key, "test", gallery_dir)) as f:
         data = json.load(f)

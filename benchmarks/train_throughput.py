@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from config import load_config  # noqa: E402
 from encode_throughput import random_qwen3vl_4b, write_images  # noqa: E402
 from model import build_encoder, make_tiny_backbone  # noqa: E402
-from train import average_gradients, cached_step, peak_memory_mb  # noqa: E402
+from plumbing import average_gradients, write_text_atomic  # noqa: E402
+from train import cached_step, peak_memory_mb  # noqa: E402
 
 INSTRUCTION = "Find the dress in the reference image, but make it navy and give it long sleeves."
 
@@ -192,11 +193,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         header, rows = (real_arch if args.real_arch else tiny_cpu)(args, tmp)
     if args.json:
-        tmp_path = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp_path, "w") as f:
-            json.dump({"setup": header, "torch_threads": torch.get_num_threads(), "steps": args.steps,
-                       "rows": rows}, f, indent=2)
-        os.replace(tmp_path, args.json)
+        write_text_atomic(args.json, json.dumps({"setup": header, "torch_threads": torch.get_num_threads(),
+                                                 "steps": args.steps, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

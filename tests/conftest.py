@@ -25,6 +25,6 @@ def tiny_backbone(tmp_path_factory):
 def mini_root(tmp_path_factory):
     """A small U-FIRE-mini (prepare_data.py, 1/10 of the default size), built once per test session; read-only:
     a test that damages files copies it first."""
-    from prepare_data import generate
+    from ufire_mini import generate
     return generate(str(tmp_path_factory.mktemp("ufire") / "ufire-mini"), seed=0, scale=0.1, image_size=64,
                     progress=False)

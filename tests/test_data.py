@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import prepare_data as pd
-from prepare_data import (COLOUR_PAIRS, SUB_DATASETS, UNSEEN_TASKS, VERBS, DataError, Mini, build_eval_set,
-                          build_eval_sets, build_unseen_eval_set, check_media, count_records, describe, generate,
-                          load_candidates, load_records, modification, validate_tree)
+from plumbing import DataError
+import ufire_mini
+from prepare_data import (SUB_DATASETS, UNSEEN_TASKS, build_eval_set, build_eval_sets, build_unseen_eval_set,
+                          check_media, count_records, load_candidates, load_records, validate_tree)
+from ufire_mini import COLOUR_PAIRS, VERBS, Mini, describe, generate, modification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANNOTATIONS = os.environ.get("UFIRE_ANNOTATIONS", os.path.join(REPO, "..", "shared", "ufire-annotations"))
@@ -152,6 +154,11 @@ def test_no_query_contains_its_own_target(mini_root):
                 assert not set(rec.get("query_image", [])) & set(rec["target_image"]), (key, rec["id"])
 
 
+def draw(train_set, index):
+    """A training view of record `index`, its random choices seeded by the index."""
+    return train_set.example(index, random.Random(index))
+
+
 def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
     sketches = pd.TrainSet(mini_root, "2_sketch2i_ClothesV1", max_query_images=2)
     assert any(len(r["query_image"]) > 2 for r in sketches.records)
@@ -159,25 +166,25 @@ def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
         ex = sketches.example(i, random.Random(7))
         assert len(ex["query_image"]) == min(2, len(rec["query_image"]))
         assert set(ex["query_image"]) <= set(rec["query_image"])
-        assert ex["target_image"] in rec["target_image"] and sketches[i] == sketches[i]
+        assert ex["target_image"] in rec["target_image"] and draw(sketches, i) == draw(sketches, i)
     multi_target = pd.TrainSet(mini_root, "1_t2i_FashionGen")
     i = next(i for i, r in enumerate(multi_target.records) if len(r["target_image"]) > 1)
     assert len({multi_target.example(i, random.Random(s))["target_image"] for s in range(20)}) > 1
     polyvore = pd.TrainSet(mini_root, "5_compatibility_Polyvore", max_query_images=1)   # outfits are not subsampled
-    assert [polyvore[i]["query_image"] for i in range(len(polyvore))] == [r["query_image"] for r in polyvore.records]
+    assert [draw(polyvore, i)["query_image"] for i in range(len(polyvore))] == [r["query_image"] for r in polyvore.records]
     asfr = pd.TrainSet(mini_root, "9_asfr_DARN")
-    examples = [asfr[i] for i in range(len(asfr))]
+    examples = [draw(asfr, i) for i in range(len(asfr))]
     assert all(ex["target_label"] for ex in examples) and any(ex["negative_image"] for ex in examples)
     # hard negatives carry their pool label where some record lists them as a positive; never the query's own
     labelled = [(lab, ex["target_label"]) for ex in examples for lab in ex["negative_label"]]
     assert len(labelled) == sum(len(ex["negative_image"]) for ex in examples)
     assert sum(lab is not None for lab, _ in labelled) > len(labelled) // 2 and all(lab != own for lab, own in labelled)
-    assert pd.TrainSet(mini_root, "6_video2img_MovingFashion")[0]["query_video"][0].endswith(".mp4")
+    assert draw(pd.TrainSet(mini_root, "6_video2img_MovingFashion"), 0)["query_video"][0].endswith(".mp4")
 
 
 def test_pools_hold_hard_distractors(tmp_path):
     g = Mini(str(tmp_path), 0, 32)
-    pool = g.pool("test", 60, pd.CLOTHES)
+    pool = g.pool("test", 60, ufire_mini.CLOTHES)
     assert len(set(pool)) == 60 and all(g.split_of[it] == "test" for it in pool)
     differ_once = lambda a, b: a.category == b.category and sum(x != y for x, y in zip(a.attrs(), b.attrs())) == 1
     assert sum(any(differ_once(a, b) for b in pool) for a in pool) >= 40
@@ -185,7 +192,7 @@ def test_pools_hold_hard_distractors(tmp_path):
 
 def test_outfits_follow_the_hidden_compatibility_rule(tmp_path):
     g = Mini(str(tmp_path), 0, 32)
-    records, images = pd.build_compatibility(g, "5_compatibility_Polyvore", "test", 40)
+    records, images = ufire_mini.build_compatibility(g, "5_compatibility_Polyvore", "test", 40)
     assert len(records) == 40 and len(set(images)) == len(images)
     for items, _, _ in g.polyvore_test:
         assert any({it.colour for it in items} <= set(pair) for pair in COLOUR_PAIRS)
@@ -197,16 +204,17 @@ def test_outfits_follow_the_hidden_compatibility_rule(tmp_path):
 
 def test_texts_name_the_attributes(tmp_path):
     g, rng = Mini(str(tmp_path), 0, 32), random.Random(0)
-    for category in pd.CATEGORIES:
+    for category in ufire_mini.CATEGORIES:
         for item in g.by_cat["train", category][:20]:
             text = describe(item, rng)
-            nouns = pd.NOUNS[item.style if category == "shoes" else category]
+            nouns = ufire_mini.NOUNS[item.style if category == "shoes" else category]
             assert item.colour in text and any(n in text for n in nouns), text
             for attr, value in item.attrs()[1:]:
-                assert (attr == "style" and category == "shoes") or any(w in text for w in pd.words(attr, value)), text
+                assert (attr == "style" and category == "shoes") or any(
+                    w in text for w in ufire_mini.words(attr, value)), text
             changed = g.change(item, ["colour", "pattern"])
             caption = modification(item, changed, rng)
-            assert changed.colour in caption and any(w in caption for w in pd.words("pattern", changed.pattern))
+            assert changed.colour in caption and any(w in caption for w in ufire_mini.words("pattern", changed.pattern))
 
 
 # ---------------------------------------------------------------------------------- the released annotations
@@ -339,7 +347,7 @@ def test_empty_gallery_and_missing_ground_truth(mini_root, tmp_path):
 def test_failed_generation_leaves_no_partial_output(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(pd, "sketch_image", broken)
+    monkeypatch.setattr(ufire_mini, "sketch_image", broken)
     with pytest.raises(RuntimeError):
         generate(str(tmp_path / "fresh"), scale=0.03, image_size=32, progress=False)
     old = tmp_path / "old"

@@ -424,7 +424,8 @@ def cached_embeddings(cache_root, path):
 def test_cli_end_to_end_on_ufire_mini(tmp_path, tiny_backbone, monkeypatch):
     from config import Config
     from model import build_encoder
-    from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_set, generate
+    from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_set
+    from ufire_mini import generate
 
     root = generate(str(tmp_path / "mini"), scale=0.05, image_size=32, progress=False)
     cfg = Config()

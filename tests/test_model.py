@@ -391,7 +391,7 @@ def test_merged_export_is_exact_and_frozen_in_bf16(tiny_backbone, media, tmp_pat
 
 
 def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media, tmp_path):
-    from prepare_data import DataError
+    from plumbing import DataError
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all")
     missing = str(tmp_path / "missing.jpg")

@@ -170,7 +170,8 @@ def test_train_step_evaluation_and_reload_end_to_end(real_backbone, mini_root, t
     fresh LoRA, tokens and calibrator)."""
     from evaluate import load_encoder
     from prepare_data import TrainSet
-    from train import load_checkpoint, train
+    from plumbing import load_checkpoint
+    from train import train
     cfg = Config()
     cfg.data.root, cfg.data.sub_datasets = mini_root, ["7_cir_Shoes"]
     cfg.model.backbone, cfg.model.trainable = real_backbone, "lora"

@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+import plumbing
 import train as train_module
 from config import Config, load_config
 from launch import launch_two_nodes, torchrun
 from model import build_encoder
+from plumbing import load_checkpoint
 from prepare_data import SUB_DATASETS, TrainSet
 from sampler import TaskSampler
-from train import batch_report, contrastive_loss, cached_step, load_checkpoint, rng_states, train
+from train import batch_report, contrastive_loss, cached_step, rng_states, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,7 +242,7 @@ def step_script(tmp_path, tiny_backbone, body):
         "import json, sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {REPO!r})\n"
         "from config import Config\nfrom model import build_encoder\n"
-        "from train import average_gradients, cached_step, setup_distributed\n"
+        "from plumbing import average_gradients, setup_distributed\nfrom train import cached_step\n"
         "setup_distributed()\nrank = dist.get_rank()\n"
         "cfg = Config()\n"
         f"cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = {tiny_backbone!r}, 'full', 64 * 64\n"
@@ -477,7 +479,7 @@ def test_resume_is_decided_by_rank_0_and_reaches_every_rank(tiny_backbone, mini_
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {REPO!r})\n"
-        "from config import load_config\nfrom train import setup_distributed, train\n"
+        "from config import load_config\nfrom plumbing import setup_distributed\nfrom train import train\n"
         "setup_distributed()\n"
         "if dist.get_rank() == 1:\n"
         "    exists = os.path.exists\n"
@@ -532,10 +534,10 @@ def test_process_group_timeout_comes_from_the_config(monkeypatch):
     import datetime
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(train_module.dist, "init_process_group", lambda backend, **kw: seen.update(kw))
-    monkeypatch.setattr(train_module, "world", lambda: (0, 2))
-    train_module.setup_distributed(timeout_s=123)
+    monkeypatch.setattr(plumbing.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(plumbing.dist, "init_process_group", lambda backend, **kw: seen.update(kw))
+    monkeypatch.setattr(plumbing, "world", lambda: (0, 2))
+    plumbing.setup_distributed(timeout_s=123)
     assert seen["timeout"] == datetime.timedelta(seconds=123)
 
 

@@ -1,0 +1,97 @@
+"""Plumbing shared by the stages: the data error type, atomic writes, checkpoint loading and torch.distributed."""
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class DataError(Exception):
+    """Bad input; the message names the file and, when known, the record id."""
+
+    def __init__(self, path, message, record_id=None):
+        self.path, self.record_id = path, record_id
+        super().__init__(f"{path}{f' (record {record_id})' if record_id is not None else ''}: {message}")
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """A temporary name beside `path` for the block to write; then one rename onto `path`. Nobody ever reads half a
+    file, and a failed write leaves nothing behind."""
+    temp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def write_text_atomic(path, text):
+    with atomic_write(path) as temp, open(temp, "w") as f:
+        f.write(text)
+
+
+def save_atomic(obj, path):
+    with atomic_write(path) as temp:
+        torch.save(obj, temp)
+
+
+def load_checkpoint(path):
+    """A training checkpoint, every tensor on the CPU: torch.set_rng_state and torch.cuda.set_rng_state_all take
+    only CPU byte tensors, and the optimizer moves its own state to its parameters' device when loaded."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def setup_distributed(timeout_s=1800):
+    """torchrun sets WORLD_SIZE; NCCL on GPU, gloo on CPU (one thread per rank: 2 cores here). A collective that
+    waits longer than timeout_s (a dead or stuck rank) fails instead of hanging the job."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if backend == "gloo":
+            torch.set_num_threads(1)
+    rank, _ = world()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def gather_list(items):
+    """Concatenation of every rank's list, in rank order."""
+    _, size = world()
+    if size == 1:
+        return list(items)
+    parts = [None] * size
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def all_reduce_mean(tensor):
+    """`tensor`, in place, averaged over every rank (gloo has no AVG: sum, then divide)."""
+    dist.all_reduce(tensor)
+    tensor /= world()[1]
+    return tensor
+
+
+def average_gradients(params):
+    """One all-reduce per step, after every chunk has been replayed (not one per chunk). Parameters that a
+    step did not use (the vision tower on a text-only task) contribute zeros, so every rank stays in lockstep."""
+    _, size = world()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if size > 1:
+        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+    else:
+        for p, g in zip(params, grads):
+            p.grad = g
