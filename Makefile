@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 $(TINY)/config.json: $(VENV)/.installed model.py
 	$(PY) model.py make-tiny $(TINY)
 
-$(MINI)/0_triplet_files: $(VENV)/.installed prepare_data.py
+$(MINI)/0_triplet_files: $(VENV)/.installed prepare_data.py ufire_mini.py
 	$(PY) prepare_data.py --out $(MINI)
 
 demo: $(TINY)/config.json $(MINI)/0_triplet_files
