@@ -225,7 +225,7 @@ def check_ranks_agree(encoder, when):
     rank, size = world()
     if size == 1:
         return
-    sums = [float(p.detach().double().sum()) for p in encoder.parameters() if p.requires_grad]
+    sums = torch.stack([p.detach().double().sum() for p in encoder.parameters() if p.requires_grad]).tolist()
     every = gather_list([sums])
     differing = [r for r in range(size) if every[r] != every[0]]
     if differing:

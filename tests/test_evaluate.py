@@ -358,8 +358,8 @@ def test_two_nodes_evaluate_like_one_process_and_fill_one_cache(tiny_backbone, m
     main(args + ["--out", str(tmp_path / "one")])
     two, one = (json.load(open(tmp_path / run / "results.json")) for run in ("two", "one"))
     assert two["sets"] == one["sets"]
-    gallery = {p for name in ("1_t2i_Shoes", "7_cir_Shoes") for p in evaluate.build_sets(
-        evaluate.parse_args(args + ["--tasks", name]), evaluate.resolve_config(evaluate.parse_args(args))[0])[0].gallery}
+    parsed = evaluate.parse_args(args)
+    gallery = {p for s in evaluate.build_sets(parsed, evaluate.resolve_config(parsed)[0]) for p in s.gallery}
     cached = {key[0] for chunk in (tmp_path / "cache").glob("*/targets-*.pt")
               for key in torch.load(chunk, weights_only=True)["keys"]}
     assert cached == gallery
