@@ -14,8 +14,8 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(TINY)/config.json: $(VENV)/.installed model.py
-	$(PY) model.py make-tiny $(TINY)
+$(TINY)/config.json: $(VENV)/.installed fake_backbones.py
+	$(PY) fake_backbones.py make-tiny $(TINY)
 
 $(MINI)/0_triplet_files: $(VENV)/.installed prepare_data.py ufire_mini.py
 	$(PY) prepare_data.py --out $(MINI)

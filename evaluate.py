@@ -16,9 +16,7 @@ items of a compatibility query, the street photo of a street-to-shop query) and 
 EvalSet.exclude lists them per query and they are dropped from that query's ranking before ranks are counted.
 On by default; --no-exclude-own keeps them in the ranking.
 
-Gallery-embedding cache (--cache DIR): one sub-directory per model fingerprint (the model and calibrator config,
-the size and mtime of every backbone file, the library versions, model.py's source, the trainable weights); in it,
-entries are keyed by image path, size and mtime, so an image regenerated at the same path is encoded again.
+Gallery-embedding cache (--cache DIR): see encoding.py; an image regenerated at the same path is encoded again.
 
 Refused with a one-line error naming the file or the record (exit status 1), never a number in the table: a missing,
 truncated or foreign checkpoint; trainable tensors that do not fit the backbone (the tensor is named); a backbone
@@ -29,8 +27,6 @@ The library functions (evaluate_sets, score, format_table) also serve train.py's
 """
 import argparse
 import dataclasses
-import glob
-import hashlib
 import itertools
 import json
 import math
@@ -39,32 +35,22 @@ import sys
 from collections import Counter
 
 import faiss
-import PIL
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-import model
 from config import Config, load_config
 from model import build_encoder
-from plumbing import DataError, load_checkpoint, save_atomic, setup_distributed, world, write_text_atomic
+from encoding import encode_gallery, encode_sharded, fingerprint
+from plumbing import DataError, load_checkpoint, one_line, setup_distributed, world, write_text_atomic
 from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
 
 KS = (1, 5, 10, 50)
-CHUNK_BATCHES = 16          # forward batches per encoding chunk: the unit of progress and of cache files
 
 
 class EvaluationError(Exception):
     """What the command line reports in one line instead of a traceback: an unreadable or mismatched checkpoint, a
     missing backbone, a model that gives a non-finite embedding. The message names the file or the record."""
-
-
-def _one_line(err, with_type=False):
-    """An exception's message on one line; with_type prefixes its type (for errors raised by other libraries)."""
-    text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err     # KeyError quotes its str
-    text = " ".join(str(text).split())
-    return f"{type(err).__name__}: {text}" if with_type or not text else text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,145 +120,6 @@ def chance_recall(n_gallery, ground_truth, ks=KS, exclude=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Encoding: each distinct image once, sharded over ranks, optionally cached on disk
-
-def _encode_sharded(encode, items, batch_size, progress, desc, on_chunk=None):
-    """Embeddings [len(items), D] fp32 on rank 0 (None on other ranks).
-
-    Under torch.distributed rank r encodes items r, r+W, r+2W, ...: interleaving gives every rank the same mix of
-    cheap and expensive queries (text vs video). The list is padded with its last item to a multiple of W so every
-    rank runs the same number of forward batches and nobody waits; the padding is dropped after the gather.
-    on_chunk(items, emb) sees every encoded chunk (the embedding cache writes it to disk).
-    """
-    rank, size = world()
-    padded = items + items[-1:] * (-len(items) % size)
-    shard = padded[rank::size]
-    chunk = batch_size * CHUNK_BATCHES
-    pieces = []
-    with tqdm(total=len(padded), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True) as bar:
-        for start in range(0, len(shard), chunk):
-            part = shard[start:start + chunk]
-            emb = encode(part, batch_size=batch_size).float().cpu()
-            if on_chunk is not None:
-                on_chunk(part, emb)
-            pieces.append(emb)
-            bar.update(len(part) * size)
-    local = torch.cat(pieces)
-    if size == 1:
-        return local
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    local = local.to(device)
-    gathered = [torch.empty_like(local) for _ in range(size)] if rank == 0 else None
-    dist.gather(local, gathered, dst=0)
-    if rank != 0:
-        return None
-    # gathered[r][i] is padded[i * W + r]: stacking on dim 1 restores the original order.
-    return torch.stack(gathered, dim=1).reshape(-1, local.shape[1])[:len(items)].cpu()
-
-
-def _encode_targets(encoder, paths, batch_size, cache_dir, progress):
-    """Gallery embeddings [len(paths), D] on rank 0. With cache_dir, embeddings found there are reused and every new
-    chunk is written there as soon as it is encoded, so a killed run loses at most one chunk per rank.
-
-    Cache entries are keyed by the image file's identity (path, size, mtime in ns; see file_key), so an image
-    regenerated or replaced at the same path is encoded again; the directory itself is specific to the model
-    (fingerprint)."""
-    if cache_dir is None:
-        return _encode_sharded(encoder.encode_targets, paths, batch_size, progress, "gallery")
-    rank, size = world()
-    # Stat before encoding: an image rewritten while it is encoded is then keyed by its old identity and is encoded
-    # again next time, never the other way round.
-    keys = [file_key(p) for p in paths] if rank == 0 else None
-    cached = _load_cache(cache_dir) if rank == 0 else {}
-    missing = [list(dict.fromkeys(k for k in keys if k not in cached)) if rank == 0 else None]
-    if size > 1:                                  # rank 0 decides, so every rank encodes the same list
-        dist.broadcast_object_list(missing, src=0)
-    missing = missing[0]
-    if missing:
-        new = _encode_sharded(lambda items, batch_size: encoder.encode_targets([k[0] for k in items],
-                                                                               batch_size=batch_size),
-                              missing, batch_size, progress, "gallery",
-                              on_chunk=lambda part, emb: _save_cache_chunk(cache_dir, part, emb))
-        if rank == 0:
-            cached.update(zip(missing, new))
-    return torch.stack([cached[k] for k in keys]) if rank == 0 else None
-
-
-def file_key(path):
-    """Cache key of a gallery image: (path, size in bytes, mtime in ns). A file that cannot be stat'ed keys as
-    (path, -1, -1); encoding it reports the missing file."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return (path, -1, -1)
-    return (path, stat.st_size, stat.st_mtime_ns)
-
-
-def _load_cache(cache_dir):
-    """{file_key: embedding} of every readable chunk file. A chunk file without file identities (written before
-    they were part of the key) or one that cannot be read is skipped with a warning: it is only a cache."""
-    cached = {}
-    for path in sorted(glob.glob(os.path.join(cache_dir, "targets-*.pt"))):
-        try:
-            chunk = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:           # noqa: BLE001: torch.load and pickle raise many types
-            print(f"evaluate.py: ignoring unreadable cache file {path}: {_one_line(err, with_type=True)}",
-                  file=sys.stderr)
-            continue
-        if not isinstance(chunk, dict) or "keys" not in chunk or len(chunk["keys"]) != len(chunk.get("emb", ())):
-            print(f"evaluate.py: ignoring cache file {path}: no file identities (an older format)", file=sys.stderr)
-            continue
-        cached.update(zip((tuple(k) for k in chunk["keys"]), chunk["emb"]))
-    return cached
-
-
-def _save_cache_chunk(cache_dir, keys, emb):
-    os.makedirs(cache_dir, exist_ok=True)
-    name = hashlib.sha1(json.dumps(keys).encode()).hexdigest()[:20]
-    target = os.path.join(cache_dir, f"targets-{name}.pt")
-    save_atomic({"keys": [list(k) for k in keys], "emb": emb.clone()}, target)
-
-
-def backbone_files(model_cfg):
-    """The local files the backbone is loaded from: every file under a Qwen3-VL backbone directory (hidden ones
-    aside, such as a download tool's .cache), or an open_clip model-config JSON and weights file."""
-    if model_cfg.kind == "openclip":
-        name, _, weights = model_cfg.backbone.partition(":")
-        return [p for p in (name, weights) if p and os.path.isfile(p)]
-    if os.path.isfile(model_cfg.backbone):
-        return [model_cfg.backbone]
-    files = []
-    for folder, dirs, names in os.walk(model_cfg.backbone):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".")]
-    return files
-
-
-def fingerprint(cfg, encoder):
-    """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...), the
-    identity (relative name, size, mtime in ns) of every backbone file, the versions of the libraries that turn an
-    image into an embedding and model.py's source, and every trainable tensor (name, shape, dtype, bytes)."""
-    import transformers  # here, not at the top: model.py must set HF_HUB_OFFLINE before transformers loads
-
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
-                                       sort_keys=True).encode())
-    root = cfg.model.backbone if os.path.isdir(cfg.model.backbone) else ""
-    for path in backbone_files(cfg.model):
-        stat = os.stat(path)
-        digest.update(f"file {os.path.relpath(path, root) if root else path} {stat.st_size} "
-                      f"{stat.st_mtime_ns}\n".encode())
-    digest.update(f"torch {torch.__version__} transformers {transformers.__version__} PIL {PIL.__version__}\n"
-                  .encode())
-    with open(model.__file__, "rb") as f:
-        digest.update(hashlib.sha256(f.read()).digest())
-    for name, tensor in sorted(encoder.trainable_state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Evaluation of a list of EvalSets
 
 def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True):
@@ -290,8 +137,8 @@ def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True)
     rank, size = world()
     paths = list(dict.fromkeys(p for s in eval_sets for p in s.gallery))
     row = {p: i for i, p in enumerate(paths)}
-    target_emb = _encode_targets(encoder, paths, batch_size, cache_dir, progress)
-    query_emb = _encode_sharded(encoder.encode_queries, [q for s in eval_sets for q in s.queries],
+    target_emb = encode_gallery(encoder, paths, batch_size, cache_dir, progress)
+    query_emb = encode_sharded(encoder.encode_queries, [q for s in eval_sets for q in s.queries],
                                 batch_size, progress, "queries")
     results = [None]
     error = _non_finite_error(eval_sets, paths, target_emb, query_emb) if rank == 0 else None
@@ -425,7 +272,7 @@ def resolve_config(args):
         try:
             cfg = load_config(args.config)
         except (OSError, KeyError, TypeError, ValueError) as err:      # yaml's errors are ValueErrors
-            raise EvaluationError(f"{args.config}: cannot load the config: {_one_line(err)}") from err
+            raise EvaluationError(f"{args.config}: cannot load the config: {one_line(err)}") from err
         label = args.baseline or f"untrained ({args.config or 'default config'})"
     if args.baseline:
         # Zero-shot dual encoder: open_clip's own weights (model.py's OpenClipEncoder counts them all as trainable),
@@ -448,7 +295,7 @@ def read_checkpoint(path):
         ckpt = load_checkpoint(path)
     except Exception as err:            # noqa: BLE001: a truncated zip, a pickle of anything, an empty file ...
         raise EvaluationError(f"{path}: cannot read the checkpoint (truncated, or not a file written by train.py): "
-                              f"{_one_line(err, with_type=True)}") from err
+                              f"{one_line(err, with_type=True)}") from err
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
         what = f"a dict with keys {sorted(map(str, ckpt))[:3]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise EvaluationError(f"{path}: not a FashionLens checkpoint (expected a dict with a 'config' dict and a "
@@ -459,7 +306,7 @@ def read_checkpoint(path):
     try:
         cfg = Config.from_dict(ckpt["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise EvaluationError(f"{path}: the checkpoint's config is not valid here: {_one_line(err)}") from err
+        raise EvaluationError(f"{path}: the checkpoint's config is not valid here: {one_line(err)}") from err
     return cfg, ckpt["model"]
 
 
@@ -497,12 +344,12 @@ def load_encoder(cfg, state, device, source=None):
     try:
         encoder = build_encoder(cfg.model, cfg.calibrator, device)
     except (OSError, ValueError) as err:   # transformers / open_clip: a directory that holds no (complete) model
-        raise EvaluationError(f"backbone {cfg.model.backbone}: cannot load the model: {_one_line(err)}") from err
+        raise EvaluationError(f"backbone {cfg.model.backbone}: cannot load the model: {one_line(err)}") from err
     if state is not None:
         try:
             encoder.load_trainable_state_dict(state)
         except (KeyError, ValueError) as err:
-            raise EvaluationError(f"{source or 'trainable state'}: {_one_line(err)}") from err
+            raise EvaluationError(f"{source or 'trainable state'}: {one_line(err)}") from err
     return encoder.eval()
 
 

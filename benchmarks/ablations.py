@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from plumbing import write_text_atomic  # noqa: E402
-from model import make_tiny_openclip_config  # noqa: E402
+from fake_backbones import make_tiny_openclip_config  # noqa: E402
 
 REFERENCE = "FashionLens"
 # Each variant is one configs/ablation_<name>.yaml overlay, applied on top of --config as overrides.

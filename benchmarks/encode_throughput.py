@@ -14,7 +14,6 @@ state) side by side: one encoder, the readout switch flipped between measurement
 """
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -27,25 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import CalibratorConfig, ModelConfig  # noqa: E402
-from model import FashionLensEncoder, make_tiny_backbone  # noqa: E402
-
-# Qwen/Qwen3-VL-4B-Instruct config.json (architecture fields). The token ids are replaced by those of the tiny
-# tokenizer used here; only the sequence lengths of the text parts differ slightly from the real tokenizer's.
-QWEN3_VL_4B = {
-    "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "tie_word_embeddings": True,
-    "text_config": {
-        "model_type": "qwen3_vl_text", "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
-        "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-        "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 262144, "attention_bias": False,
-        "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
-        "rope_theta": 5000000, "tie_word_embeddings": True},
-    "vision_config": {
-        "model_type": "qwen3_vl", "depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
-        "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
-        "temporal_patch_size": 2, "out_hidden_size": 2560, "num_position_embeddings": 2304,
-        "deepstack_visual_indexes": [5, 11, 17]},
-}
-
+from fake_backbones import make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
+from model import FashionLensEncoder  # noqa: E402
 
 def write_images(directory, n, size=(320, 400)):
     """n random photos of a typical product-image size (they are resized to the pixel budget)."""
@@ -92,34 +74,6 @@ def tiny_cpu(args, tmp):
                      ("query (image+text)", lambda: encoder.encode_queries(image_text, args.batch_size)),
                      ("target (image)", lambda: encoder.encode_targets(images, args.batch_size))]:
         print(f"  {name:20s} {args.items / median_seconds(fn, args.repeats):8.1f} items/s")
-
-
-def random_qwen3vl_4b(out_dir, tmp, device, text_layers=None, vision_depth=None):
-    """Qwen3-VL-4B-Instruct's architecture with random bf16 weights, saved to out_dir with the tiny backbone's
-    tokenizer, chat template and processor (built under tmp/tiny). It exists because the 4B checkpoint itself is
-    not available offline, yet throughput and memory depend only on the architecture; shared by the --real-arch
-    modes of this script and train_throughput.py. text_layers / vision_depth cut the towers for a CPU smoke test.
-    Returns the parameter count."""
-    from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    tiny_dir = os.path.join(tmp, "tiny")
-    make_tiny_backbone(tiny_dir)
-    with open(os.path.join(tiny_dir, "config.json")) as f:
-        tiny = json.load(f)
-    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    config = dict(QWEN3_VL_4B, **{k: tiny[k] for k in ids})
-    if text_layers:
-        config["text_config"] = dict(config["text_config"], num_hidden_layers=text_layers)
-    if vision_depth:  # the deepstack taps must lie inside the cut tower
-        config["vision_config"] = dict(config["vision_config"], depth=vision_depth,
-                                       deepstack_visual_indexes=[vision_depth - 1])
-    torch.manual_seed(0)
-    with torch.device(device):
-        lm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**config), dtype=torch.bfloat16)
-    lm.save_pretrained(out_dir)
-    AutoProcessor.from_pretrained(tiny_dir).save_pretrained(out_dir)
-    n_params = sum(p.numel() for p in lm.parameters())
-    del lm
-    return n_params
 
 
 def real_arch(args, tmp):

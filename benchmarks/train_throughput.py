@@ -44,8 +44,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from config import load_config  # noqa: E402
-from encode_throughput import random_qwen3vl_4b, write_images  # noqa: E402
-from model import build_encoder, make_tiny_backbone  # noqa: E402
+from encode_throughput import write_images  # noqa: E402
+from fake_backbones import make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
+from model import build_encoder  # noqa: E402
 from plumbing import average_gradients, write_text_atomic  # noqa: E402
 from train import cached_step, peak_memory_mb  # noqa: E402
 

@@ -14,8 +14,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory):
-    """Directory of the tiny random Qwen3-VL (model.py make-tiny), built once per test session."""
-    from model import make_tiny_backbone
+    """Directory of the tiny random Qwen3-VL (fake_backbones.py make-tiny), built once per test session."""
+    from fake_backbones import make_tiny_backbone
     out = tmp_path_factory.mktemp("tiny-qwen3vl")
     make_tiny_backbone(str(out), seed=0)
     return str(out)

@@ -516,6 +516,7 @@ def test_lone_surrogate_in_a_caption_is_a_data_error(mini_root, tmp_path, tiny_b
     """"\\ud800" is valid JSON but no character: the readers name file, record and field; at encoding time both
     encoders name the record instead of failing in the tokenizer. Catches: the check removed from check_records or
     from either encoder's prepare_queries."""
+    import fake_backbones
     import model
     from config import CalibratorConfig, ModelConfig
     root = copy_tree(mini_root, tmp_path)
@@ -528,7 +529,7 @@ def test_lone_surrogate_in_a_caption_is_a_data_error(mini_root, tmp_path, tiny_b
             load_records(root, "1_t2i_Shoes", "train")
         assert e.value.path == path and e.value.record_id == good["id"]
     query = {"id": "q-7", "instruction_text": "a red \ud800 shoe", "query_image": [], "query_video": []}
-    clip_cfg = ModelConfig(kind="openclip", backbone=model.make_tiny_openclip_config(str(tmp_path)), trainable="full")
+    clip_cfg = ModelConfig(kind="openclip", backbone=fake_backbones.make_tiny_openclip_config(str(tmp_path)), trainable="full")
     for cfg in (ModelConfig(backbone=tiny_backbone, trainable="full"), clip_cfg):
         encoder = model.build_encoder(cfg, CalibratorConfig(mode="none"), device="cpu")
         with pytest.raises(DataError, match="lone surrogate") as e:

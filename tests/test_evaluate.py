@@ -14,8 +14,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import evaluate
-from evaluate import (EvaluationError, chance_recall, evaluate_sets, file_key, fingerprint, format_table, main,
-                      recall_at_k, resolve_backbone, score)
+from encoding import file_key, fingerprint
+from evaluate import (EvaluationError, chance_recall, evaluate_sets, format_table, main, recall_at_k,
+                      resolve_backbone, score)
 from launch import launch_two_nodes
 from prepare_data import EvalSet
 
@@ -541,7 +542,8 @@ def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone)
     import shutil
     from PIL import Image
     from config import Config
-    from model import build_encoder, make_tiny_backbone
+    from fake_backbones import make_tiny_backbone
+    from model import build_encoder
 
     backbone = tmp_path / "backbone"
     shutil.copytree(tiny_backbone, backbone)
@@ -605,7 +607,8 @@ def test_relative_backbone_looked_for_in_working_dir_then_checkpoint_dir(tmp_pat
 
 def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_backbone, mini_root):
     from config import Config
-    from model import build_encoder, make_tiny_backbone
+    from fake_backbones import make_tiny_backbone
+    from model import build_encoder
 
     out = tmp_path / "out"
     args = ["--split", "test", "--tasks", "1_t2i_Shoes", "--out", str(out)]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import fake_backbones
 import model
 from config import CalibratorConfig, ModelConfig
 
@@ -71,11 +72,11 @@ def test_make_tiny_is_deterministic_per_seed(tiny_backbone, tmp_path):
         return hashlib.sha256(open(os.path.join(d, name), "rb").read()).hexdigest()
 
     same = tmp_path / "runs" / "same"           # runs/ does not exist yet, as on a fresh clone
-    n_params = model.make_tiny_backbone(str(same), seed=0)
+    n_params = fake_backbones.make_tiny_backbone(str(same), seed=0)
     assert 0.5e6 < n_params < 5e6
     for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
         assert digest(same, name) == digest(tiny_backbone, name), name
-    model.make_tiny_backbone(str(tmp_path / "other"), seed=1)
+    fake_backbones.make_tiny_backbone(str(tmp_path / "other"), seed=1)
     assert digest(tmp_path / "other", "model.safetensors") != digest(tiny_backbone, "model.safetensors")
 
 
@@ -411,7 +412,7 @@ def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    config = model.make_tiny_openclip_config(str(tmp_path_factory.mktemp("clip")))
+    config = fake_backbones.make_tiny_openclip_config(str(tmp_path_factory.mktemp("clip")))
     torch.manual_seed(0)
     cfg = ModelConfig(kind="openclip", backbone=config, trainable="full")
     return model.build_encoder(cfg, CalibratorConfig(mode="none"), device="cpu").eval()

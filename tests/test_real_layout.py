@@ -1,4 +1,4 @@
-"""The real Qwen3-VL-4B-Instruct path, offline: a directory in the published layout (model.py make-real-layout:
+"""The real Qwen3-VL-4B-Instruct path, offline: a directory in the published layout (fake_backbones.py make-real-layout:
 the real Qwen3 tokenizer, Qwen3-VL's processor configs and chat template, the real widths and 151,936-row
 vocabulary, random weights, one text layer and one vision block) loaded through the same from_pretrained calls
 as the real checkpoint. Expected prompts, ids and visual-token counts are written out by hand from the paper's
@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import fake_backbones
 import model
 from config import CalibratorConfig, Config, ModelConfig
 from test_model import write_mp4
@@ -39,7 +40,7 @@ TARGET_PROMPT = (SYSTEM + "<|im_start|>user\n" + PICTURE + "Summarize the image 
 @pytest.fixture(scope="session")
 def real_backbone(tmp_path_factory):
     out = tmp_path_factory.mktemp("real-layout")
-    model.make_real_layout_backbone(str(out), seed=0)
+    fake_backbones.make_real_layout_backbone(str(out), seed=0)
     return str(out)
 
 
@@ -218,14 +219,14 @@ def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkey
 
 
 def test_tiny_backbone_with_the_real_tokenizer(tmp_path, media):
-    """model.py make-tiny --real-tokenizer: tiny widths (hidden 128) with the real tokenizer's files byte for byte,
+    """fake_backbones.py make-tiny --real-tokenizer: tiny widths (hidden 128) with the real tokenizer's files byte for byte,
     Qwen3-VL's template and the real 151,936 rows, so <|MEAN|>/<|IMG|> are 151669/151670 and the target prompt is
     the release's; model.train_embeddings=false freezes those rows. Catches: the vocabulary padded above the
     loaded tokenizer as for the local BPE (151,744 rows); the train_embeddings switch ignored."""
     out = tmp_path / "tiny-real-tokenizer"
-    model.make_tiny_backbone(str(out), seed=0, real_tokenizer=True)
+    fake_backbones.make_tiny_backbone(str(out), seed=0, real_tokenizer=True)
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
-        with open(os.path.join(model.qwen3_tokenizer_dir(), name), "rb") as f:
+        with open(os.path.join(fake_backbones.qwen3_tokenizer_dir(), name), "rb") as f:
             assert (out / name).read_bytes() == f.read(), name
     enc = model.FashionLensEncoder(ModelConfig(backbone=str(out), trainable="full", train_embeddings=False),
                                    CalibratorConfig(), "cpu")

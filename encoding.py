@@ -1,0 +1,159 @@
+"""Encoding for evaluation and search: each distinct image once, sharded over the ranks, and the gallery-embedding cache.
+
+Sharding: under torch.distributed rank r encodes items r, r+W, r+2W, ... and rank 0 gathers them in order.
+Cache (evaluate.py --cache DIR): one sub-directory per model fingerprint (the model and calibrator config, the size
+and mtime of every backbone file, the library versions, model.py's source, the trainable weights); in it, entries
+are keyed by image path, size and mtime, so an image regenerated at the same path is encoded again.
+"""
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sys
+
+import PIL
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import model
+from plumbing import one_line, save_atomic, world
+
+CHUNK_BATCHES = 16          # forward batches per encoding chunk: the unit of progress and of cache files
+
+
+def encode_sharded(encode, items, batch_size, progress, desc, on_chunk=None):
+    """Embeddings [len(items), D] fp32 on rank 0 (None on other ranks).
+
+    Under torch.distributed rank r encodes items r, r+W, r+2W, ...: interleaving gives every rank the same mix of
+    cheap and expensive queries (text vs video). The list is padded with its last item to a multiple of W so every
+    rank runs the same number of forward batches and nobody waits; the padding is dropped after the gather.
+    on_chunk(items, emb) sees every encoded chunk (the embedding cache writes it to disk).
+    """
+    rank, size = world()
+    padded = items + items[-1:] * (-len(items) % size)
+    shard = padded[rank::size]
+    chunk = batch_size * CHUNK_BATCHES
+    pieces = []
+    with tqdm(total=len(padded), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+        for start in range(0, len(shard), chunk):
+            part = shard[start:start + chunk]
+            emb = encode(part, batch_size=batch_size).float().cpu()
+            if on_chunk is not None:
+                on_chunk(part, emb)
+            pieces.append(emb)
+            bar.update(len(part) * size)
+    local = torch.cat(pieces)
+    if size == 1:
+        return local
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    local = local.to(device)
+    gathered = [torch.empty_like(local) for _ in range(size)] if rank == 0 else None
+    dist.gather(local, gathered, dst=0)
+    if rank != 0:
+        return None
+    # gathered[r][i] is padded[i * W + r]: stacking on dim 1 restores the original order.
+    return torch.stack(gathered, dim=1).reshape(-1, local.shape[1])[:len(items)].cpu()
+
+
+def encode_gallery(encoder, paths, batch_size, cache_dir, progress):
+    """Gallery embeddings [len(paths), D] on rank 0. With cache_dir, embeddings found there are reused and every new
+    chunk is written there as soon as it is encoded, so a killed run loses at most one chunk per rank.
+
+    Cache entries are keyed by the image file's identity (path, size, mtime in ns; see file_key), so an image
+    regenerated or replaced at the same path is encoded again; the directory itself is specific to the model
+    (fingerprint)."""
+    if cache_dir is None:
+        return encode_sharded(encoder.encode_targets, paths, batch_size, progress, "gallery")
+    rank, size = world()
+    # Stat before encoding: an image rewritten while it is encoded is then keyed by its old identity and is encoded
+    # again next time, never the other way round.
+    keys = [file_key(p) for p in paths] if rank == 0 else None
+    cached = load_cache(cache_dir) if rank == 0 else {}
+    missing = [list(dict.fromkeys(k for k in keys if k not in cached)) if rank == 0 else None]
+    if size > 1:                                  # rank 0 decides, so every rank encodes the same list
+        dist.broadcast_object_list(missing, src=0)
+    missing = missing[0]
+    if missing:
+        new = encode_sharded(lambda items, batch_size: encoder.encode_targets([k[0] for k in items],
+                                                                               batch_size=batch_size),
+                              missing, batch_size, progress, "gallery",
+                              on_chunk=lambda part, emb: save_cache_chunk(cache_dir, part, emb))
+        if rank == 0:
+            cached.update(zip(missing, new))
+    return torch.stack([cached[k] for k in keys]) if rank == 0 else None
+
+
+def file_key(path):
+    """Cache key of a gallery image: (path, size in bytes, mtime in ns). A file that cannot be stat'ed keys as
+    (path, -1, -1); encoding it reports the missing file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (path, -1, -1)
+    return (path, stat.st_size, stat.st_mtime_ns)
+
+
+def load_cache(cache_dir):
+    """{file_key: embedding} of every readable chunk file. A chunk file without file identities (written before
+    they were part of the key) or one that cannot be read is skipped with a warning: it is only a cache."""
+    cached = {}
+    for path in sorted(glob.glob(os.path.join(cache_dir, "targets-*.pt"))):
+        try:
+            chunk = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:           # noqa: BLE001: torch.load and pickle raise many types
+            print(f"embedding cache: ignoring unreadable cache file {path}: {one_line(err, with_type=True)}",
+                  file=sys.stderr)
+            continue
+        if not isinstance(chunk, dict) or "keys" not in chunk or len(chunk["keys"]) != len(chunk.get("emb", ())):
+            print(f"embedding cache: ignoring cache file {path}: no file identities (an older format)", file=sys.stderr)
+            continue
+        cached.update(zip((tuple(k) for k in chunk["keys"]), chunk["emb"]))
+    return cached
+
+
+def save_cache_chunk(cache_dir, keys, emb):
+    os.makedirs(cache_dir, exist_ok=True)
+    name = hashlib.sha1(json.dumps(keys).encode()).hexdigest()[:20]
+    target = os.path.join(cache_dir, f"targets-{name}.pt")
+    save_atomic({"keys": [list(k) for k in keys], "emb": emb.clone()}, target)
+
+
+def backbone_files(model_cfg):
+    """The local files the backbone is loaded from: every file under a Qwen3-VL backbone directory (hidden ones
+    aside, such as a download tool's .cache), or an open_clip model-config JSON and weights file."""
+    if model_cfg.kind == "openclip":
+        name, _, weights = model_cfg.backbone.partition(":")
+        return [p for p in (name, weights) if p and os.path.isfile(p)]
+    if os.path.isfile(model_cfg.backbone):
+        return [model_cfg.backbone]
+    files = []
+    for folder, dirs, names in os.walk(model_cfg.backbone):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
+def fingerprint(cfg, encoder):
+    """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...), the
+    identity (relative name, size, mtime in ns) of every backbone file, the versions of the libraries that turn an
+    image into an embedding and model.py's source, and every trainable tensor (name, shape, dtype, bytes)."""
+    import transformers  # here, not at the top: model.py must set HF_HUB_OFFLINE before transformers loads
+
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
+                                       sort_keys=True).encode())
+    root = cfg.model.backbone if os.path.isdir(cfg.model.backbone) else ""
+    for path in backbone_files(cfg.model):
+        stat = os.stat(path)
+        digest.update(f"file {os.path.relpath(path, root) if root else path} {stat.st_size} "
+                      f"{stat.st_mtime_ns}\n".encode())
+    digest.update(f"torch {torch.__version__} transformers {transformers.__version__} PIL {PIL.__version__}\n"
+                  .encode())
+    with open(model.__file__, "rb") as f:
+        digest.update(hashlib.sha256(f.read()).digest())
+    for name, tensor in sorted(encoder.trainable_state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
