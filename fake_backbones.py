@@ -10,10 +10,13 @@ from_pretrained path as the real model, so nothing downstream knows it is a stan
 - random_qwen3vl_4b: the full 4B architecture with random bf16 weights, built on the benchmark's device.
 - make_tiny_openclip_config: a tiny open_clip model config for the dual-encoder baseline.
 """
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download: set before transformers loads, as in model.py
+
 import argparse
 import importlib.util
 import json
-import os
 import random
 import shutil
 import time

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fake_backbones
+from media import load_video
 import model
 from config import CalibratorConfig, ModelConfig
 
@@ -102,7 +103,7 @@ def tokens(grid_thw):
 def test_video_keeps_every_frame_and_pixel_budget(encoder, media):
     """Catches: video frames left out of the image budget (not resized: 96x64 -> 6 x 4 patches)."""
     for path in (media["video"], media["short_video"]):
-        frames, meta = model.load_video(path, 8)
+        frames, meta = load_video(path, 8)
         assert frames.shape[0] == 8 and len(meta.frames_indices) == 8
     queries = queries_of_every_kind(media)
     t, h, w = encoder.prepare_queries(queries[3:4], train=True)["video_grid_thw"][0].tolist()
@@ -131,7 +132,7 @@ def test_release_video_grid_is_qwen3_vl_smart_resize(tiny_backbone, tmp_path):
 
 def test_video_processing_prints_no_deprecation_warning(encoder, media):
     """Transformers 5.24 warns on every video run that leaves cap_pixels_per_frame unset; we resize frames ourselves
-    and never pass the deprecated argument. Catches: model.py's filter of that warning dropped."""
+    and never pass the deprecated argument. Catches: media.py's filter of that warning dropped."""
     import logging
     seen = []
     handler = logging.Handler()
@@ -191,7 +192,7 @@ def test_video_without_frame_count_is_counted_by_decoding(tmp_path):
     with av.open(path) as container:
         assert container.streams.video[0].frames == 0  # the case under test
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    frames, meta = model.load_video(path, 8)
+    frames, meta = load_video(path, 8)
     assert len(decoded) == 12 and meta.total_num_frames == 12
     assert meta.frames_indices == [0, 2, 3, 5, 6, 8, 9, 11]  # 11 * k / 7 rounded, by hand
     assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
@@ -405,7 +406,7 @@ def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media
         encoder.prepare_queries([query], train=True)
     assert err.value.path == str(broken) and err.value.record_id == "rec-8"
     with pytest.raises(DataError, match="not found"):
-        model.load_video(str(tmp_path / "missing.mp4"), record_id="rec-9")
+        load_video(str(tmp_path / "missing.mp4"), record_id="rec-9")
 
 
 # ----------------------------------------------------------------------------- open_clip baseline
