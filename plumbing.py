@@ -80,7 +80,14 @@ def setup_distributed(timeout_s=1800):
     waits longer than timeout_s (a dead or stuck rank) fails instead of hanging the job."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps one store for all the attempts of a job (--max-restarts) and env:// adds no per-attempt
+        # namespace, so the workers of a restarted attempt could read the addresses that the dead workers of the
+        # previous attempt published, and fail to connect to them ("Connection refused"). One namespace per attempt:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"fashionlens/attempt-{attempt}", store), rank=rank,
+                                world_size=size, timeout=timeout)
         if backend == "gloo":
             torch.set_num_threads(1)
     rank, _ = world()

@@ -437,20 +437,39 @@ def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbon
         assert_same_state(two["sampler"][name], single["sampler"][name], name, atol=1e-6)
 
 
-def test_worker_restarted_by_torchrun_resumes_by_itself(tiny_backbone, mini_root, tmp_path, monkeypatch, capsys):
-    """torchrun --max-restarts=N starts the workers again with TORCHELASTIC_RESTART_COUNT > 0 and the same command
-    line (no --resume): train.py must then continue from last.pt. A run killed after step 3 (last.pt at step 2),
-    started again as torchrun would, resumes at step 2. Catches: the restart count ignored (the run would start
-    fresh and log steps 1-4 again)."""
-    overrides = run_overrides(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=4", "train.save_every=2")
-    config = os.path.join(REPO, "configs", "tiny.yaml")
-    train(load_config(config, overrides), stop_after=3)
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    monkeypatch.setattr(sys, "argv", ["train.py", config, *overrides])
-    capsys.readouterr()
-    train_module.main()
-    assert f"resumed {tmp_path / 'run' / 'last.pt'} at step 2" in capsys.readouterr().out
-    assert logged_steps(tmp_path / "run") == [1, 2, 3, 3, 4]
+def test_killed_worker_restarts_and_continues_from_last_checkpoint(tiny_backbone, mini_root, tmp_path):
+    """Under torchrun --max-restarts=1, rank 1 is killed (SIGKILL) during step 3 (last.pt holds step 2): torchrun
+    starts both workers again, they resume from last.pt by themselves and end with exactly the uninterrupted
+    2-process run's last.pt. Catches: a restarted worker starting fresh (TORCHELASTIC_RESTART_COUNT ignored: it
+    would train 4 steps from scratch with another log and state); the process group of the restarted attempt
+    sharing the store namespace of the dead one (no per-attempt prefix: gloo connects to the dead worker's
+    address, "Connection refused", in about half the runs)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import train\n"
+        "kill_at, calls, step = int(sys.argv[1]), [0], train.cached_step\n"
+        "def dying_step(*args):\n"
+        "    calls[0] += 1\n"
+        "    if (calls[0] == kill_at and os.environ['RANK'] == '1'\n"
+        "            and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(*args)\n"
+        "train.cached_step = dying_step\n"
+        "sys.argv = ['train.py'] + sys.argv[2:]\n"
+        "train.main()\n")
+    runs = {}
+    for name, kill_at in (("straight", 0), ("killed", 3)):
+        overrides = run_overrides(tiny_backbone, mini_root, tmp_path / name, "train.max_steps=4",
+                                  "train.save_every=2", "train.batch_size=2")
+        proc = torchrun(script, kill_at, os.path.join(REPO, "configs", "tiny.yaml"), *overrides,
+                        launcher=["--max-restarts=1"])
+        runs[name] = load_checkpoint(tmp_path / name / "last.pt")
+        runs[name]["config"]["train"].pop("out_dir")
+    assert "resumed" in proc.stdout and "at step 2" in proc.stdout
+    assert logged_steps(tmp_path / "killed")[-2:] == [3, 4] and logged_steps(tmp_path / "killed").count(1) == 1
+    assert_same_state(runs["straight"], runs["killed"])
 
 
 def test_resume_is_decided_by_rank_0_and_reaches_every_rank(tiny_backbone, mini_root, tmp_path):
@@ -518,6 +537,7 @@ def test_process_group_timeout_comes_from_the_config(monkeypatch):
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(plumbing.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(plumbing.dist, "rendezvous", lambda url, timeout: iter([(plumbing.dist.HashStore(), 0, 2)]))
     monkeypatch.setattr(plumbing.dist, "init_process_group", lambda backend, **kw: seen.update(kw))
     monkeypatch.setattr(plumbing, "world", lambda: (0, 2))
     plumbing.setup_distributed(timeout_s=123)
