@@ -8,6 +8,8 @@ bf16) with LoRA as in training. At the training pixel budget it reports images/s
 included) for target encoding (no grad) and for a training chunk (forward + backward), with our readout (inner
 model, normed state, no LM head or cache) and the release's (LM head + KV cache + all hidden states, pre-norm
 state) side by side: one encoder, the readout switch flipped between measurements, so the weights are identical.
+FLOPs of each measurement are counted by torch.utils.flop_counter in one extra run; utilisation (MFU) divides the
+achieved FLOP/s by the GPU's dense bf16 peak (BF16_PEAK_TFLOPS, by device name, or --peak-tflops).
 
     python benchmarks/encode_throughput.py
     python benchmarks/encode_throughput.py --real-arch
@@ -23,11 +25,17 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import CalibratorConfig, ModelConfig  # noqa: E402
 from fake_backbones import make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
 from model import FashionLensEncoder  # noqa: E402
+
+# Dense bf16 tensor-core peak, TFLOP/s, by device name (vendor data sheets; the first match wins).
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
+                    ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("4090", 165.0)]
+
 
 def write_images(directory, n, size=(320, 400)):
     """n random photos of a typical product-image size (they are resized to the pixel budget)."""
@@ -38,6 +46,13 @@ def write_images(directory, n, size=(320, 400)):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+def peak_tflops(device, override):
+    if override or device.type != "cuda":
+        return override or None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
 
 
 def median_seconds(fn, repeats):
@@ -99,9 +114,13 @@ def real_arch(args, tmp):
     def train_chunk():
         encoder(train_inputs, role="target")["emb"].sum().backward()
 
-    print(f"  {'readout':8s} {'work':28s} {'images/s':>9s} {'peak GiB':>9s}")
+    peak = peak_tflops(device, args.peak_tflops)
+    print(f"  dense bf16 peak: {f'{peak:.0f} TFLOP/s' if peak else 'unknown (--peak-tflops): no MFU'}")
+    print(f"  {'readout':8s} {'work':28s} {'images/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s}")
+    rate = {}
     for normed in (True, False):
         encoder.model_cfg = dataclasses.replace(model_cfg, normed_readout=normed)
+        setting = "ours" if normed else "release"
         for work, fn, n, mode in [(f"encode, batch {args.batch_size}", encode, args.batch_size, "eval"),
                                   (f"train fwd+bwd, chunk {args.train_chunk}", train_chunk, args.train_chunk, "train")]:
             encoder.train(mode == "train")
@@ -109,9 +128,16 @@ def real_arch(args, tmp):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             seconds = median_seconds(fn, args.repeats)
+            memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:9.1f}" if device.type == "cuda" else f"{'-':>9s}"
+            with FlopCounterMode(display=False) as counter:  # a separate run: counting slows it down
+                fn()
             encoder.zero_grad(set_to_none=True)
-            peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:9.1f}" if device.type == "cuda" else f"{'-':>9s}"
-            print(f"  {'ours' if normed else 'release':8s} {work:28s} {n / seconds:9.1f} {peak}")
+            tflops = counter.get_total_flops() / 1e12 / seconds
+            mfu = f"{100 * tflops / peak:5.1f}%" if peak else f"{'-':>6s}"
+            rate[setting, work] = n / seconds
+            print(f"  {setting:8s} {work:28s} {n / seconds:9.1f} {tflops:8.2f} {mfu} {memory}")
+    for work in dict.fromkeys(w for _, w in rate):
+        print(f"  {work}: ours / release images/s = {rate['ours', work] / rate['release', work]:.2f}x")
 
 
 def main():
@@ -126,6 +152,8 @@ def main():
     parser.add_argument("--device", default="cuda", help="--real-arch device; cpu only for a smoke test")
     parser.add_argument("--text-layers", type=int, help="--real-arch: fewer text layers (smoke test)")
     parser.add_argument("--vision-depth", type=int, help="--real-arch: fewer vision blocks (smoke test)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense bf16 peak in TFLOP/s "
+                        "(default: from BF16_PEAK_TFLOPS by the GPU's name; none on CPU)")
     args = parser.parse_args()
     args.batch_size = args.batch_size or (64 if args.real_arch else 16)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Training throughput: samples/s and peak memory of one training step (issue 4, "Benchmark").
+"""Training throughput: samples/s, where a step's time goes, model FLOPs utilisation and peak memory.
 
 A step is exactly train.py's per-step work, imported from train.py: train.cached_step (gradient caching,
 SPEC section 6; it also loads and preprocesses the batch's images), train.average_gradients, the token-gradient
@@ -18,6 +18,16 @@ weights after the same seed, one at a time, so their peak memories do not overla
 The batch is synthetic and needs no U-FIRE: one image + modification text per query (like 7_cir), a distinct
 target image per query, in the training-view format of prepare_data.TrainSet.example.
 
+Step time is split into train.py's phases (each timed with a device synchronisation at its ends): data (reading
+and preprocessing the batch into chunks: prepare_chunks), no-grad (pass 1, embed_without_graph), loss (pass 2,
+loss_and_embedding_gradients) and replay (pass 3, replay_with_graph, forward with a graph and backward); "other"
+is the rest (gradient averaging, GGAS's token-gradient norms, clipping, AdamW).
+
+FLOPs: one extra step per setting runs under torch.utils.flop_counter.FlopCounterMode, which counts every matrix
+product and attention the step executes (pass 1, the replayed forward and the backward: what the hardware does,
+recomputation included). Utilisation = FLOPs per step / seconds per step / the GPU's dense bf16 peak, taken from
+BF16_PEAK_TFLOPS by the device's name (or --peak-tflops).
+
 Peak memory: on GPU torch.cuda.max_memory_allocated (weights, AdamW state and activations); on CPU the process's
 peak resident set, reset per setting through /proc/self/clear_refs, so it includes the Python process and any
 memory the allocator kept from earlier settings (chunk sizes therefore run smallest first). "before step" is what
@@ -30,6 +40,7 @@ is resident when the setting starts (weights; on CPU also the process), so peak 
         --chunks 2,4 --steps 1 train.batch_size=4 model.image_pixels=4096
 """
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -39,16 +50,22 @@ import tempfile
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from config import load_config  # noqa: E402
-from encode_throughput import write_images  # noqa: E402
+from encode_throughput import peak_tflops, write_images  # noqa: E402
 from fake_backbones import make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
 from model import build_encoder  # noqa: E402
 from plumbing import average_gradients, write_text_atomic  # noqa: E402
+import train  # noqa: E402
 from train import cached_step, peak_memory_mb  # noqa: E402
+
+# train.py's step phases (module-level functions that cached_step looks up in train's namespace) and their names.
+PHASES = {"prepare_chunks": "data", "embed_without_graph": "no-grad", "loss_and_embedding_gradients": "loss",
+          "replay_with_graph": "replay"}
 
 INSTRUCTION = "Find the dress in the reference image, but make it navy and give it long sleeves."
 
@@ -77,54 +94,111 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def phase_timers(device, seconds):
+    """Adds each phase's wall time of the steps run inside to seconds[phase name]."""
+    originals = {name: getattr(train, name) for name in PHASES}
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            synchronize(device)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize(device)
+                seconds[PHASES[name]] += time.perf_counter() - start
+        return run
+
+    for name, fn in originals.items():
+        setattr(train, name, timed(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(train, name, fn)
+
+
+def step(encoder, cfg, examples, chunk, params, optimizer):
+    stats, bad = cached_step(encoder, examples, cfg, chunk)
+    if bad:
+        raise RuntimeError(f"synthetic batch has unreadable records: {bad}")
+    average_gradients(params)
+    encoder.token_grad_norms()  # the GGAS difficulty: a device sync, part of every real step
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
 def measure(encoder, cfg, examples, chunk, steps, device):
-    """Median seconds per training step (warm-up excluded), memory in MiB resident before the first step and at
-    the peak of all steps, and the last step's stats."""
+    """Median seconds per training step (warm-up excluded), the median seconds of each phase, memory in MiB
+    resident before the first step and at the peak of all steps, FLOPs of one step, and the last step's stats."""
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     encoder.train()
     reset_peak_memory(device)
     before = peak_memory_mb(device)  # just reset: what is resident before the step (weights, process)
-    times = []
+    times, phases = [], []
     for _ in range(steps + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        stats, bad = cached_step(encoder, examples, cfg, chunk)
-        if bad:
-            raise RuntimeError(f"synthetic batch has unreadable records: {bad}")
-        average_gradients(params)
-        encoder.token_grad_norms()  # the GGAS difficulty: a device sync, part of every real step
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
+        phase_seconds = dict.fromkeys(PHASES.values(), 0.0)
+        with phase_timers(device, phase_seconds):
+            synchronize(device)
+            start = time.perf_counter()
+            stats = step(encoder, cfg, examples, chunk, params, optimizer)
+            synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]), before, peak_memory_mb(device), stats
+        phases.append(phase_seconds)
+    peak = peak_memory_mb(device)
+    with FlopCounterMode(display=False) as counter:  # after the timed steps: counting slows a step down
+        step(encoder, cfg, examples, chunk, params, optimizer)
+    phase_medians = {name: statistics.median(p[name] for p in phases[1:]) for name in PHASES.values()}
+    return statistics.median(times[1:]), phase_medians, before, peak, counter.get_total_flops(), stats
 
 
 def run_setting(rows, name, cfg, examples, chunks, args, device):
     torch.manual_seed(0)  # same LoRA / calibrator initialisation for every setting
     encoder = build_encoder(cfg.model, cfg.calibrator, device)
+    peak = peak_tflops(device, args.peak_tflops)
     for chunk in chunks:
-        seconds, before, peak, stats = measure(encoder, cfg, examples, chunk, args.steps, device)
+        seconds, phases, before, peak_mib, flops, stats = measure(encoder, cfg, examples, chunk, args.steps, device)
         rows.append({"setting": name, "chunk": chunk, "batch": len(examples), "seconds_per_step": seconds,
-                     "samples_per_s": len(examples) / seconds, "peak_memory_mib": peak, "memory_before_mib": before,
-                     "loss": stats["loss"]})
+                     "samples_per_s": len(examples) / seconds, "phase_seconds": phases,
+                     "other_seconds": seconds - sum(phases.values()), "tflop_per_step": flops / 1e12,
+                     "achieved_tflops": flops / 1e12 / seconds, "peak_tflops": peak,
+                     "utilisation": flops / 1e12 / seconds / peak if peak else None,
+                     "peak_memory_mib": peak_mib, "memory_before_mib": before, "loss": stats["loss"]})
         print_row(rows[-1])
     del encoder
     gc.collect()
 
 
 def print_header():
-    print(f"| {'setting':8s} | chunk | batch | s/step (median) | samples/s | peak GiB | before step GiB |")
-    print("|----------|------:|------:|----------------:|----------:|---------:|----------------:|")
+    print("| setting  | chunk | batch | s/step | samples/s | data s | no-grad s | loss s | replay s | other s "
+          "| TFLOP/step | TFLOP/s | MFU | peak GiB | before GiB |")
+    print("|----------|------:|------:|-------:|----------:|-------:|----------:|-------:|---------:|--------:"
+          "|-----------:|--------:|----:|---------:|-----------:|")
 
 
 def print_row(r):
-    print(f"| {r['setting']:8s} | {r['chunk']:5d} | {r['batch']:5d} | {r['seconds_per_step']:15.3f} | "
-          f"{r['samples_per_s']:9.1f} | {r['peak_memory_mib'] / 1024:8.2f} | {r['memory_before_mib'] / 1024:15.2f} |",
-          flush=True)
+    p = r["phase_seconds"]
+    mfu = f"{100 * r['utilisation']:.1f}%" if r["utilisation"] is not None else "-"
+    print(f"| {r['setting']:8s} | {r['chunk']:5d} | {r['batch']:5d} | {r['seconds_per_step']:6.3f} | "
+          f"{r['samples_per_s']:9.1f} | {p['data']:6.3f} | {p['no-grad']:9.3f} | {p['loss']:6.3f} | "
+          f"{p['replay']:8.3f} | {r['other_seconds']:7.3f} | {r['tflop_per_step']:10.3f} | "
+          f"{r['achieved_tflops']:7.2f} | {mfu} | {r['peak_memory_mib'] / 1024:8.2f} | "
+          f"{r['memory_before_mib'] / 1024:10.2f} |", flush=True)
+
+
+def print_ratios(rows):
+    """Ours against the release at each chunk size, measured in the same process."""
+    ours = {r["chunk"]: r for r in rows if r["setting"] == "ours"}
+    for r in rows:
+        if r["setting"] == "release" and r["chunk"] in ours:
+            print(f"chunk {r['chunk']}: ours / release samples/s = "
+                  f"{ours[r['chunk']]['samples_per_s'] / r['samples_per_s']:.2f}x, peak memory "
+                  f"{ours[r['chunk']]['peak_memory_mib'] / r['peak_memory_mib']:.2f}x")
 
 
 def tiny_cpu(args, tmp):
@@ -150,6 +224,8 @@ def real_arch(args, tmp):
     start = time.perf_counter()
     n_params = random_qwen3vl_4b(backbone, tmp, device, args.text_layers, args.vision_depth)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test)"
+    peak = peak_tflops(device, args.peak_tflops)
+    card += f", dense bf16 peak {peak:.0f} TFLOP/s" if peak else ", no bf16 peak known (--peak-tflops): no MFU"
     overrides = [f"model.backbone={backbone}", *args.overrides]
     settings = [("ours", load_config(os.path.join(ROOT, "configs/full.yaml"), overrides)),
                 ("release", load_config(os.path.join(ROOT, "configs/release.yaml"), overrides))]
@@ -168,6 +244,7 @@ def real_arch(args, tmp):
     rows = []
     for name, setting_cfg in settings:
         run_setting(rows, name, setting_cfg, examples, args.chunks, args, device)
+    print_ratios(rows)
     return header, rows
 
 
@@ -184,6 +261,8 @@ def main():
     parser.add_argument("--device", default="cuda", help="--real-arch device; cpu only for a smoke test")
     parser.add_argument("--text-layers", type=int, help="--real-arch: fewer text layers (smoke test)")
     parser.add_argument("--vision-depth", type=int, help="--real-arch: fewer vision blocks (smoke test)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense bf16 peak in TFLOP/s "
+                        "(default: from BF16_PEAK_TFLOPS by the GPU's name; none on CPU)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     args.chunks = [int(c) for c in (args.chunks or ("8,16" if args.real_arch else "4,8,16,32")).split(",")]
