@@ -1,4 +1,4 @@
-"""Proposal-Guided Spherical Query Calibrator, PGSQC (SPEC section 4; paper section IV-C, Eq. 2-6).
+"""Proposal-Guided Spherical Query Calibrator, PGSQC (paper section IV-C; docs/method.md#pgsqc).
 
 For each query readout h a hypernetwork writes a low-rank map (A, B) and a gate logit l. The map proposes a
 task-aligned point p = normalize(q + q A B) on the unit sphere, and the calibrated query moves from q = h / |h|
@@ -34,7 +34,7 @@ def lerp(q, p, lam):
 
 def slerp(q, p, lam):
     """Spherical interpolation sin((1-lam) w)/sin w * q + sin(lam w)/sin w * p, w = acos(q.p) (paper section IV-C,
-    Eq. 5), in fp32 whatever the input dtype; always a unit vector with finite gradients.
+    docs/method.md#pgsqc), in fp32 whatever the input dtype; always a unit vector with finite gradients.
 
     Where |q.p| > 1 - PARALLEL_EPS it falls back to normalized lerp: for near-parallel inputs that is slerp to
     O(w^2); for near-opposite ones the great circle is ill-conditioned (undefined at q.p = -1) and the output
@@ -69,7 +69,7 @@ class QueryCalibrator(nn.Module):
         self.learned_gate, self.fixed_gate = cfg.gate == "learned", cfg.fixed_gate
         if cfg.mode == "none":
             return
-        # Hypernetwork H (SPEC section 4): Linear(D, 512), LayerNorm, GELU, Linear(512, 2 D r + 1). A fixed gate
+        # Hypernetwork H (paper section IV-C): Linear(D, 512), LayerNorm, GELU, Linear(512, 2 D r + 1). A fixed gate
         # has no gate logit, so no output unit is left without a gradient (DDP would need find_unused_parameters).
         out = 2 * dim * cfg.rank + int(self.learned_gate)
         self.hyper = nn.Sequential(nn.Linear(dim, cfg.hidden), nn.LayerNorm(cfg.hidden), nn.GELU(),
@@ -86,7 +86,7 @@ class QueryCalibrator(nn.Module):
         if self.mode == "none":
             return q, None, None, None
         d, r = self.dim, self.rank
-        # H reads the raw readout h (SPEC section 4) in its parameters' dtype (fp32, or bf16 in the
+        # H reads the raw readout h (paper section IV-C) in its parameters' dtype (fp32, or bf16 in the
         # release-compatible setting), outside any autocast; everything after it runs in fp32.
         weight = self.hyper[0].weight
         with torch.autocast(weight.device.type, enabled=False):
@@ -97,7 +97,7 @@ class QueryCalibrator(nn.Module):
             gate = torch.sigmoid(params[:, -1])
         else:
             gate = torch.full((q.shape[0],), self.fixed_gate, device=q.device)
-        # Per-query proposal p = normalize(q + q A B) (SPEC section 4).
+        # Per-query proposal p = normalize(q + q A B) (paper section IV-C).
         qab = torch.einsum("br,brd->bd", torch.einsum("bd,bdr->br", q, a), b)
         p = F.normalize(q + qab, dim=-1)
         out = (slerp if self.mode == "slerp" else lerp)(q, p, gate)

@@ -1,7 +1,8 @@
 """One config object for the whole pipeline, saved inside every checkpoint.
 
-Defaults are FashionLens' own choices (SPEC sections 3-6). Every place where we deliberately differ from the
-authors' release is a field whose docstring says "release: ..."; configs/release.yaml sets all of them back.
+Defaults are FashionLens' own choices (paper sections IV-B to IV-E; docs/method.md). Every place where we
+deliberately differ from the authors' release is a field whose docstring says "release: ..."; configs/release.yaml
+sets all of them back.
 A config is YAML (nested by section) plus `section.key=value` overrides; unknown keys are errors.
 """
 import dataclasses
@@ -17,7 +18,7 @@ class DataConfig:
     gallery_dir: str = ""                    # test candidate files; "" means <root>/0_test_candidates
     sub_datasets: list = field(default_factory=list)   # keys like "7_cir_Shoes"; empty = all 18
     max_query_images: int = 5                # ClothesV1 / QMUL-Shoe-V2: up to 5 sketches drawn at random
-    max_bad_records: int = 20                # unreadable records are skipped and reported; more than this stops training
+    max_bad_records: int = 20                # unreadable records are skipped and reported; more stop training
     # Street+Modification Text 2 Shop's bare names "<category>+<id>.jpg" are DeepFashion2 train-split images: where
     # they are, relative to root ({id}: the name less "<category>+"). Default: U-FIRE's flattened DeepFashion2 names
     # (train/image/000003.jpg -> DeepFashion2_images/train+image+000003.jpg); raw DeepFashion2: ".../train/image/{id}".
@@ -50,7 +51,7 @@ class ModelConfig:
 
 @dataclass
 class CalibratorConfig:
-    mode: str = "slerp"                      # "slerp" | "lerp" | "none"   (SPEC section 4)
+    mode: str = "slerp"                      # "slerp" | "lerp" | "none"   (paper section IV-C)
     gate: str = "learned"                    # "learned" | "fixed"
     fixed_gate: float = 0.5                  # lambda when gate == "fixed"
     hidden: int = 512
@@ -64,7 +65,7 @@ class CalibratorConfig:
 
 @dataclass
 class SamplerConfig:
-    mode: str = "ggas"                       # "ggas" | "uniform" | "size" | "size_pow"  (SPEC section 5)
+    mode: str = "ggas"                       # "ggas" | "uniform" | "size" | "size_pow"  (paper section IV-D)
     alpha: float = 0.9                       # EMA of the difficulty
     gamma: float = 0.5                       # data-scale prior exponent
     eta: float = 1.0                         # temperature

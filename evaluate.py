@@ -6,10 +6,10 @@
     python evaluate.py --untrained --config configs/full.yaml   # floor: the backbone with fresh trainable parts
     torchrun --nproc_per_node=8 evaluate.py runs/full/best.pt    # encoding sharded over ranks, rank 0 searches
 
-Protocol (SPEC section 2): every sub-dataset is ranked against its own gallery; a query is a hit at K when any of
-its ground-truth images is among its top K (its top min(K, gallery size) when the gallery is smaller than K);
-Recall@K is divided by all queries. Search is faiss exact inner product in fp32 over L2-normalised embeddings,
-i.e. cosine (the release ranks in bf16, where ties make Recall@1 unstable).
+Protocol (paper section III; docs/method.md#evaluation): every sub-dataset is ranked against its own gallery; a
+query is a hit at K when any of its ground-truth images is among its top K (its top min(K, gallery size) when the
+gallery is smaller than K); Recall@K is divided by all queries. Search is faiss exact inner product in fp32 over
+L2-normalised embeddings, i.e. cosine (the release ranks in bf16, where ties make Recall@1 unstable).
 
 Own-image exclusion: in the two evaluation-only tasks the query's own images sit in the gallery (the outfit
 items of a compatibility query, the street photo of a street-to-shop query) and would trivially rank first.
@@ -125,7 +125,7 @@ def chance_recall(n_gallery, ground_truth, ks=KS, exclude=None):
 def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True):
     """Encode and score prepare_data.EvalSets; returns the same results dict on every rank.
 
-    Each distinct gallery image is encoded once across all sets (SPEC section 7: the 18 test galleries hold 145,592
+    Each distinct gallery image is encoded once across all sets (docs/method.md#data: 18 test galleries hold 145,592
     images counted per gallery, 144,762 distinct). Under torch.distributed, gallery and query encoding are sharded
     evenly over the ranks; rank 0 searches and broadcasts the results. cache_dir must be specific to the encoder's
     weights (the CLI uses <--cache>/<fingerprint>). Results: {"ks": [...], "sets": {name: {"family", "queries",
@@ -186,7 +186,8 @@ def _non_finite_error(eval_sets, paths, target_emb, query_emb):
 
 
 def score(results):
-    """Model selection (SPEC section 2): the sum of Recall@1 over the trained sub-datasets (unseen tasks excluded)."""
+    """Model selection (paper section III; docs/method.md#evaluation): the sum of Recall@1 over the trained
+    sub-datasets (unseen tasks excluded)."""
     return sum(r["recall"]["R@1"] for r in results["sets"].values() if r["family"] != "unseen")
 
 

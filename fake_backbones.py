@@ -64,7 +64,7 @@ PHRASES = ["is more {c}", "make it {c}", "change the {g} from {c} to {c2}", "is 
 
 
 def fashion_sentences(rng, n):
-    """n random fashion sentences (the tiny tokenizer's training corpus), plus the prompts of SPEC section 3."""
+    """n random fashion sentences (the tiny tokenizer's training corpus), plus the prompts of paper section IV-B."""
     sentences = [SYSTEM_PROMPT, QUERY_SUFFIX, TARGET_SUFFIX]
     for _ in range(n):
         words = dict(c=rng.choice(COLORS), c2=rng.choice(COLORS), m=rng.choice(MATERIALS), g=rng.choice(GARMENTS),
@@ -75,7 +75,8 @@ def fashion_sentences(rng, n):
 
 
 def make_tiny_tokenizer(seed, vocab_size):
-    """Byte-level BPE trained on fashion sentences, with Qwen's special tokens (NOTES "A tiny Qwen3-VL")."""
+    """Byte-level BPE trained on fashion sentences (NFC, Qwen's split regex, byte-level), with Qwen's special
+    tokens and eos/pad, so Qwen3-VL's processor and chat template work with it unchanged."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()

@@ -66,7 +66,7 @@ logging.getLogger("transformers.models.qwen3_vl.video_processing_qwen3_vl").addF
 
 def load_video(path, num_frames=8, record_id=None):
     """(frames uint8 [num_frames, H, W, 3], VideoMetadata), sampled uniformly with PyAV. Clips with fewer frames
-    repeat frames, so exactly num_frames always come back (NOTES "Video": frames are otherwise lost silently)."""
+    repeat frames, so exactly num_frames always come back (the processor's default re-sampling drops some silently)."""
     def uniform(metadata, **kwargs):  # like load_video's own sampling, which refuses clips shorter than num_frames
         if metadata.total_num_frames == 0:  # .mkv, .webm, .ts store no frame count: count by decoding
             with av.open(path) as container:

@@ -1,7 +1,7 @@
-"""FashionLens encoders (SPEC sections 3-4).
+"""FashionLens encoders (paper section IV-B; docs/method.md#embedding).
 
-- FashionLensEncoder: Qwen3-VL prompted per SPEC section 3, read out at a learnable token (<|MEAN|> for queries,
-  <|IMG|> for gallery images), queries calibrated by PGSQC (calibrator.py). LoRA or full training.
+- FashionLensEncoder: Qwen3-VL prompted as in paper section IV-B, read out at a learnable token (<|MEAN|> for
+  queries, <|IMG|> for gallery images), queries calibrated by PGSQC (calibrator.py). LoRA or full training.
 - OpenClipEncoder: the dual-encoder baseline (UniIR score fusion) with the same interface.
 The random-weight stand-ins for Qwen3-VL-4B-Instruct used on CPU are built by fake_backbones.py.
 
@@ -11,7 +11,7 @@ encode_targets, trainable_state_dict / load_trainable_state_dict, token_grad_nor
 """
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (NOTES "open_clip offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (open_clip would retry the hub ~46 s)
 
 import dataclasses
 import importlib.util
@@ -39,7 +39,7 @@ TARGET_SUFFIX = "Summarize the image in one word."
 
 
 def conversation(user_content, readout_token):
-    """SPEC section 3 prompt: system, the user turn, and the readout token as the assistant's answer."""
+    """The prompt of paper section IV-B: system, the user turn, and the readout token as the assistant's answer."""
     return [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
             {"role": "user", "content": user_content},
             {"role": "assistant", "content": [{"type": "text", "text": readout_token}]}]
@@ -160,11 +160,11 @@ class FashionLensEncoder(Encoder):
         super().__init__()
         device = resolve_device(device)
         self.model_cfg, self.calibrator_cfg = model_cfg, calib_cfg
-        # NOTES: transformers 5 loads in the checkpoint's dtype; this CPU has no fast bf16, so CPU runs fp32.
+        # transformers 5 loads in the checkpoint's dtype unless given one; bf16 is slow on CPUs, so CPU runs fp32.
         dtype = compute_dtype(model_cfg, device)
         heads_dtype = torch.float32 if model_cfg.fp32_trainable else dtype  # token vectors and calibrator
         self.processor = AutoProcessor.from_pretrained(model_cfg.backbone, local_files_only=True)
-        self.padding_side = "right"  # not saved with the tokenizer (NOTES); the readout does not depend on it
+        self.padding_side = "right"  # a tokenizer attribute would not be saved with it; the readout ignores it
         tokenizer = self.processor.tokenizer
         tokenizer.add_tokens([QUERY_TOKEN, TARGET_TOKEN], special_tokens=True)
         self.lm = Qwen3VLForConditionalGeneration.from_pretrained(
@@ -176,8 +176,9 @@ class FashionLensEncoder(Encoder):
         if max(self.token_ids.values()) >= vocab.shape[0]:
             raise ValueError(f"{model_cfg.backbone}: vocabulary of {vocab.shape[0]} rows has no room for "
                              f"{QUERY_TOKEN}/{TARGET_TOKEN} (ids {self.token_ids})")
-        # The two learnable readout tokens start from <|im_end|>'s embedding (SPEC section 3). Their own rows in
-        # the embedding table are never used; the <|image_pad|> row must stay untouched (NOTES).
+        # The two learnable readout tokens start from <|im_end|>'s embedding (paper section IV-B). Their own rows
+        # in the embedding table are never used; the <|image_pad|> row must stay untouched: Qwen3-VL finds image
+        # placeholders by comparing input embeddings with it.
         im_end = vocab[tokenizer.convert_tokens_to_ids("<|im_end|>")].detach().to(heads_dtype)
         self.query_token = nn.Parameter(im_end.clone())
         self.target_token = nn.Parameter(im_end.clone())
@@ -189,12 +190,12 @@ class FashionLensEncoder(Encoder):
     def set_trainable(self, cfg):
         """Trainable backbone weights are fp32 whatever model.fp32_trainable says: the release, too, kept LoRA
         in fp32 (peft creates adapters in the base layer's dtype)."""
-        if cfg.gradient_checkpointing:  # before LoRA wrapping, non-reentrant (NOTES "LoRA and DDP")
+        if cfg.gradient_checkpointing:  # non-reentrant, before LoRA wrapping: works with LoRA and inputs_embeds
             self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.trainable == "lora":
             from peft import LoraConfig, inject_adapter_in_model
             self.lm.requires_grad_(False)
-            # A string target is a full-match regex: restricted to the language model (SPEC section 3).
+            # A string target is a full-match regex: restricted to the language model (paper section IV-B).
             inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                target_modules=cfg.lora_targets), self.lm)
             for p in self.lm.parameters():
@@ -264,13 +265,14 @@ class FashionLensEncoder(Encoder):
         inputs = self.to_device(inputs)
         with self.autocast():
             h = self.readout(inputs, self.token_ids[role], self.query_token if role == "query" else self.target_token)
-        if role == "target":  # targets are never calibrated (SPEC section 4)
+        if role == "target":  # targets are never calibrated (paper section IV-C)
             return {"emb": F.normalize(h.float(), dim=-1), "gate": None, "reg_fro": None, "reg_orth": None}
         emb, gate, fro, orth = self.calibrator(h)
         return {"emb": emb, "gate": gate, "reg_fro": fro, "reg_orth": orth}
 
     def readout(self, inputs, token_id, token_vector):
-        """Hidden state at the readout token, one row per prompt, [B, D]."""
+        """Hidden state at the readout token, one row per prompt, [B, D] (paper section IV-B;
+        docs/method.md#embedding)."""
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         at_token = ids == token_id
         if not bool((at_token.sum(1) == 1).all()):
@@ -278,7 +280,8 @@ class FashionLensEncoder(Encoder):
         embeds = self.lm.get_input_embeddings()(ids)
         embeds = torch.where(at_token[..., None], token_vector.to(embeds.dtype), embeds)
         if self.model_cfg.keep_rope_positions:
-            # Correction 1: Qwen3-VL's 3-D rotary positions for vision tokens, computed from the ids (NOTES).
+            # Correction 1: Qwen3-VL's 3-D rotary positions for vision tokens, computed from the ids; with
+            # inputs_embeds alone the vision rows get text positions, silently (docs/method.md#embedding).
             positions, _ = self.lm.model.get_rope_index(
                 ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
                 video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
@@ -305,11 +308,12 @@ class FashionLensEncoder(Encoder):
             finally:
                 hook.remove()
             hidden = captured[0]
-        # Index per row: independent of the padding side and of the other prompts (NOTES).
+        # Index per row: independent of the padding side and of the other prompts.
         return hidden[torch.arange(ids.shape[0], device=ids.device), at_token.int().argmax(1)]
 
     def token_grad_norms(self):
-        """(joint, summed) gradient norms of the two learnable tokens: the GGAS difficulty (SPEC section 5)."""
+        """(joint, summed) gradient norms of the two learnable tokens: the GGAS difficulty (paper section IV-D,
+        docs/method.md#ggas)."""
         norms = [p.grad.float().norm() if p.grad is not None else torch.zeros((), device=p.device)
                  for p in (self.query_token, self.target_token)]
         return float(torch.stack(norms).norm()), float(norms[0] + norms[1])
@@ -441,7 +445,7 @@ class OpenClipEncoder(Encoder):
         return {"emb": emb, "gate": gate, "reg_fro": fro, "reg_orth": orth}
 
     def token_grad_norms(self):
-        """Stand-in for the learnable-token gradient (GGAS difficulty, SPEC section 5), which CLIP does not
+        """Stand-in for the learnable-token gradient (GGAS difficulty, paper section IV-D), which CLIP does not
         have: the gradients of the two final projections (image and text), (joint norm, sum of norms)."""
         projections = (self.clip.visual.proj, self.clip.text_projection)
         norms = [p.grad.float().norm() if p.grad is not None else torch.zeros((), device=p.device)

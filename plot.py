@@ -1,5 +1,5 @@
 """Turn train.py's JSONL log into PNG plots: loss and regulariser, GGAS sampling probability and difficulty per
-sub-dataset (SPEC §5, Eq. 7-10), the calibrator's mean gate (SPEC §4) and, when present, the validation score.
+sub-dataset (paper §IV-D), the calibrator's mean gate (paper §IV-C) and, when present, the validation score.
 
     python plot.py runs/tiny/log.jsonl [--out DIR]      # DIR defaults to the log's folder
 """
@@ -84,26 +84,26 @@ def plot_log(log_path, out_dir=None):
     loss = [line["loss"] for line in train]
     ax_loss.plot(steps, loss, alpha=0.35, linewidth=0.8, label="loss")
     ax_loss.plot(steps, moving_average(loss, max(1, len(loss) // 50)), label="moving average")
-    ax_loss.set(title="training loss (InfoNCE, SPEC §6)", ylabel="loss")
+    ax_loss.set(title="training loss (InfoNCE, paper §IV-E)", ylabel="loss")
     ax_loss.legend()
     ax_reg.plot(steps, [line["reg"] for line in train], color="tab:red")
-    ax_reg.set(title="calibrator regulariser (SPEC §4)", xlabel="step", ylabel="regulariser")
+    ax_reg.set(title="calibrator regulariser (paper §IV-C)", xlabel="step", ylabel="regulariser")
     for ax in (ax_loss, ax_reg):
         ax.grid(alpha=0.3)
     written.append(os.path.join(out_dir, "loss.png"))
     save_figure(fig, written[-1])
 
     written.append(os.path.join(out_dir, "probabilities.png"))
-    plot_per_sub_dataset(train, "probs", "GGAS sampling probability P_k (SPEC §5, Eq. 9-10)", "P_k", written[-1])
+    plot_per_sub_dataset(train, "probs", "GGAS sampling probability P_k (paper §IV-D)", "P_k", written[-1])
     written.append(os.path.join(out_dir, "difficulty.png"))
-    plot_per_sub_dataset(train, "difficulty", "GGAS difficulty G_k, EMA of the token gradient norm (Eq. 7)",
+    plot_per_sub_dataset(train, "difficulty", "GGAS difficulty G_k, EMA of the token gradient norm (paper §IV-D)",
                          "G_k", written[-1])
 
     gate = [(line["step"], line["gate_mean"]) for line in train if line.get("gate_mean") is not None]
     if gate:        # gate_mean is null when the model has no calibrator
         fig, ax = plt.subplots(figsize=(8, 3.5))
         ax.plot(*zip(*gate), color="tab:green")
-        ax.set(title="mean calibrator gate lambda (SPEC §4)", xlabel="step", ylabel="lambda")
+        ax.set(title="mean calibrator gate lambda (paper §IV-C)", xlabel="step", ylabel="lambda")
         ax.grid(alpha=0.3)
         written.append(os.path.join(out_dir, "gate.png"))
         save_figure(fig, written[-1])
@@ -111,7 +111,7 @@ def plot_log(log_path, out_dir=None):
     if val:
         fig, ax = plt.subplots(figsize=(8, 3.5))
         ax.plot([line["step"] for line in val], [line["val_score"] for line in val], marker="o")
-        ax.set(title="validation score: sum of Recall@1 over sub-datasets (SPEC §2)", xlabel="step",
+        ax.set(title="validation score: sum of Recall@1 over sub-datasets (paper §III)", xlabel="step",
                ylabel="sum R@1")
         ax.grid(alpha=0.3)
         written.append(os.path.join(out_dir, "val_score.png"))

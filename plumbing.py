@@ -76,8 +76,8 @@ def world():
 
 
 def setup_distributed(timeout_s=1800):
-    """torchrun sets WORLD_SIZE; NCCL on GPU, gloo on CPU (one thread per rank: 2 cores here). A collective that
-    waits longer than timeout_s (a dead or stuck rank) fails instead of hanging the job."""
+    """torchrun sets WORLD_SIZE; NCCL on GPU, gloo on CPU (one thread per rank: the ranks share the CPU's cores).
+    A collective that waits longer than timeout_s (a dead or stuck rank) fails instead of hanging the job."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)

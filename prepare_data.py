@@ -1,10 +1,10 @@
-"""U-FIRE data stage (SPEC §2): readers, a validator for a downloaded U-FIRE, and the synthetic U-FIRE-mini.
+"""U-FIRE data stage (paper section III): readers, a validator for a downloaded U-FIRE, the synthetic U-FIRE-mini.
 
     python prepare_data.py                  # write U-FIRE-mini to data/ufire-mini (--out, --seed, --scale)
     python prepare_data.py --root DIR       # check a real U-FIRE tree: table per sub-dataset (--report FILE)
 
 The readers serve both trees unchanged: triplet files -> records (load_records), a torch Dataset per sub-dataset
-for training (TrainSet), galleries and ground truth as SPEC §2 "Protocol" says (build_eval_set(s)).
+for training (TrainSet), galleries and ground truth as docs/method.md#data says (build_eval_set(s)).
 """
 import argparse
 import json
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from config import DataConfig
 from plumbing import DataError, atomic_write
 
-# The benchmark's names (SPEC §2): key = file prefix -> (family = prefix without its number, dataset).
+# The benchmark's names (paper section III): key = file prefix -> (family = prefix without its number, dataset).
 SUB_DATASETS = {key: tuple(key.split("_", 2)[1:]) for key in (
     "1_t2i_FashionGen", "1_t2i_Shoes", "2_sketch2i_ClothesV1", "2_sketch2i_HAIFashion", "2_sketch2i_QMUL-Shoe-V2",
     "3_inshop_DeepFashion", "4_street2shop_DeepFashion2", "5_compatibility_FashionVC", "5_compatibility_Polyvore",
@@ -29,7 +29,7 @@ SUB_DATASETS = {key: tuple(key.split("_", 2)[1:]) for key in (
     "7_cir_FashionIQ-Toptee", "7_cir_Shoes", "8_sketch&text_CSTBIR", "9_asfr_DARN", "9_asfr_FashionAI")}
 UNSEEN_TASKS = ["Street+Modification Text 2 Shop", "Image(s)+Text 2 Compatible Item"]
 SPLITS = ("train", "val", "test")
-SKETCH_SETS = ("2_sketch2i_ClothesV1", "2_sketch2i_QMUL-Shoe-V2")   # up to max_query_images drawn (SPEC §2)
+SKETCH_SETS = ("2_sketch2i_ClothesV1", "2_sketch2i_QMUL-Shoe-V2")   # up to max_query_images drawn (paper §III)
 MEDIA_FIELDS = ("query_image", "query_video", "target_image", "negative_image")
 TEXT_FIELDS = ("instruction_text", "query_text", "attribute", "target_label", "task", "category")
 
@@ -123,7 +123,7 @@ def count_records(root, key, split):
 
 
 class TrainSet:
-    """Training view of one sub-dataset (SPEC §2 Protocol): one target drawn per visit, sketch sets subsampled."""
+    """Training view of one sub-dataset (docs/method.md#data): one target drawn per visit, sketch sets subsampled."""
 
     def __init__(self, root, key, max_query_images=5):
         self.key, self.max_query_images = key, max_query_images
@@ -178,8 +178,9 @@ def path_list(entries, path, what="gallery"):
 def load_candidates(path, root):
     """A candidate file -> (gallery: unique absolute paths in first-seen order, labels: {path: label} or None).
 
-    A plain file is a JSON list of paths (DeepFashion lists 71 twice: galleries are deduplicated, SPEC §7); an
-    asfr file maps each label to its paths, plus one key ending in "_candidate" that holds the whole pool.
+    A plain file is a JSON list of paths (DeepFashion lists 71 twice: galleries are deduplicated,
+    docs/method.md#data); an asfr file maps each label to its paths, plus one key ending in "_candidate" that holds
+    the whole pool.
     """
     data, root = read_json(path), os.path.abspath(root)
     pool_keys = [k for k in data if k.endswith("_candidate")] if isinstance(data, dict) else [None]
@@ -206,7 +207,7 @@ def checked_hits(hits, strict, path, record_id):
 
 
 def build_eval_set(root, key, split, gallery_dir=None, strict=False):
-    """Gallery and ground truth of one sub-dataset split (SPEC §2 Protocol)."""
+    """Gallery and ground truth of one sub-dataset split (paper section III; docs/method.md#data)."""
     if split not in ("val", "test"):
         raise ValueError(f"evaluation split must be 'val' or 'test', got {split!r}")
     root = os.path.abspath(root)
@@ -221,7 +222,7 @@ def build_eval_set(root, key, split, gallery_dir=None, strict=False):
         by_label[label].append(index[p])
     queries, ground_truth = [], []
     for rec in records:
-        if family == "asfr":   # every gallery image with the query's label is a hit (SPEC §2)
+        if family == "asfr":   # every gallery image with the query's label is a hit (paper section III)
             hits = sorted(by_label.get(rec["target_label"], []))
         else:
             hits = list(dict.fromkeys(index[p] for p in rec["target_image"] if p in index))

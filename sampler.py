@@ -1,13 +1,13 @@
-"""Gradient-Guided Adaptive Sampling, GGAS (SPEC §5; paper section IV-D, Eq. 7-10).
+"""Gradient-Guided Adaptive Sampling, GGAS (paper section IV-D; docs/method.md#ggas).
 
 Every training step trains on one sub-dataset k, so in-batch negatives come from the same task. The choice of k
 follows a distribution P that favours sub-datasets whose gradients are large (hard, not yet learnt) and large
 ones (data-scale prior), with a floor so no sub-dataset is starved:
 
-    G_k <- alpha * G_k + (1 - alpha) * d_k                  (Eq. 7, EMA of the difficulty, G_k starts at 0)
-    log S_k = gamma * log N_k + G_k / eta                   (Eq. 8, scale prior plus difficulty)
-    P = softmax(log S)                                      (Eq. 9)
-    P_k >= epsilon for every k                              (Eq. 10, the floor)
+    G_k <- alpha * G_k + (1 - alpha) * d_k                  (EMA of the difficulty, G_k starts at 0)
+    log S_k = gamma * log N_k + G_k / eta                   (scale prior plus difficulty)
+    P = softmax(log S)
+    P_k >= epsilon for every k                              (the floor)
 
 Under DDP every rank holds an identical sampler: the same seeded generators and the same rank-averaged
 difficulties, so all ranks pick the same k at every step without communicating the choice, and each rank takes
@@ -29,14 +29,14 @@ def softmax(x):
 
 
 def floor_renormalise(p, eps):
-    """The release's floor (SPEC §5): clamp to eps, then renormalise. The renormalisation pushes clamped entries
-    back below eps whenever anything was clamped (config sampler.guaranteed_floor=false)."""
+    """The release's floor (docs/method.md#ggas): clamp to eps, then renormalise. The renormalisation pushes
+    clamped entries back below eps whenever anything was clamped (config sampler.guaranteed_floor=false)."""
     p = np.maximum(p, eps)
     return p / p.sum()
 
 
 def floor_water_fill(p, eps):
-    """A floor that holds (SPEC §5, Eq. 10): entries below eps are fixed at eps and the remaining mass is shared
+    """A floor that holds (paper section IV-D): entries below eps are fixed at eps and the remaining mass is shared
     among the others in proportion to p; repeat, since shrinking the others can push more of them under eps.
     Each round fixes at least one more entry, so it ends within len(p) rounds."""
     fixed = np.zeros(len(p), dtype=bool)
@@ -50,7 +50,7 @@ def floor_water_fill(p, eps):
 
 
 class TaskSampler:
-    """Chooses the sub-dataset of every step and this rank's record indices within it (SPEC §5).
+    """Chooses the sub-dataset of every step and this rank's record indices within it (paper section IV-D).
 
     sizes: N_k, the number of training records per sub-dataset key (insertion order is the key order).
     batch_size: records per rank; a sub-dataset smaller than one global batch gives N_k // world_size per rank.
@@ -77,7 +77,7 @@ class TaskSampler:
                 raise ValueError(f"sub-dataset {key} has {sizes[key]} training records, fewer than the "
                                  f"{world_size} ranks: every rank needs at least one record per batch")
         self.batch_size = batch_size
-        # SPEC §5: an epoch is sum_k floor(N_k / (world_size * batch)) steps.
+        # An epoch is sum_k floor(N_k / (world_size * batch)) steps (docs/method.md#ggas).
         self.epoch_length = int((self.sizes // (world_size * batch_size)).sum())
         if self.epoch_length == 0:
             raise ValueError(f"every sub-dataset is smaller than one global batch ({world_size} x {batch_size}); "
@@ -113,13 +113,13 @@ class TaskSampler:
             return self.sizes / self.sizes.sum()
         if mode == "size_pow":
             return softmax(self.cfg.gamma * np.log(self.sizes))
-        p = softmax(self.cfg.gamma * np.log(self.sizes) + self.G / self.cfg.eta)   # Eq. 8-9
+        p = softmax(self.cfg.gamma * np.log(self.sizes) + self.G / self.cfg.eta)   # P = softmax(log S)
         floor = floor_water_fill if self.cfg.guaranteed_floor else floor_renormalise
-        return floor(p, self.cfg.floor)                                              # Eq. 10
+        return floor(p, self.cfg.floor)                                              # the floor
 
     def _refresh(self):
         """P for the step about to be drawn: uniform during warm-up, then recomputed from G at the start of every
-        epoch and, when sampler.update_every > 0, every update_every steps (SPEC §5; release: 0, per epoch)."""
+        epoch and, when sampler.update_every > 0, every update_every steps (release: 0, once per epoch)."""
         if self._in_warmup():
             self.P = self._uniform()
         elif self.step % self.epoch_length == 0 or (self.cfg.update_every and self.step % self.cfg.update_every == 0):
@@ -149,7 +149,7 @@ class TaskSampler:
         return self.keys[i], indices
 
     def update(self, key, difficulty, device=None):
-        """Feed the difficulty d_k of the step just trained on `key` (Eq. 7).
+        """Feed the difficulty d_k of the step just trained on `key` into its EMA G_k.
 
         d_k is the gradient norm of the two learnable token vectors; config sampler.difficulty picks one norm of
         both ("joint", release) or the sum of two norms ("sum"), computed by the trainer. Under DDP it is

@@ -1,4 +1,4 @@
-"""Train FashionLens (paper section IV-E; SPEC sections 5 and 6).
+"""Train FashionLens (paper sections IV-D and IV-E; docs/method.md#loss, #gradient-caching, #ggas).
 
     python train.py configs/tiny.yaml [section.key=value ...] [--resume]
     torchrun --nproc_per_node=8 --max-restarts=3 train.py configs/full.yaml    # restarts resume from last.pt
@@ -46,11 +46,12 @@ def gather_keep_local(x):
     return torch.cat(parts), counts
 
 
-# ----------------------------------------------------------------------------- the loss (SPEC section 6)
+# ----------------------------------------------------------------------------- the loss (paper section IV-E)
 
 def contrastive_loss(q, t, positives, t_paths, t_labels, temperature):
-    """Query->target InfoNCE. Row i's positive is column positives[i]. Other columns that show the same image,
-    or (asfr) an image with the positive's label, are false negatives: masked out rather than pushed away."""
+    """Query->target InfoNCE (docs/method.md#loss). Row i's positive is column positives[i]. Other columns that
+    show the same image, or (asfr) an image with the positive's label, are false negatives: masked out rather than
+    pushed away."""
     path_ids = {p: i for i, p in enumerate(dict.fromkeys(t_paths))}
     label_ids = {lab: i for i, lab in enumerate(dict.fromkeys(t_labels))}
     # Unlabelled columns get distinct negative ids so they never match each other.
@@ -163,9 +164,9 @@ def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay):
 
 def cached_step(encoder, examples, cfg, chunk_size):
     """Loss and gradients of one batch, exactly as if the whole batch went through the model at once
-    (gradient caching, docs/method.md): embed every chunk without a graph, get d(loss)/d(embedding), then
-    replay each chunk with a graph and back-propagate the cached embedding gradients. Leaves the local
-    gradients in .grad; returns (stats or None, unreadable records)."""
+    (gradient caching, docs/method.md#gradient-caching): embed every chunk without a graph, get
+    d(loss)/d(embedding), then replay each chunk with a graph and back-propagate the cached embedding gradients.
+    Leaves the local gradients in .grad; returns (stats or None, unreadable records)."""
     examples, q_chunks, t_chunks, t_paths, bad = prepare_chunks(encoder, examples, chunk_size)
     gather = cfg.train.gather_negatives and world()[1] > 1
     if not examples and not gather:
@@ -236,7 +237,7 @@ def check_ranks_agree(encoder, when):
 # ----------------------------------------------------------------------------- the training loop
 
 def learning_rate_factor(cfg, total_steps):
-    """Constant (release, SPEC section 6) or linear warm-up then cosine decay to zero."""
+    """Constant (release; paper section IV-E) or linear warm-up then cosine decay to zero."""
     def factor(step):
         if step < cfg.train.warmup_steps:
             return (step + 1) / cfg.train.warmup_steps

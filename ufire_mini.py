@@ -375,10 +375,10 @@ ASFR_ATTRIBUTES = {   # (attribute name, item field, categories it applies to); 
                          ("skirt length", "length", ("skirt", "dress")),
                          ("pant length", "length", ("trousers",)), ("coat length", "length", ("coat",))),
 }
-# Queries per split at --scale 1: U-FIRE's proportions (SPEC §7) scaled down so a CPU quickstart trains in minutes,
-# except that the sketch sets, CSTBIR and DARN train on 2-4x their share: at their share (60-120 records) the tiny
-# model's sketch Recall@10 stayed within 0.7-1.6x chance, at these sizes it reaches 2.3-3.7x (README, Results).
-# DARN stays at chance either way.
+# Queries per split at --scale 1: U-FIRE's proportions (gallery sizes in docs/method.md#data) scaled down so a CPU
+# quickstart trains in minutes, except that the sketch sets, CSTBIR and DARN train on 2-4x their share: at their
+# share (60-120 records) the tiny model's sketch Recall@10 stayed within 0.7-1.6x chance, at these sizes it reaches
+# 2.3-3.7x (README, Results). DARN stays at chance either way.
 SIZES = {"1_t2i_FashionGen": (700, 100, 150), "1_t2i_Shoes": (150, 50, 60), "2_sketch2i_ClothesV1": (240, 30, 30),
          "2_sketch2i_HAIFashion": (300, 40, 60), "2_sketch2i_QMUL-Shoe-V2": (240, 30, 40),
          "3_inshop_DeepFashion": (400, 80, 120), "4_street2shop_DeepFashion2": (300, 80, 100),
@@ -679,7 +679,7 @@ def generate(out="data/ufire-mini", seed=0, scale=1.0, image_size=96, progress=T
                         write_json(candidate_path(tmp, key, split), extra)
                     elif split == "test":
                         gallery = list(dict.fromkeys([p for r in records for p in r["target_image"]] + extra))
-                        # The release lists some DeepFashion images twice (SPEC §7); so do we, to keep readers honest.
+                        # The release lists 71 DeepFashion images twice; so do we, to keep readers honest.
                         write_json(candidate_path(tmp, key, split), gallery + gallery[:3] * (family == "inshop"))
                 bar.update()
             for task in UNSEEN_TASKS:

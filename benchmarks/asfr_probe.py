@@ -1,5 +1,5 @@
 """Does a checkpoint retrieve by attribute, or only by look? A probe of the two asfr sub-datasets (image + attribute
-name -> every gallery image with the same value of that attribute, SPEC section 2).
+name -> every gallery image with the same value of that attribute, paper section III; docs/method.md#data).
 
     .venv/bin/python benchmarks/asfr_probe.py runs/tiny/best.pt [--root data/ufire-mini] [--split test]
 

@@ -1,4 +1,4 @@
-"""Evaluation cost on the released U-FIRE test galleries (issue 5), ours against a naive implementation in one run.
+"""Evaluation cost on the released U-FIRE test galleries, ours against a naive implementation in one run.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/eval_scaling.py [--annotations ../shared/ufire-annotations]
 
@@ -14,8 +14,8 @@ The released galleries come without queries (the test triplet files are not publ
 one per 10 gallery images (at most --max-queries), each with one target drawn at random from the gallery (asfr: a
 random label; its ground truth is every image of that label). Embeddings are random unit vectors, 2560-d fp32 like
 Qwen3-VL-4B's hidden size in part 1; part 2 uses --scaling-dim (default 256) so a 1M gallery (1 GB) fits in memory
-and the naive bf16 search finishes on a 2-core machine. Everything runs on --threads threads (default 1: this
-machine is shared and two-thread timings spike, NOTES "Search and timing").
+and the naive bf16 search finishes on a 2-core machine. Everything runs on --threads threads (default 1:
+on a shared CPU two-thread timings show multi-second spikes).
 """
 import argparse
 import json

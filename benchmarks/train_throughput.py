@@ -1,11 +1,11 @@
 """Training throughput: samples/s, where a step's time goes, model FLOPs utilisation and peak memory.
 
 A step is exactly train.py's per-step work, imported from train.py: train.cached_step (gradient caching,
-SPEC section 6; it also loads and preprocesses the batch's images), train.average_gradients, the token-gradient
-norms GGAS reads (SPEC section 5), gradient clipping when the config asks for it, and an AdamW step. The sampler
+paper section IV-E; it also loads and preprocesses the batch's images), train.average_gradients, the token-gradient
+norms GGAS reads (paper section IV-D), gradient clipping when the config asks for it, and an AdamW step. The sampler
 update, the learning-rate schedule and the logging are left out (microseconds). Every setting runs 1 warm-up step
 (allocator, AdamW state, kernels), excluded, then --steps measured steps; the median step time is reported
-(NOTES "Search and timing": this machine's timings spike).
+(timings with two or more threads on a shared CPU show multi-second spikes).
 
 Default (CPU): configs/tiny.yaml with the tiny random Qwen3-VL (built into a temporary directory unless
 --backbone is given) at several chunk sizes, on torch's thread count (OMP_NUM_THREADS; printed).

@@ -1,4 +1,4 @@
-"""Shared test fixtures. Tests run on CPU with one thread (the machine is shared) and never touch the network."""
+"""Shared test fixtures. Tests run on CPU with one thread (the CPU may be shared) and never touch the network."""
 import os
 import sys
 

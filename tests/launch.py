@@ -1,4 +1,4 @@
-"""Launching test scripts under torchrun on CPU: one node of several processes, or two "nodes" on this machine."""
+"""Launching test scripts under torchrun on CPU: one node of several processes, or two "nodes" on one host."""
 import os
 import socket
 import subprocess

@@ -20,7 +20,7 @@ ANNOTATIONS = os.environ.get("UFIRE_ANNOTATIONS", os.path.join(REPO, "..", "shar
 needs_annotations = pytest.mark.skipif(
     not os.path.isdir(os.path.join(ANNOTATIONS, "gallery")),
     reason=f"released U-FIRE annotations not found at {ANNOTATIONS} (set UFIRE_ANNOTATIONS)")
-GALLERY_SIZES = {   # SPEC §7, per gallery after deduplication
+GALLERY_SIZES = {   # docs/method.md#data, per gallery after deduplication
     "1_t2i_FashionGen": 51089, "1_t2i_Shoes": 1200, "2_sketch2i_ClothesV1": 220, "2_sketch2i_HAIFashion": 1200,
     "2_sketch2i_QMUL-Shoe-V2": 400, "3_inshop_DeepFashion": 10563, "4_street2shop_DeepFashion2": 9369,
     "5_compatibility_FashionVC": 7006, "5_compatibility_Polyvore": 7249, "6_video2img_MovingFashion": 2608,
@@ -92,7 +92,7 @@ def test_every_referenced_file_exists_and_decodes(mini_root):
         with av.open(video) as container:
             frames = [f.to_image() for f in container.decode(video=0)]
         assert len(frames) >= 8 and frames[0].size == (64, 64)
-    from transformers.video_utils import load_video       # the model's decoding path (NOTES: Video)
+    from transformers.video_utils import load_video       # the model's decoding path (media.load_video, PyAV)
     frames, metadata = load_video(videos[0], backend="pyav", num_frames=8)
     assert frames.shape[0] == 8 and list(metadata.frames_indices) == list(range(8))
 

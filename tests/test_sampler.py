@@ -1,4 +1,5 @@
-"""GGAS sampler (SPEC §5): floor, warm-up, epoch length, determinism, distinct records, DDP agreement, resume."""
+"""GGAS sampler (paper section IV-D; docs/method.md#ggas): floor, warm-up, epoch length, determinism, distinct
+records, DDP agreement, resume."""
 import json
 import math
 import os
@@ -143,17 +144,18 @@ def test_ablation_modes():
 
 
 def test_ggas_probabilities_match_equations_7_to_9_by_hand():
-    """Eq. 7-9 with non-default alpha, gamma, eta, against numbers worked out with plain math.
+    """The EMA, score and softmax of docs/method.md#ggas with non-default alpha, gamma, eta, against numbers
+    worked out with plain math.
     Catches: the data-scale prior dropped (softmax(G / eta)), G * eta in place of G / eta, and alpha swapped with
     1 - alpha in the EMA."""
     sizes = {"a": 100, "b": 400, "c": 900}
     s = TaskSampler(sizes, cfg(alpha=0.7, gamma=0.3, eta=2.0, floor=0.01, warmup_epochs=0), batch_size=8)
     for key, d in [("a", 3.0), ("a", 1.0), ("b", 2.0)]:
         s.update(key, d)
-    # Eq. 7 from G = 0: a: 0.7 * (0.3 * 3) + 0.3 * 1 = 0.93; b: 0.3 * 2 = 0.6; c never trained: 0.
+    # EMA from G = 0: a: 0.7 * (0.3 * 3) + 0.3 * 1 = 0.93; b: 0.3 * 2 = 0.6; c never trained: 0.
     assert s.difficulties() == pytest.approx({"a": 0.93, "b": 0.6, "c": 0.0}, abs=1e-12)
     s.next_batch()            # step 0 starts an epoch: P is recomputed from G
-    # Eq. 8: log S_k = 0.3 log N_k + G_k / 2; Eq. 9: P = softmax(log S). All above the floor, so no clamping.
+    # log S_k = 0.3 log N_k + G_k / 2; P = softmax(log S). All above the floor, so no clamping.
     scores = {"a": 0.3 * math.log(100) + 0.93 / 2, "b": 0.3 * math.log(400) + 0.6 / 2, "c": 0.3 * math.log(900)}
     total = sum(math.exp(v) for v in scores.values())
     expected = {k: math.exp(v) / total for k, v in scores.items()}
