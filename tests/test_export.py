@@ -67,10 +67,11 @@ def cosines(trained, media, out_dir, dtype=torch.float32):
     """Per-item cosine(export, training encoder): a text, an image, an image+text (two images), a video query,
     then the gallery images."""
     imgs = media["images"]
-    queries = [{"id": "text", "instruction_text": "Find a red silk dress.", "query_image": [], "query_video": []},
-               {"id": "image", "instruction_text": "", "query_image": imgs[:1], "query_video": []},
-               {"id": "image+text", "instruction_text": "Make it blue.", "query_image": imgs[1:], "query_video": []},
-               {"id": "video", "instruction_text": "Find the item.", "query_image": [], "query_video": [media["video"]]}]
+    queries = [{"id": kind, "instruction_text": text, "query_image": images, "query_video": videos}
+               for kind, text, images, videos in [("text", "Find a red silk dress.", [], []),
+                                                  ("image", "", imgs[:1], []),
+                                                  ("image+text", "Make it blue.", imgs[1:], []),
+                                                  ("video", "Find the item.", [], [media["video"]])]]
     lm, processor, head, fl = plain(out_dir, dtype)
     records = [{"text": q["instruction_text"], "images": q["query_image"], "videos": q["query_video"]}
                for q in queries]
@@ -90,7 +91,7 @@ def exported(trained, tmp_path_factory):
 def test_export_gives_the_training_embeddings(trained, media, exported):
     """Text, image, image+text and video queries and gallery images: cosine >= 0.9999 with the training encoder.
     Catches (each seen to fail): the LoRA merge skipped (`base.float() + delta` -> `base.float()`); the token rows
-    not written (the plain forward reads the <|MEAN|>/<|IMG|> rows of the tokenizer's resize); the calibrator not
+    not written (the plain forward reads the backbone's untouched <|MEAN|>/<|IMG|> rows); the calibrator not
     applied (embed_queries returning F.normalize of the readout); the readout one position late (`argmax(1) + 1`,
     the <|im_end|> after the token)."""
     cos = cosines(trained, media, exported)
@@ -101,7 +102,8 @@ def test_export_loads_without_warnings_and_keeps_the_vocabulary(trained, exporte
     """No missing, unexpected or mismatched weights (transformers' "newly initialized" / "not used" report), the
     config's vocabulary is the saved matrix's and the encoder's, the head is tied, the tokens are real tokenizer
     entries at the encoder's ids. Catches: LoRA factors left in the saved state (`return state` without dropping
-    "lora_" keys), the tied head saved as its own copy of the matrix."""
+    "lora_" keys), the tied head saved as its own copy of the matrix (`state.pop("lm_head.weight")` left out:
+    loaded untied)."""
     capfd.readouterr()
     lm, info = Qwen3VLForConditionalGeneration.from_pretrained(exported, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
