@@ -514,10 +514,14 @@ def card_numbers(ckpt_path, results_path=None):
     that train.py stores in the checkpoint."""
     import evaluate   # here, not at the top: evaluate imports this module
     if results_path:
-        with open(results_path) as f:
-            results = json.load(f)
-        title = f"U-FIRE {results.get('split', '?')} split of {results.get('root', '?')}"
-        return f"From `{os.path.basename(results_path)}` (evaluate.py):\n\n" + evaluate.format_table(results, title)
+        try:
+            with open(results_path) as f:
+                results = json.load(f)
+            title = f"U-FIRE {results.get('split', '?')} split of {results.get('root', '?')}"
+            table = evaluate.format_table(results, title)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{results_path}: not a results.json written by evaluate.py ({err!r})") from err
+        return f"From `{os.path.basename(results_path)}` (evaluate.py):\n\n" + table
     saved = load_checkpoint(ckpt_path)
     if saved.get("best_score", -1) < 0:
         return "The checkpoint holds no validation score; export with `--results results.json` from evaluate.py."
