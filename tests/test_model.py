@@ -1,6 +1,7 @@
 """model.py on the tiny random Qwen3-VL and a tiny open_clip: every query kind embeds, a query's embedding does
 not depend on its batch or the padding side, the release switches change what they should (and only that),
-the readout equals the plain input-ids forward, and saved trainable state reloads to identical embeddings."""
+the readout equals the plain input-ids forward, and saved trainable state reloads to identical embeddings
+(exports: test_export.py)."""
 import hashlib
 import os
 
@@ -340,56 +341,6 @@ def test_trainable_state_round_trip_gives_identical_embeddings(tiny_backbone, me
     other = build(tiny_backbone, trainable="lora" if trainable == "full" else "full")
     with pytest.raises(KeyError, match="missing"):
         other.load_trainable_state_dict(trained.trainable_state_dict())
-
-
-def test_merged_export_gives_the_same_embeddings(tiny_backbone, media, tmp_path):
-    trained = build(tiny_backbone, trainable="lora")
-    train_a_little(trained, media)
-    trained.save_merged(str(tmp_path / "merged"))
-    merged = model.load_merged(str(tmp_path / "merged"), device="cpu")
-    assert not any("lora_" in n for n, _ in merged.named_parameters())
-    queries = queries_of_every_kind(media)
-    assert (merged.encode_queries(queries) - trained.encode_queries(queries)).abs().max() < 1e-5
-    assert (merged.encode_targets(media["images"]) - trained.encode_targets(media["images"])).abs().max() < 1e-5
-
-
-def test_merged_export_is_exact_and_frozen_in_bf16(tiny_backbone, media, tmp_path, bf16_on_cpu):
-    """In bf16 (the GPU path, run on CPU), the merged export loads frozen (no gradients, eval mode) in bf16 and
-    gives the adapter model's embeddings (cosine >= 0.9999) with a LoRA delta that moves them (cosine < 0.99
-    without it). Each merged layer's weight equals base + alpha/r * B A, computed here from the LoRA factors, to
-    2^-15 relative (hi + lo, two bf16 parts) and 1e-8 (fp32 arithmetic). The embeddings cannot show the old
-    rounding (in bf16 both models carry rounding noise of its size, 1 - cosine ~ 5e-5); the weights can (a merge
-    rounded to bf16 is off by up to 2^-8 relative).
-    Catches: the merge rounded to bf16 (`base.float() + delta` -> `(base.float() + delta).to(base.dtype)`),
-    load_merged's weights left trainable (trainable "none" -> "full") or in train mode (no `.eval()`), merged
-    layers left plain bf16 Linear (no SplitLinear)."""
-    trained = build(tiny_backbone, trainable="lora", lora_dropout=0.0)
-    train_a_little(trained, media)
-    trained.eval()
-    lora = {n[:-len(".lora_A.default")]: m for n, m in trained.lm.named_modules() if n.endswith(".lora_A.default")}
-    expected = {name: module.base_layer.weight.double()
-                + trained.model_cfg.lora_alpha / trained.model_cfg.lora_r
-                * (module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double())
-                for name, module in ((n, trained.lm.get_submodule(n)) for n in lora)}
-    queries = queries_of_every_kind(media)
-    adapter = torch.cat([trained.encode_queries(queries), trained.encode_targets(media["images"])])
-    trained.save_merged(str(tmp_path / "merged"))
-    merged = model.load_merged(str(tmp_path / "merged"), device="cpu")
-    assert not merged.training and not merged.lm.training
-    assert not any(p.requires_grad for p in merged.parameters())
-    assert {p.dtype for p in merged.lm.parameters()} | {b.dtype for b in merged.lm.buffers()
-                                                       if b.is_floating_point() and b.ndim == 2} == {torch.bfloat16}
-    assert expected and len(expected) == sum(isinstance(m, model.SplitLinear) for m in merged.lm.modules())
-    for name, weight in expected.items():
-        split = merged.lm.get_submodule(name)
-        assert torch.allclose(split.hi.double() + split.lo.double(), weight, rtol=2 ** -15, atol=1e-8), name
-    ours = torch.cat([merged.encode_queries(queries), merged.encode_targets(media["images"])])
-    assert F.cosine_similarity(ours, adapter).min() >= 0.9999
-    with torch.no_grad():
-        for module in lora.values():
-            module.weight.zero_()  # B A = 0: the backbone without LoRA
-    without = torch.cat([trained.encode_queries(queries), trained.encode_targets(media["images"])])
-    assert F.cosine_similarity(without, adapter).max() < 0.99
 
 
 def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media, tmp_path):

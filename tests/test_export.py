@@ -1,0 +1,188 @@
+"""`python model.py export`: the exported directory, loaded with plain transformers and its own fashionlens_embed.py
+(not this repository), gives the training encoder's embeddings for every query kind and for gallery images; it
+loads without warnings; its calibrator equals calibrator.py's; its model card's snippet runs as written."""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+import model
+from calibrator import QueryCalibrator
+from config import CalibratorConfig, Config
+from test_model import PIXELS, build, write_mp4, write_png
+
+
+def perturbed(encoder):
+    """Every trained part moved far enough that leaving it out shows: LoRA factors (B A no longer 0), the two
+    readout vectors (no longer <|im_end|>'s row), the calibrator (A, B no longer ~0, gate 0.5 instead of 0.05)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+        encoder.query_token.normal_(0, 1)
+        encoder.target_token.normal_(0, 1)
+        encoder.calibrator.hyper[-1].weight.normal_(0, 0.05)
+        encoder.calibrator.hyper[-1].bias.zero_()
+    return encoder.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbone):
+    return perturbed(build(tiny_backbone, trainable="lora", lora_dropout=0.0))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export-media")
+    sizes = [(120, 90), (64, 160), (200, 200)]
+    return {"images": [write_png(d / f"img{i}.png", size, i) for i, size in enumerate(sizes)],
+            "video": write_mp4(d / "clip.mp4", 12, 0)}
+
+
+def load_standalone(out_dir):
+    """fashionlens_embed.py from the export, as its own module (not the repository's export/ copy)."""
+    spec = importlib.util.spec_from_file_location(f"fashionlens_embed_{abs(hash(out_dir))}",
+                                                  os.path.join(out_dir, "fashionlens_embed.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def plain(out_dir, dtype=torch.float32):
+    """The export loaded with plain transformers: (model, processor, head, the standalone module)."""
+    fl = load_standalone(out_dir)
+    lm = Qwen3VLForConditionalGeneration.from_pretrained(out_dir, dtype=dtype).eval()
+    return lm, AutoProcessor.from_pretrained(out_dir), fl.load_head(out_dir), fl
+
+
+def cosines(trained, media, out_dir, dtype=torch.float32):
+    """Per-item cosine(export, training encoder): a text, an image, an image+text (two images), a video query,
+    then the gallery images."""
+    imgs = media["images"]
+    queries = [{"id": kind, "instruction_text": text, "query_image": images, "query_video": videos}
+               for kind, text, images, videos in [("text", "Find a red silk dress.", [], []),
+                                                  ("image", "", imgs[:1], []),
+                                                  ("image+text", "Make it blue.", imgs[1:], []),
+                                                  ("video", "Find the item.", [], [media["video"]])]]
+    lm, processor, head, fl = plain(out_dir, dtype)
+    records = [{"text": q["instruction_text"], "images": q["query_image"], "videos": q["query_video"]}
+               for q in queries]
+    ours = fl.embed_queries(lm, processor, head, records)
+    gallery = fl.embed_images(lm, processor, head, imgs, batch_size=2)
+    return torch.cat([F.cosine_similarity(ours, trained.encode_queries(queries)),
+                      F.cosine_similarity(gallery, trained.encode_targets(imgs))])
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("export") / "fashionlens")
+    model.export(trained, out, source="test")
+    return out
+
+
+def test_export_gives_the_training_embeddings(trained, media, exported):
+    """Text, image, image+text and video queries and gallery images: cosine >= 0.9999 with the training encoder.
+    Catches (each seen to fail): the LoRA merge skipped (`base.float() + delta` -> `base.float()`); the token rows
+    not written (the plain forward reads the backbone's untouched <|MEAN|>/<|IMG|> rows); the calibrator not
+    applied (embed_queries returning F.normalize of the readout); the readout one position late (`argmax(1) + 1`,
+    the <|im_end|> after the token)."""
+    cos = cosines(trained, media, exported)
+    assert cos.min() >= 0.9999, cos.tolist()
+
+
+def test_export_loads_without_warnings_and_keeps_the_vocabulary(trained, exported, capfd):
+    """No missing, unexpected or mismatched weights (transformers' "newly initialized" / "not used" report), the
+    config's vocabulary is the saved matrix's and the encoder's, the head is tied, the tokens are real tokenizer
+    entries at the encoder's ids. Catches: LoRA factors left in the saved state (`return state` without dropping
+    "lora_" keys), the tied head saved as its own copy of the matrix (`state.pop("lm_head.weight")` left out:
+    loaded untied)."""
+    capfd.readouterr()
+    lm, info = Qwen3VLForConditionalGeneration.from_pretrained(exported, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    err = capfd.readouterr().err
+    for phrase in ("newly initialized", "not used", "UNEXPECTED", "MISSING", "MISMATCH"):
+        assert phrase not in err, err
+    rows = trained.lm.get_input_embeddings().weight.shape[0]
+    assert lm.config.text_config.vocab_size == lm.get_input_embeddings().weight.shape[0] == rows
+    assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+    with safe_open(os.path.join(exported, "model.safetensors"), "pt") as f:
+        assert not any("lora_" in k or k.startswith("lm_head") for k in f.keys())
+    tokenizer = AutoProcessor.from_pretrained(exported).tokenizer
+    assert tokenizer.convert_tokens_to_ids([model.QUERY_TOKEN, model.TARGET_TOKEN]) == [
+        trained.token_ids["query"], trained.token_ids["target"]]
+    assert torch.equal(lm.get_input_embeddings().weight[trained.token_ids["query"]], trained.query_token)
+
+
+@pytest.mark.parametrize("mode,gate", [("slerp", "learned"), ("lerp", "learned"), ("slerp", "fixed"),
+                                       ("none", "learned")])
+def test_standalone_calibrator_equals_calibrator_py(exported, mode, gate):
+    """fashionlens_embed.calibrate against calibrator.QueryCalibrator, per variant, on random readouts and on
+    readouts whose proposal is parallel to them (A, B = 0: the slerp fallback). Catches: the parallel fallback
+    dropped (`torch.where(parallel, linear, spherical)` -> `spherical`: NaN), lerp computed as slerp, the fixed gate
+    read from the gate logit."""
+    fl = load_standalone(exported)
+    torch.manual_seed(0)
+    cfg = CalibratorConfig(mode=mode, gate=gate, fixed_gate=0.3, hidden=16, rank=4)
+    settings = {"calibrator": {"mode": mode, "gate": gate, "fixed_gate": 0.3, "rank": 4}}
+    h = 3 * torch.randn(6, 32)
+    for scale in (0.3, 0.0):       # random A, B; then a zero last layer: A = B = 0, p = q (the parallel fallback)
+        reference = QueryCalibrator(32, cfg)
+        if mode != "none":
+            with torch.no_grad():
+                reference.hyper[-1].weight.normal_(0, scale) if scale else reference.hyper[-1].weight.zero_()
+        head = {"settings": settings, "calibrator": reference.state_dict()}
+        with torch.no_grad():
+            ours, expected = fl.calibrate(h, head), reference(h)[0]
+        assert torch.isfinite(ours).all() and torch.allclose(ours, expected, atol=1e-6), (scale, ours - expected)
+        if not scale:
+            assert torch.allclose(ours, F.normalize(h, dim=-1), atol=1e-6)
+
+
+def test_cli_export_of_a_checkpoint_and_its_model_card_snippet(trained, media, tmp_path):
+    """`python model.py export CKPT OUT_DIR --dtype bf16` on a train.py-style checkpoint: bf16 weights, the measured
+    effect and the checkpoint's score in the card, and the card's snippet, run as written (first line: the file
+    names) in a fresh Python where this repository is not importable, gives the training embeddings (cosine >=
+    0.9999 with the bf16 weights read into fp32). Catches: --dtype ignored (weights saved fp32), the checkpoint's
+    best_score left out of the card, fashionlens_embed.py importing the repository (`from media import ...`)."""
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = trained.model_cfg.backbone, "lora", 0.0
+    cfg.model.image_pixels = PIXELS
+    ckpt, out = tmp_path / "best.pt", tmp_path / "export"
+    torch.save({"config": cfg.to_dict(), "model": trained.trainable_state_dict(), "step": 7, "best_score": 123.4567},
+               ckpt)
+    model.main(["export", str(ckpt), str(out), "--dtype", "bf16"])
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    card = (out / "README.md").read_text()
+    assert "**bfloat16**" in card and "LoRA delta's norm" in card and "123.46" in card and "step 7" in card
+    assert card.count("<|MEAN|><|im_end|>") == len(model.FAMILY_MEDIA) and "<|IMG|><|im_end|>" in card
+
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    work = tmp_path / "user"
+    work.mkdir()
+    for name, source in (("query.jpg", media["images"][0]), ("a.jpg", media["images"][1]),
+                         ("b.jpg", media["images"][2]), ("query.mp4", media["video"])):
+        shutil.copy(source, work / name)
+    first, rest = snippet.split("\n", 1)
+    assert first.startswith("EXPORT_DIR, QUERY_IMAGE, QUERY_VIDEO, GALLERY = ")
+    script = (f"EXPORT_DIR, QUERY_IMAGE, QUERY_VIDEO, GALLERY = {str(out)!r}, 'query.jpg', 'query.mp4', "
+              f"['a.jpg', 'b.jpg']\n{rest}torch.save({{'queries': queries, 'gallery': gallery}}, 'emb.pt')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    emb = torch.load(work / "emb.pt", weights_only=True)
+    texts = [line.split('"text": "')[1].split('"')[0] for line in rest.splitlines() if '"text": ' in line]
+    queries = [{"id": "t", "instruction_text": texts[0], "query_image": [], "query_video": []},
+               {"id": "i", "instruction_text": texts[1], "query_image": [str(work / "query.jpg")], "query_video": []},
+               {"id": "v", "instruction_text": texts[2], "query_image": [], "query_video": [str(work / "query.mp4")]}]
+    assert F.cosine_similarity(emb["queries"], trained.encode_queries(queries)).min() >= 0.9999
+    gallery = trained.encode_targets([str(work / "a.jpg"), str(work / "b.jpg")])
+    assert F.cosine_similarity(emb["gallery"], gallery).min() >= 0.9999
