@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
+import hf_export
 import model
 from calibrator import QueryCalibrator
 from config import CalibratorConfig, Config
@@ -84,7 +85,7 @@ def cosines(trained, media, out_dir, dtype=torch.float32):
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export") / "fashionlens")
-    model.export(trained, out, source="test")
+    hf_export.export(trained, out, source="test")
     return out
 
 
@@ -158,12 +159,14 @@ def test_cli_export_of_a_checkpoint_and_its_model_card_snippet(trained, media, t
     ckpt, out = tmp_path / "best.pt", tmp_path / "export"
     torch.save({"config": cfg.to_dict(), "model": trained.trainable_state_dict(), "step": 7, "best_score": 123.4567},
                ckpt)
-    model.main(["export", str(ckpt), str(out), "--dtype", "bf16"])
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "model.py", "export", str(ckpt), str(out), "--dtype", "bf16"], cwd=repo,
+                   check=True, capture_output=True)
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     card = (out / "README.md").read_text()
     assert "**bfloat16**" in card and "LoRA delta's norm" in card and "123.46" in card and "step 7" in card
-    assert card.count("<|MEAN|><|im_end|>") == len(model.FAMILY_MEDIA) and "<|IMG|><|im_end|>" in card
+    assert card.count("<|MEAN|><|im_end|>") == len(hf_export.FAMILY_MEDIA) and "<|IMG|><|im_end|>" in card
 
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     work = tmp_path / "user"
