@@ -1,4 +1,5 @@
-"""Encoding for evaluation and search: each distinct image once, sharded over the ranks, and the gallery-embedding cache.
+"""Encoding for evaluation and search: each distinct image once, sharded over the ranks; the gallery-embedding
+cache.
 
 Sharding: under torch.distributed rank r encodes items r, r+W, r+2W, ... and rank 0 gathers them in order.
 Cache (evaluate.py --cache DIR): one sub-directory per model fingerprint (the model and calibrator config, the size

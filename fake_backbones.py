@@ -214,7 +214,8 @@ def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1)
         vision_depth - 1]
     vision["depth"] = vision_depth
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).to(torch.bfloat16)  # stored bf16, like the real one
+    # Stored in bf16, like the real checkpoint.
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).to(torch.bfloat16)
     with staging_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:  # the published file's layout (legacy rope_scaling)

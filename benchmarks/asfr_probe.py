@@ -9,7 +9,7 @@ For each asfr sub-dataset and each attribute name it prints Recall@10 three ways
 - chance: K / gallery size, per query (evaluate.chance_recall).
 and two spreads: the mean cosine between different queries and between different gallery images. A query side
 that is about as good as "image only" matches items, not attributes; queries whose mutual cosine is near 1 say
-the same thing for every photo (U-FIRE-mini's DARN in the README's Results).
+the same thing for every photo (U-FIRE-mini's DARN: docs/results.md).
 """
 import argparse
 import os

@@ -529,7 +529,8 @@ def test_lone_surrogate_in_a_caption_is_a_data_error(mini_root, tmp_path, tiny_b
             load_records(root, "1_t2i_Shoes", "train")
         assert e.value.path == path and e.value.record_id == good["id"]
     query = {"id": "q-7", "instruction_text": "a red \ud800 shoe", "query_image": [], "query_video": []}
-    clip_cfg = ModelConfig(kind="openclip", backbone=fake_backbones.make_tiny_openclip_config(str(tmp_path)), trainable="full")
+    clip_cfg = ModelConfig(kind="openclip", backbone=fake_backbones.make_tiny_openclip_config(str(tmp_path)),
+                           trainable="full")
     for cfg in (ModelConfig(backbone=tiny_backbone, trainable="full"), clip_cfg):
         encoder = model.build_encoder(cfg, CalibratorConfig(mode="none"), device="cpu")
         with pytest.raises(DataError, match="lone surrogate") as e:
@@ -559,8 +560,8 @@ def test_report_writer_is_safe(mini_root, tmp_path, monkeypatch):
 
 
 def test_released_annotations_alone_check_with_exit_0(mini_root, tmp_path, capsys):
-    """The README's check of the released galleries: a tree with gallery/ and evaluation_only_tasks/ JSON files only
-    (no triplet files, no images) exits 0; a broken gallery file still fails. Catches: absent triplet files or
+    """The check of the released galleries (docs/scaling.md): a tree with gallery/ and evaluation_only_tasks/ JSON
+    files only (no triplet files, no images) exits 0; a broken gallery file still fails. Catches: absent triplet files or
     images counted as errors in that mode."""
     annotations = tmp_path / "annotations"
     shutil.copytree(os.path.join(mini_root, "0_test_candidates"), annotations / "gallery")
