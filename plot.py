@@ -190,7 +190,7 @@ def draw_contact_sheet(query, results, title=None, columns=5, video_frames=4):
         ax.set_xlabel(textwrap.shorten(os.path.basename(result["path"]), 30, placeholder="..."), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.04, top=0.9 if title else 0.95, wspace=0.08, hspace=0.35)
     return fig
 
 
