@@ -166,7 +166,7 @@ def read_catalogue(source):
     distinct = list({item["path"]: item for item in reversed(items)}.values())[::-1]
     if not distinct:
         raise DataError(source, f"no images in the catalogue (image files end in {', '.join(IMAGE_EXTENSIONS)})")
-    if len(distinct) < len(items):
+    if len(distinct) < len(items) and world()[0] == 0:
         print(f"{source}: {len(items) - len(distinct)} entries list an image already listed (indexed once)")
     return distinct
 

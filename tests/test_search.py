@@ -51,7 +51,7 @@ def setup(tiny_backbone, tmp_path_factory):
         paths.append(str(folder / f"item{i}.{'png' if i % 2 else 'jpg'}"))
         Image.fromarray(rng.integers(0, 255, (32 + 8 * (i % 3), 32, 3), dtype=np.uint8)).save(paths[-1])
     good = open(paths[0], "rb").read()
-    broken = str(catalogue / "dresses" / "broken.jpg")
+    broken = str(catalogue / "dresses" / "item0x-broken.jpg")      # second in the catalogue: rank 1 meets it
     with open(broken, "wb") as f:
         f.write(good[:len(good) // 3])
     index_dir = str(tmp / "index")
