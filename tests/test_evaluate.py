@@ -675,14 +675,14 @@ def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_
 # --show: what the model retrieves
 
 class HalfFoundEncoder(OwnImagesFirstEncoder):
-    """OwnImagesFirstEncoder, except that about half the queries (by a hash of their id) point at a random vector
-    instead of their first ground-truth image: the pages then show hits and misses, and own images that only
-    exclusion keeps off the top."""
+    """OwnImagesFirstEncoder, except that about half the queries (by a hash of their id) point away from their first
+    ground-truth image: the pages then show hits and misses at rank 1, and own images that only exclusion keeps off
+    the top."""
 
     def encode_queries(self, queries, batch_size=32, progress=False):
         found = [int(hashlib.sha1(q["id"].encode()).hexdigest(), 16) % 2 == 0 for q in queries]
         return torch.stack([F.normalize(2 * sum((unit_vector(p, 256) for p in q["query_image"]), torch.zeros(256))
-                                        + unit_vector(self.target[self.key(q)] if hit else q["id"] + "?", 256), dim=0)
+                                        + (1 if hit else -1) * unit_vector(self.target[self.key(q)], 256), dim=0)
                             for q, hit in zip(queries, found)])
 
 
@@ -720,8 +720,8 @@ def test_show_marks_exactly_the_ground_truth_in_each_shown_top_10(tmp_path, mini
             top = np.argsort(-scores, kind="stable")[:10]
             assert [r["path"] for r in results] == [s.gallery[j] for j in top]
             assert [r["path"] for r in results if r["hit"]] == [s.gallery[j] for j in top if j in s.ground_truth[i]]
-            marked.append(sum(r["hit"] for r in results))
-    assert 0 < sum(marked) and 0 in marked                      # both hits and misses are on the pages
+            marked += [r["hit"] for r in results]
+    assert any(marked) and not all(marked)                      # marked and unmarked results are on the pages
     index = (out / "show" / "index.html").read_text()
     for _, _, name in drawn:
         assert f'href="{name}"' in index and Image.open(out / "show" / name).size[0] > 0
