@@ -5,6 +5,7 @@
     python evaluate.py --baseline openclip:ViT-B-32:weights.bin --root DIR --split test   # zero-shot baseline
     python evaluate.py --untrained --config configs/full.yaml   # floor: the backbone with fresh trainable parts
     torchrun --nproc_per_node=8 evaluate.py runs/full/best.pt    # encoding sharded over ranks, rank 0 searches
+    python evaluate.py runs/tiny/best.pt --show 5               # also <out>/show/index.html: what the model retrieves
 
 Protocol (paper section III; docs/method.md#evaluation): every sub-dataset is ranked against its own gallery; a
 query is a hit at K when any of its ground-truth images is among its top K (its top min(K, gallery size) when the
@@ -23,15 +24,23 @@ truncated or foreign checkpoint; trainable tensors that do not fit the backbone 
 directory that is not there (a relative path is looked for in the working directory, then the checkpoint's
 directory; nothing is downloaded); a non-finite query or gallery embedding (faiss ranks a NaN query nowhere).
 
+--show N: per sub-dataset, N queries (a seeded sample) each followed by its top 10, ground-truth images marked
+"hit" in green (after own-image exclusion, as counted), one PNG page per query (plot.contact_sheet) and one
+index.html showing and linking them all, under <out>/show/.
+
 The library functions (evaluate_sets, score, format_table) also serve train.py's periodic validation.
 """
 import argparse
 import dataclasses
 import itertools
+import html
 import json
 import math
 import os
+import random
+import re
 import sys
+from urllib.parse import quote
 from collections import Counter
 
 import faiss
@@ -42,10 +51,12 @@ import torch.distributed as dist
 from config import Config, load_config
 from model import build_encoder
 from encoding import encode_gallery, encode_sharded, fingerprint
-from plumbing import DataError, load_checkpoint, one_line, setup_distributed, world, write_text_atomic
+from plumbing import (DataError, load_checkpoint, one_line, publish_dir, setup_distributed, staging_dir, world,
+                       write_text_atomic)
 from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
 
 KS = (1, 5, 10, 50)
+SHOW_K = 10                 # results per query on the --show pages
 
 
 class EvaluationError(Exception):
@@ -122,7 +133,7 @@ def chance_recall(n_gallery, ground_truth, ks=KS, exclude=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation of a list of EvalSets
 
-def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True):
+def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True, show=0):
     """Encode and score prepare_data.EvalSets; returns the same results dict on every rank.
 
     Each distinct gallery image is encoded once across all sets (docs/method.md#data: 18 test galleries hold 145,592
@@ -130,6 +141,7 @@ def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True)
     evenly over the ranks; rank 0 searches and broadcasts the results. cache_dir must be specific to the encoder's
     weights (the CLI uses <--cache>/<fingerprint>). Results: {"ks": [...], "sets": {name: {"family", "queries",
     "gallery", "recall": {"R@1": %, ...}, "chance": {...}, "near_chance": bool}}}, sets in the given order.
+    show > 0 adds "shown": {name: shown_rankings(...)} for show queries of each set (evaluate.py --show).
     """
     if not eval_sets or not all(s.queries for s in eval_sets):
         # Checked here, on every rank, rather than by rank 0 alone after encoding (the other ranks would hang).
@@ -157,11 +169,64 @@ def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True)
                             # Not even twice a random ranking's recall at any K: the model has learnt nothing here.
                             "near_chance": all(recall[k] < 2 * chance[k] for k in recall)}
         results = [{"ks": list(KS), "sets": sets}]
+        if show:
+            start, shown = 0, {}
+            for s in eval_sets:
+                queries = query_emb[start:start + len(s.queries)]
+                start += len(s.queries)
+                shown[s.name] = shown_rankings(queries, target_emb[[row[p] for p in s.gallery]], s.exclude, show)
+            results[0]["shown"] = shown
     if size > 1:
         dist.broadcast_object_list(results, src=0)
     if "error" in results[0]:                      # raised on every rank, so none waits for the others
         raise EvaluationError(results[0]["error"])
     return results[0]
+
+
+def shown_rankings(query_emb, gallery_emb, exclude, n, k=SHOW_K, seed=0):
+    """[{"query": index, "ranked": [gallery ids], "scores": [cosines]}] for a seeded sample of n queries (in query
+    order): each one's top k after its own images are excluded, as recall_at_k ranks them."""
+    picks = sorted(random.Random(seed).sample(range(len(query_emb)), min(n, len(query_emb))))
+    gallery = _as_f32(gallery_emb)
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(gallery)
+    depth = min(k + max(len(exclude[i]) for i in picks), len(gallery))
+    scores, ranked = index.search(_as_f32(query_emb)[picks], depth)
+    shown = []
+    for i, row_scores, row_ids in zip(picks, scores, ranked):
+        kept = [(int(j), float(score)) for j, score in zip(row_ids, row_scores) if j >= 0 and j not in exclude[i]][:k]
+        shown.append({"query": i, "ranked": [j for j, _ in kept], "scores": [score for _, score in kept]})
+    return shown
+
+
+def write_show_pages(eval_sets, shown, out_dir, title):
+    """evaluate.py --show: a contact sheet per shown query (hits marked: its ground-truth images), then index.html,
+    written last. The PNGs are drawn in a staging folder and moved into out_dir together."""
+    from plot import contact_sheet      # matplotlib only when pages are asked for
+    sections = []
+    with staging_dir(out_dir) as tmp:
+        for s in eval_sets:
+            entries = []
+            for n, entry in enumerate(shown[s.name]):
+                query, truth = s.queries[entry["query"]], set(s.ground_truth[entry["query"]])
+                results = [{"rank": r + 1, "score": score, "path": s.gallery[j], "hit": j in truth}
+                           for r, (j, score) in enumerate(zip(entry["ranked"], entry["scores"]))]
+                hits = [r["rank"] for r in results if r["hit"]]
+                verdict = (f"hits at rank {', '.join(map(str, hits))}" if hits else
+                           f"no hit in the top {SHOW_K}" if truth else "no ground truth in the gallery")
+                name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', s.name)}-{n + 1:02d}.png"
+                contact_sheet(query, results, os.path.join(tmp, name),
+                              title=f"{s.name}, query {query['id']}: {verdict}")
+                entries.append(f'<p><a href="{quote(name)}">query {html.escape(query["id"])}</a>: {verdict}<br>'
+                               f'<a href="{quote(name)}"><img src="{quote(name)}" style="max-width:100%"></a></p>')
+            sections.append(f"<h2>{html.escape(s.name)} ({s.family}, {len(s.queries)} queries, gallery "
+                            f"{len(s.gallery)})</h2>\n" + "\n".join(entries))
+        publish_dir(tmp, out_dir)
+    page = (f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n<h1>{html.escape(title)}"
+            f"</h1>\n<p>Each query's top {SHOW_K}; its ground-truth images are framed in green and marked "
+            f"\"hit\".</p>\n" + "\n".join(sections) + "\n")
+    write_text_atomic(os.path.join(out_dir, "index.html"), page)
+    return os.path.join(out_dir, "index.html")
 
 
 def _non_finite_error(eval_sets, paths, target_emb, query_emb):
@@ -250,6 +315,8 @@ def parse_args(argv=None):
                              "WEIGHTS a local file (none: random weights)")
     parser.add_argument("--untrained", action="store_true", help="backbone with fresh trainable parts (a floor)")
     parser.add_argument("--config", help="YAML config for --untrained / --baseline without a checkpoint")
+    parser.add_argument("--show", type=int, default=0, metavar="N",
+                        help="write N queries per sub-dataset with their top 10, hits marked, to <out>/show/")
     args = parser.parse_args(argv)
     if args.baseline and (args.ckpt or args.untrained):
         parser.error("--baseline takes no checkpoint and no --untrained")
@@ -259,6 +326,8 @@ def parse_args(argv=None):
         parser.error("give a checkpoint, --baseline or --untrained")
     if args.ckpt and args.config:
         parser.error("--config is only for runs without a checkpoint (the checkpoint holds its config)")
+    if args.show < 0:
+        parser.error(f"--show takes a number of queries per sub-dataset, got {args.show}")
     return args
 
 
@@ -395,10 +464,12 @@ def main(argv=None):
         sets = build_sets(args, cfg)           # data errors surface before the slow model load
         encoder = load_encoder(cfg, state, device, source=args.ckpt)
         cache_dir = os.path.join(args.cache, fingerprint(cfg, encoder)) if args.cache else None
-        results = evaluate_sets(encoder, sets, args.batch_size or cfg.train.eval_batch_size, cache_dir)
+        results = evaluate_sets(encoder, sets, args.batch_size or cfg.train.eval_batch_size, cache_dir,
+                                show=args.show)
     except (DataError, EvaluationError) as error:
         sys.exit(f"evaluate.py: {error}")
     if rank == 0:
+        shown = results.pop("shown", None)
         results.update(model=label, split=args.split, root=cfg.data.root, score=score(results))
         out = args.out or default_out_dir(args)
         os.makedirs(out, exist_ok=True)
@@ -407,6 +478,8 @@ def main(argv=None):
         write_text_atomic(os.path.join(out, "results.md"), table)
         write_text_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")
         print(f"wrote {out}/results.md and results.json")
+        if shown:
+            print(f"wrote {write_show_pages(sets, shown, os.path.join(out, 'show'), f'U-FIRE {args.split}, {label}')}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,12 +1,15 @@
 """Turn train.py's JSONL log into PNG plots: loss and regulariser, GGAS sampling probability and difficulty per
 sub-dataset (paper §IV-D), the calibrator's mean gate (paper §IV-C) and, when present, the validation score.
+Also the retrieval contact sheet (a query, then its top k) that search.py --show and evaluate.py --show draw.
 
     python plot.py runs/tiny/log.jsonl [--out DIR]      # DIR defaults to the log's folder
 """
 import argparse
 import json
+import math
 import os
 import sys
+import textwrap
 
 import matplotlib
 
@@ -117,6 +120,86 @@ def plot_log(log_path, out_dir=None):
         written.append(os.path.join(out_dir, "val_score.png"))
         save_figure(fig, written[-1])
     return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contact sheet: what a query retrieves
+
+HIT_COLOUR = "#1a9641"
+
+
+def thumbnail(path, size=256):
+    """A small RGB copy of the image, or None when it cannot be read (a catalogue image deleted since indexing)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    image.thumbnail((size, size))
+    return image
+
+
+def query_media(query, video_frames=4):
+    """[(label, image)] of a query record: its images (photos, sketches, outfit items), then a few frames of each
+    video spread over the clip."""
+    media = [(f"query image {i + 1}", thumbnail(p)) for i, p in enumerate(query["query_image"])]
+    for path in query["query_video"]:
+        from PIL import Image
+        from media import load_video     # here: it loads transformers, which a training-log plot never needs
+        try:
+            frames, meta = load_video(path, video_frames)
+            media += [(f"frame {index}", Image.fromarray(frame)) for frame, index in zip(frames, meta.frames_indices)]
+        except Exception:                 # noqa: BLE001: a sheet shows an unreadable video as such, it does not fail
+            media.append((os.path.basename(path), None))
+    return media
+
+
+def show_image(ax, image, title, colour="black", hit=None):
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if image is None:
+        ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes, color="grey")
+    else:
+        ax.imshow(image)
+    ax.set_title(title, fontsize=8, color=colour)
+    for spine in ax.spines.values():
+        spine.set_edgecolor(HIT_COLOUR if hit else "lightgrey")
+        spine.set_linewidth(5 if hit else 1)
+
+
+def draw_contact_sheet(query, results, title=None, columns=5, video_frames=4):
+    """A figure: the query (its media and its instruction text, wrapped) on the first row, then its results in rank
+    order, each with rank, score and file name. A result with "hit": True gets a thick green frame and "hit" in its
+    title (evaluate.py --show knows the ground truth; search.py does not, and marks nothing)."""
+    media = query_media(query, video_frames)[:columns - 1] if query["query_image"] or query["query_video"] else []
+    rows = 1 + math.ceil(len(results) / columns)
+    fig = plt.figure(figsize=(2.2 * columns, 2.5 * rows))
+    grid = fig.add_gridspec(rows, columns)
+    for i, (label, image) in enumerate(media):
+        show_image(fig.add_subplot(grid[0, i]), image, label)
+    text_ax = fig.add_subplot(grid[0, len(media):])
+    text_ax.axis("off")
+    wrapped = textwrap.fill(query["instruction_text"] or "(no text)", width=28 * (columns - len(media)))
+    text_ax.text(0, 0.5, wrapped, va="center", fontsize=10, transform=text_ax.transAxes)
+    for i, result in enumerate(results):
+        hit = result.get("hit")
+        label = f"#{result['rank']}  {result['score']:.3f}" + ("  hit" if hit else "")
+        ax = fig.add_subplot(grid[1 + i // columns, i % columns])
+        show_image(ax, thumbnail(result["path"]), label, HIT_COLOUR if hit else "black", hit)
+        ax.set_xlabel(textwrap.shorten(os.path.basename(result["path"]), 30, placeholder="..."), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.04, top=0.9 if title else 0.95, wspace=0.08, hspace=0.35)
+    return fig
+
+
+def contact_sheet(query, results, path, title=None, columns=5):
+    """Write draw_contact_sheet's figure as a PNG at path (atomically).
+
+    query: a query record (instruction_text, query_image, query_video); results: [{"rank", "score", "path",
+    optional "hit"}], best first."""
+    save_figure(draw_contact_sheet(query, results, title, columns), path)
 
 
 def main():

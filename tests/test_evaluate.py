@@ -7,6 +7,7 @@ import os
 from collections import Counter
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.distributed as dist
@@ -670,3 +671,59 @@ def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_
         main([str(nan), *args])
     assert "non-finite query embedding (1_t2i_Shoes: query " in info.value.code
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --show: what the model retrieves
+
+class HalfFoundEncoder(OwnImagesFirstEncoder):
+    """OwnImagesFirstEncoder, except that about half the queries (by a hash of their id) point away from their first
+    ground-truth image: the pages then show hits and misses at rank 1, and own images that only exclusion keeps off
+    the top."""
+
+    def encode_queries(self, queries, batch_size=32, progress=False):
+        found = [int(hashlib.sha1(q["id"].encode()).hexdigest(), 16) % 2 == 0 for q in queries]
+        return torch.stack([F.normalize(2 * sum((unit_vector(p, 256) for p in q["query_image"]), torch.zeros(256))
+                                        + (1 if hit else -1) * unit_vector(self.target[self.key(q)], 256), dim=0)
+                            for q, hit in zip(queries, found)])
+
+
+def test_show_marks_exactly_the_ground_truth_in_each_shown_top_10(tmp_path, mini_root, monkeypatch):
+    """The pages' hit markers are the ground truth: for every shown query, the results drawn are its top 10 by a
+    brute-force numpy ranking of the same embeddings (own images excluded) and exactly those that are ground truth
+    are marked. Catches: hits marked by rank instead of ground truth, rankings that keep the query's own images,
+    pages of one query showing another's results.
+    Mutation runs: write_show_pages' "hit": j in truth -> j in truth or r == 0: fails; shown_rankings without the
+    exclusion (`and j not in exclude[i]` removed): fails; shown_rankings' picks shifted by one
+    (`picks[1:] + picks[:1]` in the search): fails."""
+    import plot
+    from prepare_data import UNSEEN_TASKS, build_eval_set, build_unseen_eval_set
+
+    keys = ["1_t2i_Shoes", "9_asfr_DARN"]
+    sets = [build_eval_set(mini_root, k, "test") for k in keys] + [build_unseen_eval_set(mini_root, UNSEEN_TASKS[0])]
+    monkeypatch.setattr(evaluate, "load_encoder", lambda cfg, state, device, source=None: HalfFoundEncoder(sets))
+    drawn, draw = [], plot.contact_sheet
+    monkeypatch.setattr(plot, "contact_sheet", lambda query, results, path, title=None:
+                        drawn.append((query, results, os.path.basename(path))) or draw(query, results, path, title))
+    out = tmp_path / "out"
+    main(["--untrained", "--root", mini_root, "--backbone", str(tmp_path), "--split", "test", "--tasks", *keys,
+          UNSEEN_TASKS[0], "--show", "2", "--out", str(out)])
+
+    stub = HalfFoundEncoder(sets)
+    marked = []
+    for s in sets:
+        pages = [d for d in drawn if d[2].startswith(s.name.replace("+", "-").replace(" ", "-") + "-")]
+        assert len(pages) == 2
+        gallery = stub.encode_targets(s.gallery).numpy()
+        for query, results, _ in pages:
+            i = s.queries.index(query)
+            scores = gallery @ stub.encode_queries([query]).numpy()[0]
+            scores[s.exclude[i]] = -np.inf
+            top = np.argsort(-scores, kind="stable")[:10]
+            assert [r["path"] for r in results] == [s.gallery[j] for j in top]
+            assert [r["path"] for r in results if r["hit"]] == [s.gallery[j] for j in top if j in s.ground_truth[i]]
+            marked += [r["hit"] for r in results]
+    assert any(marked) and not all(marked)                      # marked and unmarked results are on the pages
+    index = (out / "show" / "index.html").read_text()
+    for _, _, name in drawn:
+        assert f'href="{name}"' in index and Image.open(out / "show" / name).size[0] > 0

@@ -1,0 +1,278 @@
+"""search.py: a catalogue indexed with a checkpoint and queried gives the brute-force cosine ranking of the same
+model; killed runs resume; unreadable images are skipped and counted; another checkpoint is refused; approximate
+faiss indexes build and search; two torchrun processes index like one."""
+import json
+import os
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import encoding
+import search
+from search import SearchError, build_index, make_query, set_search_params
+
+
+def perturb(encoder, seed):
+    """A trained-looking state (a fresh LoRA is a no-op), so loading the checkpoint's weights matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_backbone, tmp_path_factory):
+    """Two checkpoints of the tiny backbone (other weights), a catalogue folder of 9 small images in two folders
+    plus one truncated JPEG, and the first checkpoint's exact index of it (built once: encoding is the slow part)."""
+    from config import Config
+    from model import build_encoder
+
+    tmp = tmp_path_factory.mktemp("search")
+    cfg = Config()
+    cfg.model.backbone, cfg.model.image_pixels = tiny_backbone, 64 * 64
+    encoders, ckpts = [], []
+    for seed in (1, 2):
+        torch.manual_seed(1)
+        encoders.append(perturb(build_encoder(cfg.model, cfg.calibrator, "cpu"), seed))
+        ckpts.append(str(tmp / f"ckpt{seed}.pt"))
+        torch.save({"config": cfg.to_dict(), "model": encoders[-1].trainable_state_dict(), "step": 1}, ckpts[-1])
+    rng = np.random.default_rng(0)
+    catalogue = tmp / "catalogue"
+    paths = []
+    for i in range(9):
+        folder = catalogue / ("dresses" if i < 5 else "shoes")
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(str(folder / f"item{i}.{'png' if i % 2 else 'jpg'}"))
+        Image.fromarray(rng.integers(0, 255, (32 + 8 * (i % 3), 32, 3), dtype=np.uint8)).save(paths[-1])
+    good = open(paths[0], "rb").read()
+    broken = str(catalogue / "dresses" / "item0x-broken.jpg")      # second in the catalogue: rank 1 meets it
+    with open(broken, "wb") as f:
+        f.write(good[:len(good) // 3])
+    index_dir = str(tmp / "index")
+    search.main(["index", ckpts[0], "--catalog", str(catalogue), "--out", index_dir, "--batch-size", "4"])
+    return {"tmp": tmp, "encoder": encoders[0], "ckpts": ckpts, "catalogue": str(catalogue), "paths": paths,
+            "broken": broken, "index": index_dir}
+
+
+def indexed(index_dir):
+    """(paths, embeddings) of a finished index folder, from its files."""
+    index = faiss.read_index(os.path.join(index_dir, "index.faiss"))
+    with open(os.path.join(index_dir, "items.jsonl")) as f:
+        return [json.loads(line)["path"] for line in f], index.reconstruct_n(0, index.ntotal)
+
+
+def test_query_ranks_like_brute_force_cosine_of_the_same_model(setup, capsys):
+    """Catches: a query built otherwise than training builds it (instruction template, media, calibrator), the
+    catalogue encoded with other weights than the checkpoint's, items.jsonl out of step with the faiss ids.
+    Mutation run: the cir template's verb 'find' -> VERBS[1] ('search for') in make_query: fails."""
+    encoder, paths = setup["encoder"], sorted(setup["paths"])
+    results = search.main(["query", setup["index"], "--text", "has long sleeves", "--image", paths[0], "-k", "20",
+                           "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["results"] == results
+    # Independently: the query record spelled out by hand (U-FIRE's cir instruction), encoded by the in-memory
+    # encoder the checkpoint was saved from, ranked by numpy over all readable catalogue images.
+    query = {"id": "q", "instruction_text": "find item images matching the text modifications of the given image: "
+                                            "has long sleeves", "query_image": [paths[0]], "query_video": []}
+    assert printed["instruction"] == query["instruction_text"]
+    q = encoder.encode_queries([query]).numpy()[0]
+    targets = encoder.encode_targets(paths, batch_size=4).numpy()
+    scores = targets @ q
+    order = np.argsort(-scores)
+    assert [r["path"] for r in results] == [paths[i] for i in order]          # all 9: k is capped at the index size
+    np.testing.assert_allclose([r["score"] for r in results], scores[order], atol=1e-5)
+    assert [r["rank"] for r in results] == list(range(1, 10))
+    search.main(["query", setup["index"], "--text", "has long sleeves", "--image", paths[0], "-k", "3", "--show",
+                 str(setup["tmp"] / "sheet.png")])
+    assert Image.open(setup["tmp"] / "sheet.png").size[0] > 0
+
+
+def test_contact_sheet_marks_exactly_the_hits(setup):
+    """Catches: a sheet that marks results by position or marks none. Mutation runs: show_image's frame colour
+    HIT_COLOUR if hit -> if True: fails; the title's "  hit" dropped: fails."""
+    from plot import HIT_COLOUR, draw_contact_sheet
+    from matplotlib.colors import same_color
+
+    query = {"instruction_text": "find it", "query_image": setup["paths"][:2], "query_video": []}
+    results = [{"rank": r + 1, "score": 1 - r / 10, "path": setup["paths"][r % 9], "hit": r in (1, 4, 7)}
+               for r in range(8)] + [{"rank": 9, "score": 0.1, "path": setup["broken"], "hit": True}]
+    fig = draw_contact_sheet(query, results)
+    shown = [ax for ax in fig.axes if ax.get_title().startswith("#")]
+    assert [ax.get_title().split()[0] for ax in shown] == [f"#{r}" for r in range(1, 10)]
+    framed = [r + 1 for r, ax in enumerate(shown) if same_color(ax.spines["top"].get_edgecolor(), HIT_COLOUR)]
+    titled = [r + 1 for r, ax in enumerate(shown) if ax.get_title().endswith("hit")]
+    assert framed == titled == [2, 5, 8, 9]
+
+
+def test_unreadable_image_reported_skipped_and_counted(setup):
+    """Catches: an unreadable image that stops the run, is indexed (a NaN vector), or is skipped silently.
+    Mutation run: Model.encode_targets recording no reason (self.unreadable[path] = ... removed): the reason
+    check fails; rows of NaN added to the index (good = all True): the count check fails."""
+    with open(os.path.join(setup["index"], "meta.json")) as f:
+        meta = json.load(f)
+    assert [s["path"] for s in meta["skipped"]] == [setup["broken"]]
+    assert "cannot read image" in meta["skipped"][0]["reason"] and setup["broken"] in meta["skipped"][0]["reason"]
+    paths, emb = indexed(setup["index"])
+    assert sorted(paths) == sorted(setup["paths"]) and meta["vectors"] == 9
+    assert np.isfinite(emb).all()
+
+
+def test_killed_run_resumes_encoding_only_the_missing_images(setup, monkeypatch):
+    """Catches: a resumed run that encodes everything again, or one that mixes in another model's shards.
+    Mutation run: index_catalogue's shard folder out_dir/shards/<fingerprint> -> out_dir/shards-<time.time()>
+    (nothing found on resume): encoded 10 images, not 8; load_cache returning {}: the same."""
+    out, catalogue, ckpt = str(setup["tmp"] / "resumed"), setup["catalogue"], setup["ckpts"][0]
+    monkeypatch.setattr(encoding, "CHUNK_BATCHES", 1)     # chunks (shards) of one batch of 2 images
+    save = encoding.save_cache_chunk
+
+    def save_then_die(*args):
+        save(*args)
+        raise KeyboardInterrupt("killed after the first shard")
+
+    monkeypatch.setattr(encoding, "save_cache_chunk", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        search.main(["index", ckpt, "--catalog", catalogue, "--out", out, "--batch-size", "2"])
+    assert not os.path.exists(os.path.join(out, "meta.json"))
+    monkeypatch.setattr(encoding, "save_cache_chunk", save)
+    seen = []
+    encode = search.Model.encode_targets
+    monkeypatch.setattr(search.Model, "encode_targets", lambda self, paths, batch_size=None:
+                        seen.extend(paths) or encode(self, paths, batch_size))
+    search.main(["index", ckpt, "--catalog", catalogue, "--out", out, "--batch-size", "2"])
+    everything = search.read_catalogue(catalogue)
+    assert len(everything) == 10 and len(seen) == 8                         # the first shard's 2 were on disk
+    assert sorted(seen) == sorted(item["path"] for item in everything[2:])
+    paths, emb = indexed(out)
+    reference_paths, reference = indexed(setup["index"])                    # the uninterrupted run (batch 4)
+    assert paths == reference_paths
+    np.testing.assert_allclose(emb, reference, atol=1e-5)
+
+
+def test_index_of_another_checkpoint_is_refused_naming_both(setup, capsys):
+    """Catches: querying with weights the index was not built with (scores from two models).
+    Mutation run: Index.__init__'s fingerprint comparison removed: no error, the test fails."""
+    with pytest.raises(SystemExit) as exit_info:
+        search.main(["query", setup["index"], "--text", "red dress", "--ckpt", setup["ckpts"][1]])
+    message = str(exit_info.value.code)
+    assert setup["ckpts"][0] in message and setup["ckpts"][1] in message and "fingerprint" in message
+
+
+def test_catalogue_jsonl_metadata_and_bad_lines(setup, tmp_path):
+    """Catches: relative JSONL paths resolved against the working directory, an image listed twice indexed twice,
+    a malformed line that is skipped silently or crashes without naming the line.
+    Mutation run: read_catalogue's dedup removed (items returned as read): the length check fails."""
+    rel = os.path.relpath(setup["paths"][0], tmp_path)
+    (tmp_path / "list.jsonl").write_text(json.dumps({"path": rel, "sku": "A1"}) + "\n\n"
+                                         + json.dumps({"path": setup["paths"][0], "sku": "dup"}) + "\n")
+    assert search.read_catalogue(str(tmp_path / "list.jsonl")) == [{"path": setup["paths"][0], "sku": "A1"}]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"path": rel}) + "\n" + '{"sku": "B2"}\n')
+    with pytest.raises(search.DataError, match=r"bad.jsonl:2.*path"):
+        search.read_catalogue(str(tmp_path / "bad.jsonl"))
+
+
+def test_query_instruction_follows_the_task_template():
+    """Catches: an instruction that is not the training data's phrasing, or a template filled with None.
+    Mutation run: make_query's default task for images + text 'cir' -> 'inshop': the cir check fails."""
+    assert make_query(text="a red dress")["instruction_text"] == "find images using the description text: a red dress"
+    assert make_query(text="is red", images=["a.jpg"], category="dress")["instruction_text"] == (
+        "find dress images matching the text modifications of the given image: is red")
+    assert make_query(video="v.mp4")["instruction_text"] == (
+        "find images that match the main cloth from the video provided")
+    assert make_query(images=["a.jpg"], task="asfr", attribute="sleeve length")["instruction_text"] == (
+        "find images with the same sleeve length with the provided image")
+    with pytest.raises(SearchError, match="--attribute"):
+        make_query(images=["a.jpg"], task="asfr")
+    with pytest.raises(SearchError, match="takes no text"):
+        make_query(text="red", images=["a.jpg"], task="sketch2i")
+
+
+def test_approximate_indexes_build_and_search_like_exact_when_exhaustive(setup, tmp_path):
+    """Catches: runtime parameters that are not applied (IVF probing one list, HNSW a narrow beam), training
+    failures that surface as faiss tracebacks, a factory string not passed on by the command line.
+    Mutation run: set_search_params setting nothing (names = set()): the IVF comparison fails (nprobe stays 1)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    queries = x[:20] + 0.3 * rng.standard_normal((20, 16)).astype(np.float32)
+    exact = np.argsort(-(queries @ x.T), axis=1)[:, :10]                        # brute force, numpy
+    ivf = set_search_params(build_index(x, "IVF8,Flat", train_size=200), nprobe=8)
+    assert (ivf.search(queries, 10)[1] == exact).all()                           # every list probed: exact
+    assert not (set_search_params(ivf, nprobe=1).search(queries, 10)[1] == exact).all()
+    hnsw = set_search_params(build_index(x, "HNSW16"), ef_search=300)
+    assert (hnsw.search(queries, 10)[1] == exact).all()
+    with pytest.raises(SearchError, match="not a faiss factory string"):
+        build_index(x, "IVF8,Bogus")
+    with pytest.raises(SearchError, match=r"training on 300 vectors failed.*at least as large"):
+        build_index(x, "IVF512,Flat")
+
+    # The command line: another factory over the same shards (nothing encoded again), queried with its nprobe.
+    out = tmp_path / "ivf"
+    shutil.copytree(os.path.join(setup["index"], "shards"), out / "shards")
+    search.main(["index", setup["ckpts"][0], "--catalog", setup["catalogue"], "--out", str(out), "--index",
+                 "IVF2,Flat"])
+    assert json.loads((out / "meta.json").read_text())["factory"] == "IVF2,Flat"
+    assert "IVF" in type(faiss.downcast_index(faiss.read_index(str(out / "index.faiss")))).__name__
+    args = ["--text", "a red dress", "-k", "5"]
+    approx = search.main(["query", str(out), *args, "--nprobe", "2"])
+    exact = search.main(["query", setup["index"], *args])
+    assert [r["path"] for r in approx] == [r["path"] for r in exact]
+    np.testing.assert_allclose([r["score"] for r in approx], [r["score"] for r in exact], atol=1e-5)
+
+
+class BytesEncoder:
+    """Stand-in for the encoder: an image's embedding from a hash of its bytes; reads it as model.py does (an
+    unreadable image raises DataError)."""
+    embed_dim = 16
+
+    def encode_targets(self, paths, batch_size=32):
+        from media import load_image
+        rows = []
+        for path in paths:
+            load_image(path)
+            seed = int.from_bytes(open(path, "rb").read()[-8:], "little") % 2 ** 63
+            rows.append(torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(seed)),
+                                                      dim=0))
+        return torch.stack(rows)
+
+
+def stub_model():
+    from config import Config
+    model = search.Model.__new__(search.Model)        # Model's own tolerant encode_targets, no checkpoint load
+    model.ckpt, model.cfg, model.fingerprint, model.batch_size = "stub.pt", Config(), "stub", 2
+    model.encoder, model.unreadable, model.encoded = BytesEncoder(), {}, 0
+    return model
+
+
+def distributed_worker(rank, world, init_file, catalogue, out):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = stub_model()
+    search.index_catalogue(model, catalogue, out, progress=False)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(model.encoded, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_index_like_one(setup, tmp_path):
+    """Catches: ranks that encode the same images (or drop some), an unreadable image met by rank 1 that rank 0
+    does not report, shards of one rank only in the index.
+    Mutation run: index_catalogue's reasons from this rank only (dict(model.unreadable.items()) instead of the
+    gather): the broken image's reason is lost; encode_gallery given paths[rank::size] on every rank: the paths
+    differ."""
+    import torch.multiprocessing as mp
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    search.index_catalogue(stub_model(), setup["catalogue"], one, progress=False)
+    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), setup["catalogue"], two), nprocs=2, join=True)
+    paths, emb = indexed(two)
+    reference_paths, reference = indexed(one)
+    assert paths == reference_paths and len(paths) == 9
+    np.testing.assert_array_equal(emb, reference)
+    assert [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)] == [5, 5]   # 10 images, split
+    skipped = json.loads(open(os.path.join(two, "meta.json")).read())["skipped"]
+    assert [s["path"] for s in skipped] == [setup["broken"]] and "cannot read image" in skipped[0]["reason"]
