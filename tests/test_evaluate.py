@@ -500,6 +500,8 @@ class OwnImagesFirstEncoder(FakeEncoder):
     image (std 0.022); at 256 dimensions (std 0.0625) a gallery of hundreds outranked the target in about 1 of
     70 sessions. Without exclusion every unseen query misses at Recall@1; with it, every one hits."""
 
+    DIM = 2048
+
     def __init__(self, eval_sets):
         super().__init__()
         self.target = {self.key(q): s.gallery[gt[0]] for s in eval_sets for q, gt in zip(s.queries, s.ground_truth)}
@@ -510,12 +512,12 @@ class OwnImagesFirstEncoder(FakeEncoder):
 
     def encode_targets(self, paths, batch_size=32, progress=False):
         self.targets += paths
-        return torch.stack([unit_vector(p, 2048) for p in paths])
+        return torch.stack([unit_vector(p, self.DIM) for p in paths])
 
     def encode_queries(self, queries, batch_size=32, progress=False):
         self.queries += [q["id"] for q in queries]
-        return torch.stack([F.normalize(2 * sum(unit_vector(p, 2048) for p in q["query_image"])
-                                        + unit_vector(self.target[self.key(q)], 2048), dim=0) for q in queries])
+        return torch.stack([F.normalize(2 * sum(unit_vector(p, self.DIM) for p in q["query_image"])
+                                        + unit_vector(self.target[self.key(q)], self.DIM), dim=0) for q in queries])
 
 
 def test_cli_excludes_own_images_by_default(tmp_path, mini_root, monkeypatch):
@@ -683,9 +685,9 @@ class HalfFoundEncoder(OwnImagesFirstEncoder):
 
     def encode_queries(self, queries, batch_size=32, progress=False):
         found = [int(hashlib.sha1(q["id"].encode()).hexdigest(), 16) % 2 == 0 for q in queries]
-        return torch.stack([F.normalize(2 * sum((unit_vector(p, 256) for p in q["query_image"]), torch.zeros(256))
-                                        + (1 if hit else -1) * unit_vector(self.target[self.key(q)], 256), dim=0)
-                            for q, hit in zip(queries, found)])
+        own = [sum((unit_vector(p, self.DIM) for p in q["query_image"]), torch.zeros(self.DIM)) for q in queries]
+        return torch.stack([F.normalize(2 * mine + (1 if hit else -1) * unit_vector(self.target[self.key(q)], self.DIM),
+                                        dim=0) for q, mine, hit in zip(queries, own, found)])
 
 
 def test_show_marks_exactly_the_ground_truth_in_each_shown_top_10(tmp_path, mini_root, monkeypatch):
@@ -693,7 +695,7 @@ def test_show_marks_exactly_the_ground_truth_in_each_shown_top_10(tmp_path, mini
     brute-force numpy ranking of the same embeddings (own images excluded) and exactly those that are ground truth
     are marked. Catches: hits marked by rank instead of ground truth, rankings that keep the query's own images,
     pages of one query showing another's results.
-    Mutation runs: write_show_pages' "hit": j in truth -> j in truth or r == 0: fails; shown_rankings without the
+    Mutation runs: plot.write_show_pages' "hit": j in truth -> j in truth or r == 0: fails; shown_rankings without the
     exclusion (`and j not in exclude[i]` removed): fails; shown_rankings' picks shifted by one
     (`picks[1:] + picks[:1]` in the search): fails."""
     import plot
