@@ -33,14 +33,11 @@ The library functions (evaluate_sets, score, format_table) also serve train.py's
 import argparse
 import dataclasses
 import itertools
-import html
 import json
 import math
 import os
 import random
-import re
 import sys
-from urllib.parse import quote
 from collections import Counter
 
 import faiss
@@ -51,8 +48,7 @@ import torch.distributed as dist
 from config import Config, load_config
 from model import build_encoder
 from encoding import encode_gallery, encode_sharded, fingerprint
-from plumbing import (DataError, load_checkpoint, one_line, publish_dir, setup_distributed, staging_dir, world,
-                       write_text_atomic)
+from plumbing import DataError, load_checkpoint, one_line, setup_distributed, world, write_text_atomic
 from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
 
 KS = (1, 5, 10, 50)
@@ -197,36 +193,6 @@ def shown_rankings(query_emb, gallery_emb, exclude, n, k=SHOW_K, seed=0):
         kept = [(int(j), float(score)) for j, score in zip(row_ids, row_scores) if j >= 0 and j not in exclude[i]][:k]
         shown.append({"query": i, "ranked": [j for j, _ in kept], "scores": [score for _, score in kept]})
     return shown
-
-
-def write_show_pages(eval_sets, shown, out_dir, title):
-    """evaluate.py --show: a contact sheet per shown query (hits marked: its ground-truth images), then index.html,
-    written last. The PNGs are drawn in a staging folder and moved into out_dir together."""
-    from plot import contact_sheet      # matplotlib only when pages are asked for
-    sections = []
-    with staging_dir(out_dir) as tmp:
-        for s in eval_sets:
-            entries = []
-            for n, entry in enumerate(shown[s.name]):
-                query, truth = s.queries[entry["query"]], set(s.ground_truth[entry["query"]])
-                results = [{"rank": r + 1, "score": score, "path": s.gallery[j], "hit": j in truth}
-                           for r, (j, score) in enumerate(zip(entry["ranked"], entry["scores"]))]
-                hits = [r["rank"] for r in results if r["hit"]]
-                verdict = (f"hits at rank {', '.join(map(str, hits))}" if hits else
-                           f"no hit in the top {SHOW_K}" if truth else "no ground truth in the gallery")
-                name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', s.name)}-{n + 1:02d}.png"
-                contact_sheet(query, results, os.path.join(tmp, name),
-                              title=f"{s.name}, query {query['id']}: {verdict}")
-                entries.append(f'<p><a href="{quote(name)}">query {html.escape(query["id"])}</a>: {verdict}<br>'
-                               f'<a href="{quote(name)}"><img src="{quote(name)}" style="max-width:100%"></a></p>')
-            sections.append(f"<h2>{html.escape(s.name)} ({s.family}, {len(s.queries)} queries, gallery "
-                            f"{len(s.gallery)})</h2>\n" + "\n".join(entries))
-        publish_dir(tmp, out_dir)
-    page = (f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n<h1>{html.escape(title)}"
-            f"</h1>\n<p>Each query's top {SHOW_K}; its ground-truth images are framed in green and marked "
-            f"\"hit\".</p>\n" + "\n".join(sections) + "\n")
-    write_text_atomic(os.path.join(out_dir, "index.html"), page)
-    return os.path.join(out_dir, "index.html")
 
 
 def _non_finite_error(eval_sets, paths, target_emb, query_emb):
@@ -479,7 +445,9 @@ def main(argv=None):
         write_text_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n")
         print(f"wrote {out}/results.md and results.json")
         if shown:
-            print(f"wrote {write_show_pages(sets, shown, os.path.join(out, 'show'), f'U-FIRE {args.split}, {label}')}")
+            from plot import write_show_pages      # matplotlib only when pages are asked for
+            page = write_show_pages(sets, shown, os.path.join(out, "show"), f"U-FIRE {args.split}, {label}", SHOW_K)
+            print(f"wrote {page}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

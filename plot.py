@@ -5,18 +5,21 @@ Also the retrieval contact sheet (a query, then its top k) that search.py --show
     python plot.py runs/tiny/log.jsonl [--out DIR]      # DIR defaults to the log's folder
 """
 import argparse
+import html
 import json
 import math
 import os
+import re
 import sys
 import textwrap
+from urllib.parse import quote
 
 import matplotlib
 
 matplotlib.use("Agg")                  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from plumbing import atomic_write  # noqa: E402
+from plumbing import atomic_write, publish_dir, staging_dir, write_text_atomic  # noqa: E402
 
 
 def read_log(path):
@@ -200,6 +203,35 @@ def contact_sheet(query, results, path, title=None, columns=5):
     query: a query record (instruction_text, query_image, query_video); results: [{"rank", "score", "path",
     optional "hit"}], best first."""
     save_figure(draw_contact_sheet(query, results, title, columns), path)
+
+
+def write_show_pages(eval_sets, shown, out_dir, title, k):
+    """evaluate.py --show: a contact sheet per shown query (hits marked: its ground-truth images), then index.html,
+    written last. The PNGs are drawn in a staging folder and moved into out_dir together."""
+    sections = []
+    with staging_dir(out_dir) as tmp:
+        for s in eval_sets:
+            entries = []
+            for n, entry in enumerate(shown[s.name]):
+                query, truth = s.queries[entry["query"]], set(s.ground_truth[entry["query"]])
+                results = [{"rank": r + 1, "score": score, "path": s.gallery[j], "hit": j in truth}
+                           for r, (j, score) in enumerate(zip(entry["ranked"], entry["scores"]))]
+                hits = [r["rank"] for r in results if r["hit"]]
+                verdict = (f"hits at rank {', '.join(map(str, hits))}" if hits else
+                           f"no hit in the top {k}" if truth else "no ground truth in the gallery")
+                name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', s.name)}-{n + 1:02d}.png"
+                contact_sheet(query, results, os.path.join(tmp, name),
+                              title=f"{s.name}, query {query['id']}: {verdict}")
+                entries.append(f'<p><a href="{quote(name)}">query {html.escape(query["id"])}</a>: {verdict}<br>'
+                               f'<a href="{quote(name)}"><img src="{quote(name)}" style="max-width:100%"></a></p>')
+            sections.append(f"<h2>{html.escape(s.name)} ({s.family}, {len(s.queries)} queries, gallery "
+                            f"{len(s.gallery)})</h2>\n" + "\n".join(entries))
+        publish_dir(tmp, out_dir)
+    page = (f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n<h1>{html.escape(title)}"
+            f"</h1>\n<p>Each query's top {k}; its ground-truth images are framed in green and marked "
+            f"\"hit\".</p>\n" + "\n".join(sections) + "\n")
+    write_text_atomic(os.path.join(out_dir, "index.html"), page)
+    return os.path.join(out_dir, "index.html")
 
 
 def main():
