@@ -22,7 +22,7 @@ $(MINI)/0_triplet_files: $(VENV)/.installed prepare_data.py ufire_mini.py
 
 demo: $(TINY)/config.json $(MINI)/0_triplet_files
 	$(PY) train.py configs/tiny.yaml
-	$(PY) evaluate.py runs/tiny/best.pt --split test
+	$(PY) evaluate.py runs/tiny/best.pt --split test --show 3
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
