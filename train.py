@@ -8,6 +8,8 @@ targets. The batch is pushed through the encoder in chunks with exact gradient c
 averaged across processes once per step. Checkpoints hold everything needed to resume bit-for-bit.
 """
 import argparse
+import contextlib
+import itertools
 import json
 import math
 import os
@@ -15,6 +17,7 @@ import random
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -65,27 +68,36 @@ def contrastive_loss(q, t, positives, t_paths, t_labels, temperature):
 
 # ----------------------------------------------------------------------------- one step, gradient-cached
 
-def prepare_chunks(encoder, examples, chunk_size):
-    """Turn a batch into model inputs once (reused by both passes), dropping unreadable records.
-    Returns (kept examples, query input chunks, target input chunks, target paths, bad records)."""
-    bad = []
-    while True:
-        targets = [e["target_image"] for e in examples] + [p for e in examples for p in e["negative_image"]]
-        try:
-            q_chunks = [encoder.prepare_queries(examples[i:i + chunk_size], train=True)
-                        for i in range(0, len(examples), chunk_size)]
-            t_chunks = [encoder.prepare_targets(targets[i:i + chunk_size], train=True)
-                        for i in range(0, len(targets), chunk_size)]
-            return examples, q_chunks, t_chunks, targets, bad
-        except DataError as err:
-            culprits = {e["id"] for e in examples if err.record_id == e["id"] or err.path in
-                        (e["query_image"] + e["query_video"] + [e["target_image"]] + e["negative_image"])}
-            if not culprits:
-                raise
-            bad.append((sorted(culprits), str(err)))
-            examples = [e for e in examples if e["id"] not in culprits]
-            if not examples:
-                return examples, [], [], [], bad
+def in_submission_order(first, futures):
+    """`first`, then each future's result in the order the futures were submitted (see prepare_chunks)."""
+    try:
+        yield first
+        for future in futures:
+            yield future.result()           # re-raises the chunk's DataError here, in the serial path's order
+    finally:
+        for future in futures:              # after an unreadable record the batch is prepared again without it
+            future.cancel()
+
+
+def prepare_chunks(encoder, q_items, t_items, pool=None):
+    """Model inputs of every query chunk, then every target chunk, in that order, as an iterator (each chunk is
+    prepared once and reused by the replay). Serial (no pool): all of them are prepared before this returns, so an
+    unreadable record is found before the model runs. With a pool (data.prepare_workers threads), the first chunk
+    is prepared here and the others by the pool's threads while the model embeds the chunks before them (pass 1):
+    decoding overlaps the model, and several chunks decode at once (PIL, PyAV and torch release the GIL). The
+    chunks come back in submission order whatever finishes first, and a chunk's DataError is raised when its turn
+    comes, so the inputs and the first unreadable record are the serial path's."""
+    jobs = ([(encoder.prepare_queries, items) for items in q_items]
+            + [(encoder.prepare_targets, items) for items in t_items])
+    if pool is None or not jobs:
+        return iter([prepare(items, train=True) for prepare, items in jobs])
+    # The threads share the processor's tokenizer. transformers sets its padding state on the first call (and again
+    # only for other padding settings; every call here asks for the same): two threads doing it at once fail
+    # ("Already borrowed"). The first chunk, needed first anyway, is therefore tokenized here before any thread runs.
+    prepare, items = jobs[0]
+    first = prepare(items, train=True)
+    futures = [pool.submit(prepare, items, train=True) for prepare, items in jobs[1:]]
+    return in_submission_order(first, futures)
 
 
 def torch_rng_state(cuda):
@@ -101,14 +113,44 @@ def set_torch_rng_state(state):
 def embed_without_graph(encoder, chunks, role, keep_graph):
     """Pass 1: every chunk's embeddings without a graph, remembering the random state each chunk starts from.
     When the whole batch is one chunk there is nothing to save by caching: that chunk keeps its graph
-    (keep_graph) and is not replayed. Returns (outputs, random states)."""
+    (keep_graph) and is not replayed. `chunks` may still be in preparation (an iterator).
+    Returns (inputs, outputs, random states)."""
     cuda = next(encoder.parameters()).is_cuda
-    outs, states = [], []
+    seen, outs, states = [], [], []
     with torch.set_grad_enabled(keep_graph):
         for inputs in chunks:
+            seen.append(inputs)
             states.append(torch_rng_state(cuda))
             outs.append(encoder(inputs, role=role))
-    return outs, states
+    return seen, outs, states
+
+
+def prepare_and_embed(encoder, examples, chunk_size, pool=None):
+    """Turn a batch into model inputs and embed them without a graph (pass 1), dropping unreadable records: a
+    record whose file cannot be read is named in `bad`, and the batch is prepared and embedded again without it
+    from the random state it started from (with a pool, pass 1 may have run on earlier chunks before the record
+    was reached), so the result is the serial path's. Returns (kept examples, target paths, (query inputs,
+    outputs, random states), (target inputs, outputs, random states), bad records)."""
+    start = torch_rng_state(next(encoder.parameters()).is_cuda)
+    bad = []
+    while True:
+        targets = [e["target_image"] for e in examples] + [p for e in examples for p in e["negative_image"]]
+        q_items = [examples[i:i + chunk_size] for i in range(0, len(examples), chunk_size)]
+        t_items = [targets[i:i + chunk_size] for i in range(0, len(targets), chunk_size)]
+        single = len(q_items) == 1 and len(t_items) == 1
+        try:
+            chunks = prepare_chunks(encoder, q_items, t_items, pool)
+            q = embed_without_graph(encoder, itertools.islice(chunks, len(q_items)), "query", keep_graph=single)
+            t = embed_without_graph(encoder, chunks, "target", keep_graph=single)
+            return examples, targets, q, t, bad
+        except DataError as err:
+            culprits = {e["id"] for e in examples if err.record_id == e["id"] or err.path in
+                        (e["query_image"] + e["query_video"] + [e["target_image"]] + e["negative_image"])}
+            if not culprits:
+                raise
+            bad.append((sorted(culprits), str(err)))
+            examples = [e for e in examples if e["id"] not in culprits]
+            set_torch_rng_state(start)
 
 
 def loss_and_embedding_gradients(encoder, examples, q_outs, t_outs, t_paths, cfg, gather):
@@ -167,13 +209,14 @@ def cached_step(encoder, examples, cfg, chunk_size):
     (gradient caching, docs/method.md#gradient-caching): embed every chunk without a graph, get
     d(loss)/d(embedding), then replay each chunk with a graph and back-propagate the cached embedding gradients.
     Leaves the local gradients in .grad; returns (stats or None, unreadable records)."""
-    examples, q_chunks, t_chunks, t_paths, bad = prepare_chunks(encoder, examples, chunk_size)
+    workers = cfg.data.prepare_workers
+    with ThreadPoolExecutor(workers, thread_name_prefix="prepare") if workers else contextlib.nullcontext() as pool:
+        examples, t_paths, (q_chunks, q_outs, q_states), (t_chunks, t_outs, t_states), bad = prepare_and_embed(
+            encoder, examples, chunk_size, pool)
     gather = cfg.train.gather_negatives and world()[1] > 1
     if not examples and not gather:
         return None, bad   # nothing to learn from; average_gradients still adds this rank's zeros
     single = len(q_chunks) == 1 and len(t_chunks) == 1
-    q_outs, q_states = embed_without_graph(encoder, q_chunks, "query", keep_graph=single)
-    t_outs, t_states = embed_without_graph(encoder, t_chunks, "target", keep_graph=single)
     end_state = torch_rng_state(next(encoder.parameters()).is_cuda)
     loss, grad_q, grad_t = loss_and_embedding_gradients(encoder, examples, q_outs, t_outs, t_paths, cfg, gather)
     reg = replay_with_graph(encoder, q_chunks, q_states, q_outs, grad_q, "query", cfg, replay=not single)

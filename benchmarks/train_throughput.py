@@ -19,9 +19,10 @@ The batch is synthetic and needs no U-FIRE: one image + modification text per qu
 target image per query, in the training-view format of prepare_data.TrainSet.example.
 
 Step time is split into train.py's phases (each timed with a device synchronisation at its ends): data (reading
-and preprocessing the batch into chunks: prepare_chunks), no-grad (pass 1, embed_without_graph), loss (pass 2,
-loss_and_embedding_gradients) and replay (pass 3, replay_with_graph, forward with a graph and backward); "other"
-is the rest (gradient averaging, GGAS's token-gradient norms, clipping, AdamW).
+and preprocessing the batch into chunks: prepare_chunks; with data.prepare_workers > 0 only the first chunk, the
+others are prepared in threads during no-grad, which then includes any wait for them), no-grad (pass 1,
+embed_without_graph), loss (pass 2, loss_and_embedding_gradients) and replay (pass 3, replay_with_graph, forward
+with a graph and backward); "other" is the rest (gradient averaging, GGAS's token-gradient norms, clipping, AdamW).
 
 FLOPs: one extra step per setting runs under torch.utils.flop_counter.FlopCounterMode, which counts every matrix
 product and attention the step executes (pass 1, the replayed forward and the backward: what the hardware does,
