@@ -351,9 +351,19 @@ def load_val_sets(cfg, keys):
     return val_sets
 
 
+# Settings that change only speed or waiting, never what is computed, and may differ when a run resumes.
+RESUME_MAY_DIFFER = {"data": ("prepare_workers",), "train": ("dist_timeout_s",)}
+
+
+def comparable_config(config):
+    """A config dict less the settings of RESUME_MAY_DIFFER."""
+    return {section: {k: v for k, v in values.items() if k not in RESUME_MAY_DIFFER.get(section, ())}
+            if isinstance(values, dict) else values for section, values in config.items()}
+
+
 def restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, path):
     """Load a checkpoint into every part of training; returns (step, best score, unreadable records)."""
-    if ckpt["config"] != cfg.to_dict():
+    if comparable_config(ckpt["config"]) != comparable_config(cfg.to_dict()):
         raise ValueError(f"{path} was written with another config; resume with the same config")
     encoder.load_trainable_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])

@@ -369,17 +369,24 @@ def logged_steps(out_dir):
 def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, capsys):
     """A run killed after step 4 (last.pt at step 3) and resumed must really continue from step 3 and end with
     exactly the uninterrupted run's last.pt: trainable weights, optimizer and scheduler state, sampler state,
-    every RNG state, best score. Catches: resume switched off (`if resume and ...` -> `if False and ...`: a fresh
+    every RNG state, best score. It resumes with another data.prepare_workers (speed only), while another
+    learning rate is refused. Catches: resume switched off (`if resume and ...` -> `if False and ...`: a fresh
     seeded run would give the same weights, but logs steps 1-6 again); any piece of state not restored (the
-    RNG, the sampler's generator, the optimizer moments) or not saved."""
+    RNG, the sampler's generator, the optimizer moments) or not saved; the config comparison ignoring every
+    setting, or none (RESUME_MAY_DIFFER emptied: the prepare_workers resume is refused)."""
     straight = run_config(tiny_backbone, mini_root, tmp_path / "straight", "train.max_steps=6", "train.save_every=3")
     train(straight)
 
     interrupted = run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3")
     train(interrupted, stop_after=4)           # killed after step 4: last.pt holds step 3
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 3
+    other_lr = run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3",
+                          "train.lr=1e-3")
+    with pytest.raises(ValueError, match="written with another config"):
+        train(other_lr, resume=True)
     capsys.readouterr()
-    train(interrupted, resume=True)
+    train(run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3",
+                     f"data.prepare_workers={1 - interrupted.data.prepare_workers}"), resume=True)
     assert f"resumed {tmp_path / 'resumed' / 'last.pt'} at step 3" in capsys.readouterr().out
     # The killed run logged steps 1-4; the resumed one appends 4, 5, 6.
     assert logged_steps(tmp_path / "resumed") == [1, 2, 3, 4, 4, 5, 6]
@@ -388,6 +395,7 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert expected["step"] == 6
     expected["config"]["train"].pop("out_dir"), resumed["config"]["train"].pop("out_dir")
+    expected["config"]["data"].pop("prepare_workers"), resumed["config"]["data"].pop("prepare_workers")
     assert_same_state(expected, resumed)
     # the run really trained: parameters moved away from a fresh encoder
     fresh = build_encoder(straight.model, straight.calibrator, "cpu").trainable_state_dict()
