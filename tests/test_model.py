@@ -232,7 +232,7 @@ def test_readout_equals_input_ids_forward(encoder, media):
     token = encoder.token_ids["query"]
     lm = encoder.lm
     with torch.no_grad():
-        ours = encoder.readout(inputs, token, encoder.query_token)
+        ours = encoder.readout(inputs, token, encoder.query_token, encoder.vision_features(inputs))
         saved = lm.get_input_embeddings().weight[token].clone()
         lm.get_input_embeddings().weight[token] = encoder.query_token  # the ids path then sees the same vector
         try:
@@ -248,8 +248,8 @@ def test_release_readout_is_the_pre_norm_state(tiny_backbone, encoder, media):
     inputs = encoder.prepare_queries(queries_of_every_kind(media), train=True)
     token = encoder.token_ids["query"]
     with torch.no_grad():
-        pre_norm = release.readout(inputs, token, release.query_token)
-        normed = encoder.readout(inputs, token, encoder.query_token)
+        pre_norm = release.readout(inputs, token, release.query_token, release.vision_features(inputs))
+        normed = encoder.readout(inputs, token, encoder.query_token, encoder.vision_features(inputs))
         assert (release.lm.model.language_model.norm(pre_norm) - normed).abs().max() < 1e-5
     assert (pre_norm - normed).abs().max() > 1e-2
 
