@@ -223,14 +223,14 @@ class FashionLensEncoder(Encoder):
             media = [{"type": "image"}] * len(query["query_image"]) + [{"type": "video"}] * len(query["query_video"])
             text = [{"type": "text", "text": instruction_text(query)}]
             conversations.append(conversation(text + media + [{"type": "text", "text": QUERY_SUFFIX}], QUERY_TOKEN))
-        return self.process(conversations, images, videos, metadata, train)
+        return self.process(conversations, images, videos, metadata, train, "query")
 
     def prepare_targets(self, paths, train):
         user = [{"type": "image"}, {"type": "text", "text": TARGET_SUFFIX}]
         return self.process([conversation(user, TARGET_TOKEN)] * len(paths), [load_image(p) for p in paths], [], [],
-                            train)
+                            train, "target")
 
-    def process(self, conversations, images, videos, metadata, train):
+    def process(self, conversations, images, videos, metadata, train, role):
         # One pixel budget per image and per video frame, for train and eval (README "Differences from the
         # release"); the release evaluates each image between image_pixels and eval_image_pixels (224^2, 256^2).
         cfg = self.model_cfg
@@ -256,7 +256,24 @@ class FashionLensEncoder(Encoder):
             text=texts, images=images or None, videos=videos or None, video_metadata=metadata or None,
             padding=True, padding_side=self.padding_side, return_tensors="pt",
             images_kwargs=images_kwargs, videos_kwargs=videos_kwargs)
-        return dict(batch)
+        return {**batch, **self.index_work(batch, role)}
+
+    def index_work(self, batch, role):
+        """The readout token's place in each prompt and the rotary positions, computed here on the CPU tensors, once
+        per chunk for both gradient-cache passes: on a GPU the checks and per-prompt loops would stop the forward
+        for a host-device synchronisation each."""
+        at_token = batch["input_ids"] == self.token_ids[role]
+        if not bool((at_token.sum(1) == 1).all()):
+            raise ValueError(f"every prompt needs exactly one readout token (id {self.token_ids[role]}) in its text")
+        work = {"role": role, "readout_index": at_token.int().argmax(1)}
+        if self.model_cfg.keep_rope_positions:
+            # Correction 1: Qwen3-VL's 3-D rotary positions for vision tokens, computed from the ids; with
+            # inputs_embeds alone the vision rows get text positions, silently (docs/method.md#embedding).
+            work["position_ids"], _ = self.lm.model.get_rope_index(
+                batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch.get("image_grid_thw"), video_grid_thw=batch.get("video_grid_thw"),
+                attention_mask=batch["attention_mask"])
+        return work
 
     # --- inputs -> embeddings
 
@@ -269,6 +286,8 @@ class FashionLensEncoder(Encoder):
         # it runs once per chunk (docs/method.md#gradient-caching). A trainable one must run again, with a graph.
         reusable = self.model_cfg.reuse_vision_features and not any(
             p.requires_grad for p in self.lm.model.visual.parameters())
+        if inputs["role"] != role:
+            raise ValueError(f"inputs prepared as {inputs['role']}s cannot be embedded as {role}s")
         if vision is not None and not reusable:
             raise ValueError("vision features can only be reused with model.reuse_vision_features and a frozen "
                              "vision tower")
@@ -304,17 +323,10 @@ class FashionLensEncoder(Encoder):
         """Hidden state at the readout token, one row per prompt, [B, D] (paper section IV-B;
         docs/method.md#embedding). `vision`: vision_features(inputs)."""
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        at_token = ids == token_id
-        if not bool((at_token.sum(1) == 1).all()):
-            raise ValueError(f"every prompt needs exactly one readout token (id {token_id}) in its text")
         embeds = self.lm.get_input_embeddings()(ids)
-        embeds = torch.where(at_token[..., None], token_vector.to(embeds.dtype), embeds)
+        embeds = torch.where((ids == token_id)[..., None], token_vector.to(embeds.dtype), embeds)
         if self.model_cfg.keep_rope_positions:
-            # Correction 1: Qwen3-VL's 3-D rotary positions for vision tokens, computed from the ids; with
-            # inputs_embeds alone the vision rows get text positions, silently (docs/method.md#embedding).
-            positions, _ = self.lm.model.get_rope_index(
-                ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
-                video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
+            positions = inputs["position_ids"]  # Correction 1, computed with the batch (index_work)
         else:
             # Release: inputs_embeds only, for which transformers 4.57 numbered the non-padding tokens 0, 1, 2, ...
             # on all three rotary axes. Passed explicitly: 5.x would reuse rope deltas cached by another call.
@@ -340,7 +352,7 @@ class FashionLensEncoder(Encoder):
                 hook.remove()
             hidden = captured[0]
         # Index per row: independent of the padding side and of the other prompts.
-        return hidden[torch.arange(ids.shape[0], device=ids.device), at_token.int().argmax(1)]
+        return hidden[torch.arange(ids.shape[0], device=ids.device), inputs["readout_index"]]
 
     def token_grad_norms(self):
         """(joint, summed) gradient norms of the two learnable tokens: the GGAS difficulty (paper section IV-D,
