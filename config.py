@@ -49,6 +49,8 @@ class ModelConfig:
     fill_pixel_budget: bool = True           # release: False (Qwen2-VL's smart_resize: up to ~27% of it unused)
     video_frames: int = 8
     gradient_checkpointing: bool = False
+    reuse_vision_features: bool = True       # release: False (a frozen vision tower runs again in the gradient-cache
+                                             #   replay; true: pass 1's output is reused, same numbers)
     attn_implementation: str = "auto"        # "auto": flash_attention_2 on GPU when flash-attn loads, else sdpa
 
 

@@ -6,8 +6,9 @@
 The random-weight stand-ins for Qwen3-VL-4B-Instruct used on CPU are built by fake_backbones.py.
 
 Interface of both encoders (train.py and evaluate.py use nothing else): prepare_queries / prepare_targets
-(records -> CPU tensors), forward(inputs, role) -> {"emb", "gate", "reg_fro", "reg_orth"}, encode_queries /
-encode_targets, trainable_state_dict / load_trainable_state_dict, token_grad_norms, embed_dim.
+(records -> CPU tensors), forward(inputs, role, vision=None) -> {"emb", "gate", "reg_fro", "reg_orth", "vision"},
+encode_queries / encode_targets, trainable_state_dict / load_trainable_state_dict, token_grad_norms, embed_dim.
+"vision" is a chunk's frozen vision-tower output (else None), which the gradient-cache replay hands back.
 """
 import os
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 
 from calibrator import QueryCalibrator
@@ -152,7 +154,8 @@ def compute_dtype(model_cfg, device):
 
 class FashionLensEncoder(Encoder):
     """Qwen3-VL embedder of paper section IV-B. Each correction to the release is a ModelConfig switch:
-    keep_rope_positions, normed_readout, fp32_trainable, eval_image_pixels, fill_pixel_budget."""
+    keep_rope_positions, normed_readout, fp32_trainable, eval_image_pixels, fill_pixel_budget,
+    reuse_vision_features."""
 
     def __init__(self, model_cfg, calib_cfg, device=None):
         super().__init__()
@@ -220,14 +223,14 @@ class FashionLensEncoder(Encoder):
             media = [{"type": "image"}] * len(query["query_image"]) + [{"type": "video"}] * len(query["query_video"])
             text = [{"type": "text", "text": instruction_text(query)}]
             conversations.append(conversation(text + media + [{"type": "text", "text": QUERY_SUFFIX}], QUERY_TOKEN))
-        return self.process(conversations, images, videos, metadata, train)
+        return self.process(conversations, images, videos, metadata, train, "query")
 
     def prepare_targets(self, paths, train):
         user = [{"type": "image"}, {"type": "text", "text": TARGET_SUFFIX}]
         return self.process([conversation(user, TARGET_TOKEN)] * len(paths), [load_image(p) for p in paths], [], [],
-                            train)
+                            train, "target")
 
-    def process(self, conversations, images, videos, metadata, train):
+    def process(self, conversations, images, videos, metadata, train, role):
         # One pixel budget per image and per video frame, for train and eval (README "Differences from the
         # release"); the release evaluates each image between image_pixels and eval_image_pixels (224^2, 256^2).
         cfg = self.model_cfg
@@ -253,42 +256,84 @@ class FashionLensEncoder(Encoder):
             text=texts, images=images or None, videos=videos or None, video_metadata=metadata or None,
             padding=True, padding_side=self.padding_side, return_tensors="pt",
             images_kwargs=images_kwargs, videos_kwargs=videos_kwargs)
-        return dict(batch)
+        return {**batch, **self.index_work(batch, role)}
 
-    # --- inputs -> embeddings
-
-    def forward(self, inputs, role):
-        if role not in self.token_ids:
-            raise ValueError(f"role must be 'query' or 'target', got {role!r}")
-        inputs = self.to_device(inputs)
-        with self.autocast():
-            h = self.readout(inputs, self.token_ids[role], self.query_token if role == "query" else self.target_token)
-        if role == "target":  # targets are never calibrated (paper section IV-C)
-            return {"emb": F.normalize(h.float(), dim=-1), "gate": None, "reg_fro": None, "reg_orth": None}
-        emb, gate, fro, orth = self.calibrator(h)
-        return {"emb": emb, "gate": gate, "reg_fro": fro, "reg_orth": orth}
-
-    def readout(self, inputs, token_id, token_vector):
-        """Hidden state at the readout token, one row per prompt, [B, D] (paper section IV-B;
-        docs/method.md#embedding)."""
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        at_token = ids == token_id
+    def index_work(self, batch, role):
+        """The readout token's place in each prompt and the rotary positions, computed here on the CPU tensors, once
+        per chunk for both gradient-cache passes: on a GPU the checks and per-prompt loops would stop the forward
+        for a host-device synchronisation each."""
+        at_token = batch["input_ids"] == self.token_ids[role]
         if not bool((at_token.sum(1) == 1).all()):
-            raise ValueError(f"every prompt needs exactly one readout token (id {token_id}) in its text")
-        embeds = self.lm.get_input_embeddings()(ids)
-        embeds = torch.where(at_token[..., None], token_vector.to(embeds.dtype), embeds)
+            raise ValueError(f"every prompt needs exactly one readout token (id {self.token_ids[role]}) in its text")
+        work = {"role": role, "readout_index": at_token.int().argmax(1)}
         if self.model_cfg.keep_rope_positions:
             # Correction 1: Qwen3-VL's 3-D rotary positions for vision tokens, computed from the ids; with
             # inputs_embeds alone the vision rows get text positions, silently (docs/method.md#embedding).
-            positions, _ = self.lm.model.get_rope_index(
-                ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
-                video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
+            work["position_ids"], _ = self.lm.model.get_rope_index(
+                batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch.get("image_grid_thw"), video_grid_thw=batch.get("video_grid_thw"),
+                attention_mask=batch["attention_mask"])
+        return work
+
+    # --- inputs -> embeddings
+
+    def forward(self, inputs, role, vision=None):
+        """`vision`: this chunk's "vision" from an earlier call (the gradient-cache replay), in place of running the
+        vision tower again."""
+        if role not in self.token_ids:
+            raise ValueError(f"role must be 'query' or 'target', got {role!r}")
+        # A frozen vision tower (LoRA on the language model only) gives the same output in the replay as in pass 1:
+        # it runs once per chunk (docs/method.md#gradient-caching). A trainable one must run again, with a graph.
+        reusable = self.model_cfg.reuse_vision_features and not any(
+            p.requires_grad for p in self.lm.model.visual.parameters())
+        if inputs["role"] != role:
+            raise ValueError(f"inputs prepared as {inputs['role']}s cannot be embedded as {role}s")
+        if vision is not None and not reusable:
+            raise ValueError("vision features can only be reused with model.reuse_vision_features and a frozen "
+                             "vision tower")
+        inputs = self.to_device(inputs)
+        with self.autocast():
+            vision = vision if vision is not None else self.vision_features(inputs)
+            h = self.readout(inputs, self.token_ids[role], self.query_token if role == "query" else self.target_token,
+                             vision)
+        # Only what the language model reads is kept (not the tower's last patch-level state), without a graph.
+        kept = {k: BaseModelOutputWithDeepstackFeatures(
+            pooler_output=tuple(t.detach() for t in out.pooler_output),
+            deepstack_features=[tuple(t.detach() for t in level) for level in out.deepstack_features])
+            for k, out in vision.items()} if reusable else None
+        if role == "target":  # targets are never calibrated (paper section IV-C)
+            return {"emb": F.normalize(h.float(), dim=-1), "gate": None, "reg_fro": None, "reg_orth": None,
+                    "vision": kept}
+        emb, gate, fro, orth = self.calibrator(h)
+        return {"emb": emb, "gate": gate, "reg_fro": fro, "reg_orth": orth, "vision": kept}
+
+    def vision_features(self, inputs):
+        """The vision tower's output for the images and the videos of `inputs` (transformers' mm_encoder_outputs:
+        merged visual tokens and deepstack features, split per image / video)."""
+        model, vision = self.lm.model, {}
+        if "pixel_values" in inputs:
+            vision["image"] = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                       return_dict=True)
+        if "pixel_values_videos" in inputs:
+            vision["video"] = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
+                                                       return_dict=True)
+        return vision
+
+    def readout(self, inputs, token_id, token_vector, vision):
+        """Hidden state at the readout token, one row per prompt, [B, D] (paper section IV-B;
+        docs/method.md#embedding). `vision`: vision_features(inputs)."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        embeds = self.lm.get_input_embeddings()(ids)
+        embeds = torch.where((ids == token_id)[..., None], token_vector.to(embeds.dtype), embeds)
+        if self.model_cfg.keep_rope_positions:
+            positions = inputs["position_ids"]  # Correction 1, computed with the batch (index_work)
         else:
             # Release: inputs_embeds only, for which transformers 4.57 numbered the non-padding tokens 0, 1, 2, ...
             # on all three rotary axes. Passed explicitly: 5.x would reuse rope deltas cached by another call.
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
-        media = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-                 if k in inputs}
+        # The vision tower's output goes in as transformers' precomputed encoder outputs (a fresh dict: the model
+        # would fill a missing modality into it); the grids are only read when positions are not given.
+        media = {"mm_encoder_outputs": dict(vision)}
         if self.model_cfg.normed_readout:
             # Correction 2: the inner model's final normed state; no LM head, no KV cache.
             hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
@@ -307,7 +352,7 @@ class FashionLensEncoder(Encoder):
                 hook.remove()
             hidden = captured[0]
         # Index per row: independent of the padding side and of the other prompts.
-        return hidden[torch.arange(ids.shape[0], device=ids.device), at_token.int().argmax(1)]
+        return hidden[torch.arange(ids.shape[0], device=ids.device), inputs["readout_index"]]
 
     def token_grad_norms(self):
         """(joint, summed) gradient norms of the two learnable tokens: the GGAS difficulty (paper section IV-D,
@@ -373,14 +418,15 @@ class OpenClipEncoder(Encoder):
     def prepare_targets(self, paths, train):
         return {"pixels": torch.stack([self.preprocess(load_image(p)) for p in paths])}
 
-    def forward(self, inputs, role):
+    def forward(self, inputs, role, vision=None):
+        """`vision` is part of the interface only: both towers train, so there is never an output to reuse."""
         if role not in ("query", "target"):
             raise ValueError(f"role must be 'query' or 'target', got {role!r}")
         inputs = self.to_device(inputs)
         with self.autocast():
             if role == "target":
                 images = F.normalize(self.clip.encode_image(inputs["pixels"]).float(), dim=-1)
-                return {"emb": images, "gate": None, "reg_fro": None, "reg_orth": None}
+                return {"emb": images, "gate": None, "reg_fro": None, "reg_orth": None, "vision": None}
             fused = F.normalize(self.clip.encode_text(inputs["text"]).float(), dim=-1)
             if inputs["pixels"].shape[0]:
                 images = F.normalize(self.clip.encode_image(inputs["pixels"]).float(), dim=-1)
@@ -388,7 +434,7 @@ class OpenClipEncoder(Encoder):
                 mean = torch.zeros_like(fused).index_add_(0, inputs["owner"], images)
                 fused = fused + F.normalize(mean, dim=-1)
         emb, gate, fro, orth = self.calibrator(fused)
-        return {"emb": emb, "gate": gate, "reg_fro": fro, "reg_orth": orth}
+        return {"emb": emb, "gate": gate, "reg_fro": fro, "reg_orth": orth, "vision": None}
 
     def token_grad_norms(self):
         """Stand-in for the learnable-token gradient (GGAS difficulty, paper section IV-D), which CLIP does not

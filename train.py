@@ -191,7 +191,7 @@ def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay):
     for inputs, state, out in zip(chunks, states, outs):
         if replay:
             set_torch_rng_state(state)
-            out = encoder(inputs, role=role)
+            out = encoder(inputs, role=role, vision=out["vision"])  # a frozen vision tower's pass-1 output
         n = out["emb"].shape[0]
         surrogate = (out["emb"] * grads[start:start + n]).sum()
         if out["reg_fro"] is not None:

@@ -226,21 +226,57 @@ def test_rope_switch_changes_only_vision_queries(tiny_backbone, media):
     assert ((a[1:] - b[1:]).abs().amax(dim=1) > 1e-3).all()  # images / video: positions lost in the release
 
 
+def processor_outputs(inputs):
+    """What the processor returned, without what prepare_* adds (model.FashionLensEncoder.index_work)."""
+    return {k: v for k, v in inputs.items() if k not in ("role", "readout_index", "position_ids")}
+
+
 def test_readout_equals_input_ids_forward(encoder, media):
     queries = queries_of_every_kind(media)[1:]
     inputs = encoder.prepare_queries(queries, train=True)
     token = encoder.token_ids["query"]
     lm = encoder.lm
     with torch.no_grad():
-        ours = encoder.readout(inputs, token, encoder.query_token)
+        ours = encoder.readout(inputs, token, encoder.query_token, encoder.vision_features(inputs))
         saved = lm.get_input_embeddings().weight[token].clone()
         lm.get_input_embeddings().weight[token] = encoder.query_token  # the ids path then sees the same vector
         try:
-            hidden = lm.model(**inputs, use_cache=False).last_hidden_state
+            hidden = lm.model(**processor_outputs(inputs), use_cache=False).last_hidden_state
         finally:
             lm.get_input_embeddings().weight[token] = saved
     reference = hidden[torch.arange(len(queries)), (inputs["input_ids"] == token).int().argmax(1)]
     assert (ours - reference).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_positions_prepared_with_the_batch_are_the_ones_transformers_computes(encoder, media, side):
+    """The 3-D rotary positions prepare_* computes on the CPU (text, one image, three images, video, image + video,
+    and targets; either padding side) equal those Qwen3-VL computes itself inside its forward from the ids.
+    Catches: an axis swapped (`position_ids[[0, 2, 1]]`), an offset (`+ 1`), positions of the unpadded prompt."""
+    captured = []
+    hook = encoder.lm.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs["position_ids"]), with_kwargs=True)
+    encoder.padding_side = side
+    try:
+        for inputs in (encoder.prepare_queries(queries_of_every_kind(media), train=True),
+                       encoder.prepare_targets(media["images"], train=True)):
+            with torch.no_grad():
+                encoder.lm.model(**processor_outputs(inputs), use_cache=False)
+            assert torch.equal(inputs["position_ids"], captured.pop())
+    finally:
+        hook.remove()
+        encoder.padding_side = "right"
+
+
+def test_readout_token_and_role_are_checked_when_prepared_and_embedded(encoder, media):
+    """A prompt whose text holds the readout token itself is refused while the batch is prepared, and inputs
+    prepared as targets are refused as queries (their readout index points at <|IMG|>).
+    Catches: either check dropped (a wrong embedding, silently)."""
+    query = {"id": "q", "instruction_text": "Find <|MEAN|> in red.", "query_image": [], "query_video": []}
+    with pytest.raises(ValueError, match="exactly one readout token"):
+        encoder.prepare_queries([query], train=True)
+    with pytest.raises(ValueError, match="prepared as targets"):
+        encoder(encoder.prepare_targets(media["images"][:1], train=True), "query")
 
 
 def test_release_readout_is_the_pre_norm_state(tiny_backbone, encoder, media):
@@ -248,8 +284,8 @@ def test_release_readout_is_the_pre_norm_state(tiny_backbone, encoder, media):
     inputs = encoder.prepare_queries(queries_of_every_kind(media), train=True)
     token = encoder.token_ids["query"]
     with torch.no_grad():
-        pre_norm = release.readout(inputs, token, release.query_token)
-        normed = encoder.readout(inputs, token, encoder.query_token)
+        pre_norm = release.readout(inputs, token, release.query_token, release.vision_features(inputs))
+        normed = encoder.readout(inputs, token, encoder.query_token, encoder.vision_features(inputs))
         assert (release.lm.model.language_model.norm(pre_norm) - normed).abs().max() < 1e-5
     assert (pre_norm - normed).abs().max() > 1e-2
 

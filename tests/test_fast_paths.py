@@ -1,0 +1,71 @@
+"""Fast paths of the encoder's forward that must not change a number: the frozen vision tower's output reused by the
+gradient-cache replay, and positions computed when the batch is prepared."""
+import pytest
+import torch
+from PIL import Image
+
+from config import Config
+from model import build_encoder
+from train import cached_step
+
+
+def make_examples(tmp_path, n):
+    """n training views, one image of one size each side, except the last query (text only): in chunks of 3 the
+    first two query chunks and target chunks look alike to the model but for their pixels."""
+    examples = []
+    for i in range(n):
+        paths = []
+        for role in ("q", "t"):
+            path = tmp_path / f"{role}{i}.png"
+            Image.new("RGB", (64, 64), ((53 * i) % 256, (29 * i) % 256, 90 if role == "q" else 200)).save(path)
+            paths.append(str(path))
+        examples.append({"id": f"r{i}", "key": "7_cir_Shoes", "instruction_text": f"make shoe {i} taller",
+                         "query_image": paths[:1] if i < n - 1 else [], "query_video": [], "target_image": paths[1],
+                         "target_label": None, "negative_image": [], "negative_label": []})
+    return examples
+
+
+def step_with_tower_calls(encoder, examples, cfg, chunk_size):
+    """One cached step from a fixed random state: (loss, gradients, vision tower forward calls)."""
+    calls = []
+    hook = encoder.lm.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    encoder.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    try:
+        stats, _ = cached_step(encoder, examples, cfg, chunk_size)
+    finally:
+        hook.remove()
+    return stats["loss"], {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}, len(calls)
+
+
+@pytest.mark.parametrize("trainable,dropout", [("lora", 0.0), ("lora", 0.3), ("full", 0.0)])
+def test_replay_reuses_a_frozen_vision_towers_output_exactly(tiny_backbone, tmp_path, trainable, dropout):
+    """A cached step (7 queries in chunks of 3: 2 of 3 query chunks and all 3 target chunks hold images) gives the
+    same loss and gradients with model.reuse_vision_features on as off; with LoRA (frozen tower) the tower runs once
+    per chunk with images instead of twice, with the whole backbone trained it still runs twice (its gradients need
+    the replay's graph).
+    Catches: reuse while the tower trains (the frozen-tower check dropped: its gradients go missing); the features
+    of another chunk of the same shapes handed to the replay (train.replay_with_graph zipping chunks with
+    `outs[1:2] + outs[:1] + outs[2:]`: wrong gradients)."""
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = tiny_backbone, trainable, dropout
+    cfg.model.image_pixels = 64 * 64
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA-B and the calibrator off their zero / identity starts: every gradient non-trivial
+        for name, p in encoder.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "hyper" in name):
+                p.add_(0.05 * torch.randn_like(p))
+    examples = make_examples(tmp_path, 7)
+    results = {}
+    for reuse in (False, True):
+        cfg.model.reuse_vision_features = reuse
+        results[reuse] = step_with_tower_calls(encoder, examples, cfg, chunk_size=3)
+    (loss_off, grads_off, calls_off), (loss_on, grads_on, calls_on) = results[False], results[True]
+    assert loss_on == pytest.approx(loss_off, abs=1e-5)
+    assert grads_on.keys() == grads_off.keys() and len(grads_off) > 10
+    assert any(".visual." in n for n in grads_off) == (trainable == "full")
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert calls_off == 2 * 5
+    assert calls_on == (5 if trainable == "lora" else 2 * 5)
