@@ -25,11 +25,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, restore
 from config import load_config
 from evaluate import evaluate_sets, score
 from model import build_encoder
-from plumbing import (DataError, average_gradients, gather_list, load_checkpoint, save_atomic, setup_distributed,
-                      world)
+from plumbing import DataError, average_gradients, gather_list, save_atomic, setup_distributed, world
 from prepare_data import SUB_DATASETS, TrainSet, build_eval_sets
 from sampler import TaskSampler
 
@@ -229,54 +229,6 @@ def cached_step(encoder, examples, cfg, chunk_size):
             "gate_mean": torch.cat(gates).mean().item() if gates else None, "samples": grad_q.shape[0]}, bad
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def rng_states():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_states(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records):
-    # Each rank's random state differs (seeded per rank); all of them are saved so every rank resumes exactly.
-    return {"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": gather_list([rng_states()]),
-            "step": step, "best_score": best_score, "bad_records": sorted(bad_records)}
-
-
-def checkpoint_to_resume(path, resume):
-    """The checkpoint every rank resumes from, or None for a fresh start. Rank 0 alone decides and reads it and
-    sends it to the others: a rank must never start fresh because its own file system lacks the file."""
-    rank, size = world()
-    ckpt = load_checkpoint(path) if rank == 0 and resume and os.path.exists(path) else None
-    if size > 1:
-        box = [ckpt]
-        dist.broadcast_object_list(box, src=0)
-        ckpt = box[0]
-    return ckpt
-
-
-def check_ranks_agree(encoder, when):
-    """Every rank's trainable weights must equal rank 0's (a checksum per tensor, compared across ranks): data
-    parallel training keeps them equal only if they start equal."""
-    rank, size = world()
-    if size == 1:
-        return
-    sums = torch.stack([p.detach().double().sum() for p in encoder.parameters() if p.requires_grad]).tolist()
-    every = gather_list([sums])
-    differing = [r for r in range(size) if every[r] != every[0]]
-    if differing:
-        raise RuntimeError(f"{when}: the trainable weights of rank(s) {differing} differ from rank 0's "
-                           f"(checksums); every rank must start from the same weights")
-
-
 # ----------------------------------------------------------------------------- the training loop
 
 def learning_rate_factor(cfg, total_steps):
@@ -349,28 +301,6 @@ def load_val_sets(cfg, keys):
             s.queries, s.ground_truth, s.exclude = (x[:cfg.train.val_max_queries]
                                                     for x in (s.queries, s.ground_truth, s.exclude))
     return val_sets
-
-
-# Settings that change only speed or waiting, never what is computed, and may differ when a run resumes.
-RESUME_MAY_DIFFER = {"data": ("prepare_workers",), "train": ("dist_timeout_s",)}
-
-
-def comparable_config(config):
-    """A config dict less the settings of RESUME_MAY_DIFFER."""
-    return {section: {k: v for k, v in values.items() if k not in RESUME_MAY_DIFFER.get(section, ())}
-            if isinstance(values, dict) else values for section, values in config.items()}
-
-
-def restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, path):
-    """Load a checkpoint into every part of training; returns (step, best score, unreadable records)."""
-    if comparable_config(ckpt["config"]) != comparable_config(cfg.to_dict()):
-        raise ValueError(f"{path} was written with another config; resume with the same config")
-    encoder.load_trainable_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    sampler.load_state_dict(ckpt["sampler"])
-    set_rng_states(ckpt["rng"][rank])
-    return ckpt["step"], ckpt["best_score"], set(ckpt["bad_records"])
 
 
 def optimizer_step(encoder, params, optimizer, scheduler, cfg):

@@ -20,7 +20,8 @@ from model import build_encoder
 from plumbing import load_checkpoint
 from prepare_data import SUB_DATASETS, TrainSet
 from sampler import TaskSampler
-from train import batch_report, contrastive_loss, cached_step, rng_states, train
+from checkpoints import rng_states
+from train import batch_report, contrastive_loss, cached_step, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -373,7 +374,7 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     learning rate is refused. Catches: resume switched off (`if resume and ...` -> `if False and ...`: a fresh
     seeded run would give the same weights, but logs steps 1-6 again); any piece of state not restored (the
     RNG, the sampler's generator, the optimizer moments) or not saved; the config comparison ignoring every
-    setting, or none (RESUME_MAY_DIFFER emptied: the prepare_workers resume is refused)."""
+    setting, or none (checkpoints.RESUME_MAY_DIFFER emptied: the prepare_workers resume is refused)."""
     straight = run_config(tiny_backbone, mini_root, tmp_path / "straight", "train.max_steps=6", "train.save_every=3")
     train(straight)
 
@@ -515,7 +516,7 @@ def test_ranks_starting_from_different_weights_stop_with_a_clear_error(tiny_back
     """Data parallel training keeps ranks equal only if they start equal: a rank whose weights differ from rank
     0's is named and the run stops. Catches: the start-up checksum comparison skipped."""
     script = step_script(tmp_path, tiny_backbone,
-        "from train import check_ranks_agree\n"
+        "from checkpoints import check_ranks_agree\n"
         "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu')\n"
         "if rank == 1:\n"
         "    with torch.no_grad(): encoder.query_token[0] += 1e-3\n"
