@@ -58,10 +58,13 @@ def build_index(embeddings, factory="Flat", train_size=100_000, seed=0):
     return index
 
 
-def make_index(dim, factory):
+def make_index(dim, factory, ef_construction=None):
     """index_factory, inner product. IVF-PQ: the factory turns on polysemous training, a code reordering that only
-    Hamming-filtered search uses and that costs about 150 CPU seconds whatever N: off (search.py should do the same)."""
+    Hamming-filtered search uses and that costs about 150 CPU seconds whatever N: off (search.py should do the same).
+    HNSW: ef_construction None keeps the factory's 40 (what search.build_index does today)."""
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if ef_construction is not None and isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efConstruction = ef_construction
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
         faiss.downcast_index(ivf).do_polysemous_training = False
@@ -191,7 +194,7 @@ def measure_catalogue(args, n, result, save):
             continue
         start_cpu = time.process_time()
         faiss.omp_set_num_threads(args.build_threads)
-        index = make_index(args.dim, factory)
+        index = make_index(args.dim, factory, args.ef_construction)
         train_s = 0.0
         if not index.is_trained:       # build_index's steps, timed apart
             rows = np.random.default_rng(args.seed).choice(n, min(train_size, n), replace=False)
@@ -317,10 +320,11 @@ def main(argv=None):
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--types", nargs="+", default=list(index_types(1, 256)), choices=list(index_types(1, 256)))
     parser.add_argument("--build-threads", type=int, default=1, help="faiss threads for training and adding only")
+    parser.add_argument("--ef-construction", type=int, help="HNSW build depth (default: the factory's 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ufire", metavar="CKPT", help="also U-FIRE-mini Recall@10 of this checkpoint")
     parser.add_argument("--split", choices=["val", "test"], default="test")
-    parser.add_argument("--out", help="results JSON (default: docs/ann_search.json; --quick: runs/ann_search_quick.json)")
+    parser.add_argument("--out", help="JSON (default: docs/ann_search.json; --quick: runs/ann_search_quick.json)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 10k vectors, 200 queries, no U-FIRE")
     args = parser.parse_args(argv)
     if args.quick:
@@ -328,9 +332,9 @@ def main(argv=None):
     args.out = args.out or ("runs/ann_search_quick.json" if args.quick else "docs/ann_search.json")
     faiss.omp_set_num_threads(1)
     results = {"command": " ".join(sys.argv), "faiss": faiss.__version__, "search_threads": 1,
-               "build_threads": args.build_threads, "machine": f"{platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} cores", "load_average_start": os.getloadavg()[0], "defaults": DEFAULTS,
-               "catalogue": {}, "ufire": None}
+               "build_threads": args.build_threads, "ef_construction": args.ef_construction or 40,
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "load_average_start": os.getloadavg()[0], "defaults": DEFAULTS, "catalogue": {}, "ufire": None}
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
