@@ -52,8 +52,10 @@ from ufire_mini import REQUESTS, VERBS
 
 # Runtime parameters of approximate indexes: how many IVF lists to probe, how many HNSW candidates to explore.
 # Larger is slower and closer to exact search; benchmarks/ measures what they cost in Recall@10.
+# Both chosen to lose under 1 point of Recall@10 against exact search at 1M vectors (docs/ann_search.md).
 NPROBE = 32
-EF_SEARCH = 128
+EF_SEARCH = 256
+EF_CONSTRUCTION = 128         # HNSW's build depth: with the factory's 40 no efSearch came within 1 point of exact
 TRAIN_SIZE = 200_000          # vectors an approximate index is trained on (a seeded random sample)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TASKS = list(REQUESTS)        # the task families, the in-shop sub-tasks and the two evaluation-only tasks
@@ -178,10 +180,7 @@ def build_index(embeddings, factory="Flat", train_size=TRAIN_SIZE, seed=0):
     """A faiss inner-product index over L2-normalised float32 embeddings [N, D] (so scores are cosines). An index
     that needs training (IVF, PQ) is trained on a random sample of at most train_size vectors, seeded."""
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    try:
-        index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise SearchError(f"--index {factory!r}: not a faiss factory string ({faiss_message(err)})") from None
+    index = new_index(x.shape[1], factory)
     if not index.is_trained:
         sample = x
         if len(x) > train_size:
@@ -192,6 +191,22 @@ def build_index(embeddings, factory="Flat", train_size=TRAIN_SIZE, seed=0):
             raise SearchError(f"--index {factory!r}: training on {len(sample)} vectors failed "
                               f"({faiss_message(err)}); use fewer lists or centroids, or exact search") from None
     index.add(x)
+    return index
+
+
+def new_index(dim, factory, ef_construction=EF_CONSTRUCTION):
+    """An empty inner-product index from a faiss factory string, with the build settings docs/ann_search.md
+    measured: HNSW graphs built with efConstruction = ef_construction; IVF-PQ without polysemous training (the
+    factory turns it on; only Hamming-filtered search uses it, and it made training 6 times slower)."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise SearchError(f"--index {factory!r}: not a faiss factory string ({faiss_message(err)})") from None
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efConstruction = ef_construction
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+        faiss.downcast_index(ivf).do_polysemous_training = False
     return index
 
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing import write_text_atomic  # noqa: E402
+from search import EF_CONSTRUCTION, EF_SEARCH, NPROBE, build_index, new_index, set_search_params  # noqa: E402
 
 K = 10
 LISTS_PER_SQRT_N = 4        # IVF nlist ~ 4 sqrt(N): faiss's usual range is 4 to 16 sqrt(N)
@@ -40,43 +41,7 @@ DIMS_PER_CODE = 4           # PQ: one 8-bit code per 4 dimensions, 1/16 of fp32 
 SWEEPS = {"efSearch": (16, 32, 64, 128, 256, 512), "nprobe": (1, 4, 16, 32, 64, 128, 256)}
 # The picked defaults (docs/ann_search.md): IVF-Flat loses at most 1 point of Recall@10 against exact search at 1M
 # vectors; HNSW32 does with --ef-construction 128 (measured at 100k); IVF-PQ cannot: its codes lose more at any nprobe.
-DEFAULTS = {"efSearch": 256, "nprobe": 32}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Index construction. Same as search.build_index / search.set_search_params; replace by the import once search.py
-# lands: `from search import build_index, set_search_params`.
-
-def build_index(embeddings, factory="Flat", train_size=100_000, seed=0):
-    """A faiss index over L2-normalised float32 [N, D] embeddings (inner product = cosine), trained when it needs
-    training on a seeded random sample of train_size rows."""
-    index = make_index(embeddings.shape[1], factory)
-    if not index.is_trained:
-        rows = np.random.default_rng(seed).choice(len(embeddings), min(train_size, len(embeddings)), replace=False)
-        index.train(embeddings[np.sort(rows)])
-    index.add(embeddings)
-    return index
-
-
-def make_index(dim, factory, ef_construction=None):
-    """index_factory, inner product. IVF-PQ: the factory turns on polysemous training, a code reordering that only
-    Hamming-filtered search uses and that made training on 10k vectors 6 times slower: off (search.py should too).
-    HNSW: ef_construction None keeps the factory's 40 (what search.build_index does today)."""
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    if ef_construction is not None and isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efConstruction = ef_construction
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
-        faiss.downcast_index(ivf).do_polysemous_training = False
-    return index
-
-
-def set_search_params(index, nprobe=None, ef_search=None):
-    params = faiss.ParameterSpace()
-    if nprobe is not None:
-        params.set_index_parameter(index, "nprobe", nprobe)
-    if ef_search is not None:
-        params.set_index_parameter(index, "efSearch", ef_search)
+DEFAULTS = {"efSearch": EF_SEARCH, "nprobe": NPROBE}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,7 +159,7 @@ def measure_catalogue(args, n, result, save):
             continue
         start_cpu = time.process_time()
         faiss.omp_set_num_threads(args.build_threads)
-        index = make_index(args.dim, factory, args.ef_construction)
+        index = new_index(args.dim, factory, args.ef_construction)
         train_s = 0.0
         if not index.is_trained:       # build_index's steps, timed apart
             rows = np.random.default_rng(args.seed).choice(n, min(train_size, n), replace=False)
@@ -320,7 +285,8 @@ def main(argv=None):
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--types", nargs="+", default=list(index_types(1, 256)), choices=list(index_types(1, 256)))
     parser.add_argument("--build-threads", type=int, default=1, help="faiss threads for training and adding only")
-    parser.add_argument("--ef-construction", type=int, help="HNSW build depth (default: the factory's 40)")
+    parser.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION, help="HNSW build depth "
+                        "(default: search.py's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ufire", metavar="CKPT", help="also U-FIRE-mini Recall@10 of this checkpoint")
     parser.add_argument("--split", choices=["val", "test"], default="test")
@@ -332,7 +298,7 @@ def main(argv=None):
     args.out = args.out or ("runs/ann_search_quick.json" if args.quick else "docs/ann_search.json")
     faiss.omp_set_num_threads(1)
     results = {"command": " ".join(sys.argv), "faiss": faiss.__version__, "search_threads": 1,
-               "build_threads": args.build_threads, "ef_construction": args.ef_construction or 40,
+               "build_threads": args.build_threads, "ef_construction": args.ef_construction,
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "load_average_start": os.getloadavg()[0], "defaults": DEFAULTS, "catalogue": {}, "ufire": None}
 

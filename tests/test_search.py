@@ -195,7 +195,8 @@ def test_query_instruction_follows_the_task_template():
 def test_approximate_indexes_build_and_search_like_exact_when_exhaustive(setup, tmp_path):
     """Catches: runtime parameters that are not applied (IVF probing one list, HNSW a narrow beam), training
     failures that surface as faiss tracebacks, a factory string not passed on by the command line.
-    Mutation run: set_search_params setting nothing (names = set()): the IVF comparison fails (nprobe stays 1)."""
+    Mutation run: set_search_params setting nothing (names = set()): the IVF comparison fails (nprobe stays 1);
+    new_index without its efConstruction line, or without its polysemous line: fails."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -206,6 +207,10 @@ def test_approximate_indexes_build_and_search_like_exact_when_exhaustive(setup, 
     assert not (set_search_params(ivf, nprobe=1).search(queries, 10)[1] == exact).all()
     hnsw = set_search_params(build_index(x, "HNSW16"), ef_search=300)
     assert (hnsw.search(queries, 10)[1] == exact).all()
+    # The build settings docs/ann_search.md measured: a deeper HNSW build, no polysemous training for IVF-PQ.
+    assert hnsw.hnsw.efConstruction == 128
+    pq = build_index(x, "IVF4,PQ4x4", train_size=300)          # kept referenced: faiss's views do not own it
+    assert not faiss.downcast_index(faiss.try_extract_index_ivf(pq)).do_polysemous_training
     with pytest.raises(SearchError, match="not a faiss factory string"):
         build_index(x, "IVF8,Bogus")
     with pytest.raises(SearchError, match=r"training on 300 vectors failed.*at least as large"):
