@@ -1,4 +1,4 @@
-"""Approximate search, measured (issue 15): for each faiss index type that search.py offers, Recall@10 relative to
+"""Approximate search, measured: for each faiss index type that search.py offers, Recall@10 relative to
 exact search and queries/s on a generated catalogue of 100k and 1M vectors, and U-FIRE-mini Recall@10 of a trained
 checkpoint with each index against exact search.
 
