@@ -77,16 +77,21 @@ def recall_at_k(query_emb, gallery_emb, ground_truth, ks=KS, exclude=None):
         if len(bad):    # faiss ranks such a query nowhere (id -1); evaluate_sets names the record first
             raise ValueError(f"recall_at_k: {len(bad)} non-finite {what} embedding(s), rows {bad[:5].tolist()}")
     exclude = exclude or [[]] * len(queries)
-    # Deep enough that max(ks) results survive the largest exclusion; never deeper than the gallery.
-    depth = min(max(ks) + max(map(len, exclude)), len(gallery))
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
-    _, ranked = index.search(queries, depth)                  # [Q, depth] gallery ids, best first
+    _, ranked = exact_search(queries, gallery, max(ks), exclude)     # [Q, depth] gallery ids, best first
     is_gt = _member(ranked, ground_truth, len(gallery))
     is_excluded = _member(ranked, exclude, len(gallery))
     rank = np.cumsum(~is_excluded, axis=1) - 1                # rank among the results that are kept
     first_hit = np.where(is_gt & ~is_excluded, rank, np.inf).min(axis=1)     # inf: no hit in the whole depth
     return {f"R@{k}": 100.0 * float(np.mean(first_hit < k)) for k in ks}
+
+
+def exact_search(queries, gallery, k, exclude):
+    """faiss exact inner-product search of float32 [Q, D] queries in a [G, D] gallery, deep enough that k results
+    survive the largest exclusion, never deeper than the gallery: (scores, gallery ids), each [Q, depth]."""
+    depth = min(k + max(map(len, exclude), default=0), len(gallery))
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(gallery)
+    return index.search(queries, depth)
 
 
 def _as_f32(x):
@@ -183,11 +188,7 @@ def shown_rankings(query_emb, gallery_emb, exclude, n, k=SHOW_K, seed=0):
     """[{"query": index, "ranked": [gallery ids], "scores": [cosines]}] for a seeded sample of n queries (in query
     order): each one's top k after its own images are excluded, as recall_at_k ranks them."""
     picks = sorted(random.Random(seed).sample(range(len(query_emb)), min(n, len(query_emb))))
-    gallery = _as_f32(gallery_emb)
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
-    depth = min(k + max(len(exclude[i]) for i in picks), len(gallery))
-    scores, ranked = index.search(_as_f32(query_emb)[picks], depth)
+    scores, ranked = exact_search(_as_f32(query_emb)[picks], _as_f32(gallery_emb), k, [exclude[i] for i in picks])
     shown = []
     for i, row_scores, row_ids in zip(picks, scores, ranked):
         kept = [(int(j), float(score)) for j, score in zip(row_ids, row_scores) if j >= 0 and j not in exclude[i]][:k]
