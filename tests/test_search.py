@@ -14,16 +14,7 @@ from PIL import Image
 import encoding
 import search
 from search import SearchError, build_index, make_query, set_search_params
-
-
-def perturb(encoder, seed):
-    """A trained-looking state (a fresh LoRA is a no-op), so loading the checkpoint's weights matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return encoder
+from test_evaluate import perturb
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,14 @@ def full_training_config(tiny_backbone):
     return cfg
 
 
+def lora_dropout_config(tiny_backbone):
+    """The tiny backbone with LoRA at dropout 0.3 (dropout masks must match between passes) at 64 x 64 pixels."""
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = tiny_backbone, "lora", 0.3
+    cfg.model.image_pixels = 64 * 64
+    return cfg
+
+
 def uncached_reference(encoder, examples, cfg, chunk_size):
     """The same computation with every chunk's graph kept (no caching): forward all chunks with gradients in
     the same order, one loss, one backward."""
@@ -124,9 +132,7 @@ def perturb(encoder):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7])
 def test_cached_gradients_equal_uncached_with_dropout(tiny_backbone, tmp_path, chunk_size):
-    cfg = Config()
-    cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = tiny_backbone, "lora", 0.3
-    cfg.model.image_pixels = 64 * 64
+    cfg = lora_dropout_config(tiny_backbone)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     perturb(encoder)
     examples = make_examples(tmp_path, 7)
@@ -602,9 +608,7 @@ def test_prepare_workers_give_the_serial_inputs_and_drop_the_same_record(tiny_ba
     (r5's target) is in the second target chunk, so with threads pass 1 has run on four chunks when it is found.
     Catches: a worker's DataError swallowed (`yield future.result()` only for futures without an exception: the
     record is neither named nor dropped); the random state not restored before the retry (dropout masks shift)."""
-    cfg = Config()
-    cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = tiny_backbone, "lora", 0.3
-    cfg.model.image_pixels = 64 * 64
+    cfg = lora_dropout_config(tiny_backbone)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     perturb(encoder)
     examples = make_examples(tmp_path, 7)
