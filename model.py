@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (open_clip would retry the hub ~46 s)
 
 import importlib.util
+import types
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.attention.varlen import varlen_attn
 from tqdm import tqdm
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
-from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (BaseModelOutputWithDeepstackFeatures,
+                                                            apply_rotary_pos_emb_vision)
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
+from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights,
+                                       get_vision_position_ids)
 
 from calibrator import QueryCalibrator
 from media import load_image, load_video, resize_frames, resize_to_budget
@@ -67,7 +72,11 @@ class Encoder(nn.Module):
         return next(self.parameters()).device
 
     def to_device(self, inputs):
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        def move(v):
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            return v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+        return move(inputs)
 
     def autocast(self):
         # bf16 compute on GPU, trainable tensors in fp32 (README "Differences from the authors' release");
@@ -140,6 +149,47 @@ def flash_attention_unavailable():
     return None
 
 
+def uses_packed_vision_attention(model_cfg, device, attn_implementation):
+    """model.vision_attention: "auto" packs where torch's varlen kernel runs (GPU, bf16/fp16) unless FlashAttention
+    runs the tower (transformers packs the images itself then); on CPU transformers' per-image loop is as fast and
+    keeps the numbers bit for bit."""
+    choice = model_cfg.vision_attention
+    if choice not in ("auto", "packed", "transformers"):
+        raise ValueError(f"model.vision_attention must be 'auto', 'packed' or 'transformers', got {choice!r}")
+    if choice == "auto":
+        half = compute_dtype(model_cfg, device) in (torch.float16, torch.bfloat16)   # never on CPU (fp32 there)
+        return half and "flash" not in attn_implementation
+    return choice == "packed"
+
+
+def has_varlen_kernel(q):
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Attention within each segment [cu_seqlens[i], cu_seqlens[i + 1]) of q, k, v [tokens, heads, head_dim]: all
+    segments in one call of torch's varlen FlashAttention kernel (GPU, bf16/fp16; `max_seqlen` is a Python int, so
+    nothing is read back from the GPU). Elsewhere, one sdpa call per segment (on CPU the lengths are free to read)."""
+    if has_varlen_kernel(q):
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+    segments = zip(*(x.split(cu_seqlens.diff().tolist()) for x in (q, k, v)))
+    return torch.cat([F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in segment), scale=scale)
+                      .transpose(0, 1) for segment in segments])
+
+
+def packed_vision_attention(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen=None, **kwargs):
+    """Qwen3VLVisionAttention.forward with all images of a chunk attended in one kernel call per block (each image
+    attends to itself only, as in transformers' own path). Without flash-attn, transformers splits the batch and
+    runs sdpa once per image and block, reading the image lengths back from the GPU each time. Bound to each block's
+    attention module by FashionLensEncoder when model.vision_attention packs."""
+    tokens = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(tokens, 3, self.num_heads, -1).unbind(1)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    if max_seqlen is None:  # not precomputed with the batch (vision_index): one read-back per block
+        max_seqlen = int(cu_seqlens.diff().max())
+    return self.proj(packed_attention(q, k, v, cu_seqlens, max_seqlen, self.scaling).reshape(tokens, -1))
+
+
 def resolve_device(device):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -168,9 +218,10 @@ class FashionLensEncoder(Encoder):
         self.padding_side = "right"  # a tokenizer attribute would not be saved with it; the readout ignores it
         tokenizer = self.processor.tokenizer
         tokenizer.add_tokens([QUERY_TOKEN, TARGET_TOKEN], special_tokens=True)
+        attn_implementation = attention_kernel(model_cfg, device)
         self.lm = Qwen3VLForConditionalGeneration.from_pretrained(
-            model_cfg.backbone, dtype=dtype, attn_implementation=attention_kernel(model_cfg, device),
-            local_files_only=True)
+            model_cfg.backbone, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
+        self.pack_vision_attention(uses_packed_vision_attention(model_cfg, device, attn_implementation))
         vocab = self.lm.get_input_embeddings().weight
         self.token_ids = {"query": tokenizer.convert_tokens_to_ids(QUERY_TOKEN),
                           "target": tokenizer.convert_tokens_to_ids(TARGET_TOKEN)}
@@ -209,6 +260,14 @@ class FashionLensEncoder(Encoder):
             self.requires_grad_(False)
         else:
             raise ValueError(f"model.trainable must be 'lora', 'full' or 'none', got {cfg.trainable!r}")
+
+    def pack_vision_attention(self, packed):
+        """Every vision block attends with packed_vision_attention (True) or as transformers has it (False)."""
+        for block in self.lm.model.visual.blocks:
+            if packed:
+                block.attn.forward = types.MethodType(packed_vision_attention, block.attn)
+            else:
+                block.attn.__dict__.pop("forward", None)
 
     # --- records -> inputs
 
@@ -265,7 +324,9 @@ class FashionLensEncoder(Encoder):
         at_token = batch["input_ids"] == self.token_ids[role]
         if not bool((at_token.sum(1) == 1).all()):
             raise ValueError(f"every prompt needs exactly one readout token (id {self.token_ids[role]}) in its text")
-        work = {"role": role, "readout_index": at_token.int().argmax(1)}
+        work = {"role": role, "readout_index": at_token.int().argmax(1),
+                "vision_index": {media: self.vision_index(batch[f"{media}_grid_thw"])
+                                 for media in ("image", "video") if f"{media}_grid_thw" in batch}}
         if self.model_cfg.keep_rope_positions:
             # Correction 1: Qwen3-VL's 3-D rotary positions for vision tokens, computed from the ids; with
             # inputs_embeds alone the vision rows get text positions, silently (docs/method.md#embedding).
@@ -274,6 +335,19 @@ class FashionLensEncoder(Encoder):
                 image_grid_thw=batch.get("image_grid_thw"), video_grid_thw=batch.get("video_grid_thw"),
                 attention_mask=batch["attention_mask"])
         return work
+
+    def vision_index(self, grid_thw):
+        """The vision tower's own index work for these images or videos (patch positions, the position-embedding
+        interpolation, the per-image attention segments and the longest), by transformers' functions on the CPU
+        grid: in the tower they run on the GPU and read lengths back from it."""
+        visual = self.lm.model.visual
+        cu_seqlens = get_vision_cu_seqlens(grid_thw)
+        interp_indices, interp_weights = get_vision_interpolation_indices_and_weights(
+            grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
+        return {"cu_seqlens": cu_seqlens, "max_seqlen": int(cu_seqlens.diff().max()),
+                "position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size),
+                "interp_indices": interp_indices, "interp_weights": interp_weights}
 
     # --- inputs -> embeddings
 
@@ -311,12 +385,13 @@ class FashionLensEncoder(Encoder):
         """The vision tower's output for the images and the videos of `inputs` (transformers' mm_encoder_outputs:
         merged visual tokens and deepstack features, split per image / video)."""
         model, vision = self.lm.model, {}
+        index = inputs["vision_index"]   # precomputed with the batch; transformers takes these keyword arguments
         if "pixel_values" in inputs:
             vision["image"] = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
-                                                       return_dict=True)
+                                                       return_dict=True, **index["image"])
         if "pixel_values_videos" in inputs:
             vision["video"] = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
-                                                       return_dict=True)
+                                                       return_dict=True, **index["video"])
         return vision
 
     def readout(self, inputs, token_id, token_vector, vision):

@@ -7,7 +7,9 @@ and target encoding, medians over repeats, one thread.
 bf16) with LoRA as in training. At the training pixel budget it reports images/s and peak GPU memory (weights
 included) for target encoding (no grad) and for a training chunk (forward + backward), with our readout (inner
 model, normed state, no LM head or cache) and the release's (LM head + KV cache + all hidden states, pre-norm
-state) side by side: one encoder, the readout switch flipped between measurements, so the weights are identical.
+state) side by side: one encoder, the readout switch flipped between measurements, so the weights are identical;
+ours with the packed vision attention (model.vision_attention "auto" on a GPU), the release's with transformers' own.
+Then the packed vision attention alone against transformers' own: encoding images/s and the embeddings' cosine.
 FLOPs of each measurement are counted by torch.utils.flop_counter in one extra run; utilisation (MFU) divides the
 achieved FLOP/s by the GPU's dense bf16 peak (BF16_PEAK_TFLOPS, by device name, or --peak-tflops).
 
@@ -118,8 +120,10 @@ def real_arch(args, tmp):
     print(f"  dense bf16 peak: {f'{peak:.0f} TFLOP/s' if peak else 'unknown (--peak-tflops): no MFU'}")
     print(f"  {'readout':8s} {'work':28s} {'images/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s}")
     rate = {}
+    packed = model_cfg.vision_attention != "transformers" and device.type == "cuda"   # as "auto" decides
     for normed in (True, False):
         encoder.model_cfg = dataclasses.replace(model_cfg, normed_readout=normed)
+        encoder.pack_vision_attention(packed and normed)   # the release's tower attends as transformers has it
         setting = "ours" if normed else "release"
         for work, fn, n, mode in [(f"encode, batch {args.batch_size}", encode, args.batch_size, "eval"),
                                   (f"train fwd+bwd, chunk {args.train_chunk}", train_chunk, args.train_chunk, "train")]:
@@ -138,6 +142,25 @@ def real_arch(args, tmp):
             print(f"  {setting:8s} {work:28s} {n / seconds:9.1f} {tflops:8.2f} {mfu} {memory}")
     for work in dict.fromkeys(w for _, w in rate):
         print(f"  {work}: ours / release images/s = {rate['ours', work] / rate['release', work]:.2f}x")
+    compare_vision_attention(encoder, model_cfg, encode_inputs, args.repeats)
+
+
+def compare_vision_attention(encoder, model_cfg, inputs, repeats):
+    """The packed vision attention (model.vision_attention) against transformers' own, same weights and batch, our
+    readout: encoding speed and how far apart the embeddings are."""
+    encoder.model_cfg = model_cfg
+    encoder.eval()
+    embeddings, rate = {}, {}
+    for packed in (True, False):
+        encoder.pack_vision_attention(packed)
+
+        def encode():
+            with torch.no_grad():
+                embeddings[packed] = encoder(inputs, role="target")["emb"].float()
+        rate[packed] = len(inputs["input_ids"]) / median_seconds(encode, repeats)
+    cosine = (embeddings[True] * embeddings[False]).sum(-1)
+    print(f"  vision attention, encode: packed {rate[True]:.1f} images/s, transformers' {rate[False]:.1f} images/s "
+          f"({rate[True] / rate[False]:.2f}x); embeddings' cosine packed vs transformers' min {cosine.min():.6f}")
 
 
 def main():

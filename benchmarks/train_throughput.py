@@ -232,7 +232,7 @@ def real_arch(args, tmp):
                 ("release", load_config(os.path.join(ROOT, "configs/release.yaml"), overrides))]
     cfg = settings[0][1]
     examples = synthetic_batch(tmp, cfg.train.batch_size)
-    switches = ("keep_rope_positions", "normed_readout", "fp32_trainable")
+    switches = ("keep_rope_positions", "normed_readout", "fp32_trainable", "reuse_vision_features", "vision_attention")
     header = (f"Qwen3-VL-4B architecture ({n_params / 1e9:.2f} B parameters, random weights, built in "
               f"{time.perf_counter() - start:.0f} s) on {card}; trainable {cfg.model.trainable} r={cfg.model.lora_r}, "
               f"{cfg.model.dtype + ' autocast' if device.type == 'cuda' else 'fp32'}, "

@@ -2,6 +2,7 @@
 not depend on its batch or the padding side, the release switches change what they should (and only that),
 the readout equals the plain input-ids forward, and saved trainable state reloads to identical embeddings
 (exports: test_export.py)."""
+import contextlib
 import hashlib
 import os
 
@@ -15,6 +16,7 @@ from PIL import Image
 import fake_backbones
 from media import load_video
 import model
+from benchmarks.host_syncs import AsOnGpu, SyncCounter
 from config import CalibratorConfig, ModelConfig
 
 PIXELS = 128 * 128  # small budget: 16 visual tokens per image keeps every test fast
@@ -228,7 +230,7 @@ def test_rope_switch_changes_only_vision_queries(tiny_backbone, media):
 
 def processor_outputs(inputs):
     """What the processor returned, without what prepare_* adds (model.FashionLensEncoder.index_work)."""
-    return {k: v for k, v in inputs.items() if k not in ("role", "readout_index", "position_ids")}
+    return {k: v for k, v in inputs.items() if k not in ("role", "readout_index", "position_ids", "vision_index")}
 
 
 def test_readout_equals_input_ids_forward(encoder, media):
@@ -266,6 +268,89 @@ def test_positions_prepared_with_the_batch_are_the_ones_transformers_computes(en
     finally:
         hook.remove()
         encoder.padding_side = "right"
+
+
+def every_kind_of_input(encoder, media):
+    """Prepared queries of every kind (three image sizes, videos, image + video) and targets."""
+    return (encoder.prepare_queries(queries_of_every_kind(media), train=True),
+            encoder.prepare_targets(media["images"], train=True))
+
+
+def test_vision_index_prepared_with_the_batch_is_what_the_tower_computes(encoder, media):
+    """The vision tower's index work that prepare_* does on the CPU (FashionLensEncoder.vision_index: patch
+    positions, position-embedding interpolation, attention segments) gives the tower's outputs bit for bit as when
+    transformers computes it inside the tower, for queries of every kind and targets.
+    Catches: the interpolation without the spatial merge order (spatial_merge_size=1); align_corners flipped; a
+    video's frames as one attention segment (get_vision_cu_seqlens(grid, merge_temporal=True))."""
+    for inputs in every_kind_of_input(encoder, media):
+        inside_the_tower = {**inputs, "vision_index": {media: {} for media in inputs["vision_index"]}}
+        with torch.no_grad():
+            ours, theirs = encoder.vision_features(inputs), encoder.vision_features(inside_the_tower)
+        assert ours.keys() == theirs.keys() and len(ours) == (2 if inputs["role"] == "query" else 1)
+        for kind in ours:
+            for a, b in zip([ours[kind].pooler_output, *ours[kind].deepstack_features],
+                            [theirs[kind].pooler_output, *theirs[kind].deepstack_features], strict=True):
+                assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), kind
+
+
+@pytest.mark.parametrize("kernel", ["per_segment", "varlen"])
+def test_packed_vision_attention_gives_the_per_image_numbers(tiny_backbone, media, kernel):
+    """model.vision_attention=packed (every image of a chunk in one attention call per block) embeds queries of every
+    kind and targets as transformers' per-image loop does, with the same gradients for the trained vision tower.
+    "per_segment" is the branch CPUs take; "varlen" the GPU branch, with a dense masked attention standing in for
+    torch's varlen kernel (benchmarks/host_syncs.AsOnGpu).
+    Catches: q, k, v taken from the wrong axis of the qkv output (reshape(tokens, heads, 3, -1)); the rotary
+    embedding left out; every image of the chunk as one segment (cu_seqlens[[0, -1]] to the kernel); the kernel
+    given [heads, tokens, head_dim]."""
+    mix = torch.randn(5 + 3, 1, generator=torch.Generator().manual_seed(0))  # a loss that weighs every row
+    results = {}
+    for attention in ("transformers", "packed"):
+        encoder = build(tiny_backbone, vision_attention=attention).eval()  # same weights; eval: no dropout
+        with AsOnGpu() if kernel == "varlen" else contextlib.nullcontext():
+            queries, targets = every_kind_of_input(encoder, media)
+            emb = torch.cat([encoder(queries, "query")["emb"], encoder(targets, "target")["emb"]])
+            (emb * mix * torch.arange(emb.shape[1])).sum().backward()
+        grads = {n: p.grad for n, p in encoder.named_parameters() if ".visual." in n and p.grad is not None}
+        results[attention] = emb.detach(), grads
+    (emb_per_image, grads_per_image), (emb_packed, grads_packed) = results["transformers"], results["packed"]
+    torch.testing.assert_close(emb_packed, emb_per_image, atol=1e-5, rtol=1e-5)
+    assert grads_packed.keys() == grads_per_image.keys() and len(grads_per_image) > 10
+    for name in grads_per_image:
+        difference = (grads_packed[name] - grads_per_image[name]).abs().max()
+        assert difference <= 1e-5 * grads_per_image[name].abs().max(), name  # summation order differs
+
+
+def test_vision_attention_auto_packs_on_a_gpu_without_flash_attn():
+    """model.vision_attention=auto packs on a GPU in bf16/fp16 unless flash-attn runs the tower (which packs already),
+    never on CPU or in fp32 (no varlen kernel there); an unknown value is refused.
+    Catches: the flash-attn check dropped; the dtype check dropped (CPU and fp32 GPU then pack)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = ModelConfig(vision_attention="auto")
+    assert model.uses_packed_vision_attention(auto, cuda, "sdpa")
+    assert not model.uses_packed_vision_attention(auto, cuda, "flash_attention_2")
+    assert not model.uses_packed_vision_attention(auto, cpu, "sdpa")
+    assert not model.uses_packed_vision_attention(ModelConfig(vision_attention="auto", dtype="float32"), cuda, "sdpa")
+    assert model.uses_packed_vision_attention(ModelConfig(vision_attention="packed"), cpu, "sdpa")
+    assert not model.uses_packed_vision_attention(ModelConfig(vision_attention="transformers"), cuda, "sdpa")
+    with pytest.raises(ValueError, match="vision_attention"):
+        model.uses_packed_vision_attention(ModelConfig(vision_attention="varlen"), cuda, "sdpa")
+
+
+def test_the_vision_tower_reads_nothing_back_from_the_device(tiny_backbone, media):
+    """With the packed attention on its GPU branch, the vision tower asks for no host-device synchronisation
+    (benchmarks/host_syncs.py counts, on CPU, what would be one on a GPU): the only ones left are transformers
+    splitting the output per image (get_image_features), once per images and once per videos. transformers' own
+    path asks for 3 per block plus 6 per call.
+    Catches: vision_index not handed to the tower (index work inside it); max_seqlen not precomputed (a read-back
+    per block)."""
+    encoder = build(tiny_backbone, vision_attention="packed")
+    queries, targets = every_kind_of_input(encoder, media)
+    with AsOnGpu():
+        for inputs, calls in ((queries, 2), (targets, 1)):
+            with SyncCounter() as syncs, torch.no_grad():
+                encoder.vision_features(inputs)
+            assert sum(syncs.by_caller.values()) == calls, syncs.by_caller
+            assert all("get_image_features" in where for where in syncs.by_caller), syncs.by_caller
 
 
 def test_readout_token_and_role_are_checked_when_prepared_and_embedded(encoder, media):
