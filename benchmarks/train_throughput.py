@@ -29,6 +29,9 @@ product and attention the step executes (pass 1, the replayed forward and the ba
 recomputation included). Utilisation = FLOPs per step / seconds per step / the GPU's dense bf16 peak, taken from
 BF16_PEAK_TFLOPS by the device's name (or --peak-tflops).
 
+Host syncs (GPU): the times one step makes the host wait for the GPU, counted in one more step by torch's CUDA
+sync debug mode (benchmarks/host_syncs.py counts the operations that would, on CPU).
+
 Peak memory: on GPU torch.cuda.max_memory_allocated (weights, AdamW state and activations); on CPU the process's
 peak resident set, reset per setting through /proc/self/clear_refs, so it includes the Python process and any
 memory the allocator kept from earlier settings (chunk sizes therefore run smallest first). "before step" is what
@@ -49,6 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -155,7 +159,24 @@ def measure(encoder, cfg, examples, chunk, steps, device):
     with FlopCounterMode(display=False) as counter:  # after the timed steps: counting slows a step down
         step(encoder, cfg, examples, chunk, params, optimizer)
     phase_medians = {name: statistics.median(p[name] for p in phases[1:]) for name in PHASES.values()}
-    return statistics.median(times[1:]), phase_medians, before, peak, counter.get_total_flops(), stats
+    return (statistics.median(times[1:]), phase_medians, before, peak, counter.get_total_flops(), stats,
+            count_host_syncs(lambda: step(encoder, cfg, examples, chunk, params, optimizer), device))
+
+
+def count_host_syncs(fn, device):
+    """GPU: how many times fn makes the host wait for the GPU (torch's CUDA sync debug mode warns at each:
+    a value read back, a blocking copy, a stream synchronisation). None on CPU (benchmarks/host_syncs.py counts
+    the operations that would be, on CPU)."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def run_setting(rows, name, cfg, examples, chunks, args, device):
@@ -163,13 +184,15 @@ def run_setting(rows, name, cfg, examples, chunks, args, device):
     encoder = build_encoder(cfg.model, cfg.calibrator, device)
     peak = peak_tflops(device, args.peak_tflops)
     for chunk in chunks:
-        seconds, phases, before, peak_mib, flops, stats = measure(encoder, cfg, examples, chunk, args.steps, device)
+        seconds, phases, before, peak_mib, flops, stats, syncs = measure(encoder, cfg, examples, chunk, args.steps,
+                                                                         device)
         rows.append({"setting": name, "chunk": chunk, "batch": len(examples), "seconds_per_step": seconds,
                      "samples_per_s": len(examples) / seconds, "phase_seconds": phases,
                      "other_seconds": seconds - sum(phases.values()), "tflop_per_step": flops / 1e12,
                      "achieved_tflops": flops / 1e12 / seconds, "peak_tflops": peak,
                      "utilisation": flops / 1e12 / seconds / peak if peak else None,
-                     "peak_memory_mib": peak_mib, "memory_before_mib": before, "loss": stats["loss"]})
+                     "peak_memory_mib": peak_mib, "memory_before_mib": before, "loss": stats["loss"],
+                     "host_syncs_per_step": syncs})
         print_row(rows[-1])
     del encoder
     gc.collect()
@@ -177,19 +200,19 @@ def run_setting(rows, name, cfg, examples, chunks, args, device):
 
 def print_header():
     print("| setting  | chunk | batch | s/step | samples/s | data s | no-grad s | loss s | replay s | other s "
-          "| TFLOP/step | TFLOP/s | MFU | peak GiB | before GiB |")
+          "| TFLOP/step | TFLOP/s | MFU | peak GiB | before GiB | host syncs |")
     print("|----------|------:|------:|-------:|----------:|-------:|----------:|-------:|---------:|--------:"
-          "|-----------:|--------:|----:|---------:|-----------:|")
+          "|-----------:|--------:|----:|---------:|-----------:|-----------:|")
 
 
 def print_row(r):
-    p = r["phase_seconds"]
+    p, syncs = r["phase_seconds"], r["host_syncs_per_step"]
     mfu = f"{100 * r['utilisation']:.1f}%" if r["utilisation"] is not None else "-"
     print(f"| {r['setting']:8s} | {r['chunk']:5d} | {r['batch']:5d} | {r['seconds_per_step']:6.3f} | "
           f"{r['samples_per_s']:9.1f} | {p['data']:6.3f} | {p['no-grad']:9.3f} | {p['loss']:6.3f} | "
           f"{p['replay']:8.3f} | {r['other_seconds']:7.3f} | {r['tflop_per_step']:10.3f} | "
           f"{r['achieved_tflops']:7.2f} | {mfu} | {r['peak_memory_mib'] / 1024:8.2f} | "
-          f"{r['memory_before_mib'] / 1024:10.2f} |", flush=True)
+          f"{r['memory_before_mib'] / 1024:10.2f} | {'-' if syncs is None else syncs:>10} |", flush=True)
 
 
 def print_ratios(rows):
