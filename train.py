@@ -184,7 +184,8 @@ def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay):
     """Pass 3: re-run each chunk with a graph (replay; else its pass-1 graph is kept), its random state restored
     so dropout masks match, and back-propagate the cached embedding gradients through it. The calibrator's
     regularisers (queries only) are averaged over the batch, or (release) averaged per chunk and summed over
-    chunks. Returns the regularisers' total."""
+    chunks. Returns the regularisers' total, on the device: reading it per chunk would make the host wait for each
+    chunk's backward before it could queue the next chunk."""
     reg_total = 0.0
     w_fro, w_orth = cfg.calibrator.fro_weight, cfg.calibrator.orth_weight
     start = 0
@@ -198,7 +199,7 @@ def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay):
             per_sample = w_fro * out["reg_fro"] + w_orth * out["reg_orth"]
             reg = per_sample.mean() if cfg.calibrator.reg_per_chunk else per_sample.sum() / grads.shape[0]
             surrogate = surrogate + reg
-            reg_total += reg.item()
+            reg_total = reg_total + reg.detach().double()   # float64, as a sum of Python floats
         surrogate.backward()
         start += n
     return reg_total
@@ -225,7 +226,8 @@ def cached_step(encoder, examples, cfg, chunk_size):
     if not examples:
         return None, bad
     gates = [out["gate"].detach() for out in q_outs if out["gate"] is not None]
-    return {"loss": loss.item() + reg, "contrastive": loss.item(), "reg": reg,
+    contrastive, reg = loss.item(), float(reg)    # read back once the whole step is queued
+    return {"loss": contrastive + reg, "contrastive": contrastive, "reg": reg,
             "gate_mean": torch.cat(gates).mean().item() if gates else None, "samples": grad_q.shape[0]}, bad
 
 

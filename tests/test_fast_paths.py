@@ -69,3 +69,30 @@ def test_replay_reuses_a_frozen_vision_towers_output_exactly(tiny_backbone, tmp_
         torch.testing.assert_close(grads_on[name], grads_off[name], atol=1e-5, rtol=1e-4, msg=name)
     assert calls_off == 2 * 5
     assert calls_on == (5 if trainable == "lora" else 2 * 5)
+
+
+def test_the_replay_reads_nothing_back_per_chunk(tiny_backbone, tmp_path, monkeypatch):
+    """The gradient-cache replay (pass 3) queues every chunk's forward and backward without making the host wait
+    for the GPU in between: none of the operations that would synchronise host and device
+    (benchmarks/host_syncs.py) is a value train.py reads back while the chunks replay (the step's statistics are
+    read once, at its end); the regulariser total is still the sum over chunks (tests/test_train.py checks its value).
+    Catches: the regulariser read back per chunk (`reg_total += reg.item()` in replay_with_graph)."""
+    import train
+    from benchmarks.host_syncs import SyncCounter
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "lora", 64 * 64
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    replay, counted = train.replay_with_graph, []
+
+    def counted_replay(*args, **kwargs):
+        with SyncCounter() as syncs:
+            result = replay(*args, **kwargs)
+        counted.append(syncs.by_caller)
+        return result
+    monkeypatch.setattr(train, "replay_with_graph", counted_replay)
+    stats, _ = cached_step(encoder, make_examples(tmp_path, 7), cfg, chunk_size=3)
+    assert len(counted) == 2 and stats["reg"] > 0           # queries (3 chunks, calibrated) and targets
+    # Values read back by train.py itself (the backward's own operations are reported at its .backward() line).
+    read_backs = [where for syncs in counted for where in syncs
+                  if "train.py" in where and where.startswith(("aten._local_scalar_dense", "Tensor.tolist"))]
+    assert not read_backs, counted
