@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (open_clip 
 
 import importlib.util
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +93,20 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def _encode(self, items, prepare, role, batch_size, progress):
+        """One thread decodes and processes the next batch while the model embeds this one (PIL, PyAV and the
+        tokenizer release the GIL). The first batch is prepared here, before the thread starts: the tokenizer sets
+        its padding state on its first call, which two threads must not do at once."""
         was_training = self.training
         self.eval()
+        batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        embs = []
         try:
-            embs = [self(prepare(items[i:i + batch_size], train=False), role)["emb"].cpu()
-                    for i in tqdm(range(0, len(items), batch_size), desc=f"encode {role}s", disable=not progress)]
+            with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+                upcoming = None
+                for i in tqdm(range(len(batches)), desc=f"encode {role}s", disable=not progress):
+                    inputs = upcoming.result() if upcoming else prepare(batches[i], train=False)
+                    upcoming = pool.submit(prepare, batches[i + 1], train=False) if i + 1 < len(batches) else None
+                    embs.append(self(inputs, role)["emb"].cpu())
         finally:
             self.train(was_training)
         return torch.cat(embs) if embs else torch.zeros(0, self.embed_dim)

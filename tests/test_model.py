@@ -481,6 +481,24 @@ def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media
         load_video(str(tmp_path / "missing.mp4"), record_id="rec-9")
 
 
+def test_encoding_prepares_the_next_batch_while_embedding_this_one(encoder, media, tmp_path):
+    """Encoding in batches, the next batch prepared in a thread while this one is embedded, gives each item the
+    embedding of a plain loop (prepare, then embed, batch after batch), in order, when the count is not a multiple
+    of the batch size; an unreadable image in a later batch stops it with the error that names it.
+    Catches: the thread preparing the batch after next (`batches[i + 2]`); the batches' embeddings out of order
+    (`embs.insert(0, ...)`)."""
+    from plumbing import DataError
+    paths = media["images"] * 3 + media["images"][:1]                  # 10 images, batches of 4: 4 + 4 + 2
+    with torch.no_grad():
+        plain = torch.cat([encoder(encoder.prepare_targets(paths[i:i + 4], train=False), "target")["emb"]
+                           for i in range(0, len(paths), 4)])
+    assert torch.equal(encoder.encode_targets(paths, batch_size=4), plain)
+    missing = str(tmp_path / "gone.png")
+    with pytest.raises(DataError) as err:
+        encoder.encode_targets(paths[:9] + [missing], batch_size=4)
+    assert err.value.path == missing
+
+
 # ----------------------------------------------------------------------------- open_clip baseline
 
 @pytest.fixture(scope="module")
