@@ -290,12 +290,11 @@ def architecture_weight_bytes():
 
 # ----------------------------------------------------------------------------- the GPU measurement
 
-def measure_cuda(cfg, kinds, media, chunks, tmp):
+def measure_cuda(cfg, kinds, media, chunks, tmp, device):
     """Per kind and chunk: the peak allocated over one training step (cached_step, AdamW) of a batch of two chunks,
     and the fit of peak - that batch's kept vision features = fixed + chunk * per_record. Returns ({kind: fit},
     raw measurements)."""
     from train_throughput import reset_peak_memory, step
-    device = torch.device("cuda")
     backbone = os.path.join(tmp, "qwen3-vl-4b-random")
     random_qwen3vl_4b(backbone, tmp, device)
     torch.manual_seed(0)
@@ -460,12 +459,14 @@ def cuda_measurement(args, cfg, kinds, tmp, command):
     """The measured fits (kinds not measured: the --estimate table's, corrected), raw numbers and header lines."""
     chunks = [int(c) for c in (args.chunks or "4,16").split(",")]
     # Video and five-image queries hold 2.6x the tokens of an image query: a quarter of the chunk keeps them quick.
-    per_kind = {k: [max(1, c // 4) for c in chunks] if k in ("video", "images5") else chunks for k in kinds}
+    per_kind = {k: sorted({max(1, c // 4) for c in chunks}) if k in ("video", "images5") else chunks for k in kinds}
+    if any(len(c) < 2 for c in per_kind.values()):
+        raise ValueError(f"the fit needs two chunk sizes per kind, got {per_kind}: give --chunks further apart")
     biggest = max(max(c) for c in per_kind.values())
     media = Media(tmp, 2 * biggest * 6, 2 * biggest)
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(args.device)
     print(f"CUDA measurement on {name}: chunks {per_kind}, each in one training step of two chunks")
-    measured, raw = measure_cuda(cfg, kinds, media, per_kind, tmp)
+    measured, raw = measure_cuda(cfg, kinds, media, per_kind, tmp, torch.device(args.device))
     fits, ratio, difference = calibrated(read_estimate(args.estimate) if args.estimate else {}, measured)
     how = [f"Made by: {command}",
            f"on {datetime.date.today()}, on {name}: MEASURED peaks (torch.cuda.max_memory_allocated over a training",
