@@ -286,6 +286,8 @@ def chunk_sizes_for(cfg, keys, device):
                              "true the chunk is part of the objective: set train.chunk_sizes (configs/release.yaml)")
         if device.type == "cuda":
             row, source = chunk_table_row(cfg, torch.cuda.get_device_properties(device).total_memory)
+        else:
+            source += f"; {cfg.train.chunk_table} is for GPUs"
     chunks = {k: cfg.train.chunk_sizes.get(k, row.get(k, cfg.train.chunk_size)) for k in keys}
     return chunks, source + (", train.chunk_sizes first" if cfg.train.chunk_sizes else "")
 
