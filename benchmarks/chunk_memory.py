@@ -61,7 +61,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import model  # noqa: E402
 from config import load_config  # noqa: E402
 from encode_throughput import write_images  # noqa: E402
-from fake_backbones import QWEN3_VL_4B, make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
+from fake_backbones import QWEN3_VL_4B, make_tiny_backbone, random_qwen3vl_4b, real_config  # noqa: E402
 from plumbing import write_text_atomic  # noqa: E402
 from prepare_data import SKETCH_SETS, SUB_DATASETS, load_records  # noqa: E402
 
@@ -103,7 +103,7 @@ def storage_key(t):
 class SavedTensorBytes(torch.autograd.graph.saved_tensors_hooks):
     """Inside the block, the bytes of the tensors autograd saves for backward, each storage counted once (views
     and tensors saved by several ops share one) and the storages of `exclude` (parameters, inputs held anyway) not
-    at all. While the graph lives no saved storage is freed, so no address is reused among them."""
+    at all. While the graph lives its saved storages stay allocated, so no two of them share an address."""
 
     def __init__(self, exclude=()):
         self.excluded = {storage_key(t) for t in exclude}
@@ -133,7 +133,7 @@ def tensors_in(obj):
 
 
 def nbytes(tensors):
-    return sum(s for s in {storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
+    return sum({storage_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 # ----------------------------------------------------------------------------- synthetic records of each kind
@@ -201,16 +201,13 @@ def replay_bytes(encoder, inputs, role, deepstack_levels):
     features are counted for `deepstack_levels` deepstack taps (the cut tower has fewer than the real one)."""
     with torch.no_grad():
         vision = encoder(inputs, role=role)["vision"]
-    params = [p for p in encoder.parameters()]
-    saved = SavedTensorBytes(exclude=params + tensors_in(vision))
+    saved = SavedTensorBytes(exclude=list(encoder.parameters()) + tensors_in(vision))
     with saved:
         out = encoder(inputs, role=role, vision=vision)
     del out
     kept = 0
-    for features in (vision or {}).values():
-        merged = nbytes(features.pooler_output)
-        per_level = [nbytes(level) for level in features.deepstack_features]
-        kept += merged + (sum(per_level) / len(per_level)) * deepstack_levels if per_level else merged
+    for features in (vision or {}).values():   # merged visual tokens, then each deepstack level as large
+        kept += nbytes(features.pooler_output) * (1 + deepstack_levels)
     return saved.bytes, kept
 
 
@@ -238,7 +235,7 @@ def estimate(cfg, kinds, media, chunks, depths, full_depth, tiny, tmp):
     linearly in depth to full_depth; the kept vision features per record; the trainable parameter count and the
     frozen weights' bytes (one vision block), extrapolated the same way. Returns (fits {kind: {...}}, trainable
     parameters, frozen bytes, raw measurements)."""
-    real_levels = len(QWEN3_VL_4B["vision_config"]["deepstack_visual_indexes"]) if not tiny else 1
+    real_levels = 1 if tiny else len(real_config()["vision_config"]["deepstack_visual_indexes"])
     raw, per_depth, trainable, frozen = [], {}, {}, {}
     with as_on_a_gpu():
         for depth in depths:
@@ -435,7 +432,7 @@ def cpu_estimate(args, cfg, kinds, tmp, command):
     chunks = [int(c) for c in (args.chunks or "1,2").split(",")]
     media = Media(tmp, max(chunks) * 6, max(chunks))
     arch = "the tiny" if args.tiny else "Qwen3-VL-4B's"
-    full_depth = 2 if args.tiny else QWEN3_VL_4B["text_config"]["num_hidden_layers"]
+    full_depth = 2 if args.tiny else real_config()["text_config"]["num_hidden_layers"]
     print(f"CPU estimate: {arch} architecture, text tower cut to 1 and 2 layers and extrapolated to {full_depth}, "
           f"bf16 autocast, chunks {chunks}: bytes autograd saves (an estimate, not an allocator peak)")
     depth_fits, trainable, weights, raw = estimate(cfg, kinds, media, chunks, (1, 2), full_depth, args.tiny, tmp)
