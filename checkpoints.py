@@ -59,11 +59,22 @@ def check_ranks_agree(encoder, when):
 
 # Settings that change only speed or waiting, never what is computed, and may differ when a run resumes.
 RESUME_MAY_DIFFER = {"data": ("prepare_workers",), "train": ("dist_timeout_s",)}
+# The gradient-cache chunk settings may differ too, unless calibrator.reg_per_chunk makes the chunk part of the
+# objective (the regularisers' weight is batch / chunk). Without it the chunk changes no term of the loss: the
+# gradient is the whole batch's (docs/method.md#gradient-caching) for any chunk, equal up to float rounding
+# (tests/test_train.py). So a run resumed on another GPU, whose train.chunk_table row picks other chunks, or with
+# smaller chunks set by hand to fit, trains the same objective. It does not continue bit for bit: besides the
+# rounding, LoRA dropout draws its masks chunk by chunk, so other chunks draw other masks (another draw of the
+# same random masking; on the same GPU and chunks a resumed run is still bit for bit).
+CHUNK_SETTINGS = ("chunk_size", "chunk_sizes", "chunk_table")
 
 
 def comparable_config(config):
-    """A config dict less the settings of RESUME_MAY_DIFFER."""
-    return {section: {k: v for k, v in values.items() if k not in RESUME_MAY_DIFFER.get(section, ())}
+    """A config dict less the settings of RESUME_MAY_DIFFER (and CHUNK_SETTINGS without reg_per_chunk)."""
+    may_differ = dict(RESUME_MAY_DIFFER)
+    if not config["calibrator"]["reg_per_chunk"]:
+        may_differ["train"] = may_differ.get("train", ()) + CHUNK_SETTINGS
+    return {section: {k: v for k, v in values.items() if k not in may_differ.get(section, ())}
             if isinstance(values, dict) else values for section, values in config.items()}
 
 

@@ -93,6 +93,9 @@ class TrainConfig:
     batch_size: int = 64                     # per GPU / process
     chunk_size: int = 16                     # gradient-cache chunk, default for every sub-dataset
     chunk_sizes: dict = field(default_factory=dict)   # per sub-dataset override, e.g. {"6_video2img_MovingFashion": 4}
+    chunk_table: str = ""                    # on a GPU, per sub-dataset chunks by its memory (configs/chunk_sizes.yaml,
+                                             #   relative to the repository; benchmarks/chunk_memory.py); chunk_sizes
+                                             #   entries win. Speed only while calibrator.reg_per_chunk is false
     epochs: float = 5.0
     max_steps: int = 0                       # > 0 stops earlier (quick runs, tests)
     lr: float = 1e-4

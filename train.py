@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from tqdm import tqdm
 
 from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, restore
@@ -275,6 +276,55 @@ def batch_report(cfg, sampler, size):
     return "\n".join(lines)
 
 
+def chunk_sizes_for(cfg, keys, device):
+    """Each sub-dataset's gradient-cache chunk (docs/method.md#gradient-caching): its train.chunk_sizes entry, else on
+    a GPU the train.chunk_table row for the GPU's memory, else train.chunk_size. The largest chunk that fits is the
+    fastest, and with calibrator.reg_per_chunk false the chunk is no part of the objective; with it true it is (the
+    regularisers' weight is batch / chunk), so a table is refused. Returns ({key: chunk}, where they come from)."""
+    row, source = {}, f"train.chunk_size={cfg.train.chunk_size}"
+    if cfg.train.chunk_table:
+        if cfg.calibrator.reg_per_chunk:
+            raise ValueError("train.chunk_table picks chunk sizes by GPU memory, but with calibrator.reg_per_chunk="
+                             "true the chunk is part of the objective: set train.chunk_sizes (configs/release.yaml)")
+        if device.type == "cuda":
+            row, source = chunk_table_row(cfg, torch.cuda.get_device_properties(device).total_memory)
+        else:
+            source += f"; {cfg.train.chunk_table} is for GPUs"
+    chunks = {k: cfg.train.chunk_sizes.get(k, row.get(k, cfg.train.chunk_size)) for k in keys}
+    return chunks, source + (", train.chunk_sizes first" if cfg.train.chunk_sizes else "")
+
+
+def chunk_table_row(cfg, memory_bytes):
+    """The row of train.chunk_table for the largest memory size (GB, as GPUs are sold) at or below memory_bytes, after
+    checking the table was made for this config's settings. Returns (row, a description of the choice)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg.train.chunk_table)
+    with open(path) as f:
+        table = yaml.safe_load(f)
+    if not isinstance(table, dict) or not {"assumes", "chunk_sizes"} <= table.keys():
+        raise DataError(path, "not a chunk table (benchmarks/chunk_memory.py writes them): needs 'assumes' and "
+                              "'chunk_sizes'")
+    ours = {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
+    differing = [f"{name}: table {value!r}, config {ours.get(name)!r}" for name, value in table["assumes"].items()
+                 if ours.get(name) != value]
+    if differing:
+        raise DataError(path, f"made for other settings ({'; '.join(differing)}): make one for this config with "
+                              f"benchmarks/chunk_memory.py, or set train.chunk_sizes and train.chunk_table=''")
+    fitting = [gb for gb in table["chunk_sizes"] if gb * 1e9 <= memory_bytes]
+    if not fitting:
+        raise DataError(path, f"no row for a GPU of {memory_bytes / 1e9:.1f} GB (smallest: "
+                              f"{min(table['chunk_sizes'])} GB): set train.chunk_sizes and train.chunk_table=''")
+    gb = max(fitting)
+    return table["chunk_sizes"][gb], f"{cfg.train.chunk_table}, row {gb} GB for this GPU's {memory_bytes / 1e9:.1f} GB"
+
+
+def chunk_report(chunks, source):
+    by_size = {}
+    for key, chunk in chunks.items():
+        by_size.setdefault(chunk, []).append(key)
+    return f"gradient-cache chunk per sub-dataset ({source}): " + "; ".join(
+        f"{chunk}: {', '.join(keys)}" for chunk, keys in sorted(by_size.items(), reverse=True))
+
+
 def record_bad_records(bad_records, key, bad, rank, cfg):
     """Add this step's unreadable records of every rank to `bad_records` (a collective: every rank calls it every
     step, so all keep the same set). Each record is reported once; more than data.max_bad_records stops the run."""
@@ -340,6 +390,7 @@ def train(cfg, resume=False, stop_after=None):
     log_path = os.path.join(cfg.train.out_dir, "log.jsonl")
 
     keys = cfg.data.sub_datasets or list(SUB_DATASETS)
+    chunks, source = chunk_sizes_for(cfg, keys, device)
     train_sets = {k: TrainSet(cfg.data.root, k, cfg.data.max_query_images) for k in keys}
     sampler = TaskSampler({k: len(s) for k, s in train_sets.items()}, cfg.sampler, cfg.train.batch_size,
                           world_size=size, rank=rank, seed=cfg.train.seed)
@@ -369,6 +420,7 @@ def train(cfg, resume=False, stop_after=None):
     check_ranks_agree(encoder, f"resuming {last_path} at step {step}" if ckpt is not None else "at start")
     if rank == 0:
         print(batch_report(cfg, sampler, size))
+        print(chunk_report(chunks, source))
 
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     while step < total_steps:
@@ -376,7 +428,7 @@ def train(cfg, resume=False, stop_after=None):
         key, indices = sampler.next_batch()
         examples = batch_examples(train_sets[key], indices, cfg, step, rank)
         examples = [e for e in examples if f"{key}/{e['id']}" not in bad_records]
-        chunk = cfg.train.chunk_sizes.get(key, cfg.train.chunk_size)
+        chunk = chunks[key]
         stats, bad = cached_step(encoder, examples, cfg, chunk)
         record_bad_records(bad_records, key, bad, rank, cfg)
         difficulty = optimizer_step(encoder, params, optimizer, scheduler, cfg)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README (training step and encoding throughput of the Qwen3-VL-4B architecture, ours and
-# the release's configuration, with FLOPs utilisation and peak memory) in one run, for a GPU machine that has
-# PyTorch but cannot download: about 8 minutes on one H100/H200, two random 4B builds included.
+# the release's configuration, with FLOPs utilisation and peak memory, and the memory of a gradient-cache chunk
+# behind configs/chunk_sizes.yaml) in one run, for a GPU machine that has PyTorch but cannot download: about
+# 9 minutes on one H100/H200, three random 4B builds included.
 #
 #   bash benchmarks/gpu_wheels.sh        # where pip works: the pinned packages the GPU machine lacks, into .whl/
 #   bash benchmarks/gpu_session.sh       # on the GPU machine, with .whl/ copied along; output in $OUT (runs/gpu)
@@ -24,3 +25,10 @@ timeout 330 python3 benchmarks/train_throughput.py --real-arch --steps 3 --chunk
     --json "$OUT/train_throughput.json" 2>&1 | quiet | tee "$OUT/train_throughput.txt"
 timeout 150 python3 benchmarks/encode_throughput.py --real-arch --repeats 3 2>&1 | quiet \
     | tee "$OUT/encode_throughput.txt"
+# The peak of a training step for two record kinds at two chunk sizes each, next to the CPU estimate of
+# configs/chunk_sizes.yaml (predicted vs measured), and the table made from the measurement ($OUT/chunk_sizes.yaml,
+# beside the CPU one): copy it over configs/chunk_sizes.yaml. About a minute, the 4B build included.
+cp configs/chunk_sizes.yaml "$OUT/chunk_sizes_cpu.yaml"
+timeout 90 python3 benchmarks/chunk_memory.py --device cuda --kinds image,video --chunks 4,16 \
+    --estimate configs/chunk_sizes.yaml --table "$OUT/chunk_sizes.yaml" --json "$OUT/chunk_memory.json" 2>&1 \
+    | quiet | tee "$OUT/chunk_memory.txt"

@@ -1,0 +1,199 @@
+"""Gradient-cache chunk sizes by GPU memory: train.chunk_sizes_for / chunk_table_row reading a table,
+benchmarks/chunk_memory.py writing one (the bytes autograd saves, the fit, the choice per memory size), and resuming
+with other chunks (checkpoints.comparable_config)."""
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from checkpoints import comparable_config
+from config import Config, load_config
+from plumbing import DataError
+from prepare_data import SUB_DATASETS
+from train import chunk_sizes_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import chunk_memory  # noqa: E402
+
+KEYS = ["1_t2i_Shoes", "6_video2img_MovingFashion", "7_cir_Shoes"]
+ROWS = {24: {"1_t2i_Shoes": 4, "6_video2img_MovingFashion": 1, "7_cir_Shoes": 8},
+        40: {"1_t2i_Shoes": 8, "6_video2img_MovingFashion": 2, "7_cir_Shoes": 16},
+        80: {"1_t2i_Shoes": 16, "6_video2img_MovingFashion": 4, "7_cir_Shoes": 32},
+        141: {"1_t2i_Shoes": 32, "6_video2img_MovingFashion": 8}}
+
+
+def table_config(tmp_path, **train):
+    """A Config with a chunk table of ROWS made for its own settings (as chunk_memory.py writes it)."""
+    cfg = Config()
+    path = tmp_path / "chunks.yaml"
+    path.write_text(yaml.safe_dump({"assumes": chunk_memory.assumed_settings(cfg), "headroom": 0.8,
+                                    "chunk_sizes": ROWS}))
+    cfg.train.chunk_table, cfg.train.chunk_size = str(path), 16
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def on_gpu(monkeypatch, memory_bytes):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=memory_bytes))
+    return torch.device("cuda")
+
+
+@pytest.mark.parametrize("memory_bytes, row", [(85_520_809_984, 80),     # H100 80GB HBM3: 79.6 GiB
+                                               (150_754_820_096, 141),   # H200: 140.4 GiB
+                                               (40e9, 40), (39.9e9, 24), (25_757_220_864, 24)])
+def test_table_row_is_the_largest_memory_size_at_or_below_the_gpus(tmp_path, monkeypatch, memory_bytes, row):
+    """The row is the largest size (GB, as sold) the GPU has; a sub-dataset the row lacks keeps train.chunk_size.
+    Catches: comparing in GiB (an 80GB H100 has 79.6 GiB: it would get the 40 row); `<=` made `<` (40e9 would
+    get the 24 row); the smallest fitting row instead of the largest; a missing key not falling back."""
+    chunks, source = chunk_sizes_for(table_config(tmp_path), KEYS, on_gpu(monkeypatch, memory_bytes))
+    assert chunks == {k: ROWS[row].get(k, 16) for k in KEYS}
+    assert f"row {row} GB" in source
+
+
+def test_explicit_chunk_sizes_win_over_the_table(tmp_path, monkeypatch):
+    """Catches: the table's row looked up before train.chunk_sizes."""
+    cfg = table_config(tmp_path, chunk_sizes={"7_cir_Shoes": 2})
+    chunks, _ = chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))
+    assert chunks == {"1_t2i_Shoes": 16, "6_video2img_MovingFashion": 4, "7_cir_Shoes": 2}
+
+
+def test_without_a_gpu_or_a_table_chunks_are_chunk_size_and_chunk_sizes(tmp_path, monkeypatch):
+    """Today's behaviour on CPU (the table is not even read) and on a GPU without a table.
+    Catches: the device check dropped (the CPU would read the GPU's memory: the mock raises)."""
+    def no_gpu(device):
+        raise AssertionError("a CPU run must not ask for GPU properties")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_gpu)
+    cfg = table_config(tmp_path, chunk_sizes={"7_cir_Shoes": 2})
+    expected = {"1_t2i_Shoes": 16, "6_video2img_MovingFashion": 16, "7_cir_Shoes": 2}
+    assert chunk_sizes_for(cfg, KEYS, torch.device("cpu"))[0] == expected
+    cfg.train.chunk_table = ""
+    assert chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))[0] == expected
+
+
+def test_a_chunk_table_with_per_chunk_regularisers_is_refused(tmp_path, monkeypatch):
+    """reg_per_chunk makes the chunk part of the objective, so chunks may not follow the GPU; refused on CPU too
+    (the config is wrong wherever it runs). configs/release.yaml (reg_per_chunk) keeps its chunk_sizes, no table.
+    Catches: the refusal only on a GPU, or missing; release.yaml inheriting full.yaml's table."""
+    cfg = table_config(tmp_path)
+    cfg.calibrator.reg_per_chunk = True
+    for device in (torch.device("cpu"), on_gpu(monkeypatch, 85e9)):
+        with pytest.raises(ValueError, match="reg_per_chunk"):
+            chunk_sizes_for(cfg, KEYS, device)
+    release = load_config(os.path.join(REPO, "configs", "release.yaml"))
+    chunks, _ = chunk_sizes_for(release, list(SUB_DATASETS), on_gpu(monkeypatch, 85e9))
+    assert chunks == release.train.chunk_sizes
+
+
+def test_a_table_made_for_other_settings_or_a_smaller_gpu_is_refused(tmp_path, monkeypatch):
+    """A table sized for 224 x 224 images says nothing about another pixel budget.
+    Catches: the `assumes` check dropped; a GPU below every row silently given train.chunk_size."""
+    cfg = table_config(tmp_path)
+    cfg.model.image_pixels = 448 * 448
+    with pytest.raises(DataError, match=r"chunks.yaml.*model.image_pixels: table 50176, config 200704"):
+        chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))
+    with pytest.raises(DataError, match="no row for a GPU of 16.0 GB"):
+        chunk_sizes_for(table_config(tmp_path), KEYS, on_gpu(monkeypatch, 16e9))
+
+
+def test_full_config_table_covers_every_sub_dataset_and_fits_its_settings(monkeypatch):
+    """configs/chunk_sizes.yaml, as full.yaml uses it: every sub-dataset in every row, chunks dividing the batch,
+    never smaller on a larger GPU, and made for full.yaml's settings (else training on a GPU stops).
+    Catches: a table regenerated for other settings or fewer sub-datasets; full.yaml without the table."""
+    cfg = load_config(os.path.join(REPO, "configs", "full.yaml"))
+    assert cfg.train.chunk_table == "configs/chunk_sizes.yaml" and not cfg.train.chunk_sizes
+    with open(os.path.join(REPO, cfg.train.chunk_table)) as f:
+        rows = yaml.safe_load(f)["chunk_sizes"]
+    assert sorted(rows) == [24, 40, 80, 141]
+    for gb in rows:
+        chunks, _ = chunk_sizes_for(cfg, list(SUB_DATASETS), on_gpu(monkeypatch, gb * 1e9))
+        assert chunks == rows[gb]
+        assert all(chunk in chunk_memory.CHUNKS and cfg.train.batch_size % chunk == 0 for chunk in chunks.values())
+    for smaller, larger in zip(sorted(rows), sorted(rows)[1:]):
+        assert all(rows[smaller][k] <= rows[larger][k] for k in SUB_DATASETS)
+
+
+def test_resume_may_change_chunks_only_without_per_chunk_regularisers():
+    """Another GPU picks other chunks from the table (or smaller ones are set to fit): the same objective unless
+    reg_per_chunk makes the chunk part of it. Catches: chunk settings ignored whatever reg_per_chunk says, or
+    compared always (a resume on another GPU refused)."""
+    saved, resumed = Config(), Config()
+    resumed.train.chunk_size, resumed.train.chunk_sizes, resumed.train.chunk_table = 8, {"7_cir_Shoes": 4}, "t.yaml"
+    assert comparable_config(saved.to_dict()) == comparable_config(resumed.to_dict())
+    saved.calibrator.reg_per_chunk = resumed.calibrator.reg_per_chunk = True
+    assert comparable_config(saved.to_dict()) != comparable_config(resumed.to_dict())
+
+
+# ----------------------------------------------------------------------------- benchmarks/chunk_memory.py
+
+def test_saved_bytes_match_a_hand_count_on_a_linear_gelu_stack():
+    """x -> Linear(d, h) -> GELU -> Linear(h, d) + Linear(h, d) (both reading the GELU's output) -> rows 1: of the
+    sum -> GELU, fp32. Autograd saves, besides the weights: the first Linear's input x (for its weight's gradient;
+    x needs none), the first GELU's input (n x h), the GELU's output once for both Linears (n x h), and the last
+    GELU's input, a view of the whole sum, which it keeps alive (n x d, not (n - 1) x d): 4 n (2d + 2h) bytes.
+    Catches: a storage counted once per op saving it (+ n h), parameters counted, a view's own size counted
+    instead of its storage's (- d)."""
+    n, d, h = 3, 5, 7
+    torch.manual_seed(0)
+    first, second, third = torch.nn.Linear(d, h), torch.nn.Linear(h, d), torch.nn.Linear(h, d)
+    x = torch.randn(1, n, d)
+    saved = chunk_memory.SavedTensorBytes(exclude=[p for m in (first, second, third) for p in m.parameters()])
+    with saved:
+        g = torch.nn.functional.gelu(first(x))
+        torch.nn.functional.gelu((second(g) + third(g))[:, 1:])
+    assert saved.bytes == 4 * n * (2 * d + 2 * h)
+
+
+def test_estimate_is_linear_in_depth_and_chunk(tiny_backbone, tmp_path):
+    """The CPU estimate's fit (chunks 1, 2 on 1 and 2 text layers, extrapolated) predicts a count it never saw:
+    3 text layers, chunk 3, counted directly. Catches: an extrapolation off by a layer (full_depth - 1 or + 1),
+    intercept and slope swapped, the chunk fit evaluated at the wrong depth."""
+    cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), ["model.image_pixels=4096", "model.video_frames=2"])
+    media = chunk_memory.Media(str(tmp_path), 12, 0)
+    fits, _, _, _ = chunk_memory.estimate(cfg, ["image"], media, [1, 2], (1, 2), 3, True, str(tmp_path))
+    with chunk_memory.as_on_a_gpu():
+        backbone = chunk_memory.build_cut(str(tmp_path), 3, tiny=True)
+        encoder = chunk_memory.model.build_encoder(chunk_memory.cfg_with(cfg, backbone).model, cfg.calibrator, "cpu")
+        saved, _ = chunk_memory.replay_bytes(encoder.train(), *media.inputs(encoder, "image", 3), 1)
+    assert fits["image"]["graph_fixed_bytes"] + 3 * fits["image"]["per_record_bytes"] == pytest.approx(saved, rel=1e-4)
+
+
+def test_table_picks_the_largest_chunk_under_the_headroom():
+    """Hand-made fits: fixed 10 GiB, 1 GiB per query record, headroom 0.8 of GB (10^9 bytes): the largest power of
+    two c with 10 + c <= 0.8 * GB / 2^30 is 4, 16, 32, 64 at 24, 40, 80, 141 GB. Targets at 2 GiB per record make
+    its chunk 2, 8, 16, 32 (the heavier of the two chunks rules); 32 GiB of vision features kept for the batch
+    (0.5 GiB per query) leave none at 24 and 40 GB, 16 at 80, 32 at 141. Catches: GiB taken for GB; the headroom ignored; the target
+    chunk or the batch's kept vision features left out."""
+    gib = 2 ** 30
+    cfg = Config()
+    cfg.train.batch_size = 64
+    light = {"image": {"fixed": 10 * gib, "per_record": gib, "kept": 0}, "target": {"fixed": 10 * gib,
+             "per_record": gib / 2, "kept": 0}}
+    rows, misfits = chunk_memory.table(light, {"7_cir_Shoes": "image"}, cfg, 0.8)
+    assert {gb: row["7_cir_Shoes"] for gb, row in rows.items()} == {24: 4, 40: 16, 80: 32, 141: 64} and not misfits
+    heavy_targets = dict(light, target={"fixed": 10 * gib, "per_record": 2 * gib, "kept": 0})
+    rows, _ = chunk_memory.table(heavy_targets, {"7_cir_Shoes": "image"}, cfg, 0.8)
+    assert {gb: row["7_cir_Shoes"] for gb, row in rows.items()} == {24: 2, 40: 8, 80: 16, 141: 32}
+    kept = dict(light, image=dict(light["image"], kept=gib / 2))
+    rows, misfits = chunk_memory.table(kept, {"7_cir_Shoes": "image"}, cfg, 0.8)
+    assert {gb: row.get("7_cir_Shoes") for gb, row in rows.items()} == {24: None, 40: None, 80: 16, 141: 32}
+    assert misfits == ["7_cir_Shoes at 24 GB", "7_cir_Shoes at 40 GB"]
+
+
+def test_script_cpu_path_writes_a_table_training_reads(tmp_path, monkeypatch):
+    """benchmarks/chunk_memory.py --tiny end to end (about 15 s): the table it writes is one train.chunk_table reads
+    for configs/full.yaml's settings, with every sub-dataset. Catches: writer and reader disagreeing on the layout
+    (keys, the 'assumes' names, GB rows)."""
+    out = tmp_path / "chunks.yaml"
+    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "chunk_memory.py"), "--tiny", "--table",
+                    str(out)], check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.read_text().startswith("# Made by: python benchmarks/chunk_memory.py --tiny")
+    cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), [f"train.chunk_table={out}"])
+    chunks, source = chunk_sizes_for(cfg, list(SUB_DATASETS), on_gpu(monkeypatch, 85e9))
+    assert "row 80 GB" in source and set(chunks) == set(SUB_DATASETS)
+    assert chunks == yaml.safe_load(out.read_text())["chunk_sizes"][80]
