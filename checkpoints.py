@@ -57,8 +57,10 @@ def check_ranks_agree(encoder, when):
                            f"(checksums); every rank must start from the same weights")
 
 
-# Settings that change only speed or waiting, never what is computed, and may differ when a run resumes.
-RESUME_MAY_DIFFER = {"data": ("prepare_workers",), "train": ("dist_timeout_s",)}
+# Settings that change only speed or waiting, never what is computed (the packed vision attention: up to float
+# rounding), and may differ when a run resumes; a checkpoint written before one of them existed resumes too.
+RESUME_MAY_DIFFER = {"data": ("prepare_workers",), "model": ("reuse_vision_features", "vision_attention"),
+                     "train": ("dist_timeout_s",)}
 # The gradient-cache chunk settings may differ too, unless calibrator.reg_per_chunk makes the chunk part of the
 # objective (the regularisers' weight is batch / chunk). Without it the chunk changes no term of the loss: the
 # gradient is the whole batch's (docs/method.md#gradient-caching) for any chunk, equal up to float rounding

@@ -490,6 +490,21 @@ def test_killed_worker_restarts_and_continues_from_last_checkpoint(tiny_backbone
     assert_same_state(runs["straight"], runs["killed"])
 
 
+def test_resume_ignores_speed_only_settings_and_their_absence_from_older_checkpoints():
+    """A checkpoint written before model.reuse_vision_features and model.vision_attention existed (or with other
+    values: both change speed only) resumes; one that differs in a setting that changes results does not.
+    Catches: either setting left out of checkpoints.RESUME_MAY_DIFFER; the comparison emptied."""
+    from checkpoints import comparable_config
+    from config import Config
+    older = Config().to_dict()
+    del older["model"]["reuse_vision_features"], older["model"]["vision_attention"]
+    now = Config()
+    now.model.reuse_vision_features, now.model.vision_attention = False, "packed"
+    assert comparable_config(older) == comparable_config(now.to_dict())
+    now.model.keep_rope_positions = False
+    assert comparable_config(older) != comparable_config(now.to_dict())
+
+
 def test_resume_is_decided_by_rank_0_and_reaches_every_rank(tiny_backbone, mini_root, tmp_path):
     """Two processes resume a run whose last.pt only rank 0 can see (rank 1's os.path.exists says no, as on a
     node without the shared output directory): both must resume and end with identical weights.
