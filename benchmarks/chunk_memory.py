@@ -367,9 +367,14 @@ def query_kinds_of(root, cfg):
 
 def predicted_peak(fits, key_kind, cfg, chunk):
     """Predicted peak bytes of a step on a sub-dataset whose queries are of kind key_kind: the heavier of its query
-    chunk and its target chunk, with the vision features of the whole batch (queries, targets, hard negatives)."""
+    chunk and its target chunk, with the vision features of the whole batch (queries, targets, hard negatives).
+    When the queries and the targets are one chunk each, nothing is replayed: both keep their pass-1 graph until
+    the loss's backward (train.embed_without_graph, keep_graph), so both graphs count at once."""
     batch, targets = cfg.train.batch_size, cfg.train.batch_size * (1 + cfg.train.asfr_hard_negatives)
     kept = batch * fits[key_kind]["kept"] + targets * fits["target"]["kept"]
+    if chunk >= targets:
+        return kept + fits[key_kind]["fixed"] + batch * fits[key_kind]["per_record"] + targets * fits["target"][
+            "per_record"]
     return kept + max(fits[k]["fixed"] + chunk * fits[k]["per_record"] for k in (key_kind, "target"))
 
 

@@ -164,18 +164,20 @@ def test_estimate_is_linear_in_depth_and_chunk(tiny_backbone, tmp_path):
 
 
 def test_table_picks_the_largest_chunk_under_the_headroom():
-    """Hand-made fits: fixed 10 GiB, 1 GiB per query record, headroom 0.8 of GB (10^9 bytes): the largest power of
-    two c with 10 + c <= 0.8 * GB / 2^30 is 4, 16, 32, 64 at 24, 40, 80, 141 GB. Targets at 2 GiB per record make
-    its chunk 2, 8, 16, 32 (the heavier of the two chunks rules); 32 GiB of vision features kept for the batch
-    (0.5 GiB per query) leave none at 24 and 40 GB, 16 at 80, 32 at 141. Catches: GiB taken for GB; the headroom ignored; the target
-    chunk or the batch's kept vision features left out."""
+    """Hand-made fits: fixed 10 GiB, 1 GiB per query record, 0.5 per target, headroom 0.8 of GB (10^9 bytes): the
+    largest power of two c with 10 + c <= 0.8 * GB / 2^30 is 4, 16, 32 at 24, 40, 80 GB; at 141 GB (105 GiB usable)
+    64 would fit alone, but at 64 = the batch the queries and targets are one chunk each and both graphs are kept
+    (10 + 64 * 1.5 = 106 GiB): 32. Targets at 2 GiB per record make the chunk 2, 8, 16, 32 (the heavier of the two
+    chunks rules); 32 GiB of vision features kept for the batch (0.5 GiB per query) leave none at 24 and 40 GB, 16
+    at 80, 32 at 141. Catches: GiB taken for GB; the headroom ignored; the target chunk or the batch's kept vision
+    features left out; one chunk each counted as one graph (no `chunk >= targets` case)."""
     gib = 2 ** 30
     cfg = Config()
     cfg.train.batch_size = 64
     light = {"image": {"fixed": 10 * gib, "per_record": gib, "kept": 0}, "target": {"fixed": 10 * gib,
              "per_record": gib / 2, "kept": 0}}
     rows, misfits = chunk_memory.table(light, {"7_cir_Shoes": "image"}, cfg, 0.8)
-    assert {gb: row["7_cir_Shoes"] for gb, row in rows.items()} == {24: 4, 40: 16, 80: 32, 141: 64} and not misfits
+    assert {gb: row["7_cir_Shoes"] for gb, row in rows.items()} == {24: 4, 40: 16, 80: 32, 141: 32} and not misfits
     heavy_targets = dict(light, target={"fixed": 10 * gib, "per_record": 2 * gib, "kept": 0})
     rows, _ = chunk_memory.table(heavy_targets, {"7_cir_Shoes": "image"}, cfg, 0.8)
     assert {gb: row["7_cir_Shoes"] for gb, row in rows.items()} == {24: 2, 40: 8, 80: 16, 141: 32}
