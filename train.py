@@ -9,6 +9,8 @@ averaged across processes once per step. Checkpoints hold everything needed to r
 """
 import argparse
 import contextlib
+import copy
+import functools
 import itertools
 import json
 import math
@@ -69,10 +71,11 @@ def contrastive_loss(q, t, positives, t_paths, t_labels, temperature):
 
 # ----------------------------------------------------------------------------- one step, gradient-cached
 
-def in_submission_order(first, futures):
-    """`first`, then each future's result in the order the futures were submitted (see prepare_chunks)."""
+def in_submission_order(futures, first=()):
+    """The chunks of `first` (prepared already), then each future's result in the order the futures were submitted
+    (see prepare_chunks)."""
     try:
-        yield first
+        yield from first
         for future in futures:
             yield future.result()           # re-raises the chunk's DataError here, in the serial path's order
     finally:
@@ -80,16 +83,31 @@ def in_submission_order(first, futures):
             future.cancel()
 
 
-def prepare_chunks(encoder, q_items, t_items, pool=None):
+def chunk_items(examples, chunk_size):
+    """A batch's targets (every query's positive in query order, then the hard negatives) and its query and target
+    chunks. Returns (target paths, query chunks, target chunks)."""
+    targets = [e["target_image"] for e in examples] + [p for e in examples for p in e["negative_image"]]
+    return (targets, [examples[i:i + chunk_size] for i in range(0, len(examples), chunk_size)],
+            [targets[i:i + chunk_size] for i in range(0, len(targets), chunk_size)])
+
+
+def preparation_jobs(encoder, q_items, t_items):
+    return ([(encoder.prepare_queries, items) for items in q_items]
+            + [(encoder.prepare_targets, items) for items in t_items])
+
+
+def prepare_chunks(encoder, q_items, t_items, pool=None, prefetched=None):
     """Model inputs of every query chunk, then every target chunk, in that order, as an iterator (each chunk is
     prepared once and reused by the replay). Serial (no pool): all of them are prepared before this returns, so an
     unreadable record is found before the model runs. With a pool (data.prepare_workers threads), the first chunk
     is prepared here and the others by the pool's threads while the model embeds the chunks before them (pass 1):
     decoding overlaps the model, and several chunks decode at once (PIL, PyAV and torch release the GIL). The
     chunks come back in submission order whatever finishes first, and a chunk's DataError is raised when its turn
-    comes, so the inputs and the first unreadable record are the serial path's."""
-    jobs = ([(encoder.prepare_queries, items) for items in q_items]
-            + [(encoder.prepare_targets, items) for items in t_items])
+    comes, so the inputs and the first unreadable record are the serial path's. `prefetched`: the pool's futures
+    of exactly these chunks, submitted during the step before (StepPrefetch); none is prepared here then."""
+    if prefetched is not None:
+        return in_submission_order(prefetched)
+    jobs = preparation_jobs(encoder, q_items, t_items)
     if pool is None or not jobs:
         return iter([prepare(items, train=True) for prepare, items in jobs])
     # The threads share the processor's tokenizer. transformers sets its padding state on the first call (and again
@@ -97,8 +115,7 @@ def prepare_chunks(encoder, q_items, t_items, pool=None):
     # ("Already borrowed"). The first chunk, needed first anyway, is therefore tokenized here before any thread runs.
     prepare, items = jobs[0]
     first = prepare(items, train=True)
-    futures = [pool.submit(prepare, items, train=True) for prepare, items in jobs[1:]]
-    return in_submission_order(first, futures)
+    return in_submission_order([pool.submit(prepare, items, train=True) for prepare, items in jobs[1:]], [first])
 
 
 def torch_rng_state(cuda):
@@ -126,21 +143,19 @@ def embed_without_graph(encoder, chunks, role, keep_graph):
     return seen, outs, states
 
 
-def prepare_and_embed(encoder, examples, chunk_size, pool=None):
+def prepare_and_embed(encoder, examples, chunk_size, pool=None, prefetched=None):
     """Turn a batch into model inputs and embed them without a graph (pass 1), dropping unreadable records: a
     record whose file cannot be read is named in `bad`, and the batch is prepared and embedded again without it
     from the random state it started from (with a pool, pass 1 may have run on earlier chunks before the record
-    was reached), so the result is the serial path's. Returns (kept examples, target paths, (query inputs,
-    outputs, random states), (target inputs, outputs, random states), bad records)."""
+    was reached), so the result is the serial path's. `prefetched`: see prepare_chunks. Returns (kept examples,
+    target paths, (query inputs, outputs, random states), (target inputs, outputs, random states), bad records)."""
     start = torch_rng_state(next(encoder.parameters()).is_cuda)
     bad = []
     while True:
-        targets = [e["target_image"] for e in examples] + [p for e in examples for p in e["negative_image"]]
-        q_items = [examples[i:i + chunk_size] for i in range(0, len(examples), chunk_size)]
-        t_items = [targets[i:i + chunk_size] for i in range(0, len(targets), chunk_size)]
+        targets, q_items, t_items = chunk_items(examples, chunk_size)
         single = len(q_items) == 1 and len(t_items) == 1
         try:
-            chunks = prepare_chunks(encoder, q_items, t_items, pool)
+            chunks = prepare_chunks(encoder, q_items, t_items, pool, prefetched)
             q = embed_without_graph(encoder, itertools.islice(chunks, len(q_items)), "query", keep_graph=single)
             t = embed_without_graph(encoder, chunks, "target", keep_graph=single)
             return examples, targets, q, t, bad
@@ -151,6 +166,7 @@ def prepare_and_embed(encoder, examples, chunk_size, pool=None):
                 raise
             bad.append((sorted(culprits), str(err)))
             examples = [e for e in examples if e["id"] not in culprits]
+            prefetched = None               # the prefetched chunks held the record: prepared again without it
             set_torch_rng_state(start)
 
 
@@ -206,15 +222,19 @@ def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay):
     return reg_total
 
 
-def cached_step(encoder, examples, cfg, chunk_size):
+def cached_step(encoder, examples, cfg, chunk_size, pool=None, prefetched=None, prepare_next=None):
     """Loss and gradients of one batch, exactly as if the whole batch went through the model at once
     (gradient caching, docs/method.md#gradient-caching): embed every chunk without a graph, get
     d(loss)/d(embedding), then replay each chunk with a graph and back-propagate the cached embedding gradients.
+    `pool` and `prefetched`: see prepare_chunks. `prepare_next()` is called once every chunk is prepared, so that
+    the pool prepares the next step's while this one computes (StepPrefetch).
     Leaves the local gradients in .grad; returns (stats or None, unreadable records)."""
-    workers = cfg.data.prepare_workers
-    with ThreadPoolExecutor(workers, thread_name_prefix="prepare") if workers else contextlib.nullcontext() as pool:
-        examples, t_paths, (q_chunks, q_outs, q_states), (t_chunks, t_outs, t_states), bad = prepare_and_embed(
-            encoder, examples, chunk_size, pool)
+    examples, t_paths, (q_chunks, q_outs, q_states), (t_chunks, t_outs, t_states), bad = prepare_and_embed(
+        encoder, examples, chunk_size, pool, prefetched)
+    if prepare_next is not None and examples:
+        # Only after a batch that kept a record: this thread then tokenized its first chunk (or an earlier batch's),
+        # which must happen before the pool's threads tokenize at once (see prepare_chunks).
+        prepare_next()
     gather = cfg.train.gather_negatives and world()[1] > 1
     if not examples and not gather:
         return None, bad   # nothing to learn from; average_gradients still adds this rank's zeros
@@ -259,6 +279,58 @@ def batch_examples(train_set, indices, cfg, step, rank):
         e["negative_image"] = [e["negative_image"][i] for i in picked]
         e["negative_label"] = [e["negative_label"][i] for i in picked]
     return examples
+
+
+def draw_batch(sampler, train_sets, bad_records, chunks, cfg, step, rank):
+    """Step `step`'s batch from the sampler's next draw, less the unreadable records known so far: (sub-dataset
+    key, training views, gradient-cache chunk size from `chunks`, chunk_sizes_for's)."""
+    key, indices = sampler.next_batch()
+    examples = batch_examples(train_sets[key], indices, cfg, step, rank)
+    examples = [e for e in examples if f"{key}/{e['id']}" not in bad_records]
+    return key, examples, chunks[key]
+
+
+class StepPrefetch:
+    """data.prepare_workers threads for the whole run: they prepare each step's chunks (prepare_chunks) and, while a
+    step computes its loss, replay and optimizer step, a guess at the next step's batch, so that a step need not
+    wait for its first chunk. The next step uses the guess only if its real batch is the same (key, training views,
+    chunk size); otherwise the guess is cancelled and the step prepares its batch as without it. Either way the
+    step's inputs, and the unreadable record it finds (a prefetched chunk's DataError is raised only when the step
+    that uses it reaches that chunk), are the serial path's. At most one step ahead; hits and misses are counted
+    for the log."""
+
+    def __init__(self, workers, encoder):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
+        self.encoder = encoder
+        self.guess, self.futures = None, []
+        self.hits = self.misses = 0
+
+    def prepare(self, batch):
+        """Submit the preparation of the chunks of `batch`, (key, training views, chunk size): the guess."""
+        _, q_items, t_items = chunk_items(*batch[1:])
+        self.guess = batch
+        self.futures = [self.pool.submit(prepare, items, train=True)
+                        for prepare, items in preparation_jobs(self.encoder, q_items, t_items)]
+
+    def take(self, batch):
+        """The futures of `batch`'s chunks if the guess was exactly `batch`, else None (nothing was guessed, or the
+        guess is cancelled)."""
+        guess, futures, self.guess, self.futures = self.guess, self.futures, None, []
+        if guess is None:
+            return None
+        if guess == batch:
+            self.hits += 1
+            return futures
+        self.misses += 1
+        for future in futures:
+            future.cancel()
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(cancel_futures=True)     # a guess for a step that will not run
 
 
 def batch_report(cfg, sampler, size):
@@ -423,48 +495,62 @@ def train(cfg, resume=False, stop_after=None):
         print(chunk_report(chunks, source))
 
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    while step < total_steps:
-        started = time.time()
-        key, indices = sampler.next_batch()
-        examples = batch_examples(train_sets[key], indices, cfg, step, rank)
-        examples = [e for e in examples if f"{key}/{e['id']}" not in bad_records]
-        chunk = chunks[key]
-        stats, bad = cached_step(encoder, examples, cfg, chunk)
-        record_bad_records(bad_records, key, bad, rank, cfg)
-        difficulty = optimizer_step(encoder, params, optimizer, scheduler, cfg)
-        sampler.update(key, difficulty, device=device)
-        step += 1
+    workers = cfg.data.prepare_workers
+    with StepPrefetch(workers, encoder) if workers else contextlib.nullcontext() as prefetch:
+        while step < total_steps:
+            started = time.time()
+            batch = draw_batch(sampler, train_sets, bad_records, chunks, cfg, step, rank)
+            key, examples, chunk = batch
+            pool, prefetched, prepare_next = None, None, None
+            if prefetch:
+                pool, prefetched = prefetch.pool, prefetch.take(batch)
+                if step + 1 < total_steps:
+                    # The next step's batch unless this step's GGAS update changes P (at an update_every or epoch
+                    # boundary, docs/method.md#ggas) or this step finds a new unreadable record. Drawn from a copy:
+                    # the sampler itself, and so every draw and checkpoint, is the same as without prefetch.
+                    guess = draw_batch(copy.deepcopy(sampler), train_sets, bad_records, chunks, cfg, step + 1,
+                                       rank)
+                    prepare_next = functools.partial(prefetch.prepare, guess)
+            stats, bad = cached_step(encoder, examples, cfg, chunk, pool, prefetched, prepare_next)
+            record_bad_records(bad_records, key, bad, rank, cfg)
+            difficulty = optimizer_step(encoder, params, optimizer, scheduler, cfg)
+            sampler.update(key, difficulty, device=device)
+            step += 1
 
-        samples, elapsed = (stats or {}).get("samples", 0), time.time() - started
-        record = {"step": step, "epoch": sampler.epoch, "key": key, **(stats or {}), "lr": scheduler.get_last_lr()[0],
-                  "probs": sampler.probabilities(), "difficulty": sampler.difficulties(),
-                  "samples_per_s": samples * size / elapsed, "peak_mem_mb": peak_memory_mb(device)}
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            # Every rank's step time (a collective, at the same steps on every rank): a straggler shows here.
-            times = gather_list([round(elapsed, 4)])
-            record.update(step_time_s=times, slowest_rank=int(np.argmax(times)))
-            if rank == 0:
-                append_log(log_path, record)
-        bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", task=key.split("_", 2)[-1],
-                        sps=f"{record['samples_per_s']:.1f}")
-        bar.update(1)
+            samples, elapsed = (stats or {}).get("samples", 0), time.time() - started
+            record = {"step": step, "epoch": sampler.epoch, "key": key, **(stats or {}),
+                      "lr": scheduler.get_last_lr()[0], "probs": sampler.probabilities(),
+                      "difficulty": sampler.difficulties(), "samples_per_s": samples * size / elapsed,
+                      "peak_mem_mb": peak_memory_mb(device)}
+            if prefetch:
+                # Steps of this process so far whose inputs were prepared during the step before, and guesses missed.
+                record.update(prefetch_hits=prefetch.hits, prefetch_misses=prefetch.misses)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                # Every rank's step time (a collective, at the same steps on every rank): a straggler shows here.
+                times = gather_list([round(elapsed, 4)])
+                record.update(step_time_s=times, slowest_rank=int(np.argmax(times)))
+                if rank == 0:
+                    append_log(log_path, record)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", task=key.split("_", 2)[-1],
+                            sps=f"{record['samples_per_s']:.1f}")
+            bar.update(1)
 
-        if (cfg.train.val_every and step % cfg.train.val_every == 0) or step == total_steps:
-            results = validate(encoder, val_sets, cfg)
-            current = score(results)
-            if rank == 0:
-                append_log(log_path, {"step": step, "val": results, "val_score": current})
-            if current > best_score:
-                best_score = current
+            if (cfg.train.val_every and step % cfg.train.val_every == 0) or step == total_steps:
+                results = validate(encoder, val_sets, cfg)
+                current = score(results)
+                if rank == 0:
+                    append_log(log_path, {"step": step, "val": results, "val_score": current})
+                if current > best_score:
+                    best_score = current
+                    state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records)
+                    if rank == 0:
+                        save_atomic(state, best_path)
+            if step % cfg.train.save_every == 0 or step == total_steps:
                 state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records)
                 if rank == 0:
-                    save_atomic(state, best_path)
-        if step % cfg.train.save_every == 0 or step == total_steps:
-            state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records)
-            if rank == 0:
-                save_atomic(state, last_path)
-        if stop_after is not None and step >= stop_after:
-            break
+                    save_atomic(state, last_path)
+            if stop_after is not None and step >= stop_after:
+                break
     bar.close()
     return encoder, best_score
 

@@ -19,8 +19,10 @@ The batch is synthetic and needs no U-FIRE: one image + modification text per qu
 target image per query, in the training-view format of prepare_data.TrainSet.example.
 
 Step time is split into train.py's phases (each timed with a device synchronisation at its ends): data (reading
-and preprocessing the batch into chunks: prepare_chunks; with data.prepare_workers > 0 only the first chunk, the
-others are prepared in threads during no-grad, which then includes any wait for them), no-grad (pass 1,
+and preprocessing the batch into chunks: prepare_chunks; with data.prepare_workers > 0 none of it: as in train.py
+the chunks were prepared by threads during the step before, train.StepPrefetch, and no-grad includes any wait for
+them; the batch is the same every step, so every guess hits, as in training but where a GGAS refresh changes the
+draw), no-grad (pass 1,
 embed_without_graph), loss (pass 2, loss_and_embedding_gradients) and replay (pass 3, replay_with_graph, forward
 with a graph and backward); "other" is the rest (gradient averaging, GGAS's token-gradient norms, clipping, AdamW).
 
@@ -45,6 +47,7 @@ is resident when the setting starts (weights; on CPU also the process), so peak 
 """
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -66,7 +69,7 @@ from fake_backbones import make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
 from model import build_encoder  # noqa: E402
 from plumbing import average_gradients, write_text_atomic  # noqa: E402
 import train  # noqa: E402
-from train import cached_step, peak_memory_mb  # noqa: E402
+from train import StepPrefetch, cached_step, peak_memory_mb  # noqa: E402
 
 # train.py's step phases (module-level functions that cached_step looks up in train's namespace) and their names.
 PHASES = {"prepare_chunks": "data", "embed_without_graph": "no-grad", "loss_and_embedding_gradients": "loss",
@@ -124,8 +127,13 @@ def phase_timers(device, seconds):
             setattr(train, name, fn)
 
 
-def step(encoder, cfg, examples, chunk, params, optimizer):
-    stats, bad = cached_step(encoder, examples, cfg, chunk)
+def step(encoder, cfg, examples, chunk, params, optimizer, prefetch):
+    pool = prefetched = prepare_next = None
+    if prefetch:  # as in train.train, the next step's batch being this one
+        batch = (examples[0]["key"], examples, chunk)
+        pool, prefetched = prefetch.pool, prefetch.take(batch)
+        prepare_next = functools.partial(prefetch.prepare, batch)
+    stats, bad = cached_step(encoder, examples, cfg, chunk, pool, prefetched, prepare_next)
     if bad:
         raise RuntimeError(f"synthetic batch has unreadable records: {bad}")
     average_gradients(params)
@@ -146,18 +154,20 @@ def measure(encoder, cfg, examples, chunk, steps, device):
     reset_peak_memory(device)
     before = peak_memory_mb(device)  # just reset: what is resident before the step (weights, process)
     times, phases = [], []
-    for _ in range(steps + 1):
-        phase_seconds = dict.fromkeys(PHASES.values(), 0.0)
-        with phase_timers(device, phase_seconds):
-            synchronize(device)
-            start = time.perf_counter()
-            stats = step(encoder, cfg, examples, chunk, params, optimizer)
-            synchronize(device)
-        times.append(time.perf_counter() - start)
-        phases.append(phase_seconds)
-    peak = peak_memory_mb(device)
-    with FlopCounterMode(display=False) as counter:  # after the timed steps: counting slows a step down
-        step(encoder, cfg, examples, chunk, params, optimizer)
+    workers = cfg.data.prepare_workers
+    with StepPrefetch(workers, encoder) if workers else contextlib.nullcontext() as prefetch:
+        for _ in range(steps + 1):
+            phase_seconds = dict.fromkeys(PHASES.values(), 0.0)
+            with phase_timers(device, phase_seconds):
+                synchronize(device)
+                start = time.perf_counter()
+                stats = step(encoder, cfg, examples, chunk, params, optimizer, prefetch)
+                synchronize(device)
+            times.append(time.perf_counter() - start)
+            phases.append(phase_seconds)
+        peak = peak_memory_mb(device)
+        with FlopCounterMode(display=False) as counter:  # after the timed steps: counting slows a step down
+            step(encoder, cfg, examples, chunk, params, optimizer, prefetch)
     phase_medians = {name: statistics.median(p[name] for p in phases[1:]) for name in PHASES.values()}
     return (statistics.median(times[1:]), phase_medians, before, peak, counter.get_total_flops(), stats,
             count_host_syncs(lambda: step(encoder, cfg, examples, chunk, params, optimizer), device))

@@ -1,13 +1,16 @@
 """train.py: exact gradient caching, the loss's false-negative mask, bit-for-bit resume, two-process training,
-a loss that falls on U-FIRE-mini, and chunks prepared in threads exactly like serially."""
+a loss that falls on U-FIRE-mini, and chunks prepared in threads (also a step ahead) exactly like serially."""
 import contextlib
+import copy
 import json
 import os
 import random
+import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -591,9 +594,9 @@ def test_corrupt_record_is_reported_once_and_left_out(tiny_backbone, mini_root, 
     seen = []
     real_step = train_module.cached_step
 
-    def counting_step(encoder, examples, cfg, chunk_size):
+    def counting_step(encoder, examples, *args):
         seen.extend(e["id"] for e in examples)
-        return real_step(encoder, examples, cfg, chunk_size)
+        return real_step(encoder, examples, *args)
 
     monkeypatch.setattr(train_module, "cached_step", counting_step)
     cfg = run_config(tiny_backbone, str(root), tmp_path / "run", "data.sub_datasets=[1_t2i_Shoes]",
@@ -680,12 +683,54 @@ def test_prepared_chunks_come_back_in_submission_order():
     assert [c["items"] for c in chunks] == [["a"], ["b"], ["c"], ["d"]]
 
 
-def test_training_with_prepare_workers_matches_serial_training(tiny_backbone, mini_root, tmp_path, monkeypatch):
-    """Three steps of train() (batch 4 in chunks of 2, LoRA dropout, GGAS) with data.prepare_workers=2 must log the
-    same losses and end with the same last.pt (weights, optimizer, sampler, every RNG state) as serial training,
-    and the threads must really have prepared chunks. Catches: train() not handing data.prepare_workers to the
-    step (no chunk prepared off the training thread)."""
+def logged_training_steps(out_dir):
+    """The log's step records less what differs between identical runs (timings, the prefetch counters)."""
+    steps = [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
+    for record in steps:
+        for key in ("samples_per_s", "step_time_s", "slowest_rank", "peak_mem_mb", "prefetch_hits",
+                    "prefetch_misses"):
+            record.pop(key, None)
+    return steps
+
+
+def prefetch_counters(out_dir):
+    """Per logged step: (prefetch_hits, prefetch_misses) so far."""
+    log = map(json.loads, open(os.path.join(out_dir, "log.jsonl")))
+    return [(r["prefetch_hits"], r["prefetch_misses"]) for r in log if "loss" in r]
+
+
+def test_training_with_prepare_workers_matches_serial_training(tiny_backbone, mini_root, tmp_path, monkeypatch,
+                                                               capsys):
+    """Six steps of train() (batch 4 in chunks of 2, LoRA dropout, GGAS refreshing P every 2 steps) with
+    data.prepare_workers=2, which prepares each step's chunks during the step before (train.StepPrefetch), must log
+    the same losses, report the same unreadable record at the same step and end with the same last.pt (weights,
+    optimizer, sampler, every RNG state, unreadable records) as serial training. The run must exercise a guess that
+    missed (P refreshed between the guess and the draw) and an unreadable record in a prefetched step: step 2's
+    second record's target image is damaged (step 2's batch replayed from a fresh sampler: no P refresh before it).
+    Catches: train() handing the step no pool and no prefetched chunks (`pool, prefetched = None, None`: step 2
+    prepared again); the guess used without comparing it with the real batch (`if guess == batch` -> `if True`: step
+    3 embeds the guessed batch's chunks, a shape error); the guess drawn from the real sampler
+    (`copy.deepcopy(sampler)` -> `sampler`: later draws shift, the weights differ); the prefetched chunks reused after
+    their DataError (`prefetched = None` dropped from prepare_and_embed: the retry meets the record again and the run
+    stops with it); the guess's DataError raised in the step before (StepPrefetch.prepare waiting for its futures'
+    results: the run stops with it)."""
+    import shutil
     import model
+    root = tmp_path / "ufire"
+    shutil.copytree(mini_root, root)
+    cfg = run_config(tiny_backbone, str(root), tmp_path / "none", "train.max_steps=6")
+    train_sets = {k: TrainSet(str(root), k) for k in cfg.data.sub_datasets}
+    sampler = TaskSampler({k: len(s) for k, s in train_sets.items()}, cfg.sampler, cfg.train.batch_size,
+                          seed=cfg.train.seed)
+    sampler.next_batch()
+    key, indices = sampler.next_batch()
+    first_batch_paths = {p for e in train_module.batch_examples(train_sets[key], indices, cfg, 0, 0)
+                         for p in e["query_image"] + [e["target_image"]] + e["negative_image"]}
+    bad = train_module.batch_examples(train_sets[key], indices, cfg, 1, 0)[1]
+    assert bad["target_image"] not in first_batch_paths
+    with open(bad["target_image"], "wb") as f:
+        f.write(b"not an image")
+
     threads = set()
     prepare_targets = model.FashionLensEncoder.prepare_targets
 
@@ -693,17 +738,81 @@ def test_training_with_prepare_workers_matches_serial_training(tiny_backbone, mi
         threads.add(threading.current_thread().name)
         return prepare_targets(self, paths, train)
 
+    reported, record_bad_records = [], train_module.record_bad_records
+
+    def reporting(bad_records, key, bad, *args):      # the unreadable records each step found
+        reported.append(bad)
+        return record_bad_records(bad_records, key, bad, *args)
+
     monkeypatch.setattr(model.FashionLensEncoder, "prepare_targets", recording)
+    monkeypatch.setattr(train_module, "record_bad_records", reporting)
     runs = {}
     for workers in (0, 2):
         out = tmp_path / f"workers{workers}"
-        train(run_config(tiny_backbone, mini_root, out, "train.max_steps=3", f"data.prepare_workers={workers}"))
+        capsys.readouterr()
+        reported.clear()
+        train(run_config(tiny_backbone, str(root), out, "train.max_steps=6", f"data.prepare_workers={workers}"))
         runs[workers] = load_checkpoint(out / "last.pt")
-        runs[workers]["log"] = [r for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
-        for record in runs[workers]["log"]:
-            for timing in ("samples_per_s", "step_time_s", "slowest_rank", "peak_mem_mb"):
-                record.pop(timing)
+        runs[workers]["log"] = logged_training_steps(out)
+        runs[workers]["skipped"] = re.findall(r"skipped record.*", capsys.readouterr().err)
+        runs[workers]["found"] = list(reported)
         runs[workers]["config"]["train"].pop("out_dir"), runs[workers]["config"]["data"].pop("prepare_workers")
     assert any(name.startswith("prepare") for name in threads), threads
-    assert len(runs[0]["log"]) == 3
+    assert len(runs[0]["log"]) == 6 and runs[0]["log"][1]["key"] == key
+    assert f"{key}/{bad['id']}" in runs[0]["bad_records"]
+    assert any(bad["id"] in ids for ids, _ in runs[0]["found"][1]), runs[0]["found"]  # found at step 2
     assert_same_state(runs[0], runs[2])
+    counters = prefetch_counters(tmp_path / "workers2")
+    hit = [now[0] > before[0] for before, now in zip([(0, 0)] + counters, counters)]
+    assert hit[1], "step 2, holding the unreadable record, did not use prefetched chunks"
+    assert counters[-1][1] >= 1, "no guess missed: the comparison with the real batch was not put to the test"
+
+
+def test_prefetch_counts_the_steps_whose_guess_was_their_batch(tiny_backbone, mini_root, tmp_path, monkeypatch):
+    """Eight steps with data.prepare_workers=1 and GGAS refreshing P at every step. Replayed independently from the
+    logged difficulties: step s's batch (key, indices) was guessed right when a sampler holding G as it was before
+    step s-1's update draws the same. The logged prefetch_hits / prefetch_misses must count exactly those, and the
+    training thread must prepare chunks only in the steps that did not use a guess (the first and the misses).
+    Catches: a guess counted as a hit before it is compared (`self.hits += 1` moved above `if guess == batch`); a hit
+    whose prefetched chunks are not used (`return futures` -> `return None` in take: the training thread prepares
+    again); the guess drawn with the current step's seed (`step + 1` -> `step` in the guess's draw_batch: the asfr
+    hard negatives differ, every such guess misses)."""
+    import model
+    main_thread_prepares, in_step = [], [0, False]             # (steps started, inside cached_step)
+    prepare_queries, cached = model.FashionLensEncoder.prepare_queries, train_module.cached_step
+
+    def recording(self, queries, train):
+        if threading.current_thread() is threading.main_thread() and in_step[1]:   # not validation's
+            main_thread_prepares.append(in_step[0])
+        return prepare_queries(self, queries, train)
+
+    def counting(*args):
+        in_step[:] = in_step[0] + 1, True
+        try:
+            return cached(*args)
+        finally:
+            in_step[1] = False
+
+    monkeypatch.setattr(model.FashionLensEncoder, "prepare_queries", recording)
+    monkeypatch.setattr(train_module, "cached_step", counting)
+    cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=8", "sampler.update_every=1",
+                     "data.prepare_workers=1")
+    train(cfg)
+    log = [r for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "loss" in r]
+
+    sampler = TaskSampler({k: len(TrainSet(mini_root, k)) for k in cfg.data.sub_datasets}, cfg.sampler,
+                          cfg.train.batch_size, seed=cfg.train.seed)
+    hits, misses = [], []
+    g_now = g_before = np.zeros(len(sampler.keys))   # G after the last update, and after the one before it
+    for step, record in enumerate(log, 1):
+        sampler.G = g_before                              # what the guess drawn during the step before saw
+        guess = copy.deepcopy(sampler).next_batch()
+        sampler.G = g_now
+        drawn = sampler.next_batch()
+        assert drawn[0] == record["key"], step            # the replay follows the run
+        if step > 1:
+            (hits if guess == drawn else misses).append(step)
+        g_before, g_now = g_now, np.array(list(record["difficulty"].values()))
+    assert hits and misses, (hits, misses)
+    assert (log[-1]["prefetch_hits"], log[-1]["prefetch_misses"]) == (len(hits), len(misses))
+    assert sorted(set(main_thread_prepares)) == [1] + misses, (main_thread_prepares, misses)
