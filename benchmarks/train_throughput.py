@@ -127,7 +127,7 @@ def phase_timers(device, seconds):
             setattr(train, name, fn)
 
 
-def step(encoder, cfg, examples, chunk, params, optimizer, prefetch):
+def step(encoder, cfg, examples, chunk, params, optimizer, prefetch=None):
     pool = prefetched = prepare_next = None
     if prefetch:  # as in train.train, the next step's batch being this one
         batch = (examples[0]["key"], examples, chunk)
