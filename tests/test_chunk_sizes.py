@@ -199,3 +199,30 @@ def test_script_cpu_path_writes_a_table_training_reads(tmp_path, monkeypatch):
     chunks, source = chunk_sizes_for(cfg, list(SUB_DATASETS), on_gpu(monkeypatch, 85e9))
     assert "row 80 GB" in source and set(chunks) == set(SUB_DATASETS)
     assert chunks == yaml.safe_load(out.read_text())["chunk_sizes"][80]
+
+
+def test_the_cuda_measurement_path_runs(tmp_path, monkeypatch):
+    """What gpu_session.sh runs on the GPU (`chunk_memory.py --device cuda --kinds image,video --estimate ...`), run
+    here on CPU with the tiny backbone for the 4B and torch.cuda's name and peak counter stubbed (the peak grows by
+    1 GiB per chunk record over 10 GiB): it trains, fits, calibrates the estimate's other kinds and gives a table
+    for every sub-dataset. A GPU session is short and rare; a call that fails only there wastes it.
+    Catches: a training step called with another signature than train_throughput.step's (the merge that made its
+    `prefetch` argument required: TypeError)."""
+    cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), ["model.image_pixels=4096"])
+    from fake_backbones import make_tiny_backbone
+    monkeypatch.setattr(chunk_memory, "random_qwen3vl_4b", lambda backbone, tmp, device: make_tiny_backbone(backbone))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stub GPU")
+    chunk_of_step = []
+    import train_throughput
+    real_step = train_throughput.step
+
+    def counted_step(encoder, cfg, examples, chunk, *args, **kwargs):
+        chunk_of_step.append(chunk)
+        return real_step(encoder, cfg, examples, chunk, *args, **kwargs)
+    monkeypatch.setattr(train_throughput, "step", counted_step)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: (10 + chunk_of_step[-1]) * 2 ** 30)
+    args = SimpleNamespace(chunks="2,8", device="cpu", estimate=os.path.join(REPO, "configs", "chunk_sizes.yaml"))
+    fits, raw, how = chunk_memory.cuda_measurement(args, cfg, ["image", "video"], str(tmp_path), "test")
+    assert [r["chunk"] for r in raw] == [2, 8, 1, 2] and fits["image"]["per_record"] > 0
+    rows, _ = chunk_memory.table(fits, chunk_memory.QUERY_KINDS, cfg, 0.8)
+    assert set(rows[141]) == set(SUB_DATASETS)
