@@ -272,7 +272,9 @@ class FashionLensEncoder(Encoder):
             raise ValueError(f"model.trainable must be 'lora', 'full' or 'none', got {cfg.trainable!r}")
 
     def pack_vision_attention(self, packed):
-        """Every vision block attends with packed_vision_attention (True) or as transformers has it (False)."""
+        """Every vision block attends with packed_vision_attention (True) or as transformers has it (False); which
+        one is kept in self.vision_attention_packed."""
+        self.vision_attention_packed = packed
         for block in self.lm.model.visual.blocks:
             if packed:
                 block.attn.forward = types.MethodType(packed_vision_attention, block.attn)

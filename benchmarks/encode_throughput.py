@@ -120,7 +120,7 @@ def real_arch(args, tmp):
     print(f"  dense bf16 peak: {f'{peak:.0f} TFLOP/s' if peak else 'unknown (--peak-tflops): no MFU'}")
     print(f"  {'readout':8s} {'work':28s} {'images/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s}")
     rate = {}
-    packed = model_cfg.vision_attention != "transformers" and device.type == "cuda"   # as "auto" decides
+    packed = encoder.vision_attention_packed   # as model.vision_attention decided for this device
     for normed in (True, False):
         encoder.model_cfg = dataclasses.replace(model_cfg, normed_readout=normed)
         encoder.pack_vision_attention(packed and normed)   # the release's tower attends as transformers has it
