@@ -312,6 +312,11 @@ class StepPrefetch:
         self.futures = [self.pool.submit(prepare, items, train=True)
                         for prepare, items in preparation_jobs(self.encoder, q_items, t_items)]
 
+    def for_step(self, batch, guess):
+        """cached_step's pool, prefetched and prepare_next for a step on `batch` that prepares `guess` (None: no
+        next step) for the step after it."""
+        return self.pool, self.take(batch), None if guess is None else functools.partial(self.prepare, guess)
+
     def take(self, batch):
         """The futures of `batch`'s chunks if the guess was exactly `batch`, else None (nothing was guessed, or the
         guess is cancelled)."""
@@ -503,14 +508,12 @@ def train(cfg, resume=False, stop_after=None):
             key, examples, chunk = batch
             pool, prefetched, prepare_next = None, None, None
             if prefetch:
-                pool, prefetched = prefetch.pool, prefetch.take(batch)
-                if step + 1 < total_steps:
-                    # The next step's batch unless this step's GGAS update changes P (at an update_every or epoch
-                    # boundary, docs/method.md#ggas) or this step finds a new unreadable record. Drawn from a copy:
-                    # the sampler itself, and so every draw and checkpoint, is the same as without prefetch.
-                    guess = draw_batch(copy.deepcopy(sampler), train_sets, bad_records, chunks, cfg, step + 1,
-                                       rank)
-                    prepare_next = functools.partial(prefetch.prepare, guess)
+                # The next step's batch unless this step's GGAS update changes P (at an update_every or epoch
+                # boundary, docs/method.md#ggas) or this step finds a new unreadable record. Drawn from a copy: the
+                # sampler itself, and so every draw and checkpoint, is the same as without prefetch.
+                guess = (draw_batch(copy.deepcopy(sampler), train_sets, bad_records, chunks, cfg, step + 1, rank)
+                         if step + 1 < total_steps else None)
+                pool, prefetched, prepare_next = prefetch.for_step(batch, guess)
             stats, bad = cached_step(encoder, examples, cfg, chunk, pool, prefetched, prepare_next)
             record_bad_records(bad_records, key, bad, rank, cfg)
             difficulty = optimizer_step(encoder, params, optimizer, scheduler, cfg)

@@ -47,7 +47,6 @@ is resident when the setting starts (weights; on CPU also the process), so peak 
 """
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import os
@@ -131,8 +130,7 @@ def step(encoder, cfg, examples, chunk, params, optimizer, prefetch=None):
     pool = prefetched = prepare_next = None
     if prefetch:  # as in train.train, the next step's batch being this one
         batch = (examples[0]["key"], examples, chunk)
-        pool, prefetched = prefetch.pool, prefetch.take(batch)
-        prepare_next = functools.partial(prefetch.prepare, batch)
+        pool, prefetched, prepare_next = prefetch.for_step(batch, batch)
     stats, bad = cached_step(encoder, examples, cfg, chunk, pool, prefetched, prepare_next)
     if bad:
         raise RuntimeError(f"synthetic batch has unreadable records: {bad}")
