@@ -538,6 +538,7 @@ def train(cfg, resume=False, stop_after=None):
                             sps=f"{record['samples_per_s']:.1f}")
             bar.update(1)
 
+            state = None    # this step's checkpoint, built once if both best.pt and last.pt are written
             if (cfg.train.val_every and step % cfg.train.val_every == 0) or step == total_steps:
                 results = validate(encoder, val_sets, cfg)
                 current = score(results)
@@ -549,7 +550,8 @@ def train(cfg, resume=False, stop_after=None):
                     if rank == 0:
                         save_atomic(state, best_path)
             if step % cfg.train.save_every == 0 or step == total_steps:
-                state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records)
+                state = state or checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score,
+                                            bad_records)
                 if rank == 0:
                     save_atomic(state, last_path)
             if stop_after is not None and step >= stop_after:
