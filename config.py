@@ -21,7 +21,7 @@ class DataConfig:
     max_bad_records: int = 20                # unreadable records are skipped and reported; more stop training
     prepare_workers: int = 0                 # threads preparing a step's chunks (decoding, processor) while the
                                              #   model runs, and the next step's during this one's loss, replay and
-                                             #   optimizer step (train.StepPrefetch); 0 = serial, in the training
+                                             #   optimizer step (loader.StepPrefetch); 0 = serial, in the training
                                              #   thread. Speed only: the same inputs and gradients for every value
     # Street+Modification Text 2 Shop's bare names "<category>+<id>.jpg" are DeepFashion2 train-split images: where
     # they are, relative to root ({id}: the name less "<category>+"). Default: U-FIRE's flattened DeepFashion2 names

@@ -88,7 +88,7 @@ QUERY_KINDS = {"1_t2i_FashionGen": "text", "1_t2i_Shoes": "text", "2_sketch2i_Cl
                "6_video2img_MovingFashion": "video", "7_cir_Fashion200K": "image", "7_cir_FashionIQ-Dress": "image",
                "7_cir_FashionIQ-Shirt": "image", "7_cir_FashionIQ-Toptee": "image", "7_cir_Shoes": "image",
                "8_sketch&text_CSTBIR": "image", "9_asfr_DARN": "image", "9_asfr_FashionAI": "image"}
-# The config settings a table depends on; training refuses a table made for other values (train.chunk_sizes_for).
+# The config settings a table depends on; training refuses a table made for other values (loader.chunk_sizes_for).
 ASSUMED = ("model.image_pixels", "model.video_frames", "model.lora_r", "model.lora_targets",
            "model.gradient_checkpointing", "model.reuse_vision_features", "model.normed_readout",
            "data.max_query_images", "train.batch_size", "train.asfr_hard_negatives")

@@ -20,7 +20,7 @@ target image per query, in the training-view format of prepare_data.TrainSet.exa
 
 Step time is split into train.py's phases (each timed with a device synchronisation at its ends): data (reading
 and preprocessing the batch into chunks: prepare_chunks; with data.prepare_workers > 0 none of it: as in train.py
-the chunks were prepared by threads during the step before, train.StepPrefetch, and no-grad includes any wait for
+the chunks were prepared by threads during the step before, loader.StepPrefetch, and no-grad includes any wait for
 them; the batch is the same every step, so every guess hits, as in training but where a GGAS refresh changes the
 draw), no-grad (pass 1,
 embed_without_graph), loss (pass 2, loss_and_embedding_gradients) and replay (pass 3, replay_with_graph, forward
@@ -65,10 +65,11 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from config import load_config  # noqa: E402
 from encode_throughput import peak_tflops, write_images  # noqa: E402
 from fake_backbones import make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
+from loader import StepPrefetch  # noqa: E402
 from model import build_encoder  # noqa: E402
 from plumbing import average_gradients, write_text_atomic  # noqa: E402
 import train  # noqa: E402
-from train import StepPrefetch, cached_step, peak_memory_mb  # noqa: E402
+from train import cached_step, peak_memory_mb  # noqa: E402
 
 # train.py's step phases (module-level functions that cached_step looks up in train's namespace) and their names.
 PHASES = {"prepare_chunks": "data", "embed_without_graph": "no-grad", "loss_and_embedding_gradients": "loss",

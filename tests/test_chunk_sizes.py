@@ -1,4 +1,4 @@
-"""Gradient-cache chunk sizes by GPU memory: train.chunk_sizes_for / chunk_table_row reading a table,
+"""Gradient-cache chunk sizes by GPU memory: loader.chunk_sizes_for / chunk_table_row reading a table,
 benchmarks/chunk_memory.py writing one (the bytes autograd saves, the fit, the choice per memory size), and resuming
 with other chunks (checkpoints.comparable_config)."""
 import os
@@ -14,7 +14,7 @@ from checkpoints import comparable_config
 from config import Config, load_config
 from plumbing import DataError
 from prepare_data import SUB_DATASETS
-from train import chunk_sizes_for
+from loader import chunk_sizes_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))

@@ -19,6 +19,7 @@ import plumbing
 import train as train_module
 from config import Config, load_config
 from launch import launch_two_nodes, torchrun
+from loader import prepare_chunks
 from model import build_encoder
 from plumbing import load_checkpoint
 from prepare_data import SUB_DATASETS, TrainSet
@@ -678,7 +679,7 @@ def test_prepared_chunks_come_back_in_submission_order():
     Catches: results taken as they complete (`as_completed(futures)` instead of `futures`)."""
     encoder = GatedPreparer()
     with ThreadPoolExecutor(2) as pool:
-        chunks = list(train_module.prepare_chunks(encoder, [["a"], ["b"], ["c"]], [["d"]], pool))
+        chunks = list(prepare_chunks(encoder, [["a"], ["b"], ["c"]], [["d"]], pool))
     assert encoder.waited, "chunk ['b'] did not run alongside chunk ['c']: the order was not put to the test"
     assert [c["items"] for c in chunks] == [["a"], ["b"], ["c"], ["d"]]
 
@@ -702,7 +703,7 @@ def prefetch_counters(out_dir):
 def test_training_with_prepare_workers_matches_serial_training(tiny_backbone, mini_root, tmp_path, monkeypatch,
                                                                capsys):
     """Six steps of train() (batch 4 in chunks of 2, LoRA dropout, GGAS refreshing P every 2 steps) with
-    data.prepare_workers=2, which prepares each step's chunks during the step before (train.StepPrefetch), must log
+    data.prepare_workers=2, which prepares each step's chunks during the step before (loader.StepPrefetch), must log
     the same losses, report the same unreadable record at the same step and end with the same last.pt (weights,
     optimizer, sampler, every RNG state, unreadable records) as serial training. The run must exercise a guess that
     missed (P refreshed between the guess and the draw) and an unreadable record in a prefetched step: step 2's
