@@ -14,7 +14,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (open_clip would retry the hub ~46 s)
 
-import importlib.util
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,15 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.attention.varlen import varlen_attn
 from tqdm import tqdm
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
-from transformers.models.qwen3_vl.modeling_qwen3_vl import (BaseModelOutputWithDeepstackFeatures,
-                                                            apply_rotary_pos_emb_vision)
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights,
                                        get_vision_position_ids)
 
+from attention import attention_kernel, packed_vision_attention
 from calibrator import QueryCalibrator
 from media import load_image, load_video, resize_frames, resize_to_budget
 from plumbing import DataError
@@ -130,35 +128,6 @@ class Encoder(nn.Module):
                 params[name].copy_(value)
 
 
-def attention_kernel(model_cfg, device):
-    """"auto": FlashAttention on GPU when it actually loads, else PyTorch's sdpa, saying why in one line (on CPU
-    silently: FlashAttention is GPU-only). Any other value of model.attn_implementation goes to transformers as
-    it is."""
-    if model_cfg.attn_implementation != "auto":
-        return model_cfg.attn_implementation
-    if device.type != "cuda":
-        return "sdpa"
-    reason = flash_attention_unavailable()
-    if reason:
-        print(f"model.attn_implementation=auto: sdpa, because FlashAttention cannot be used: {reason}")
-        return "sdpa"
-    return "flash_attention_2"
-
-
-def flash_attention_unavailable():
-    """None when flash-attn imports and transformers accepts it, else the reason."""
-    from transformers.utils import import_utils
-    if importlib.util.find_spec("flash_attn") is None:
-        return "the flash-attn package is not installed"
-    try:  # loads the compiled kernels: a build for another torch or CUDA fails here (undefined symbol ...)
-        from flash_attn import flash_attn_varlen_func  # noqa: F401
-    except Exception as err:
-        return f"importing flash_attn failed ({type(err).__name__}: {err})"
-    if not import_utils.is_flash_attn_2_available():
-        return "transformers does not support the installed flash-attn version"
-    return None
-
-
 def uses_packed_vision_attention(model_cfg, device, attn_implementation):
     """model.vision_attention: "auto" packs where torch's varlen kernel runs (GPU, bf16/fp16) unless FlashAttention
     runs the tower (transformers packs the images itself then); on CPU transformers' per-image loop is as fast and
@@ -170,34 +139,6 @@ def uses_packed_vision_attention(model_cfg, device, attn_implementation):
         half = compute_dtype(model_cfg, device) in (torch.float16, torch.bfloat16)   # never on CPU (fp32 there)
         return half and "flash" not in attn_implementation
     return choice == "packed"
-
-
-def has_varlen_kernel(q):
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-
-
-def packed_attention(q, k, v, cu_seqlens, max_seqlen, scale):
-    """Attention within each segment [cu_seqlens[i], cu_seqlens[i + 1]) of q, k, v [tokens, heads, head_dim]: all
-    segments in one call of torch's varlen FlashAttention kernel (GPU, bf16/fp16; `max_seqlen` is a Python int, so
-    nothing is read back from the GPU). Elsewhere, one sdpa call per segment (on CPU the lengths are free to read)."""
-    if has_varlen_kernel(q):
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
-    segments = zip(*(x.split(cu_seqlens.diff().tolist()) for x in (q, k, v)))
-    return torch.cat([F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in segment), scale=scale)
-                      .transpose(0, 1) for segment in segments])
-
-
-def packed_vision_attention(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen=None, **kwargs):
-    """Qwen3VLVisionAttention.forward with all images of a chunk attended in one kernel call per block (each image
-    attends to itself only, as in transformers' own path). Without flash-attn, transformers splits the batch and
-    runs sdpa once per image and block, reading the image lengths back from the GPU each time. Bound to each block's
-    attention module by FashionLensEncoder when model.vision_attention packs."""
-    tokens = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(tokens, 3, self.num_heads, -1).unbind(1)
-    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
-    if max_seqlen is None:  # not precomputed with the batch (vision_index): one read-back per block
-        max_seqlen = int(cu_seqlens.diff().max())
-    return self.proj(packed_attention(q, k, v, cu_seqlens, max_seqlen, self.scaling).reshape(tokens, -1))
 
 
 def resolve_device(device):

@@ -26,7 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import model  # noqa: E402
+import model  # noqa: E402  (first: it keeps transformers offline)
+import attention  # noqa: E402
 
 SYNCING = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
            "aten._unique2", "aten.unique_dim", "aten.unique_consecutive"}
@@ -85,17 +86,17 @@ def dense_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=None):
 
 
 class AsOnGpu:
-    """model.packed_attention takes its GPU branch on CPU tensors, with dense_varlen_attn standing in for torch's
+    """attention.packed_attention takes its GPU branch on CPU tensors, with dense_varlen_attn standing in for torch's
     varlen kernel (which runs on GPUs only): what the packed path does around the kernel can then be counted and
     compared on a CPU."""
 
     def __enter__(self):
-        self.saved = model.has_varlen_kernel, model.varlen_attn
-        model.has_varlen_kernel, model.varlen_attn = (lambda q: True), dense_varlen_attn
+        self.saved = attention.has_varlen_kernel, attention.varlen_attn
+        attention.has_varlen_kernel, attention.varlen_attn = (lambda q: True), dense_varlen_attn
         return self
 
     def __exit__(self, *exc):
-        model.has_varlen_kernel, model.varlen_attn = self.saved
+        attention.has_varlen_kernel, attention.varlen_attn = self.saved
 
 
 def report(title, counter):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import attention
 import fake_backbones
 import model
 from config import CalibratorConfig, Config, ModelConfig
@@ -209,13 +210,13 @@ def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkey
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     from transformers.utils import import_utils
     monkeypatch.setattr(import_utils, "is_flash_attn_2_available", lambda *a, **k: True)
-    kernel = model.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cuda"))
+    kernel = attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cuda"))
     lines = capsys.readouterr().out.splitlines()
     if build == "broken":
         assert kernel == "sdpa" and len(lines) == 1 and "undefined symbol" in lines[0], lines
     else:
         assert kernel == "flash_attention_2" and lines == []
-    assert model.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cpu")) == "sdpa"
+    assert attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cpu")) == "sdpa"
 
 
 def test_tiny_backbone_with_the_real_tokenizer(tmp_path, media):
