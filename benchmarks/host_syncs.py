@@ -109,7 +109,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunk", type=int, default=8, help="records per chunk (image + text queries)")
     parser.add_argument("--as-on-gpu", action="store_true",
-                        help="the packed vision attention takes its GPU branch (see AsOnGpu)")
+                        help="as model.vision_attention=auto does on a GPU in bf16: the packed vision attention, "
+                             "taking its GPU branch (see AsOnGpu)")
     parser.add_argument("overrides", nargs="*", help="section.key=value on top of configs/tiny.yaml")
     args = parser.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -120,7 +121,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp, AsOnGpu() if args.as_on_gpu else contextlib.nullcontext():
         backbone = os.path.join(tmp, "tiny")
         make_tiny_backbone(backbone)
-        cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [f"model.backbone={backbone}", *args.overrides])
+        as_on_gpu = ["model.vision_attention=packed"] if args.as_on_gpu else []     # the overrides given come after
+        cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+                          [f"model.backbone={backbone}", *as_on_gpu, *args.overrides])
         encoder = model.build_encoder(cfg.model, cfg.calibrator, "cpu")
         inputs = encoder.prepare_queries(synthetic_batch(tmp, args.chunk), train=True)
         with SyncCounter() as no_grad, torch.no_grad():
