@@ -3,9 +3,11 @@ cache.
 
 Sharding: under torch.distributed rank r encodes items r, r+W, r+2W, ... and rank 0 gathers them in order.
 Cache (evaluate.py --cache DIR): one sub-directory per model fingerprint (the model and calibrator config, the size
-and mtime of every backbone file, the library versions, model.py's source, the trainable weights); in it, entries
+and mtime of every backbone file, the library versions, the source of model.py and of the repository modules it
+imports, the trainable weights); in it, entries
 are keyed by image path, size and mtime, so an image regenerated at the same path is encoded again.
 """
+import ast
 import dataclasses
 import glob
 import hashlib
@@ -136,10 +138,30 @@ def backbone_files(model_cfg):
     return files
 
 
+def embedding_sources():
+    """model.py and every module of this repository it imports, directly or not (attention.py, media.py, ...): the
+    code that turns an image into an embedding, found from the import statements so that none is forgotten."""
+    root = os.path.dirname(os.path.abspath(model.__file__))
+    found, todo = [], [os.path.abspath(model.__file__)]
+    while todo:
+        path = todo.pop()
+        if path in found:
+            continue
+        found.append(path)
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        imports = tree.body             # the module's own imports; a command's (model.py export) are not the model's
+        names = [node.module for node in imports if isinstance(node, ast.ImportFrom) and node.module]
+        names += [alias.name for node in imports if isinstance(node, ast.Import) for alias in node.names]
+        todo += [os.path.join(root, f"{name}.py") for name in names if os.path.exists(os.path.join(root, f"{name}.py"))]
+    return sorted(found)
+
+
 def fingerprint(cfg, encoder):
     """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...), the
     identity (relative name, size, mtime in ns) of every backbone file, the versions of the libraries that turn an
-    image into an embedding and model.py's source, and every trainable tensor (name, shape, dtype, bytes)."""
+    image into an embedding and the source of the repository's (embedding_sources), and every trainable tensor
+    (name, shape, dtype, bytes)."""
     import transformers  # here, not at the top: model.py must set HF_HUB_OFFLINE before transformers loads
 
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
@@ -151,8 +173,9 @@ def fingerprint(cfg, encoder):
                       f"{stat.st_mtime_ns}\n".encode())
     digest.update(f"torch {torch.__version__} transformers {transformers.__version__} PIL {PIL.__version__}\n"
                   .encode())
-    with open(model.__file__, "rb") as f:
-        digest.update(hashlib.sha256(f.read()).digest())
+    for path in embedding_sources():
+        with open(path, "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
     for name, tensor in sorted(encoder.trainable_state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())

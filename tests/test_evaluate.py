@@ -581,6 +581,46 @@ def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone)
     assert fingerprint(cfg, encoder) not in (before, stepped, edited)
 
 
+def test_fingerprint_follows_the_source_of_the_modules_the_model_imports(tmp_path, tiny_backbone, monkeypatch):
+    """Cached gallery embeddings are reused only while the code that computes them is unchanged: model.py and every
+    repository module it imports at the top, directly or through another (the vision tower's packed attention in
+    attention.py, the image resizing in media.py). Run on a copy of the repository's modules: a comment added to
+    attention.py, to media.py, or to a module media.py is made to import, gives a new key; one added to evaluate.py
+    (imported only by a command inside model.py) does not.
+    Catches: model.py's source alone hashed (the key before the attention and media code moved out of it);
+    imports followed one level only; imports inside functions followed too (every edit of evaluate.py would then
+    throw the cache away)."""
+    import glob
+    import shutil
+    import model
+    from config import Config
+    from model import build_encoder
+
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    for path in glob.glob(os.path.join(os.path.dirname(model.__file__), "*.py")):
+        shutil.copy(path, copy)
+    monkeypatch.setattr(model, "__file__", str(copy / "model.py"))
+    cfg = Config()
+    cfg.model.backbone, cfg.model.image_pixels = str(tiny_backbone), 64 * 64
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+
+    def key_after_editing(name):
+        with open(copy / name, "a") as f:
+            f.write("\n# edited\n")
+        return fingerprint(cfg, encoder)
+
+    keys = [fingerprint(cfg, encoder)]
+    assert key_after_editing("evaluate.py") == keys[-1]
+    for name in ("attention.py", "media.py"):
+        keys.append(key_after_editing(name))
+    (copy / "media_helper.py").write_text("SCALE = 1\n")
+    (copy / "media.py").write_text("import media_helper  # noqa: F401\n" + (copy / "media.py").read_text())
+    keys.append(fingerprint(cfg, encoder))
+    keys.append(key_after_editing("media_helper.py"))
+    assert len(set(keys)) == len(keys), keys
+
+
 def test_relative_backbone_looked_for_in_working_dir_then_checkpoint_dir(tmp_path, monkeypatch):
     from config import ModelConfig
 
