@@ -10,10 +10,18 @@ set -uo pipefail
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+mkdir -p /tmp/site && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+        .whl/*.whl || exit 1
 fi
+# train.py imports evaluate.py, which imports faiss (exact search) at the top. A GPU machine may not have faiss, and
+# its wheel does not fit in a carry beside the others; nothing measured here searches, so where faiss is missing a
+# module stands in that raises if anything ever uses it.
+python3 -c "import faiss" 2>/dev/null || cat > /tmp/site/faiss.py <<'STUB'
+def __getattr__(name):
+    raise ImportError(f"faiss.{name}: faiss is not installed here; benchmarks/gpu_session.sh runs nothing that searches")
+STUB
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers',
