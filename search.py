@@ -22,8 +22,8 @@ of vector i on line i) and meta.json (written last: fingerprint, checkpoint, con
 Query: --task picks the instruction template of a task family (the phrasing of the U-FIRE instructions, verb
 "find"); without it the task follows from the inputs (text alone: t2i; a video: video2img; images and text: cir;
 images alone: inshop). --instruction gives the whole instruction text instead. The query goes through the
-calibrator (PGSQC, paper section IV-C) exactly as in training. An index built with another checkpoint, config or
-backbone (another fingerprint) is refused, naming both.
+calibrator (PGSQC, paper section IV-C) exactly as in training. An index built with another checkpoint, config,
+backbone or version of the embedding code (another fingerprint) is refused, naming both.
 
 Python API (what both commands use):
     model = Model("runs/tiny/best.pt")                 # load once
@@ -290,8 +290,9 @@ class Index:
         if self.meta["fingerprint"] != model.fingerprint:
             raise SearchError(f"{index_dir} was built with checkpoint {self.meta['checkpoint']} (fingerprint "
                               f"{self.meta['fingerprint']}), but the model loaded is checkpoint {model.ckpt} "
-                              f"(fingerprint {model.fingerprint}): another checkpoint, config or backbone. Query with "
-                              f"--ckpt {self.meta['checkpoint']} or index the catalogue again")
+                              f"(fingerprint {model.fingerprint}): another checkpoint, config, backbone or version of "
+                              f"the embedding code. Query with --ckpt {self.meta['checkpoint']} or index the catalogue "
+                              f"again")
         self.index = set_search_params(faiss.read_index(os.path.join(index_dir, "index.faiss")), nprobe, ef_search)
         with open(os.path.join(index_dir, "items.jsonl"), encoding="utf-8") as f:
             self.items = [json.loads(line) for line in f]
