@@ -189,3 +189,24 @@ def test_cli_export_of_a_checkpoint_and_its_model_card_snippet(trained, media, t
     assert F.cosine_similarity(emb["queries"], trained.encode_queries(queries)).min() >= 0.9999
     gallery = trained.encode_targets([str(work / "a.jpg"), str(work / "b.jpg")])
     assert F.cosine_similarity(emb["gallery"], gallery).min() >= 0.9999
+
+
+def test_exported_settings_are_the_encoders_calibrator_and_dtype(trained, tmp_path):
+    """fashionlens.json carries the calibrator variant the standalone code applies (mode, gate, fixed_gate, rank:
+    the encoder's own config, with a non-default fixed gate), and a bf16 export's config.json says bfloat16 (what
+    from_pretrained(dtype="auto") loads), while the encoder's own config keeps its dtype.
+    Catches: fixed_gate left out of the exported settings (the standalone code would use its default); the saved
+    config's dtype not set to the export dtype."""
+    import json
+    cal = trained.calibrator_cfg
+    saved_gate, cal.fixed_gate = cal.fixed_gate, 0.37
+    try:
+        hf_export.export(trained, str(tmp_path / "bf16"), dtype="bfloat16")
+    finally:
+        cal.fixed_gate = saved_gate
+    settings = json.loads((tmp_path / "bf16" / "fashionlens.json").read_text())["calibrator"]
+    assert settings == {"mode": cal.mode, "gate": cal.gate, "fixed_gate": 0.37, "rank": cal.rank}
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    assert trained.lm.config.dtype != torch.bfloat16
+
