@@ -55,13 +55,11 @@ def export(encoder, out_dir, dtype="float32", source="", numbers=""):
                 "eval_image_pixels": cfg.eval_image_pixels, "video_frames": cfg.video_frames,
                 "calibrator": {k: getattr(encoder.calibrator_cfg, k) for k in ("mode", "gate", "fixed_gate", "rank")}}
     calibrator = {k: v.detach().cpu().contiguous() for k, v in encoder.calibrator.state_dict().items()}
-    saved_dtype = encoder.lm.config.dtype
     with staging_dir(out_dir) as tmp:
-        encoder.lm.config.dtype = target   # what from_pretrained(dtype="auto") loads; restored below
-        try:
-            encoder.lm.save_pretrained(tmp, state_dict=state)
-        finally:
-            encoder.lm.config.dtype = saved_dtype
+        encoder.lm.save_pretrained(tmp, state_dict=state)
+        # save_pretrained writes the in-memory model's dtype (fp32) into config.json, whatever state_dict holds;
+        # the saved weights' dtype is what from_pretrained(dtype="auto") must load.
+        set_config_dtype(os.path.join(tmp, "config.json"), dtype)
         encoder.processor.save_pretrained(tmp)
         if calibrator:
             save_file(calibrator, os.path.join(tmp, "calibrator.safetensors"))
@@ -73,6 +71,16 @@ def export(encoder, out_dir, dtype="float32", source="", numbers=""):
             f.write(card)
         publish_dir(tmp, out_dir)
     return effect
+
+
+def set_config_dtype(path, dtype):
+    """config.json's "dtype", top level and in every sub-config (text, vision), set to `dtype`."""
+    with open(path) as f:
+        config = json.load(f)
+    for section in [config] + [v for v in config.values() if isinstance(v, dict) and "dtype" in v]:
+        section["dtype"] = dtype
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def dtype_effect(encoder, state, merged, dtype):

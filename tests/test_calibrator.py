@@ -181,3 +181,35 @@ def test_fixed_gate_lerp_and_none_variants():
 
     with pytest.raises(ValueError, match="mode"):
         QueryCalibrator(d, small_cfg(mode="cosine"))
+
+
+def test_lerp_mode_interpolates_linearly_off_the_midpoint():
+    """calibrator.mode=lerp (the ablation, docs/method.md#pgsqc): out = normalize((1 - lambda) q + lambda p), computed
+    here in float64 from the known A, B and a gate away from 0.5 (at lambda = 0.5 slerp and lerp coincide, which is
+    all test_fixed_gate_lerp_and_none_variants checks), and distinct from slerp's point by far more than rounding.
+    Catches: mode lerp running slerp (`slerp if self.mode != "none" else lerp` in forward)."""
+    d, r = 4, 2
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.0], [0.0, -1.0]])
+    b = torch.tensor([[0.0, 2.0, 0.0, 1.0], [1.0, 0.0, -1.0, 0.0]])
+    h = torch.tensor([[3.0, 0.0, 0.0, 4.0], [1.0, 2.0, 2.0, 0.0]])
+    cal = QueryCalibrator(d, small_cfg(rank=r, mode="lerp"))
+    set_constant_output(cal, a, b, gate_logit=math.log(0.2 / 0.8))      # lambda = 0.2
+    out, gate, _, _ = cal(h)
+    q = F.normalize(h.double(), dim=-1)
+    p = F.normalize(q + q @ a.double() @ b.double(), dim=-1)
+    want = F.normalize(0.8 * q + 0.2 * p, dim=-1)
+    assert torch.allclose(gate, torch.full((2,), 0.2))
+    assert torch.allclose(out.double(), want, atol=1e-6)
+    assert (slerp_closed_form(q, p, torch.full((2,), 0.2)) - want).abs().max() > 1e-2
+
+
+def test_slerp_of_bf16_inputs_is_slerp_of_their_renormalised_values():
+    """bf16 rounding moves a unit vector's norm by up to ~1e-3; slerp renormalises after the fp32 cast, so its output
+    is the float64 closed form on the renormalised inputs (unit_fp32).
+    Catches: unit_fp32 without its F.normalize (the angle is then taken between vectors of norm 1 +- 1e-3)."""
+    q = unit(64, 32, seed=10, dtype=torch.bfloat16)
+    p = unit(64, 32, seed=11, dtype=torch.bfloat16)
+    assert (q.double().norm(dim=-1) - 1).abs().max() > 5e-4                    # the rounding this is about
+    lam = torch.rand(64, generator=torch.Generator().manual_seed(12))
+    want = slerp_closed_form(F.normalize(q.double(), dim=-1), F.normalize(p.double(), dim=-1), lam)
+    assert torch.allclose(slerp(q, p, lam).double(), want, atol=1e-5)

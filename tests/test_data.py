@@ -590,3 +590,44 @@ def test_unknown_sub_dataset_names_are_warned(mini_root, tmp_path, capsys):
     report = validate_tree(root, progress=False)
     assert report["warnings"] == [f"{p}: not a sub-dataset or task name; ignored" for p in extra]
     assert pd.main(["--root", root]) == 0 and all(f"warning: {p}" in capsys.readouterr().out for p in extra[:1])
+
+
+def test_a_sibling_folder_sharing_the_roots_name_prefix_is_outside_the_root(tmp_path):
+    """The root is a folder, not a string prefix: '../ufire-private/a.jpg' from root '.../ufire' normalises to
+    '.../ufire-private/a.jpg', which starts with the root's characters but lies outside it.
+    Catches: in_root comparing with startswith(root) instead of startswith(root + os.sep)."""
+    root = str(tmp_path / "ufire")
+    with pytest.raises(DataError, match="outside the data root") as e:
+        pd.in_root(root, "../ufire-private/a.jpg", "file.json", "rec-1")
+    assert e.value.path == "file.json" and e.value.record_id == "rec-1"
+    assert pd.in_root(root, "imgs/../a.jpg", "file.json") == os.path.join(root, "a.jpg")
+
+
+def test_asfr_candidate_files_need_one_pool_and_one_label_per_image(tmp_path):
+    """An asfr candidate file maps labels to images plus exactly one '*_candidate' pool (docs/method.md#data): an
+    image under two labels would make its ground truth depend on the order of the file, and a file without a pool
+    would end in an IndexError; both are DataErrors naming the file.
+    Catches: load_candidates accepting an image's second label; the pool-key count checked as > 1 (none accepted)."""
+    path = str(tmp_path / "asfr.json")
+    pd.write_json(path, {"DARN+0+0": ["a.jpg"], "DARN+0+1": ["a.jpg", "b.jpg"], "DARN_candidate": ["a.jpg", "b.jpg"]})
+    with pytest.raises(DataError, match="second label") as e:
+        load_candidates(path, str(tmp_path))
+    assert e.value.path == path
+    pd.write_json(path, {"DARN+0+0": ["a.jpg"], "DARN+0+1": ["b.jpg"]})
+    with pytest.raises(DataError, match=r"exactly one '\*_candidate' pool key, found \[\]") as e:
+        load_candidates(path, str(tmp_path))
+    assert e.value.path == path
+    pd.write_json(path, {"DARN+0+0": ["a.jpg"], "DARN+0+1": ["b.jpg"], "DARN_candidate": ["b.jpg", "a.jpg"]})
+    gallery, labels = load_candidates(path, str(tmp_path))
+    assert gallery == [str(tmp_path / "b.jpg"), str(tmp_path / "a.jpg")]
+    assert labels == {str(tmp_path / "a.jpg"): "DARN+0+0", str(tmp_path / "b.jpg"): "DARN+0+1"}
+
+
+def test_an_empty_path_in_a_media_list_is_named_as_such():
+    """check_records refuses "" in a media list with a message that says so (in_root would otherwise call it
+    "outside the data root", and an unseen task would resolve it to a folder).
+    Catches: the non-empty test dropped from check_records' media-list check."""
+    record = {"id": "r1", "instruction_text": "find it", "query_image": ["a.jpg", ""], "target_image": ["b.jpg"]}
+    with pytest.raises(DataError, match="'query_image' must be a list of non-empty path strings") as e:
+        pd.check_records([record], "file.json", ("instruction_text", "target_image"))
+    assert e.value.record_id == "r1"

@@ -769,3 +769,154 @@ def test_show_marks_exactly_the_ground_truth_in_each_shown_top_10(tmp_path, mini
     index = (out / "show" / "index.html").read_text()
     for _, _, name in drawn:
         assert f'href="{name}"' in index and Image.open(out / "show" / name).size[0] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Found by a mutation audit: behaviours the tests above did not pin down
+
+class PerfectEncoder(FakeEncoder):
+    """Every query embeds to its ground-truth image's embedding (the query records carry it as "truth")."""
+
+    def encode_queries(self, queries, batch_size=32, progress=False):
+        self.queries += [q["id"] for q in queries]
+        return torch.stack([unit_vector(q["truth"]) for q in queries])
+
+
+def test_set_results_carry_chance_with_exclusion_and_the_near_chance_flag():
+    """Each set's "chance" is the random-ranking level of its queries as counted (own images excluded), here by hand:
+    single-target queries in a gallery of G' images score min(K, G') / G' (Unseen C: 11 images less 2 own ones);
+    "near_chance" holds only when recall is below twice chance at EVERY K: a perfect model on a 20-image gallery
+    (R@1 = 100 against 5) is not near chance, though at K = 50 its 100 is below twice the chance level of 100.
+    Catches: evaluate_sets' chance computed without the exclusion; near_chance with any() instead of all()."""
+    sets = make_sets()
+    results = evaluate_sets(FakeEncoder(), sets, batch_size=4, progress=False)["sets"]
+    assert results["Unseen C"]["chance"] == pytest.approx({"R@1": 100 / 9, "R@5": 500 / 9, "R@10": 100.0,
+                                                            "R@50": 100.0})
+    assert results["7_cir_A"]["chance"] == pytest.approx({"R@1": 100 / 15, "R@5": 500 / 15, "R@10": 1000 / 15,
+                                                           "R@50": 100.0})
+    for r in results.values():
+        assert r["near_chance"] == all(r["recall"][k] < 2 * r["chance"][k] for k in r["recall"])
+
+    gallery = [f"/img/p{i}.jpg" for i in range(20)]
+    queries = [{"id": f"p-{i}", "instruction_text": "find it", "query_image": [], "query_video": [],
+                "truth": gallery[(3 * i) % 20]} for i in range(6)]
+    perfect = EvalSet("1_t2i_P", "t2i", queries, gallery, [[(3 * i) % 20] for i in range(6)], [[] for _ in range(6)])
+    found = evaluate_sets(PerfectEncoder(), [perfect], batch_size=4, progress=False)["sets"]["1_t2i_P"]
+    assert found["recall"]["R@1"] == 100.0 and found["chance"]["R@1"] == pytest.approx(5.0)
+    assert found["near_chance"] is False
+
+
+def test_shown_rankings_scores_are_the_cosines_of_the_shown_images():
+    """--show pages print each result's score: it must be the cosine of the query with that very gallery image
+    (numpy here), in rank order, own images left out.
+    Catches: scores paired with the wrong ids (e.g. the score row reversed)."""
+    rng = np.random.default_rng(1)
+    gallery = F.normalize(torch.from_numpy(rng.standard_normal((30, 8)).astype(np.float32)), dim=1).numpy()
+    queries = F.normalize(torch.from_numpy(rng.standard_normal((5, 8)).astype(np.float32)), dim=1).numpy()
+    exclude = [[0, 1], [], [29], [3, 4, 5], []]
+    for shown in evaluate.shown_rankings(queries, gallery, exclude, n=5, k=10):
+        i = shown["query"]
+        cosines = gallery @ queries[i]
+        order = [int(j) for j in np.argsort(-cosines) if int(j) not in exclude[i]][:10]
+        assert shown["ranked"] == order
+        np.testing.assert_allclose(shown["scores"], cosines[order], atol=1e-6)
+
+
+def test_checkpoint_model_with_non_tensor_entries_is_refused(tmp_path):
+    """read_checkpoint names a checkpoint whose 'model' holds something other than tensors (a pickled training script
+    state, a state dict of the wrong thing) instead of failing later inside load_trainable_state_dict.
+    Catches: the non-tensor check in read_checkpoint removed."""
+    from config import Config
+    path = tmp_path / "odd.pt"
+    torch.save({"config": Config().to_dict(), "model": {"query_token": torch.zeros(4), "step": 7}}, path)
+    with pytest.raises(EvaluationError, match=r"odd.pt: not a FashionLens checkpoint \('model' holds non-tensor "
+                                              r"entries \['step'\]\)"):
+        evaluate.read_checkpoint(str(path))
+
+
+def test_untrained_floor_is_the_same_whatever_random_numbers_came_before(tiny_backbone):
+    """--untrained evaluates fresh trainable parts: seeded from train.seed in load_encoder, so every rank (and every
+    run) evaluates the same floor whatever the process drew before.
+    Catches: load_encoder's torch.manual_seed removed (only a fresh process's fixed default seed kept ranks equal)."""
+    from config import Config
+    cfg = Config()
+    cfg.model.backbone, cfg.model.image_pixels = tiny_backbone, 64 * 64
+    first = evaluate.load_encoder(cfg, None, "cpu").trainable_state_dict()
+    torch.rand(1000)
+    second = evaluate.load_encoder(cfg, None, "cpu").trainable_state_dict()
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert any(t.abs().sum() > 0 for t in first.values())
+
+
+def test_fingerprint_follows_the_model_config_and_model_source(tmp_path, tiny_backbone, monkeypatch):
+    """The gallery cache is only valid for the settings that turn an image into an embedding: model.eval_image_pixels
+    (another resize, other embeddings, same weights and backbone) and model.py's code must change the key.
+    Catches: fingerprint without the model/calibrator config; fingerprint without model.py's source."""
+    import encoding
+    from config import Config
+    from model import build_encoder
+    cfg = Config()
+    cfg.model.backbone, cfg.model.image_pixels = tiny_backbone, 64 * 64
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    before = fingerprint(cfg, encoder)
+    cfg.model.eval_image_pixels = 32 * 32
+    resized = fingerprint(cfg, encoder)
+    assert resized != before
+    edited = tmp_path / "model.py"
+    edited.write_bytes(open(encoding.model.__file__, "rb").read() + b"\n# edited\n")
+    monkeypatch.setattr(encoding.model, "__file__", str(edited))
+    assert fingerprint(cfg, encoder) not in (before, resized)
+
+
+def test_cache_file_of_an_older_format_is_ignored_with_a_warning(tmp_path, capsys):
+    """A cache chunk without file identities (written before they were part of the key) is skipped with a warning
+    and its images encoded afresh; the results equal an uncached run.
+    Catches: load_cache reading such a file (KeyError on its missing 'keys')."""
+    sets, cache = make_sets(), tmp_path / "cache"
+    cache.mkdir()
+    old = sorted({p for s in sets for p in s.gallery})[:4]
+    torch.save({"paths": old, "emb": torch.zeros(4, 16)}, cache / "targets-old.pt")
+    encoder = FakeEncoder()
+    assert evaluate_sets(encoder, sets, batch_size=4, cache_dir=str(cache), progress=False) == \
+        evaluate_sets(FakeEncoder(), sets, batch_size=4, progress=False)
+    assert set(old) <= set(encoder.targets)
+    assert "ignoring cache file" in capsys.readouterr().err
+
+
+def test_encoding_sharded_over_three_ranks_pads_and_restores_the_order(monkeypatch):
+    """Rank r of W encodes items r, r+W, ...; the list is padded with its last item to a multiple of W so that every
+    rank sends a shard of one size, and rank 0 restores the order. Simulated here for W = 3 (the gloo tests run
+    W = 2, where -n % W == n % W): ranks 1 and 2 run first and their shards are handed to rank 0's gather.
+    Catches: the padding as len % W (10 items: shards of 4, 4 and 3); the gather concatenated rank by rank."""
+    import encoding
+    items = [f"item{j}" for j in range(10)]
+    shards = {}
+
+    class FakeDist:
+        rank = 0
+
+        @staticmethod
+        def get_backend():
+            return "gloo"
+
+        def gather(self, local, gathered, dst):
+            shards[self.rank] = local.clone()
+            if gathered is not None:          # rank 0: every rank's shard, as torch.distributed.gather fills it
+                gathered[:] = [shards[r] for r in range(3)]
+
+    fake = FakeDist()
+    monkeypatch.setattr(encoding, "dist", fake)
+
+    def encode(part, batch_size):
+        return torch.tensor([[float(p[4:]), 1.0] for p in part])
+
+    for rank in (1, 2, 0):
+        fake.rank = rank
+        monkeypatch.setattr(encoding, "world", lambda rank=rank: (rank, 3))
+        out = encoding.encode_sharded(encode, items, 2, False, "test")
+        assert (out is None) == (rank != 0)
+    assert [len(shards[r]) for r in range(3)] == [4, 4, 4]
+    assert out[:, 0].tolist() == list(range(10))

@@ -189,3 +189,66 @@ def test_cli_export_of_a_checkpoint_and_its_model_card_snippet(trained, media, t
     assert F.cosine_similarity(emb["queries"], trained.encode_queries(queries)).min() >= 0.9999
     gallery = trained.encode_targets([str(work / "a.jpg"), str(work / "b.jpg")])
     assert F.cosine_similarity(emb["gallery"], gallery).min() >= 0.9999
+
+
+def test_exported_settings_are_the_encoders_calibrator_and_dtype(trained, tmp_path):
+    """fashionlens.json carries the calibrator variant the standalone code applies (mode, gate, fixed_gate, rank:
+    the encoder's own config, with a non-default fixed gate), and a bf16 export's config.json says bfloat16 (what
+    from_pretrained(dtype="auto") loads), while the encoder's own config keeps its dtype.
+    Catches: fixed_gate left out of the exported settings (the standalone code would use its default); the saved
+    config's dtype not set to the export dtype."""
+    import json
+    cal = trained.calibrator_cfg
+    saved_gate, cal.fixed_gate = cal.fixed_gate, 0.37
+    try:
+        hf_export.export(trained, str(tmp_path / "bf16"), dtype="bfloat16")
+    finally:
+        cal.fixed_gate = saved_gate
+    settings = json.loads((tmp_path / "bf16" / "fashionlens.json").read_text())["calibrator"]
+    assert settings == {"mode": cal.mode, "gate": cal.gate, "fixed_gate": 0.37, "rank": cal.rank}
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    assert trained.lm.config.dtype != torch.bfloat16
+
+
+@pytest.mark.parametrize("switch", ["keep_rope_positions", "normed_readout", "fill_pixel_budget"])
+def test_export_refuses_the_release_switches_it_cannot_reproduce(trained, tmp_path, switch):
+    """The plain forward computes rotary positions and the normed last state itself and the standalone code sizes
+    media by fill_size: an encoder with one of those release switches off would export a different model. Refused,
+    naming the switch, before anything is written.
+    Catches: the switch check in export removed."""
+    saved = getattr(trained.model_cfg, switch)
+    setattr(trained.model_cfg, switch, False)
+    try:
+        with pytest.raises(ValueError, match=f"model.{switch}=false"):
+            hf_export.export(trained, str(tmp_path / "out"))
+    finally:
+        setattr(trained.model_cfg, switch, saved)
+    assert not (tmp_path / "out").exists()
+
+
+def test_card_numbers_keep_a_best_score_of_zero(tmp_path):
+    """train.py stores best_score = -1 until a validation ran; a validated score of exactly 0.00 (a model that finds
+    nothing) is a score and goes on the card.
+    Catches: card_numbers treating best_score <= 0 as "no validation score"."""
+    path = tmp_path / "best.pt"
+    torch.save({"config": Config().to_dict(), "best_score": 0.0, "step": 5}, path)
+    assert "**0.00**" in hf_export.card_numbers(str(path)) and "step 5" in hf_export.card_numbers(str(path))
+    torch.save({"config": Config().to_dict(), "best_score": -1.0, "step": 5}, path)
+    assert "holds no validation score" in hf_export.card_numbers(str(path))
+
+
+def test_publish_dir_moves_config_json_last(tmp_path, monkeypatch):
+    """An export (or make-tiny) is published file by file; config.json last, so an interrupted publish never leaves
+    a config.json beside missing or stale weights (from_pretrained would load it).
+    Catches: publish_dir's order turned around (config.json first)."""
+    from plumbing import publish_dir
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for name in ("config.json", "a.safetensors", "tokenizer.json", "z.json"):
+        (staging / name).write_text(name)
+    moved, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: moved.append(os.path.basename(dst)) or replace(src, dst))
+    publish_dir(str(staging), str(tmp_path / "out"))
+    assert sorted(moved) == ["a.safetensors", "config.json", "tokenizer.json", "z.json"] and moved[-1] == "config.json"
+    assert (tmp_path / "out" / "config.json").read_text() == "config.json"

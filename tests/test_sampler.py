@@ -242,3 +242,61 @@ def test_two_gloo_ranks_draw_identical_sub_datasets(tmp_path):
     local = [[k for k, _ in draw(TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 8, world, r, seed=2),
                                  steps, lambda key, step, r=r: local_difficulty(r, key, step))] for r in range(world)]
     assert local[0] != local[1]
+
+
+def test_every_pass_reads_each_record_once_and_passes_are_reshuffled():
+    """docs/method.md#ggas: process r takes slots [pos + r b, pos + (r + 1) b) of a seeded permutation per (seed, k,
+    pass), and a new permutation starts only when fewer than W b unread records remain. With N = 48 and a global
+    batch of 2 x 8, a pass is exactly 3 steps: across both ranks they read every record once, and the next pass
+    reads them all again in another order.
+    Catches: a reshuffle when the unread records exactly fill a batch (`>=`: a third of every pass never read),
+    positions advanced by the per-rank batch (a record in two steps of one pass), the permutation seed without the
+    pass (every pass in the same order)."""
+    sizes = {"only": 48}
+    ranks = [TaskSampler(sizes, cfg(mode="uniform"), 8, world_size=2, rank=r, seed=3) for r in range(2)]
+    passes = []
+    for _ in range(3):
+        order = []
+        for _ in range(3):
+            for r in ranks:
+                order += r.next_batch()[1]
+        passes.append(order)
+    for order in passes:
+        assert sorted(order) == list(range(48))
+    assert passes[0] != passes[1] != passes[2]
+
+
+def test_softmax_of_large_scores_is_finite_and_exact():
+    """G_k / eta can be large (a hard sub-dataset, a small temperature eta): P = softmax(log S) must stay the closed
+    form exp(s_k) / sum exp(s), here with s = (1000, 999, 990) against float64 math on the differences.
+    Catches: softmax without subtracting the maximum (exp(1000) overflows: NaN probabilities)."""
+    p = softmax(np.array([1000.0, 999.0, 990.0]))
+    weights = [1.0, math.exp(-1.0), math.exp(-10.0)]
+    assert np.all(np.isfinite(p))
+    assert p.tolist() == pytest.approx([w / sum(weights) for w in weights], abs=1e-15)
+    s = TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1, eta=0.01, alpha=0.0), 8)
+    s.update("7_cir_Shoes", 20.0)                     # G / eta = 2000
+    s.next_batch()
+    assert np.all(np.isfinite(s.P)) and s.probabilities()["7_cir_Shoes"] == pytest.approx(1 - 3 * 0.02)
+
+
+def test_non_finite_difficulty_is_refused_and_g_kept():
+    """A NaN or infinite gradient norm must not enter the EMA: G_k = NaN makes every later P NaN (and the draw
+    then always picks the last sub-dataset). update raises, naming the sub-dataset, and leaves G as it was.
+    Catches: the isfinite check in TaskSampler.update removed."""
+    s = TaskSampler(SIZES, cfg(warmup_epochs=0), 8)
+    s.update("7_cir_Shoes", 2.0)
+    before = s.G.copy()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="non-finite difficulty .* 7_cir_Shoes"):
+            s.update("7_cir_Shoes", bad)
+    assert np.array_equal(s.G, before)
+
+
+def test_a_floor_that_leaves_no_room_is_refused():
+    """sampler.floor * K >= 1 leaves GGAS no mass to share: at equality every P_k is the floor (uniform sampling in
+    disguise), so it is refused with the advice to use sampler.mode=uniform; just below it is accepted.
+    Catches: the check as floor * K > 1."""
+    with pytest.raises(ValueError, match="floor \\* K >= 1"):
+        TaskSampler(SIZES, cfg(floor=0.25), 8)
+    TaskSampler(SIZES, cfg(floor=0.24), 8)

@@ -272,3 +272,110 @@ def test_two_processes_index_like_one(setup, tmp_path):
     assert [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)] == [5, 5]   # 10 images, split
     skipped = json.loads(open(os.path.join(two, "meta.json")).read())["skipped"]
     assert [s["path"] for s in skipped] == [setup["broken"]] and "cannot read image" in skipped[0]["reason"]
+
+
+def stub_index(tmp_path, setup, factory="Flat"):
+    """An index folder of the catalogue built by stub_model (no checkpoint, embeddings from the image bytes)."""
+    out = str(tmp_path / f"stub-{factory.replace(',', '-')}")
+    search.index_catalogue(stub_model(), setup["catalogue"], out, factory=factory, progress=False)
+    return out
+
+
+def test_an_approximate_index_returning_fewer_than_k_gives_only_real_hits(setup, tmp_path):
+    """An IVF index probing one of two lists holds fewer than k candidates: faiss pads with id -1, which must not come
+    back as a result (items[-1], the last catalogue image, with score -3.4e38). Every result returned is a real
+    catalogue image whose score is its cosine with the query, computed here with numpy from the exact index.
+    Catches: Index.search keeping id -1 (`if i >= 0` dropped)."""
+    exact_dir, ivf_dir = stub_index(tmp_path, setup), stub_index(tmp_path, setup, "IVF2,Flat")
+    paths, vectors = indexed(exact_dir)
+    cosine = dict(zip(paths, vectors @ vectors[0]))
+    index = search.Index(ivf_dir, stub_model(), nprobe=1)
+    results = index.search(torch.from_numpy(vectors[:1]), k=9)[0]
+    assert 0 < len(results) < 9                                    # the probed list does not hold all 9
+    assert len({r["path"] for r in results}) == len(results)
+    for r in results:
+        assert r["score"] == pytest.approx(float(cosine[r["path"]]), abs=1e-5)
+
+
+def test_a_readable_image_or_query_with_a_non_finite_embedding_stops_the_run(setup):
+    """A NaN row means "unreadable" to the index; a readable image that embeds to NaN is a broken model and must stop
+    the run, naming the image, never be skipped as unreadable. The same for a query.
+    Catches: Model.encode_targets' broken-model check removed (the image is skipped silently); Model.encode_queries'
+    check removed (a NaN query ranks arbitrarily)."""
+    class NaNFor(BytesEncoder):
+        def __init__(self, bad):
+            self.bad = bad
+
+        def encode_targets(self, paths, batch_size=32):
+            emb = super().encode_targets(paths, batch_size)
+            emb[[i for i, p in enumerate(paths) if p == self.bad]] = float("nan")
+            return emb
+
+        def encode_queries(self, queries, batch_size=32):
+            return torch.full((len(queries), self.embed_dim), float("nan"))
+
+    model = stub_model()
+    model.encoder = NaNFor(setup["paths"][3])
+    with pytest.raises(SearchError, match=f"non-finite embedding of {setup['paths'][3]}"):
+        model.encode_targets(setup["paths"][:5])
+    with pytest.raises(SearchError, match="non-finite embedding of query query"):
+        model.encode_queries([make_query(text="red")])
+
+
+def test_a_failed_reindex_leaves_no_finished_marker(setup, tmp_path, monkeypatch):
+    """meta.json marks a finished index: indexing again into a finished folder removes it first, so a run that dies
+    while writing index.faiss leaves a folder that Index refuses rather than one whose meta.json describes files of
+    two runs.
+    Catches: index_catalogue not removing the old meta.json before writing the new files."""
+    out = stub_index(tmp_path, setup)
+    assert os.path.exists(os.path.join(out, "meta.json"))
+
+    def die(index, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(search.faiss, "write_index", die)
+    with pytest.raises(OSError, match="disk full"):
+        search.index_catalogue(stub_model(), setup["catalogue"], out, factory="IVF2,Flat", progress=False)
+    assert not os.path.exists(os.path.join(out, "meta.json"))
+    with pytest.raises(SearchError, match="no meta.json"):
+        search.Index(out, stub_model())
+
+
+def test_items_out_of_step_with_the_index_are_refused(setup, tmp_path):
+    """items.jsonl line i describes vector i: a folder where they disagree in number (changed by hand) is refused.
+    Catches: Index.__init__'s items / ntotal comparison removed."""
+    out = stub_index(tmp_path, setup)
+    items = open(os.path.join(out, "items.jsonl")).read().splitlines()
+    with open(os.path.join(out, "items.jsonl"), "w") as f:
+        f.write("\n".join(items[:-1]) + "\n")
+    with pytest.raises(SearchError, match="lists 8 images, index.faiss holds 9"):
+        search.Index(out, stub_model())
+
+
+def test_approximate_index_training_sample_is_seeded():
+    """An IVF index trained on a sample of train_size vectors: the same seed gives the same sample and so the same
+    coarse centroids (faiss's k-means is itself seeded); another seed another sample.
+    Catches: the training sample drawn from an unseeded generator."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def centroids(seed):
+        index = build_index(x, "IVF4,Flat", train_size=100, seed=seed)
+        return faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).reconstruct_n(0, 4)
+
+    np.testing.assert_array_equal(centroids(0), centroids(0))
+    assert not np.allclose(centroids(0), centroids(1))
+
+
+def test_query_and_catalogue_edge_cases(tmp_path):
+    """A video with text has no template (video2img takes no text); an empty instruction with no media is an empty
+    query; hidden files in a catalogue folder (e.g. macOS ._ files) are not catalogue images.
+    Catches: a video with text inferred as cir; the empty-query check removed; read_catalogue listing dot files."""
+    with pytest.raises(SearchError, match="video2img .* takes no text"):
+        make_query(text="red", video="clip.mp4")
+    with pytest.raises(SearchError, match="an empty query"):
+        make_query(instruction="")
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "._a.jpg").write_bytes(b"x")
+    assert [item["path"] for item in search.read_catalogue(str(tmp_path))] == [str(tmp_path / "a.jpg")]
