@@ -171,6 +171,27 @@ def test_pixel_budget_is_used_fully(tiny_backbone, tmp_path):
     assert tokens(enc.prepare_targets(paths, train=True)["image_grid_thw"]) == [36, 36, 40, 45]
 
 
+def test_palette_and_greyscale_images_embed_as_their_rgb_conversions(encoder, tmp_path):
+    """Catalogue PNGs are often palette or greyscale images: each must embed exactly as the RGB image PIL converts
+    it to (saved as a separate RGB file), at training and evaluation sizes. A palette image resized before that
+    conversion would be resized by nearest neighbour (PIL's rule for mode P), not bicubic.
+    Catches: load_image without .convert("RGB") (the palette image's embedding moves)."""
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    paths, references = [], []
+    for mode, image in (("P", photo.quantize(colors=16)), ("L", photo.convert("L"))):
+        paths.append(str(tmp_path / f"{mode}.png"))
+        image.save(paths[-1])
+        assert Image.open(paths[-1]).mode == mode                      # the case under test
+        references.append(str(tmp_path / f"{mode}-as-rgb.png"))
+        image.convert("RGB").save(references[-1])
+    for train in (True, False):
+        with torch.no_grad():
+            got = encoder(encoder.prepare_targets(paths, train=train), "target")["emb"]
+            expected = encoder(encoder.prepare_targets(references, train=train), "target")["emb"]
+        assert torch.equal(got, expected)
+
+
 def test_release_evaluates_between_the_two_budgets(tiny_backbone, tmp_path):
     """The release evaluates with min 224x224 and max 256x256 pixels (Qwen2-VL's smart_resize), by hand:
       112x112: rounds to 128x128, under the min: scaled by sqrt(224^2 / 112^2) = 2, ceil -> 224x224, 49 tokens
