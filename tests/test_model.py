@@ -171,6 +171,15 @@ def test_pixel_budget_is_used_fully(tiny_backbone, tmp_path):
     assert tokens(enc.prepare_targets(paths, train=True)["image_grid_thw"]) == [36, 36, 40, 45]
 
 
+def test_a_pixel_budget_under_one_patch_is_refused_by_name():
+    """model.image_pixels below one 32x32 patch (16-pixel patches merged 2x2) gets an error that says so.
+    Catches: the check removed (a ZeroDivisionError from deep inside the sizing instead)."""
+    from media import fill_size
+    assert fill_size(100, 100, 1024) == (32, 32)                     # exactly one patch is enough
+    with pytest.raises(ValueError, match="pixel budget 1000 is smaller than one 32x32 patch"):
+        fill_size(100, 100, 1000)
+
+
 def test_palette_and_greyscale_images_embed_as_their_rgb_conversions(encoder, tmp_path):
     """Catalogue PNGs are often palette or greyscale images: each must embed exactly as the RGB image PIL converts
     it to (saved as a separate RGB file), at training and evaluation sizes. A palette image resized before that
