@@ -1,5 +1,6 @@
-"""train.py: exact gradient caching, the loss's false-negative mask, bit-for-bit resume, two-process training,
-a loss that falls on U-FIRE-mini, and chunks prepared in threads (also a step ahead) exactly like serially."""
+"""train.py: exact gradient caching, the loss's false-negative mask, the optimizer step and learning rate, a batch's
+seeded choices, bit-for-bit resume, two-process training, a loss that falls on U-FIRE-mini, chunks prepared in threads
+(also a step ahead) exactly like serially, and config overrides and inheritance (config.py)."""
 import contextlib
 import copy
 import json
@@ -70,6 +71,29 @@ def test_false_negatives_are_masked_not_pushed():
     torch.testing.assert_close(loss, expected)
 
 
+def test_false_negative_mask_follows_each_querys_positive_column():
+    """Gathered negatives lay the targets out rank by rank, each rank's positives then its hard negatives, so query i's
+    positive is not column i: here queries 0, 1 (rank 0) have columns 0, 1 and hard negative 2, query 2 (rank 1) has
+    column 3 and hard negatives 4-6. Denominators written out by hand: query 0 (image "a", unlabelled) drops column 4
+    (image "a" again) but keeps the unlabelled columns 3 and 6; query 1 ("red") drops column 2 ("red"); query 2
+    (unlabelled) keeps every column.
+    Catches: the mask built from column i instead of the positive's (`paths[positives]` -> `paths[:len(positives)]`:
+    query 2 would drop column 1, red like column 2); unlabelled columns matching each other (`-1 - j` -> `-1`)."""
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    t = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    paths = ["a", "b", "n1", "c", "a", "n2", "n3"]
+    labels = [None, "red", "red", None, None, "blue", None]
+    positives = torch.tensor([0, 1, 3])
+    loss = contrastive_loss(q, t, positives, paths, labels, 1.0)    # every column weighs in the denominators
+    logits = q @ t.T
+    expected = torch.stack([
+        -logits[0, 0] + torch.logsumexp(logits[0, [0, 1, 2, 3, 5, 6]], 0),
+        -logits[1, 1] + torch.logsumexp(logits[1, [0, 1, 3, 4, 5, 6]], 0),
+        -logits[2, 3] + torch.logsumexp(logits[2, [0, 1, 2, 3, 4, 5, 6]], 0)]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
 # ----------------------------------------------------------------------------- gradient caching
 
 def make_examples(tmp_path, n):
@@ -104,16 +128,16 @@ def lora_dropout_config(tiny_backbone):
 
 def uncached_reference(encoder, examples, cfg, chunk_size):
     """The same computation with every chunk's graph kept (no caching): forward all chunks with gradients in
-    the same order, one loss, one backward."""
-    targets = [e["target_image"] for e in examples]
+    the same order, one loss, one backward. The targets: every query's positive, then the hard negatives."""
+    targets = [e["target_image"] for e in examples] + [p for e in examples for p in e["negative_image"]]
+    labels = [e["target_label"] for e in examples] + [lab for e in examples for lab in e["negative_label"]]
     q_out = [encoder(encoder.prepare_queries(examples[i:i + chunk_size], train=True), role="query")
              for i in range(0, len(examples), chunk_size)]
     t_out = [encoder(encoder.prepare_targets(targets[i:i + chunk_size], train=True), role="target")
              for i in range(0, len(targets), chunk_size)]
     q = torch.cat([o["emb"] for o in q_out])
     t = torch.cat([o["emb"] for o in t_out])
-    loss = contrastive_loss(q, t, torch.arange(len(examples)), targets, [e["target_label"] for e in examples],
-                            cfg.train.temperature)
+    loss = contrastive_loss(q, t, torch.arange(len(examples)), targets, labels, cfg.train.temperature)
     per_sample = torch.cat([cfg.calibrator.fro_weight * o["reg_fro"] + cfg.calibrator.orth_weight * o["reg_orth"]
                             for o in q_out])
     total = loss + per_sample.mean()
@@ -134,12 +158,30 @@ def perturb(encoder):
                 p.add_(0.05 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 7])
-def test_cached_gradients_equal_uncached_with_dropout(tiny_backbone, tmp_path, chunk_size):
+def add_hard_negatives(tmp_path, examples, k):
+    """k hard negatives per view (asfr), each labelled like another view's positive so the mask is exercised."""
+    for i, e in enumerate(examples):
+        e["negative_image"], e["negative_label"] = [], []
+        for j in range(k):
+            path = tmp_path / f"n{i}_{j}.png"
+            Image.new("RGB", (64, 64), ((61 * i + 17 * j) % 256, 200, (43 * j) % 256)).save(path)
+            e["negative_image"].append(str(path))
+            e["negative_label"].append(f"label{(i + j + 1) % 3}")
+    return examples
+
+
+@pytest.mark.parametrize("views, negatives, chunk_size", [(7, 0, 1), (7, 0, 3), (7, 0, 7), (4, 2, 4)])
+def test_cached_gradients_equal_uncached_with_dropout(tiny_backbone, tmp_path, views, negatives, chunk_size):
+    """A cached step's loss and gradients (LoRA dropout on) equal one uncached forward and backward of the same
+    chunks from the same random state. (4, 2, 4): the 4 queries are one chunk, their 4 positives and 8 hard negatives
+    three. Catches: a chunk's random state saved after its forward (dropout masks differ in the replay); the replay's
+    random state restored for no chunk; the replay's cached gradients not advanced per chunk (`start += n` dropped);
+    one chunk of queries taken for a batch that needs no replay (`single = ... or ...`: the targets' pass-1
+    embeddings have no graph)."""
     cfg = lora_dropout_config(tiny_backbone)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     perturb(encoder)
-    examples = make_examples(tmp_path, 7)
+    examples = add_hard_negatives(tmp_path, make_examples(tmp_path, views), negatives)
 
     torch.manual_seed(123)
     stats, bad = cached_step(encoder, examples, cfg, chunk_size)
@@ -176,15 +218,27 @@ def test_chunk_size_does_not_change_loss_or_gradients(tiny_backbone, tmp_path):
             torch.testing.assert_close(g[name], results[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_unreadable_record_is_skipped_and_named(tiny_backbone, tmp_path):
+@pytest.mark.parametrize("broken", ["target", "hard negative", "text"])
+def test_unreadable_record_is_skipped_and_named(tiny_backbone, tmp_path, broken):
+    """A record whose target image, hard negative image or instruction text (a lone surrogate: the error names the
+    sub-dataset and the record, no file) cannot be read is named and left out; the step trains on the other three.
+    Catches: a hard negative's path not matched to its record (`+ e["negative_image"]` dropped from the culprit
+    search: the step stops with the error); an error matched by file only (`err.record_id == e["id"] or` dropped: the
+    text's error stops the step)."""
     cfg = full_training_config(tiny_backbone)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
-    examples = make_examples(tmp_path, 4)
+    examples = add_hard_negatives(tmp_path, make_examples(tmp_path, 4), 1)
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    examples[2]["target_image"] = str(tmp_path / "broken.png")
+    if broken == "target":
+        examples[2]["target_image"] = str(tmp_path / "broken.png")
+    elif broken == "hard negative":
+        examples[2]["negative_image"] = [str(tmp_path / "broken.png")]
+    else:
+        examples[2]["instruction_text"] = "find item \ud800"
     stats, bad = cached_step(encoder, examples, cfg, 2)
     assert stats["samples"] == 3
-    assert bad[0][0] == ["r2"] and "broken.png" in bad[0][1]
+    assert bad[0][0] == ["r2"]
+    assert ("broken.png" in bad[0][1]) if broken != "text" else ("9_asfr_DARN (record r2)" in bad[0][1])
 
 
 def test_hard_negative_with_another_querys_label_is_masked(tiny_backbone, tmp_path):
@@ -249,6 +303,94 @@ def test_release_config_reproduces_the_release_regulariser_weight():
         assert cfg.train.batch_size / chunk == 64 / RELEASE_CHUNKS[name], key
 
 
+# ----------------------------------------------------------------------------- optimizer step, learning rate
+
+def test_learning_rate_factor_by_hand():
+    """Cosine, warm-up 4 of 12 steps: (step + 1) / 4 for steps 0-3, then 0.5 (1 + cos(pi (step - 4) / 8)): 1, 0.8536,
+    0.5, 0.1464, 0 at steps 4, 6, 8, 10, 12, and 0 after the end. With warm-up = total (4) the scheduler's last call,
+    step 4, gives 1. Constant: the same warm-up, then 1. Catches: warm-up from 0 (`(step + 1)` -> `step`) or one step
+    longer (`<` -> `<=`); the decay not held at 0 past the end (`min(1.0, progress)` dropped); another decay shape
+    (`cos(pi/2 * progress)`); the empty decay dividing by zero (`max(1, ...)` dropped); an unknown schedule accepted."""
+    cfg = Config()
+    cfg.train.schedule, cfg.train.warmup_steps = "cosine", 4
+    factor = train_module.learning_rate_factor(cfg, total_steps=12)
+    expected = {0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0, 4: 1.0, 6: 0.8535533906, 8: 0.5, 10: 0.1464466094, 12: 0.0, 15: 0.0}
+    assert {step: factor(step) for step in expected} == pytest.approx(expected, abs=1e-9)
+    assert train_module.learning_rate_factor(cfg, total_steps=4)(4) == 1.0
+    cfg.train.schedule = "constant"
+    factor = train_module.learning_rate_factor(cfg, total_steps=12)
+    assert [factor(step) for step in (0, 3, 4, 12, 100)] == [0.25, 1.0, 1.0, 1.0, 1.0]
+    cfg.train.schedule = "linear"
+    with pytest.raises(ValueError, match="train.schedule"):
+        train_module.learning_rate_factor(cfg, total_steps=12)
+
+
+@pytest.mark.parametrize("difficulty", ["joint", "sum"])
+def test_optimizer_step_reads_the_difficulty_then_clips_steps_and_schedules(tiny_backbone, difficulty):
+    """Given gradients of total norm far above train.grad_clip=0.5: the returned GGAS difficulty is the unclipped
+    token gradients' joint norm or sum of norms (sampler.difficulty), every parameter moves by the clipped gradient
+    times the step's learning rate (plain SGD at lr 1, cosine warm-up 4: factor 0.25 at step 0), the scheduler moves
+    to step 1 (factor 0.5) and the gradients are cleared. Catches: joint and summed swapped; the difficulty read after
+    clipping; clipping off (`grad_clip > 0` -> `< 0`); the scheduler not stepped."""
+    cfg = full_training_config(tiny_backbone)
+    cfg.train.grad_clip, cfg.sampler.difficulty = 0.5, difficulty
+    cfg.train.schedule, cfg.train.warmup_steps = "cosine", 4
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    given = [p.grad.clone() for p in params]
+    before = [p.detach().clone() for p in params]
+    total = torch.cat([g.reshape(-1) for g in given]).norm().item()
+    q, t = encoder.query_token.grad.norm().item(), encoder.target_token.grad.norm().item()
+    assert total > 100 * cfg.train.grad_clip
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_module.learning_rate_factor(cfg, total_steps=12))
+
+    got = train_module.optimizer_step(encoder, params, optimizer, scheduler, cfg)
+    assert got == pytest.approx((q * q + t * t) ** 0.5 if difficulty == "joint" else q + t, rel=1e-5)
+    scale = 0.25 * cfg.train.grad_clip / total
+    for p, g, start in zip(params, given, before):
+        torch.testing.assert_close(start - p.detach(), scale * g, atol=1e-7, rtol=1e-4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+    assert all(p.grad is None for p in params)
+
+
+# ----------------------------------------------------------------------------- a batch's random choices
+
+def test_batch_examples_are_drawn_from_seed_step_and_rank(mini_root):
+    """The random choices of a batch (each record's target, its asfr hard negatives) are the same for the same
+    (train.seed, step, rank), wherever and however often they are drawn (a resumed run, a prefetch guess), and differ
+    when any of the three differs. The hard negatives are train.asfr_hard_negatives distinct images of the record's
+    list (all of them when it has fewer), drawn afresh each step, each with the label the training
+    set knows for that image. Catches: the step or the rank left out of the seed; the labels not following the picked
+    images (`negative_label[:len(picked)]`); the record's first k negatives always (`list(range(k))`); k not capped at
+    the record's count (`min(k, n)` -> `k`: a ValueError)."""
+    darn = TrainSet(mini_root, "9_asfr_DARN")
+    indices = list(range(min(8, len(darn))))
+    negatives_of = {e["id"]: e["negative_image"] for e in (darn.example(i, random.Random(0)) for i in indices)}
+    assert min(len(n) for n in negatives_of.values()) > 2, "the records need more negatives than are drawn"
+
+    def draw(seed=0, step=5, rank=1, k=2):
+        cfg = Config()
+        cfg.train.seed, cfg.train.asfr_hard_negatives = seed, k
+        return train_module.batch_examples(darn, indices, cfg, step, rank)
+
+    assert draw() == draw()
+    assert draw(step=6) != draw() and draw(rank=0) != draw() and draw(seed=1) != draw()
+    firsts = set()
+    for step in range(10):
+        for k in (2, 1000):
+            for e in draw(step=step, k=k):
+                listed = negatives_of[e["id"]]
+                assert len(e["negative_image"]) == min(k, len(listed)) == len(set(e["negative_image"]))
+                assert set(e["negative_image"]) <= set(listed)
+                assert e["negative_label"] == [darn.label_of.get(p) for p in e["negative_image"]]
+        firsts.add(tuple(draw(step=step)[0]["negative_image"]))
+    assert len(firsts) > 5, firsts
+
+
 def step_script(tmp_path, tiny_backbone, body):
     """A torchrun script: this rank's full-training tiny encoder config in `cfg`, then `body`."""
     script = tmp_path / "step.py"
@@ -304,10 +446,13 @@ def test_two_processes_step_like_one_process(tiny_backbone, tmp_path):
     """Data parallel, one step: 2 processes x 2 records against one process on the same 4 records.
     With train.gather_negatives the averaged gradient must equal one process's on all 4 (every query sees all
     targets); without, it must equal the mean of the two halves' gradients, each with its own negatives.
+    Each record has an asfr hard negative labelled like another record's positive, some on the other rank (the mask
+    crosses ranks): gathered, the targets are rank 0's positives and negatives, then rank 1's.
     Catches: gradients summed instead of averaged in average_gradients (x2); every rank's positives indexing
-    rank 0's targets (`t_starts[r] + i` -> `i` in cached_step); the world-size scaling of the embedding
-    gradients dropped."""
-    examples = make_examples(tmp_path, 4)
+    rank 0's targets (`t_starts[r] + i` -> `i` in cached_step); a rank's positives placed by the query counts
+    (`t_counts` -> `q_counts` in t_starts: rank 1's positives point at rank 0's hard negatives); the world-size scaling
+    of the embedding gradients dropped."""
+    examples = add_hard_negatives(tmp_path, make_examples(tmp_path, 4), 1)
     (tmp_path / "examples.json").write_text(json.dumps(examples))
     script = step_script(tmp_path, tiny_backbone,
         "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu').train()\n"
@@ -384,11 +529,14 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     learning rate is refused. Catches: resume switched off (`if resume and ...` -> `if False and ...`: a fresh
     seeded run would give the same weights, but logs steps 1-6 again); any piece of state not restored (the
     RNG, the sampler's generator, the optimizer moments) or not saved; the config comparison ignoring every
-    setting, or none (checkpoints.RESUME_MAY_DIFFER emptied: the prepare_workers resume is refused)."""
+    setting, or none (checkpoints.RESUME_MAY_DIFFER emptied: the prepare_workers resume is refused); a fresh run
+    appending to the log an earlier run left in its directory (`os.remove(log_path)` dropped)."""
     straight = run_config(tiny_backbone, mini_root, tmp_path / "straight", "train.max_steps=6", "train.save_every=3")
     train(straight)
 
     interrupted = run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3")
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "log.jsonl").write_text('{"step": 9, "loss": 1.0}\n')    # an earlier run's
     train(interrupted, stop_after=4)           # killed after step 4: last.pt holds step 3
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 3
     other_lr = run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3",
@@ -422,6 +570,34 @@ def test_checkpoint_rng_states_load_as_cpu_byte_tensors(tmp_path):
     state = load_checkpoint(tmp_path / "last.pt")["rng"][0]["torch"]
     assert state.device.type == "cpu" and state.dtype == torch.uint8
     torch.set_rng_state(state)
+
+
+def test_checkpoint_restores_step_best_score_unreadable_records_and_random_states(tiny_backbone, tmp_path):
+    """A checkpoint written at step 7 with best validation score 12.5 and one unreadable record, saved and loaded,
+    restored into a fresh encoder, optimizer, scheduler and sampler: the step, the best score, the unreadable records,
+    and the Python, NumPy and torch random streams continue where they were when it was written.
+    Catches: the best score not restored (-1.0: the first validation after a resume would overwrite best.pt with a
+    worse model); the unreadable records not restored (`set()`: met and reported again); a random state not restored."""
+    from checkpoints import checkpoint, restore
+    from plumbing import save_atomic
+    cfg = full_training_config(tiny_backbone)
+
+    def training_parts():
+        encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+        optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=cfg.train.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_module.learning_rate_factor(cfg, 10))
+        return encoder, optimizer, scheduler, TaskSampler({"a": 10, "b": 20}, cfg.sampler, 4)
+
+    written = training_parts()
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    save_atomic(checkpoint(cfg, *written, 7, 12.5, {"a/r3"}), tmp_path / "last.pt")
+    draws = random.random(), np.random.rand(), torch.rand(1).item()
+    torch.manual_seed(6)
+    resumed = restore(load_checkpoint(tmp_path / "last.pt"), cfg, *training_parts(), 0, tmp_path / "last.pt")
+    assert resumed == (7, 12.5, {"a/r3"})
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
 
 
 @pytest.mark.parametrize("launch", ["one node", "two nodes"])
@@ -462,18 +638,23 @@ def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbon
 def test_killed_worker_restarts_and_continues_from_last_checkpoint(tiny_backbone, mini_root, tmp_path):
     """Under torchrun --max-restarts=1, rank 1 is killed (SIGKILL) during step 3 (last.pt holds step 2): torchrun
     starts both workers again, they resume from last.pt by themselves and end with exactly the uninterrupted
-    2-process run's last.pt. Catches: a restarted worker starting fresh (TORCHELASTIC_RESTART_COUNT ignored: it
-    would train 4 steps from scratch with another log and state); the process group of the restarted attempt
-    sharing the store namespace of the dead one (no per-attempt prefix: gloo connects to the dead worker's
-    address, "Connection refused", in about half the runs)."""
+    2-process run's last.pt. Each rank's first step starts from the random state torch.manual_seed(train.seed +
+    rank) gives (its own dropout stream, as under DDP). Catches: a restarted worker starting fresh
+    (TORCHELASTIC_RESTART_COUNT ignored: it would train 4 steps from scratch with another log and state); the process
+    group of the restarted attempt sharing the store namespace of the dead one (no per-attempt prefix: gloo connects
+    to the dead worker's address, "Connection refused", in about half the runs); every rank seeded alike
+    (`torch.manual_seed(cfg.train.seed + rank)` -> `(cfg.train.seed)`: the ranks would draw from one stream)."""
     script = tmp_path / "run.py"
     script.write_text(
-        "import os, signal, sys\n"
+        "import os, signal, sys, torch\n"
         f"sys.path.insert(0, {REPO!r})\n"
         "import train\n"
         "kill_at, calls, step = int(sys.argv[1]), [0], train.cached_step\n"
         "def dying_step(*args):\n"
         "    calls[0] += 1\n"
+        "    if calls[0] == 1 and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0':\n"
+        "        name = f'first_step_rng{kill_at}_{os.environ[\"RANK\"]}.pt'\n"
+        "        torch.save(torch.get_rng_state(), os.path.join(os.path.dirname(__file__), name))\n"
         "    if (calls[0] == kill_at and os.environ['RANK'] == '1'\n"
         "            and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0'):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -492,6 +673,9 @@ def test_killed_worker_restarts_and_continues_from_last_checkpoint(tiny_backbone
     assert "resumed" in proc.stdout and "at step 2" in proc.stdout
     assert logged_steps(tmp_path / "killed")[-2:] == [3, 4] and logged_steps(tmp_path / "killed").count(1) == 1
     assert_same_state(runs["straight"], runs["killed"])
+    for rank in (0, 1):
+        torch.manual_seed(runs["straight"]["config"]["train"]["seed"] + rank)
+        assert torch.equal(torch.load(tmp_path / f"first_step_rng0_{rank}.pt"), torch.get_rng_state()), rank
 
 
 def test_resume_ignores_speed_only_settings_and_their_absence_from_older_checkpoints():
@@ -566,6 +750,24 @@ def test_batch_report_states_global_batch_negatives_and_small_sub_datasets():
                          f"process and adds no steps to the epoch length" for k, n, b in (("b", 300, 37), ("c", 40, 5))]
     cfg.train.gather_negatives = False
     assert "against 64 in-batch targets (its own process's;" in batch_report(cfg, sampler, 8)
+
+
+def test_periodic_validation_keeps_the_first_queries_with_their_own_ground_truth(mini_root):
+    """train.val_max_queries cuts each validation set to its first N queries, each with its own ground truth and
+    exclusions, against the whole gallery; 0 keeps every query. Catches: the lists cut out of step (ground truth and
+    exclusions swapped in the cut: every query scored against another list)."""
+    from prepare_data import build_eval_sets
+    keys = ["1_t2i_Shoes", "9_asfr_DARN"]
+    cfg = Config()
+    cfg.data.root, cfg.train.val_max_queries = mini_root, 3
+    whole = build_eval_sets(mini_root, "val", keys=keys, unseen=False)
+    cut = train_module.load_val_sets(cfg, keys)
+    for w, c in zip(whole, cut, strict=True):
+        assert len(w.queries) > 3 and any(w.ground_truth[:3])
+        assert (c.queries, c.ground_truth, c.exclude, c.gallery) == (w.queries[:3], w.ground_truth[:3],
+                                                                     w.exclude[:3], w.gallery)
+    cfg.train.val_max_queries = 0
+    assert [s.queries for s in train_module.load_val_sets(cfg, keys)] == [w.queries for w in whole]
 
 
 def test_process_group_timeout_comes_from_the_config(monkeypatch):
@@ -817,3 +1019,51 @@ def test_prefetch_counts_the_steps_whose_guess_was_their_batch(tiny_backbone, mi
     assert hits and misses, (hits, misses)
     assert (log[-1]["prefetch_hits"], log[-1]["prefetch_misses"]) == (len(hits), len(misses))
     assert sorted(set(main_thread_prepares)) == [1] + misses, (main_thread_prepares, misses)
+
+
+# ----------------------------------------------------------------------------- configs and overrides
+
+def test_overrides_take_each_fields_type_and_refuse_others():
+    """`section.key=value` overrides are read as YAML and coerced to the field's type: "1e-4" (a string to YAML 1.1)
+    and 1 become floats, a string field keeps "123" as text and a value holding "=" whole; a value of another type, an
+    unknown key or section, and a malformed override are refused.
+    Catches: strings parsed as YAML for string fields too (`and not isinstance(default, str)` dropped: "123" -> 123, a
+    TypeError); "1e-4" not converted (`(int, str)` -> `int`); a bool taken as a float (`not isinstance(value, bool)`
+    dropped: lr=true -> 1.0); the type check dropped; the value cut at a second "=" (`split("=", 1)` ->
+    `split("=")`)."""
+    cfg = load_config(None, ["train.lr=1e-4", "train.temperature=1", "train.max_steps=5", "model.backbone=123",
+                             "data.sub_datasets=[1_t2i_Shoes, 7_cir_Shoes]", "train.chunk_sizes={7_cir_Shoes: 4}",
+                             "train.gather_negatives=true", "data.street2shop_images=images/a=b/{id}"])
+    assert cfg.train.lr == 1e-4 and cfg.train.temperature == 1.0 and type(cfg.train.temperature) is float
+    assert cfg.train.max_steps == 5 and cfg.model.backbone == "123" and cfg.train.gather_negatives is True
+    assert cfg.data.sub_datasets == ["1_t2i_Shoes", "7_cir_Shoes"] and cfg.train.chunk_sizes == {"7_cir_Shoes": 4}
+    assert cfg.data.street2shop_images == "images/a=b/{id}"
+    for wrong in ("train.lr=true", "train.max_steps=1.5", "train.gather_negatives=1", "model.lora_r=abc",
+                  "data.sub_datasets=1_t2i_Shoes"):
+        with pytest.raises(TypeError, match=wrong.split("=")[0]):
+            load_config(None, [wrong])
+    with pytest.raises(KeyError, match="unknown config key train.learning_rate"):
+        load_config(None, ["train.learning_rate=1e-4"])
+    with pytest.raises(KeyError, match="unknown config section 'optim'"):
+        load_config(None, ["optim.lr=1e-4"])
+    for malformed in ("train.lr", "lr=1e-4"):
+        with pytest.raises(ValueError, match="section.key=value"):
+            load_config(None, [malformed])
+
+
+def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, monkeypatch):
+    """`inherit:` names a file beside the config (not in the working directory); the child's keys replace the
+    parent's one by one, a section the child leaves out is the parent's, and overrides win over both. A YAML file's
+    `1e-4` (a string to YAML 1.1) is a float too.
+    Catches: a child's section replacing the parent's whole section (`base[section] = values`: lora_alpha and
+    batch_size back to their defaults); the parent looked up from the working directory."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "parent.yaml").write_text(
+        "model: {lora_r: 4, lora_alpha: 8}\ntrain: {lr: 1e-4, batch_size: 8}\nsampler: {eta: 2.0}\n")
+    (tmp_path / "configs" / "child.yaml").write_text(
+        "inherit: parent.yaml\nmodel: {lora_r: 16}\ntrain: {out_dir: runs/child}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("configs/child.yaml", ["train.batch_size=2"])
+    assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.sampler.eta) == (16, 8, 2.0)
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.out_dir) == (1e-4, 2, "runs/child")
+    assert load_config("configs/child.yaml").train.batch_size == 8
