@@ -370,13 +370,14 @@ def train(cfg, resume=False, stop_after=None):
                 pool, prefetched, prepare_next = prefetch.for_step(batch, guess)
             stats, bad = cached_step(encoder, examples, cfg, chunk, pool, prefetched, prepare_next)
             record_bad_records(bad_records, key, bad, rank, cfg)
+            lr = scheduler.get_last_lr()[0]             # this step's rate, before the scheduler moves to the next
             difficulty = optimizer_step(encoder, params, optimizer, scheduler, cfg)
             sampler.update(key, difficulty, device=device)
             step += 1
 
             samples, elapsed = (stats or {}).get("samples", 0), time.time() - started
             record = {"step": step, "epoch": sampler.epoch, "key": key, **(stats or {}),
-                      "lr": scheduler.get_last_lr()[0], "probs": sampler.probabilities(),
+                      "lr": lr, "probs": sampler.probabilities(),
                       "difficulty": sampler.difficulties(), "samples_per_s": samples * size / elapsed,
                       "peak_mem_mb": peak_memory_mb(device)}
             if prefetch:

@@ -522,6 +522,17 @@ def logged_steps(out_dir):
     return [r["step"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
 
 
+def test_the_log_gives_each_step_the_learning_rate_it_trained_with(tiny_backbone, mini_root, tmp_path):
+    """Cosine schedule, warm-up 2 of 4 steps: the steps train at lr x 0.5, 1, 1, 0.5 (learning_rate_factor of steps
+    0-3, by hand), and log.jsonl's step 1-4 records say so.
+    Catches: the rate read after optimizer_step (each step logged the next one's: 1, 1, 0.5, 0)."""
+    cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=4", "train.schedule=cosine",
+                     "train.warmup_steps=2", "train.val_every=0")
+    train(cfg)
+    logged = [r["lr"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "loss" in r]
+    assert logged == pytest.approx([cfg.train.lr * f for f in (0.5, 1.0, 1.0, 0.5)])
+
+
 def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, capsys):
     """A run killed after step 4 (last.pt at step 3) and resumed must really continue from step 3 and end with
     exactly the uninterrupted run's last.pt: trainable weights, optimizer and scheduler state, sampler state,
