@@ -325,6 +325,17 @@ def test_learning_rate_factor_by_hand():
         train_module.learning_rate_factor(cfg, total_steps=12)
 
 
+def test_a_parameter_the_step_did_not_use_gets_a_zero_gradient():
+    """One process: plumbing.average_gradients keeps a used parameter's gradient and gives one without a gradient
+    (None) zeros, so AdamW treats it as used with gradient 0 (weight decay, moment decay) and, with several ranks,
+    every rank all-reduces the same shapes. Catches: None left in place (`grads = [p.grad for p in params]`)."""
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    used.grad = torch.tensor([2.0, -1.0, 0.5])
+    plumbing.average_gradients([used, unused])
+    assert torch.equal(used.grad, torch.tensor([2.0, -1.0, 0.5]))
+    assert unused.grad is not None and torch.equal(unused.grad, torch.zeros(2))
+
+
 @pytest.mark.parametrize("difficulty", ["joint", "sum"])
 def test_optimizer_step_reads_the_difficulty_then_clips_steps_and_schedules(tiny_backbone, difficulty):
     """Given gradients of total norm far above train.grad_clip=0.5: the returned GGAS difficulty is the unclipped
