@@ -702,14 +702,16 @@ def test_killed_worker_restarts_and_continues_from_last_checkpoint(tiny_backbone
 
 def test_resume_ignores_speed_only_settings_and_their_absence_from_older_checkpoints():
     """A checkpoint written before model.reuse_vision_features and model.vision_attention existed (or with other
-    values: both change speed only) resumes; one that differs in a setting that changes results does not.
-    Catches: either setting left out of checkpoints.RESUME_MAY_DIFFER; the comparison emptied."""
+    values: both change speed only) resumes, also with another train.dist_timeout_s (how long a collective may
+    wait); one that differs in a setting that changes results does not.
+    Catches: any of the three left out of checkpoints.RESUME_MAY_DIFFER; the comparison emptied."""
     from checkpoints import comparable_config
     from config import Config
     older = Config().to_dict()
     del older["model"]["reuse_vision_features"], older["model"]["vision_attention"]
     now = Config()
     now.model.reuse_vision_features, now.model.vision_attention = False, "packed"
+    now.train.dist_timeout_s = older["train"]["dist_timeout_s"] + 600
     assert comparable_config(older) == comparable_config(now.to_dict())
     now.model.keep_rope_positions = False
     assert comparable_config(older) != comparable_config(now.to_dict())
