@@ -160,8 +160,8 @@ def embedding_sources():
 def fingerprint(cfg, encoder):
     """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...), the
     identity (relative name, size, mtime in ns) of every backbone file, the versions of the libraries that turn an
-    image into an embedding and the source of the repository's (embedding_sources), and every trainable tensor
-    (name, shape, dtype, bytes)."""
+    image into an embedding and the source of this repository's code that does (embedding_sources), and every
+    trainable tensor (name, shape, dtype, bytes)."""
     import transformers  # here, not at the top: model.py must set HF_HUB_OFFLINE before transformers loads
 
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
