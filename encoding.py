@@ -153,7 +153,7 @@ def embedding_sources():
         imports = tree.body             # the module's own imports; a command's (model.py export) are not the model's
         names = [node.module for node in imports if isinstance(node, ast.ImportFrom) and node.module]
         names += [alias.name for node in imports if isinstance(node, ast.Import) for alias in node.names]
-        todo += [os.path.join(root, f"{name}.py") for name in names if os.path.exists(os.path.join(root, f"{name}.py"))]
+        todo += [p for p in (os.path.join(root, f"{name}.py") for name in names) if os.path.exists(p)]
     return sorted(found)
 
 
