@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights,
@@ -271,15 +272,24 @@ class FashionLensEncoder(Encoder):
         return {**batch, **self.index_work(batch, role)}
 
     def index_work(self, batch, role):
-        """The readout token's place in each prompt and the rotary positions, computed here on the CPU tensors, once
-        per chunk for both gradient-cache passes: on a GPU the checks and per-prompt loops would stop the forward
-        for a host-device synchronisation each."""
+        """The readout token's place in each prompt, the rotary positions, the vision tower's index work, where the
+        vision tokens go and the causal mask, computed here on the CPU tensors, once per chunk for both
+        gradient-cache passes: on a GPU, each check, boolean mask and per-prompt loop in the forward would stop it
+        for a host-device synchronisation (benchmarks/host_syncs.py)."""
         at_token = batch["input_ids"] == self.token_ids[role]
         if not bool((at_token.sum(1) == 1).all()):
             raise ValueError(f"every prompt needs exactly one readout token (id {self.token_ids[role]}) in its text")
+        media = [media for media in ("image", "video") if f"{media}_grid_thw" in batch]
+        placeholder = {"image": self.lm.config.image_token_id, "video": self.lm.config.video_token_id}
+        text = self.lm.model.language_model
         work = {"role": role, "readout_index": at_token.int().argmax(1),
-                "vision_index": {media: self.vision_index(batch[f"{media}_grid_thw"])
-                                 for media in ("image", "video") if f"{media}_grid_thw" in batch}}
+                "vision_index": {m: self.vision_index(batch[f"{m}_grid_thw"]) for m in media},
+                # [2, tokens]: (prompt, position) of each placeholder the tower's merged tokens replace, in order
+                "vision_at": {m: (batch["input_ids"] == placeholder[m]).nonzero().T.contiguous() for m in media},
+                # transformers' own mask for these prompts (None where none is needed), built from the padding
+                "causal_mask": create_causal_mask(
+                    config=text.config, attention_mask=batch["attention_mask"], cache=None,
+                    inputs_embeds=torch.empty(*batch["input_ids"].shape, 0, dtype=text.embed_tokens.weight.dtype))}
         if self.model_cfg.keep_rope_positions:
             # Correction 1: Qwen3-VL's 3-D rotary positions for vision tokens, computed from the ids; with
             # inputs_embeds alone the vision rows get text positions, silently (docs/method.md#embedding).
@@ -335,16 +345,17 @@ class FashionLensEncoder(Encoder):
         return {"emb": emb, "gate": gate, "reg_fro": fro, "reg_orth": orth, "vision": kept}
 
     def vision_features(self, inputs):
-        """The vision tower's output for the images and the videos of `inputs` (transformers' mm_encoder_outputs:
-        merged visual tokens and deepstack features, split per image / video)."""
-        model, vision = self.lm.model, {}
-        index = inputs["vision_index"]   # precomputed with the batch; transformers takes these keyword arguments
-        if "pixel_values" in inputs:
-            vision["image"] = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
-                                                       return_dict=True, **index["image"])
-        if "pixel_values_videos" in inputs:
-            vision["video"] = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
-                                                       return_dict=True, **index["video"])
+        """The vision tower's output for the images and the videos of `inputs`, as transformers' mm_encoder_outputs
+        (merged visual tokens and deepstack features) with one entry for the whole chunk: transformers'
+        get_image_features splits them per image, reading the sizes back from the device, and the language model
+        concatenates them again."""
+        visual, vision = self.lm.model.visual, {}
+        for media, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            if pixels in inputs:   # the index work was precomputed with the batch; the tower takes it as keywords
+                out = visual(inputs[pixels].type(visual.dtype), grid_thw=inputs[f"{media}_grid_thw"],
+                             return_dict=True, **inputs["vision_index"][media])
+                vision[media] = BaseModelOutputWithDeepstackFeatures(
+                    pooler_output=(out.pooler_output,), deepstack_features=[(f,) for f in out.deepstack_features])
         return vision
 
     def readout(self, inputs, token_id, token_vector, vision):
@@ -359,28 +370,44 @@ class FashionLensEncoder(Encoder):
             # Release: inputs_embeds only, for which transformers 4.57 numbered the non-padding tokens 0, 1, 2, ...
             # on all three rotary axes. Passed explicitly: 5.x would reuse rope deltas cached by another call.
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
-        # The vision tower's output goes in as transformers' precomputed encoder outputs (a fresh dict: the model
-        # would fill a missing modality into it); the grids are only read when positions are not given.
-        media = {"mm_encoder_outputs": dict(vision)}
         if self.model_cfg.normed_readout:
             # Correction 2: the inner model's final normed state; no LM head, no KV cache.
-            hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                   use_cache=False, **media).last_hidden_state
+            hidden = self.language_model(embeds, positions, inputs, vision)
         else:
             # Release: the full LM forward (vocabulary logits, a KV cache and every layer's state, all discarded),
             # read before the final norm. In transformers 5.24 hidden_states[-1] is the *normed* state, so the
-            # pre-norm state is taken as the input of the final norm.
+            # pre-norm state is taken as the input of the final norm. The vision tower's output goes in as
+            # precomputed encoder outputs (a fresh dict: the model would fill a missing modality into it); the
+            # grids are only read when positions are not given.
             captured = []
             final_norm = self.lm.model.language_model.norm
             hook = final_norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
             try:
                 self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                        output_hidden_states=True, **media)
+                        output_hidden_states=True, mm_encoder_outputs=dict(vision))
             finally:
                 hook.remove()
             hidden = captured[0]
         # Index per row: independent of the padding side and of the other prompts.
         return hidden[torch.arange(ids.shape[0], device=ids.device), inputs["readout_index"]]
+
+    def language_model(self, embeds, positions, inputs, vision):
+        """Qwen3-VL's language model over the prompts, normed, without a KV cache: what transformers' Qwen3VLModel
+        and Qwen3VLTextModel forwards compute, with the vision tokens' places and the causal mask taken from
+        index_work. transformers finds those places with boolean masks and reads the padding mask back to choose
+        its attention mask: on a GPU, five host-device synchronisations per chunk and pass."""
+        text = self.lm.model.language_model
+        at = {media: inputs["vision_at"][media].unbind() for media in vision}
+        for media, out in vision.items():   # the merged visual tokens take their placeholders' places
+            embeds = embeds.index_put(at[media], out.pooler_output[0].to(embeds.dtype))
+        hidden, rotary = embeds, text.rotary_emb(embeds, positions)
+        for depth, layer in enumerate(text.layers):
+            hidden = layer(hidden, attention_mask=inputs["causal_mask"], position_embeddings=rotary)
+            for media, out in vision.items():   # DeepStack: the tower's middle layers join the first decoder layers
+                if depth < len(out.deepstack_features):
+                    added = hidden[at[media]] + out.deepstack_features[depth][0].to(hidden.dtype)
+                    hidden = hidden.index_put(at[media], added)
+        return text.norm(hidden)
 
     def token_grad_norms(self):
         """(joint, summed) gradient norms of the two learnable tokens: the GGAS difficulty (paper section IV-D,
