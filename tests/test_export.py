@@ -252,3 +252,25 @@ def test_publish_dir_moves_config_json_last(tmp_path, monkeypatch):
     publish_dir(str(staging), str(tmp_path / "out"))
     assert sorted(moved) == ["a.safetensors", "config.json", "tokenizer.json", "z.json"] and moved[-1] == "config.json"
     assert (tmp_path / "out" / "config.json").read_text() == "config.json"
+
+
+def test_the_cards_bf16_figure_is_the_rounding_error_over_the_lora_delta(trained):
+    """The model card's bf16 figure is 100 x sqrt(sum of squared bf16 rounding errors of the merged weights / sum of
+    squared LoRA deltas) over all merged layers, recomputed here in float64 from each layer's base weight and its
+    LoRA factors (scaling x B A).
+    Catches: the square root dropped (the ratio of the squared sums); each layer's error overwriting the last
+    (`error = ...` for `error += ...`)."""
+    import math
+    import re
+    state, merged = trained.merged_state_dict()
+    error = delta = 0.0
+    for name in merged:
+        layer = trained.lm.get_submodule(name)
+        with torch.no_grad():
+            lora_delta = (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+                          * layer.scaling["default"])
+            weight = (layer.base_layer.weight.double() + lora_delta).float()
+        error += float((weight.to(torch.bfloat16).double() - weight.double()).square().sum())
+        delta += float(lora_delta.square().sum())
+    figure = re.search(r"([\d.]+)% of the LoRA delta", hf_export.dtype_effect(trained, state, merged, torch.bfloat16))
+    assert len(merged) > 4 and float(figure.group(1)) == pytest.approx(100 * math.sqrt(error / delta), abs=0.051)
