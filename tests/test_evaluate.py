@@ -651,6 +651,9 @@ def test_relative_backbone_looked_for_in_working_dir_then_checkpoint_dir(tmp_pat
 
 
 def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_backbone, mini_root):
+    """Each bad checkpoint (missing, truncated, not one, lacking tensors, a config key this code does not know,
+    another backbone, a moved backbone, NaN weights) ends evaluate.py with one line naming the file and the fault.
+    Catches, among others: plumbing.one_line keeping a KeyError's quotes (`text = err`)."""
     from config import Config
     from fake_backbones import make_tiny_backbone
     from model import build_encoder
@@ -687,6 +690,9 @@ def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_
     lacking = tmp_path / "lacking.pt"
     torch.save({"config": cfg.to_dict(), "model": dict(list(state.items())[1:])}, lacking)
     assert f"missing ['{next(iter(state))}']" in fails(lacking)
+    newer = tmp_path / "newer.pt"   # a config key this code does not know: a KeyError's message, without its quotes
+    torch.save({"config": {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "colour": 1}}, "model": state}, newer)
+    assert "config is not valid here: unknown config key model.colour; known: [" in fails(newer)
 
     # Another backbone (hidden size 64, not 128): the first tensor that does not fit is named.
     small = tmp_path / "small-backbone"
