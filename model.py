@@ -181,8 +181,8 @@ class FashionLensEncoder(Encoder):
             raise ValueError(f"{model_cfg.backbone}: vocabulary of {vocab.shape[0]} rows has no room for "
                              f"{QUERY_TOKEN}/{TARGET_TOKEN} (ids {self.token_ids})")
         # The two learnable readout tokens start from <|im_end|>'s embedding (paper section IV-B). Their own rows
-        # in the embedding table are never used; the <|image_pad|> row must stay untouched: Qwen3-VL finds image
-        # placeholders by comparing input embeddings with it.
+        # in the embedding table are never used; the <|image_pad|> row must stay untouched: the release readout's
+        # transformers forward finds image placeholders by comparing input embeddings with it.
         im_end = vocab[tokenizer.convert_tokens_to_ids("<|im_end|>")].detach().to(heads_dtype)
         self.query_token = nn.Parameter(im_end.clone())
         self.target_token = nn.Parameter(im_end.clone())
@@ -395,7 +395,7 @@ class FashionLensEncoder(Encoder):
         """Qwen3-VL's language model over the prompts, normed, without a KV cache: what transformers' Qwen3VLModel
         and Qwen3VLTextModel forwards compute, with the vision tokens' places and the causal mask taken from
         index_work. transformers finds those places with boolean masks and reads the padding mask back to choose
-        its attention mask: on a GPU, five host-device synchronisations per chunk and pass."""
+        its attention mask: on a GPU, five host-device synchronisations per pass over a chunk of image queries."""
         text = self.lm.model.language_model
         at = {media: inputs["vision_at"][media].unbind() for media in vision}
         for media, out in vision.items():   # the merged visual tokens take their placeholders' places
