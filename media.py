@@ -12,14 +12,18 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import video_utils
+from transformers.image_transforms import convert_to_rgb
 
 from plumbing import DataError
 
 
 def load_image(path, record_id=None):
+    """An RGB image; transparent parts are seen over white, as transformers' Qwen3-VL image processing does
+    (convert_to_rgb): a plain convert("RGB") keeps whatever colour lies under them, black in most cut-out product
+    shots and sketches."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return Image.fromarray(convert_to_rgb(image, return_numpy=True))
     except (OSError, ValueError, Image.DecompressionBombError) as err:  # missing, truncated, not an image
         raise DataError(path, f"cannot read image: {err}", record_id) from err
 

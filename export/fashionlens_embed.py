@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import video_utils
+from transformers.image_transforms import convert_to_rgb
 
 
 def load_head(out_dir):
@@ -48,10 +49,11 @@ def sized(image, settings):
 
 
 def read_image(image):
+    """An RGB image, its transparent parts over white (as the processor's own conversion does)."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return Image.fromarray(convert_to_rgb(image, return_numpy=True))
     with Image.open(image) as opened:
-        return opened.convert("RGB")
+        return read_image(opened)
 
 
 def read_video(path, num_frames):

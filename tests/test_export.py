@@ -7,9 +7,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
@@ -44,8 +46,12 @@ def trained(tiny_backbone):
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("export-media")
     sizes = [(120, 90), (64, 160), (200, 200)]
-    return {"images": [write_png(d / f"img{i}.png", size, i) for i, size in enumerate(sizes)],
-            "video": write_mp4(d / "clip.mp4", 12, 0)}
+    images = [write_png(d / f"img{i}.png", size, i) for i, size in enumerate(sizes)]
+    with Image.open(images[-1]) as image:   # a cut-out: transparent around the middle, black underneath
+        cut_out = np.zeros((200, 200), dtype=np.uint8)
+        cut_out[50:150, 40:160] = 255
+        Image.fromarray(np.dstack([np.asarray(image) * (cut_out[..., None] > 0), cut_out])).save(d / "cut-out.png")
+    return {"images": images + [str(d / "cut-out.png")], "video": write_mp4(d / "clip.mp4", 12, 0)}
 
 
 def load_standalone(out_dir):
@@ -90,11 +96,12 @@ def exported(trained, tmp_path_factory):
 
 
 def test_export_gives_the_training_embeddings(trained, media, exported):
-    """Text, image, image+text and video queries and gallery images: cosine >= 0.9999 with the training encoder.
+    """Text, image, image+text and video queries and gallery images (one with a transparent background): cosine >=
+    0.9999 with the training encoder.
     Catches (each seen to fail): the LoRA merge skipped (`base.float() + delta` -> `base.float()`); the token rows
     not written (the plain forward reads the backbone's untouched <|MEAN|>/<|IMG|> rows); the calibrator not
     applied (embed_queries returning F.normalize of the readout); the readout one position late (`argmax(1) + 1`,
-    the <|im_end|> after the token)."""
+    the <|im_end|> after the token); fashionlens_embed.read_image dropping the alpha channel (`convert("RGB")`)."""
     cos = cosines(trained, media, exported)
     assert cos.min() >= 0.9999, cos.tolist()
 

@@ -180,20 +180,36 @@ def test_a_pixel_budget_under_one_patch_is_refused_by_name():
         fill_size(100, 100, 1000)
 
 
-def test_palette_and_greyscale_images_embed_as_their_rgb_conversions(encoder, tmp_path):
-    """Catalogue PNGs are often palette or greyscale images: each must embed exactly as the RGB image PIL converts
-    it to (saved as a separate RGB file), at training and evaluation sizes. A palette image resized before that
-    conversion would be resized by nearest neighbour (PIL's rule for mode P), not bicubic.
-    Catches: load_image without .convert("RGB") (the palette image's embedding moves)."""
+def test_palette_greyscale_and_transparent_images_embed_as_their_rgb_versions(encoder, tmp_path):
+    """Catalogue PNGs are often palette or greyscale images, and cut-out product shots and sketches often have a
+    transparent background (black underneath). Each must embed exactly as its RGB version saved as a separate file,
+    at training and evaluation sizes: PIL's conversion for palette and greyscale; for transparency (RGBA, LA, a
+    palette with a transparent entry) the opaque pixels as they are and the transparent ones white, made here with
+    numpy. A palette image resized before conversion would be resized by nearest neighbour (PIL's rule for mode P).
+    Catches: load_image without .convert("RGB") (the palette image's embedding moves); load_image's old
+    `image.convert("RGB")` for every image (the transparent background stays black)."""
     rng = np.random.default_rng(3)
     photo = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    cut_out = np.zeros((90, 70), dtype=bool)
+    cut_out[20:70, 15:55] = True                                       # the product; around it, transparent
+    rgb = np.asarray(photo) * cut_out[..., None]                       # black under the transparent pixels
+    alpha = np.where(cut_out, 255, 0).astype(np.uint8)
+    palette = photo.quantize(colors=16)
+    transparent_entry = int(np.asarray(palette)[0, 0])
+    cases = {"P": (palette, palette.convert("RGB")),
+             "L": (photo.convert("L"), photo.convert("L").convert("RGB")),
+             "RGBA": (Image.fromarray(np.dstack([rgb, alpha])), np.where(cut_out[..., None], rgb, 255)),
+             "LA": (Image.fromarray(np.dstack([rgb[..., 0], alpha])), np.where(cut_out, rgb[..., 0], 255)),
+             "P-transparent": (palette, np.where((np.asarray(palette) == transparent_entry)[..., None], 255,
+                                                 np.asarray(palette.convert("RGB"))))}
     paths, references = [], []
-    for mode, image in (("P", photo.quantize(colors=16)), ("L", photo.convert("L"))):
-        paths.append(str(tmp_path / f"{mode}.png"))
-        image.save(paths[-1])
-        assert Image.open(paths[-1]).mode == mode                      # the case under test
-        references.append(str(tmp_path / f"{mode}-as-rgb.png"))
-        image.convert("RGB").save(references[-1])
+    for name, (image, as_rgb) in cases.items():
+        paths.append(str(tmp_path / f"{name}.png"))
+        image.save(paths[-1], **({"transparency": transparent_entry} if name == "P-transparent" else {}))
+        assert Image.open(paths[-1]).mode == name.split("-")[0]        # the case under test
+        references.append(str(tmp_path / f"{name}-as-rgb.png"))
+        as_rgb = Image.fromarray(np.asarray(as_rgb, dtype=np.uint8)) if isinstance(as_rgb, np.ndarray) else as_rgb
+        as_rgb.convert("RGB").save(references[-1])
     for train in (True, False):
         with torch.no_grad():
             got = encoder(encoder.prepare_targets(paths, train=train), "target")["emb"]
