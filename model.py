@@ -51,15 +51,22 @@ def conversation(user_content, readout_token):
 
 # ----------------------------------------------------------------------------- prompts
 
-def instruction_text(query):
+def instruction_text(query, special_tokens=()):
     """A query's text. A lone surrogate ("\\ud800" is valid JSON, no character) would end in a TypeError from the
     tokenizer naming nothing; the readers refuse it, and so does this for queries built by other means (a training
-    example names its sub-dataset; an evaluation query only its id)."""
+    example names its sub-dataset; an evaluation query only its id). One of the tokenizer's special tokens written in
+    the text (<|im_end|>, <|image_pad|>, a readout token, ...) would be read as that token, not as text: it would end
+    the user's turn early or stand for an image that is not there, so it is refused as well."""
+    text = query["instruction_text"]
     try:
-        query["instruction_text"].encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
         raise DataError(query.get("key", "query"), "'instruction_text' holds a lone surrogate", query["id"]) from None
-    return query["instruction_text"]
+    found = sorted(token for token in special_tokens if token in text)
+    if found:
+        raise DataError(query.get("key", "query"), f"'instruction_text' holds the tokenizer's special token(s) {found}",
+                        query["id"])
+    return text
 
 
 # ----------------------------------------------------------------------------- shared encoder machinery
@@ -170,6 +177,7 @@ class FashionLensEncoder(Encoder):
         self.padding_side = "right"  # a tokenizer attribute would not be saved with it; the readout ignores it
         tokenizer = self.processor.tokenizer
         tokenizer.add_tokens([QUERY_TOKEN, TARGET_TOKEN], special_tokens=True)
+        self.special_tokens = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
         attn_implementation = attention_kernel(model_cfg, device)
         self.lm = Qwen3VLForConditionalGeneration.from_pretrained(
             model_cfg.backbone, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
@@ -234,7 +242,7 @@ class FashionLensEncoder(Encoder):
                 videos.append(frames)
                 metadata.append(meta)
             media = [{"type": "image"}] * len(query["query_image"]) + [{"type": "video"}] * len(query["query_video"])
-            text = [{"type": "text", "text": instruction_text(query)}]
+            text = [{"type": "text", "text": instruction_text(query, self.special_tokens)}]
             conversations.append(conversation(text + media + [{"type": "text", "text": QUERY_SUFFIX}], QUERY_TOKEN))
         return self.process(conversations, images, videos, metadata, train, "query")
 
