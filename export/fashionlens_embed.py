@@ -133,8 +133,12 @@ def embed_queries(model, processor, head, queries):
     """Unit query embeddings [Q, D] fp32. queries: dicts {"text": str, "images": [path or PIL image, ...],
     "videos": [path, ...]} (images and videos optional); the text comes first, then the images, then the videos."""
     s = head["settings"]
+    special = [t.content for t in processor.tokenizer.added_tokens_decoder.values() if t.special]
     conversations, images, videos, metadata = [], [], [], []
-    for query in queries:
+    for number, query in enumerate(queries):
+        found = sorted(token for token in special if token in query["text"])
+        if found:   # read as the token, not as text: <|im_end|> would end the user's turn early, silently
+            raise ValueError(f"query {number}: the text holds the tokenizer's special token(s) {found}")
         images += [sized(read_image(image), s) for image in query.get("images", [])]
         for path in query.get("videos", []):
             frames, meta = read_video(path, s["video_frames"])
