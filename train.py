@@ -126,7 +126,9 @@ def loss_and_embedding_gradients(encoder, examples, q_outs, t_outs, t_paths, cfg
     With cross-GPU negatives (gather) every rank computes the global loss; scaling the local embedding
     gradients by the world size keeps the later average exact. A rank whose whole batch was unreadable still
     joins the gathers with no rows; skipping them would leave the other ranks waiting forever.
-    Returns (loss, d(loss)/d(query embeddings), d(loss)/d(target embeddings))."""
+    Returns (loss, d(loss)/d(query embeddings), d(loss)/d(target embeddings), the count the regularisers' sum
+    is divided by on this rank: the local batch, or with gather the global batch over the world size, so that the
+    average over ranks is the global batch's mean even when ranks kept different counts of records)."""
     empty = torch.zeros(0, encoder.embed_dim, device=encoder.device)
     q = torch.cat([empty] + [out["emb"].detach() for out in q_outs]).requires_grad_(True)
     t = torch.cat([empty] + [out["emb"].detach() for out in t_outs]).requires_grad_(True)
@@ -140,19 +142,19 @@ def loss_and_embedding_gradients(encoder, examples, q_outs, t_outs, t_paths, cfg
         positives = torch.tensor([t_starts[r] + i for r, n in enumerate(q_counts) for i in range(n)])
         loss = contrastive_loss(q_all, t_all, positives, gather_list(t_paths), gather_list(labels),
                                 cfg.train.temperature)
-        scale = size
+        scale, reg_batch = size, sum(q_counts) / size
     else:
         loss = contrastive_loss(q, t, torch.arange(q.shape[0]), t_paths, labels, cfg.train.temperature)
-        scale = 1
+        scale, reg_batch = 1, q.shape[0]
     grad_q, grad_t = torch.autograd.grad(loss, [q, t])
-    return loss, grad_q * scale, grad_t * scale
+    return loss, grad_q * scale, grad_t * scale, reg_batch
 
 
-def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay):
+def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay, reg_batch=None):
     """Pass 3: re-run each chunk with a graph (replay; else its pass-1 graph is kept), its random state restored
     so dropout masks match, and back-propagate the cached embedding gradients through it. The calibrator's
-    regularisers (queries only) are averaged over the batch, or (release) averaged per chunk and summed over
-    chunks. Returns the regularisers' total, on the device: reading it per chunk would make the host wait for each
+    regularisers (queries only) are summed and divided by `reg_batch` (see loss_and_embedding_gradients), or
+    (release) averaged per chunk and summed over chunks. Returns the regularisers' total, on the device: reading it per chunk would make the host wait for each
     chunk's backward before it could queue the next chunk."""
     reg_total = 0.0
     w_fro, w_orth = cfg.calibrator.fro_weight, cfg.calibrator.orth_weight
@@ -165,7 +167,7 @@ def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay):
         surrogate = (out["emb"] * grads[start:start + n]).sum()
         if out["reg_fro"] is not None:
             per_sample = w_fro * out["reg_fro"] + w_orth * out["reg_orth"]
-            reg = per_sample.mean() if cfg.calibrator.reg_per_chunk else per_sample.sum() / grads.shape[0]
+            reg = per_sample.mean() if cfg.calibrator.reg_per_chunk else per_sample.sum() / reg_batch
             surrogate = surrogate + reg
             reg_total = reg_total + reg.detach().double()   # float64, as a sum of Python floats
         surrogate.backward()
@@ -191,8 +193,9 @@ def cached_step(encoder, examples, cfg, chunk_size, pool=None, prefetched=None, 
         return None, bad   # nothing to learn from; average_gradients still adds this rank's zeros
     single = len(q_chunks) == 1 and len(t_chunks) == 1
     end_state = torch_rng_state(next(encoder.parameters()).is_cuda)
-    loss, grad_q, grad_t = loss_and_embedding_gradients(encoder, examples, q_outs, t_outs, t_paths, cfg, gather)
-    reg = replay_with_graph(encoder, q_chunks, q_states, q_outs, grad_q, "query", cfg, replay=not single)
+    loss, grad_q, grad_t, reg_batch = loss_and_embedding_gradients(encoder, examples, q_outs, t_outs, t_paths, cfg,
+                                                                   gather)
+    reg = replay_with_graph(encoder, q_chunks, q_states, q_outs, grad_q, "query", cfg, not single, reg_batch)
     replay_with_graph(encoder, t_chunks, t_states, t_outs, grad_t, "target", cfg, replay=not single)
     set_torch_rng_state(end_state)
     if not examples:

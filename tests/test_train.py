@@ -453,17 +453,22 @@ def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbo
         assert torch.equal(rank0["grads"][name], rank1["grads"][name]), name
 
 
-def test_two_processes_step_like_one_process(tiny_backbone, tmp_path):
-    """Data parallel, one step: 2 processes x 2 records against one process on the same 4 records.
-    With train.gather_negatives the averaged gradient must equal one process's on all 4 (every query sees all
-    targets); without, it must equal the mean of the two halves' gradients, each with its own negatives.
-    Each record has an asfr hard negative labelled like another record's positive, some on the other rank (the mask
-    crosses ranks): gathered, the targets are rank 0's positives and negatives, then rank 1's.
-    Catches: gradients summed instead of averaged in average_gradients (x2); every rank's positives indexing
-    rank 0's targets (`t_starts[r] + i` -> `i` in cached_step); a rank's positives placed by the query counts
-    (`t_counts` -> `q_counts` in t_starts: rank 1's positives point at rank 0's hard negatives); the world-size scaling
-    of the embedding gradients dropped."""
-    examples = add_hard_negatives(tmp_path, make_examples(tmp_path, 4), 1)
+def test_three_processes_with_uneven_batches_step_like_one_process(tiny_backbone, tmp_path):
+    """Data parallel, one step: 3 processes holding 1, 2 and 3 records (as after skipping unreadable ones) against
+    one process on the same 6 records. With train.gather_negatives the averaged gradient must equal one process's
+    on all 6 (every query sees all targets); without, it must equal the mean of the three parts' gradients, each
+    with its own negatives. Each record has an asfr hard negative labelled like another record's positive, some on
+    other ranks (the mask crosses ranks): gathered, the targets are rank 0's positives and negatives, then rank 1's,
+    then rank 2's. Three ranks, because two cannot tell a running sum of the target counts from the previous
+    rank's count alone.
+    Catches: gradients summed instead of averaged in average_gradients; every rank's positives indexing rank 0's
+    targets (`t_starts[r] + i` -> `i` in cached_step); a rank's positives placed by the query counts (`t_counts` ->
+    `q_counts` in t_starts); t_starts from the previous rank's count, not the running sum (`np.cumsum(...)` ->
+    `[0] + t_counts[:-1]`); each rank's gathered rows cut to its own count (`part[:n]` -> `part[:x.shape[0]]` in
+    gather_keep_local); the world-size scaling of the embedding gradients dropped; with gather, the regularisers
+    averaged over each rank's own records (`reg_batch = q.shape[0]`: ranks of 1 and 3 records weighted alike)."""
+    bounds = [0, 1, 3, 6]
+    examples = add_hard_negatives(tmp_path, make_examples(tmp_path, bounds[-1]), 1)
     (tmp_path / "examples.json").write_text(json.dumps(examples))
     script = step_script(tmp_path, tiny_backbone,
         "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu').train()\n"
@@ -471,7 +476,8 @@ def test_two_processes_step_like_one_process(tiny_backbone, tmp_path):
         "with torch.no_grad():\n"
         "    for n, p in encoder.named_parameters():\n"
         "        if 'hyper' in n: p.add_(0.05 * torch.randn_like(p))\n"
-        f"batch = json.load(open({str(tmp_path / 'examples.json')!r}))[2 * rank:2 * rank + 2]\n"
+        f"bounds = {bounds!r}\n"
+        f"batch = json.load(open({str(tmp_path / 'examples.json')!r}))[bounds[rank]:bounds[rank + 1]]\n"
         "params = [p for p in encoder.parameters() if p.requires_grad]\n"
         "out = {}\n"
         "for gather in (False, True):\n"
@@ -482,8 +488,8 @@ def test_two_processes_step_like_one_process(tiny_backbone, tmp_path):
         "    out[gather] = {'contrastive': stats['contrastive'],\n"
         "                   'grads': {n: p.grad.clone() for n, p in encoder.named_parameters() if p.requires_grad}}\n"
         f"torch.save(out, f'{tmp_path}/rank{{rank}}.pt')\n")
-    torchrun(script)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    torchrun(script, nproc=3)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3)]
 
     cfg = full_training_config(tiny_backbone)
     torch.manual_seed(0)
@@ -491,16 +497,16 @@ def test_two_processes_step_like_one_process(tiny_backbone, tmp_path):
     perturb(encoder)                               # the same perturbation as the script's
     whole, _ = cached_step(encoder, examples, cfg, 2)
     expected_gathered = grads(encoder)
-    halves = []
-    for part in (examples[:2], examples[2:]):
+    parts = []
+    for start, end in zip(bounds, bounds[1:]):
         encoder.zero_grad(set_to_none=True)
-        stats, _ = cached_step(encoder, part, cfg, 2)
-        halves.append((stats["contrastive"], grads(encoder)))
-    expected_local = {n: (halves[0][1][n] + halves[1][1][n]) / 2 for n in expected_gathered}
+        stats, _ = cached_step(encoder, examples[start:end], cfg, 2)
+        parts.append((stats["contrastive"], grads(encoder)))
+    expected_local = {n: sum(part[1][n] for part in parts) / 3 for n in expected_gathered}
     assert len(expected_gathered) > 10
     for rank, result in enumerate(ranks):
         assert result[True]["contrastive"] == pytest.approx(whole["contrastive"], abs=1e-5)
-        assert result[False]["contrastive"] == pytest.approx(halves[rank][0], abs=1e-5)
+        assert result[False]["contrastive"] == pytest.approx(parts[rank][0], abs=1e-5)
         for name in expected_gathered:
             torch.testing.assert_close(result[True]["grads"][name], expected_gathered[name], atol=2e-5, rtol=1e-3,
                                        msg=lambda m, name=name: f"gathered {name}: {m}")
