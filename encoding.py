@@ -3,14 +3,15 @@ cache.
 
 Sharding: under torch.distributed rank r encodes items r, r+W, r+2W, ... and rank 0 gathers them in order.
 Cache (evaluate.py --cache DIR): one sub-directory per model fingerprint (the model and calibrator config, the size
-and mtime of every backbone file, the library versions, the source of model.py and of the repository modules it
-imports, the trainable weights); in it, entries
-are keyed by image path, size and mtime, so an image regenerated at the same path is encoded again.
+and mtime of every backbone file, the library versions, the source of model.py, of the module of the encoder's class
+and of the repository modules they import, the trainable weights); in it, entries are keyed by image path, size and
+mtime, so an image regenerated at the same path is encoded again.
 """
 import ast
 import dataclasses
 import glob
 import hashlib
+import importlib.metadata
 import json
 import os
 import sys
@@ -138,11 +139,12 @@ def backbone_files(model_cfg):
     return files
 
 
-def embedding_sources():
-    """model.py and every module of this repository it imports, directly or not (attention.py, media.py, ...): the
-    code that turns an image into an embedding, found from the import statements so that none is forgotten."""
+def embedding_sources(encoder):
+    """model.py, the module that defines the encoder's class, and every module of this repository they import,
+    directly or not (attention.py, media.py, ...): the code that turns an image into an embedding, found from the
+    import statements so that none is forgotten."""
     root = os.path.dirname(os.path.abspath(model.__file__))
-    found, todo = [], [os.path.abspath(model.__file__)]
+    found, todo = [], [os.path.abspath(model.__file__), os.path.abspath(sys.modules[type(encoder).__module__].__file__)]
     while todo:
         path = todo.pop()
         if path in found:
@@ -171,9 +173,9 @@ def fingerprint(cfg, encoder):
         stat = os.stat(path)
         digest.update(f"file {os.path.relpath(path, root) if root else path} {stat.st_size} "
                       f"{stat.st_mtime_ns}\n".encode())
-    digest.update(f"torch {torch.__version__} transformers {transformers.__version__} PIL {PIL.__version__}\n"
-                  .encode())
-    for path in embedding_sources():
+    digest.update(f"torch {torch.__version__} transformers {transformers.__version__} PIL {PIL.__version__} "
+                  f"open_clip {importlib.metadata.version('open_clip_torch')}\n".encode())
+    for path in embedding_sources(encoder):
         with open(path, "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())
     for name, tensor in sorted(encoder.trainable_state_dict().items()):

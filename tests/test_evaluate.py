@@ -581,6 +581,30 @@ def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone)
     assert fingerprint(cfg, encoder) not in (before, stepped, edited)
 
 
+def test_fingerprint_follows_the_libraries_that_embed(tiny_backbone, monkeypatch):
+    """Cached gallery embeddings are reused only with the same torch, transformers, PIL (decoding, resizing) and
+    open_clip (the baseline's preprocessing): a different version of any of them gives a new key.
+    Catches: any one of the four versions left out of the key (open_clip's was, before the baseline's key)."""
+    import importlib.metadata
+    import PIL
+    import transformers
+    from config import Config
+    from model import build_encoder
+
+    cfg = Config()
+    cfg.model.backbone, cfg.model.image_pixels = str(tiny_backbone), 64 * 64
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    keys = [fingerprint(cfg, encoder)]
+    for module in (torch, transformers, PIL):
+        monkeypatch.setattr(module, "__version__", module.__version__ + ".other")
+        keys.append(fingerprint(cfg, encoder))
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: version(name) + (".other" if name == "open_clip_torch" else ""))
+    keys.append(fingerprint(cfg, encoder))
+    assert len(set(keys)) == len(keys), keys
+
+
 def test_fingerprint_follows_the_source_of_the_modules_the_model_imports(tmp_path, tiny_backbone, monkeypatch):
     """Cached gallery embeddings are reused only while the code that computes them is unchanged: model.py and every
     repository module it imports at the top, directly or through another (the vision tower's packed attention in
