@@ -312,7 +312,7 @@ def resolve_config(args):
             raise EvaluationError(f"{args.config}: cannot load the config: {one_line(err)}") from err
         label = args.baseline or f"untrained ({args.config or 'default config'})"
     if args.baseline:
-        # Zero-shot dual encoder: open_clip's own weights (model.py's OpenClipEncoder counts them all as trainable),
+        # Zero-shot dual encoder: open_clip's own weights (baseline.py's OpenClipEncoder counts them all as trainable),
         # no calibrator.
         cfg.model.kind, cfg.model.backbone = "openclip", args.baseline[len("openclip:"):]
         cfg.model.trainable, cfg.calibrator.mode = "full", "none"
