@@ -610,14 +610,17 @@ def test_fingerprint_follows_the_source_of_the_modules_the_model_imports(tmp_pat
     repository module it imports at the top, directly or through another (the vision tower's packed attention in
     attention.py, the image resizing in media.py). Run on a copy of the repository's modules: a comment added to
     model.py, to attention.py, to media.py, or to a module media.py is made to import, gives a new key; one added
-    to evaluate.py (imported only by a command inside model.py) does not.
+    to evaluate.py (imported only by a command inside model.py) does not. For the open_clip baseline, an edit of
+    baseline.py (its class's module) or of model.py gives a new key.
     Catches: model.py's source alone hashed (the key before the attention and media code moved out of it);
     model.py's own source left out; imports followed one level only; imports inside functions followed too (every
-    edit of evaluate.py would then throw the cache away)."""
+    edit of evaluate.py would then throw the cache away); the encoder class's module left out."""
     import glob
     import shutil
+    import baseline
     import model
     from config import Config
+    from fake_backbones import make_tiny_openclip_config
     from model import build_encoder
 
     copy = tmp_path / "repo"
@@ -643,6 +646,15 @@ def test_fingerprint_follows_the_source_of_the_modules_the_model_imports(tmp_pat
     keys.append(fingerprint(cfg, encoder))
     keys.append(key_after_editing("media_helper.py"))
     assert len(set(keys)) == len(keys), keys
+
+    # The open_clip baseline's class lives in baseline.py, which model.py imports only inside build_encoder.
+    monkeypatch.setattr(baseline, "__file__", str(copy / "baseline.py"))
+    cfg.model.kind, cfg.model.backbone = "openclip", make_tiny_openclip_config(str(tmp_path))
+    cfg.model.trainable = "full"
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    clip_keys = [fingerprint(cfg, encoder), key_after_editing("baseline.py"), key_after_editing("model.py")]
+    assert len(set(clip_keys)) == len(clip_keys), clip_keys
+    assert key_after_editing("evaluate.py") == clip_keys[-1]
 
 
 def test_relative_backbone_looked_for_in_working_dir_then_checkpoint_dir(tmp_path, monkeypatch):
