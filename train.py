@@ -154,8 +154,8 @@ def replay_with_graph(encoder, chunks, states, outs, grads, role, cfg, replay, r
     """Pass 3: re-run each chunk with a graph (replay; else its pass-1 graph is kept), its random state restored
     so dropout masks match, and back-propagate the cached embedding gradients through it. The calibrator's
     regularisers (queries only) are summed and divided by `reg_batch` (see loss_and_embedding_gradients), or
-    (release) averaged per chunk and summed over chunks. Returns the regularisers' total, on the device: reading it per chunk would make the host wait for each
-    chunk's backward before it could queue the next chunk."""
+    (release) averaged per chunk and summed over chunks. Returns the regularisers' total, on the device: reading it
+    per chunk would make the host wait for each chunk's backward before it could queue the next chunk."""
     reg_total = 0.0
     w_fro, w_orth = cfg.calibrator.fro_weight, cfg.calibrator.orth_weight
     start = 0
@@ -289,13 +289,20 @@ def load_val_sets(cfg, keys):
     return val_sets
 
 
-def optimizer_step(encoder, params, optimizer, scheduler, cfg):
+def optimizer_step(encoder, params, optimizer, scheduler, cfg, where):
     """Average the gradients over processes, clip, step. Returns GGAS's difficulty d_k (paper section IV-D): the
-    token-gradient norm, one norm of both tokens (release) or the sum of two norms."""
+    token-gradient norm, one norm of both tokens (release) or the sum of two norms.
+    Non-finite gradients stop the run before they reach the weights (every rank holds the same averaged gradients,
+    so every rank stops): one optimizer step would make every weight NaN, and the next checkpoint would save them.
+    `where` names the step in that error."""
     average_gradients(params)
     joint, summed = encoder.token_grad_norms()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"{where}: the gradients are not finite (total norm {float(norm)}); the run stops "
+                                 f"before the optimizer applies them, so the last checkpoint holds finite weights")
     if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.train.grad_clip, norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -374,7 +381,8 @@ def train(cfg, resume=False, stop_after=None):
             stats, bad = cached_step(encoder, examples, cfg, chunk, pool, prefetched, prepare_next)
             record_bad_records(bad_records, key, bad, rank, cfg)
             lr = scheduler.get_last_lr()[0]             # this step's rate, before the scheduler moves to the next
-            difficulty = optimizer_step(encoder, params, optimizer, scheduler, cfg)
+            where = f"step {step + 1} of {key} (loss {stats and stats['loss']}, records {[e['id'] for e in examples]})"
+            difficulty = optimizer_step(encoder, params, optimizer, scheduler, cfg, where)
             sampler.update(key, difficulty, device=device)
             step += 1
 

@@ -359,13 +359,62 @@ def test_optimizer_step_reads_the_difficulty_then_clips_steps_and_schedules(tiny
     optimizer = torch.optim.SGD(params, lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_module.learning_rate_factor(cfg, total_steps=12))
 
-    got = train_module.optimizer_step(encoder, params, optimizer, scheduler, cfg)
+    got = train_module.optimizer_step(encoder, params, optimizer, scheduler, cfg, "step 1")
     assert got == pytest.approx((q * q + t * t) ** 0.5 if difficulty == "joint" else q + t, rel=1e-5)
     scale = 0.25 * cfg.train.grad_clip / total
     for p, g, start in zip(params, given, before):
         torch.testing.assert_close(start - p.detach(), scale * g, atol=1e-7, rtol=1e-4)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
     assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("poisoned, value", [("lm.model.language_model.layers.0.mlp.up_proj.weight", float("inf")),
+                                             ("query_token", float("nan"))])
+def test_non_finite_gradients_stop_the_run_before_the_weights_change(tiny_backbone, poisoned, value):
+    """One non-finite gradient entry, in a weight of the language model or in the query token: optimizer_step raises
+    a FloatingPointError naming the step it was given, and no weight, optimizer moment or schedule has moved.
+    Catches: the check removed (the inf in a language-model weight leaves the token norms, and so GGAS's own check,
+    finite: AdamW would turn that weight into NaN and the run would go on and checkpoint it)."""
+    cfg = full_training_config(tiny_backbone)
+    cfg.train.grad_clip = 1.0
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    dict(encoder.named_parameters())[poisoned].grad.view(-1)[3] = value
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    with pytest.raises(FloatingPointError, match=r"^step 7 of 1_t2i_Shoes \(records \[\]\): the gradients are not "):
+        train_module.optimizer_step(encoder, params, optimizer, scheduler, cfg, "step 7 of 1_t2i_Shoes (records [])")
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert not optimizer.state and scheduler.last_epoch == 0
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_finite_checkpoints(tiny_backbone, mini_root,
+                                                                                       tmp_path, monkeypatch):
+    """The loss turns NaN at step 3 (checkpoints every step): training stops with an error naming step 3, its
+    sub-dataset, its records and the NaN loss; last.pt holds step 2 with finite weights.
+    Catches: `where` not built from this step (the step number, key or records missing from the message)."""
+    calls = []
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = contrastive_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(train_module, "contrastive_loss", nan_at_step_3)
+    cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=4", "train.save_every=1",
+                     "train.val_every=0")
+    with pytest.raises(FloatingPointError) as err:
+        train(cfg)
+    keys = [r["key"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "loss" in r]
+    assert len(keys) == 2
+    message = str(err.value)
+    assert re.match(r"step 3 of (1_t2i_Shoes|9_asfr_DARN|7_cir_FashionIQ-Dress) \(loss nan, records \['", message), message
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
 # ----------------------------------------------------------------------------- a batch's random choices
