@@ -649,6 +649,31 @@ def test_checkpoint_rng_states_load_as_cpu_byte_tensors(tmp_path):
     torch.set_rng_state(state)
 
 
+def test_last_checkpoint_is_resumed_only_when_asked(tmp_path):
+    """A run started without --resume (and not restarted by torchrun) starts fresh even though its out_dir holds a
+    last.pt; with --resume it reads that file, and with none there it starts fresh.
+    Catches: the resume flag ignored in checkpoint_to_resume (`rank == 0 and resume and os.path.exists(path)` without
+    `resume`: a fresh run silently continues the old one)."""
+    from checkpoints import checkpoint_to_resume
+    path = tmp_path / "last.pt"
+    assert checkpoint_to_resume(str(path), resume=True) is None
+    torch.save({"step": 3}, path)
+    assert checkpoint_to_resume(str(path), resume=False) is None
+    assert checkpoint_to_resume(str(path), resume=True) == {"step": 3}
+
+
+def test_a_failed_checkpoint_save_keeps_the_last_one_and_leaves_no_temporary(tmp_path):
+    """save_atomic writes beside last.pt and renames: a save that fails part-way (torch.save meets an object it cannot
+    pickle, a lock, after a tensor) leaves the previous last.pt whole and no temporary file in out_dir.
+    Catches: atomic_write's cleanup dropped (a .tmp<pid> file left behind by every failed save)."""
+    from plumbing import save_atomic
+    path = tmp_path / "last.pt"
+    save_atomic({"step": 3}, path)
+    with pytest.raises(TypeError, match="pickle"):
+        save_atomic({"w": torch.ones(1000), "lock": threading.Lock()}, path)
+    assert os.listdir(tmp_path) == ["last.pt"]
+    assert load_checkpoint(path) == {"step": 3}
+
 def test_checkpoint_restores_step_best_score_unreadable_records_and_random_states(tiny_backbone, tmp_path):
     """A checkpoint written at step 7 with best validation score 12.5 and one unreadable record, saved and loaded,
     restored into a fresh encoder, optimizer, scheduler and sampler: the step, the best score, the unreadable records,
@@ -1146,3 +1171,32 @@ def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, mo
     assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.sampler.eta) == (16, 8, 2.0)
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.out_dir) == (1e-4, 2, "runs/child")
     assert load_config("configs/child.yaml").train.batch_size == 8
+
+
+def test_defaults_are_the_documented_values_and_release_yaml_sets_each_switch_back():
+    """Config() holds the hyperparameters docs/method.md states (several are set by no config file: tiny.yaml runs
+    with the regulariser weights and temperature of the defaults), and each switch of README's "Differences from the
+    authors' release" table has our value by default and the release's in configs/release.yaml.
+    Catches: a wrong default no config overrides (calibrator.fro_weight 1e-3, calibrator.orth_weight 1e-3,
+    train.temperature 0.05); sampler.update_every defaulting to the release's 0."""
+    cfg = Config()
+    documented = {"calibrator": {"fro_weight": 1e-4, "orth_weight": 1e-2, "gate_bias_init": -3.0},
+                  "sampler": {"alpha": 0.9, "gamma": 0.5, "eta": 1.0, "floor": 0.02, "warmup_epochs": 1},
+                  "train": {"temperature": 0.07, "lr": 1e-4, "weight_decay": 1e-3},
+                  "model": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}}
+    switches = {"model": {"keep_rope_positions": (True, False), "normed_readout": (True, False),
+                          "fp32_trainable": (True, False), "eval_image_pixels": (0, 65536),
+                          "fill_pixel_budget": (True, False), "reuse_vision_features": (True, False),
+                          "vision_attention": ("auto", "transformers")},
+                "calibrator": {"reg_per_chunk": (False, True)},
+                "sampler": {"guaranteed_floor": (True, False), "update_every": (50, 0),
+                            "difficulty": ("joint", "joint")}}
+    release = load_config(os.path.join(REPO, "configs", "release.yaml"))
+    for section, values in documented.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    for section, values in switches.items():
+        for key, (ours, theirs) in values.items():
+            assert getattr(getattr(cfg, section), key) == ours, f"{section}.{key}"
+            assert getattr(getattr(release, section), key) == theirs, f"release {section}.{key}"
+    assert release.data.prepare_workers == 0
