@@ -261,6 +261,19 @@ def test_publish_dir_moves_config_json_last(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "config.json").read_text() == "config.json"
 
 
+def test_staging_dir_creates_a_missing_parent_and_stages_beside_the_output(tmp_path):
+    """`make-tiny runs/x` on a fresh clone has no runs/ yet: staging_dir creates it and stages inside it (the same
+    file system, so publish_dir's renames are atomic), and publish_dir then fills runs/x.
+    Catches: staging_dir without its `os.makedirs(parent, exist_ok=True)` (FileNotFoundError on a fresh clone)."""
+    from plumbing import publish_dir, staging_dir
+    out = tmp_path / "runs" / "x"
+    with staging_dir(str(out)) as staging:
+        assert os.path.dirname(staging) == str(tmp_path / "runs")
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            f.write("{}")
+        publish_dir(staging, str(out))
+    assert os.listdir(tmp_path / "runs") == ["x"] and os.listdir(out) == ["config.json"]
+
 def test_the_cards_bf16_figure_is_the_rounding_error_over_the_lora_delta(trained):
     """The model card's bf16 figure is 100 x sqrt(sum of squared bf16 rounding errors of the merged weights / sum of
     squared LoRA deltas) over all merged layers, recomputed here in float64 from each layer's base weight and its
