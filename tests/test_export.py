@@ -274,6 +274,7 @@ def test_staging_dir_creates_a_missing_parent_and_stages_beside_the_output(tmp_p
         publish_dir(staging, str(out))
     assert os.listdir(tmp_path / "runs") == ["x"] and os.listdir(out) == ["config.json"]
 
+
 def test_the_cards_bf16_figure_is_the_rounding_error_over_the_lora_delta(trained):
     """The model card's bf16 figure is 100 x sqrt(sum of squared bf16 rounding errors of the merged weights / sum of
     squared LoRA deltas) over all merged layers, recomputed here in float64 from each layer's base weight and its
