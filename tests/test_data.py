@@ -631,3 +631,40 @@ def test_an_empty_path_in_a_media_list_is_named_as_such():
     with pytest.raises(DataError, match="'query_image' must be a list of non-empty path strings") as e:
         pd.check_records([record], "file.json", ("instruction_text", "target_image"))
     assert e.value.record_id == "r1"
+
+
+def test_unseen_names_of_one_file_are_one_gallery_image(tmp_path):
+    """Street+Modification names are "<category>+<DeepFashion2 id>": "dress+1.jpg" and "top+1.jpg" are one image. It
+    must be one gallery entry, or the query's own street photo survives exclusion as the second copy and ranks first.
+    Expected gallery, ground truth and exclusion written out by hand.
+    Catches: build_unseen_eval_set keeping one gallery entry per name instead of per resolved file."""
+    task_dir = tmp_path / "evaluation_only_tasks" / UNSEEN_TASKS[0]
+    task_dir.mkdir(parents=True)
+    pd.write_json(str(task_dir / "candidate_images.json"), ["dress+1.jpg", "top+1.jpg", "top+2.jpg"])
+    pd.write_json(str(task_dir / "triplet_data.json"), [{"id": "q0", "instruction_text": "find it",
+                                                         "query_image": ["dress+1.jpg"], "target_image": ["top+2.jpg"]}])
+    ev = build_unseen_eval_set(str(tmp_path), UNSEEN_TASKS[0], street2shop_images="DF2/train+image+{id}")
+    assert ev.gallery == [str(tmp_path / "DF2" / "train+image+1.jpg"), str(tmp_path / "DF2" / "train+image+2.jpg")]
+    assert ev.ground_truth == [[1]] and ev.exclude == [[0]]
+
+
+def test_a_json_file_that_is_not_utf8_is_a_data_error_naming_it(tmp_path):
+    """A data file in another encoding (Latin-1 captions) is refused as malformed JSON naming the file, like any
+    other malformed file, not a UnicodeDecodeError traceback.
+    Catches: read_json catching JSONDecodeError only."""
+    path = tmp_path / "captions.json"
+    path.write_bytes('[{"id": "a", "instruction_text": "robe d\'été"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match="malformed JSON") as e:
+        pd.read_json(str(path))
+    assert e.value.path == str(path)
+
+
+@pytest.mark.parametrize("field,value", [("instruction_text", None), ("instruction_text", 7), ("attribute", ["a"])])
+def test_a_text_field_that_is_not_a_string_is_named(field, value):
+    """check_records refuses a text field holding null, a number or a list, naming the field and the record (the
+    tokenizer would otherwise fail far from the file, or "7" be embedded as a caption).
+    Catches: the string-type check of TEXT_FIELDS dropped from check_records."""
+    record = {"id": "r1", "instruction_text": "find it", "target_image": ["b.jpg"], field: value}
+    with pytest.raises(DataError, match=f"'{field}' must be a string") as e:
+        pd.check_records([record], "file.json", ("instruction_text", "target_image"))
+    assert e.value.record_id == "r1"

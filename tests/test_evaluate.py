@@ -957,3 +957,36 @@ def test_encoding_sharded_over_three_ranks_pads_and_restores_the_order(monkeypat
         assert (out is None) == (rank != 0)
     assert [len(shards[r]) for r in range(3)] == [4, 4, 4]
     assert out[:, 0].tolist() == list(range(10))
+
+
+def test_unreadable_cache_file_is_ignored_with_a_warning(tmp_path, capsys):
+    """A cache chunk that cannot be read (truncated by a full disk, or any foreign bytes) is only a cache: it is skipped
+    with a warning naming it, its images are encoded afresh, and the results equal an uncached run.
+    Catches: load_cache catching only some errors (an unpickling error then stops the evaluation)."""
+    sets, cache = make_sets(), tmp_path / "cache"
+    evaluate_sets(FakeEncoder(), sets, batch_size=4, cache_dir=str(cache), progress=False)
+    chunk = sorted(cache.glob("targets-*.pt"))[0]
+    lost = [key[0] for key in torch.load(chunk, weights_only=True)["keys"]]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    encoder = FakeEncoder()
+    assert evaluate_sets(encoder, sets, batch_size=4, cache_dir=str(cache), progress=False) == \
+        evaluate_sets(FakeEncoder(), sets, batch_size=4, progress=False)
+    assert sorted(encoder.targets) == sorted(lost)
+    assert f"ignoring unreadable cache file {chunk}" in capsys.readouterr().err
+
+
+def test_a_cache_chunk_is_never_left_half_written(tmp_path, monkeypatch):
+    """A run killed while it writes a cache chunk leaves no chunk file behind (the write goes to a temporary name,
+    then one rename), so no later run reads half a chunk. The kill is simulated by a torch.save that writes some
+    bytes and then fails.
+    Catches: save_cache_chunk writing the chunk file in place (torch.save straight onto targets-*.pt)."""
+    def dies_while_writing(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a chunk")
+        raise OSError("killed")
+
+    monkeypatch.setattr(torch, "save", dies_while_writing)
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError, match="killed"):
+        evaluate_sets(FakeEncoder(), make_sets(), batch_size=4, cache_dir=str(cache), progress=False)
+    assert os.listdir(cache) == []

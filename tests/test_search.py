@@ -379,3 +379,26 @@ def test_query_and_catalogue_edge_cases(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     (tmp_path / "._a.jpg").write_bytes(b"x")
     assert [item["path"] for item in search.read_catalogue(str(tmp_path))] == [str(tmp_path / "a.jpg")]
+
+
+def test_catalogue_folder_lists_images_whatever_the_case_of_their_extension(tmp_path):
+    """Cameras and exports write IMG_0001.JPG or photo.Png: every image file of a catalogue folder is indexed, whatever
+    the case of its extension; other files are not.
+    Catches: read_catalogue matching extensions case-sensitively (upper-case files dropped without a word)."""
+    for name in ("a.jpg", "B.JPG", "c.Png", "d.jpeg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [item["path"] for item in search.read_catalogue(str(tmp_path))] == [
+        str(tmp_path / name) for name in ("B.JPG", "a.jpg", "c.Png", "d.jpeg")]
+
+
+def test_ef_search_reaches_an_hnsw_coarse_quantizer():
+    """An IVF index with an HNSW coarse quantizer (IVF..._HNSW.., the large-catalogue setting) explores ef_search
+    candidates when it picks the lists to probe, as --ef-search says; read back from faiss.
+    Catches: set_search_params leaving out quantizer_efSearch (the quantizer keeps faiss's default of 16)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    index = set_search_params(build_index(x / np.linalg.norm(x, axis=1, keepdims=True), "IVF8_HNSW4,Flat"),
+                              nprobe=3, ef_search=77)
+    ivf = faiss.extract_index_ivf(index)
+    assert ivf.nprobe == 3
+    assert faiss.downcast_index(ivf.quantizer).hnsw.efSearch == 77
