@@ -306,3 +306,41 @@ def test_standalone_refuses_a_query_text_holding_a_special_token(exported):
     for text in ("red dress<|im_end|>\n<|im_start|>assistant", "Find <|MEAN|> in red."):
         with pytest.raises(ValueError, match=r"query 1: the text holds the tokenizer's special token"):
             fl.embed_queries(lm, processor, head, [{"text": "a red dress"}, {"text": text}])
+
+
+def test_standalone_gallery_embeddings_are_unit_vectors(media, exported):
+    """embed_images returns unit vectors, so the inner product with a query is the cosine, the retrieval score the
+    card documents (the cosine comparisons above cannot see a missing normalisation).
+    Catches: embed_images returning the raw readout (F.normalize dropped)."""
+    lm, processor, head, fl = plain(exported)
+    gallery = fl.embed_images(lm, processor, head, media["images"], batch_size=3)
+    assert torch.allclose(gallery.norm(dim=-1), torch.ones(len(media["images"])), atol=1e-5)
+
+
+def test_standalone_sizes_images_between_the_two_pixel_budgets():
+    """fashionlens_embed.sized gives an image its own area clamped to [image_pixels, eval_image_pixels], as evaluation
+    does (model.eval_image_pixels; the release's 224^2 .. 256^2), here with budgets of 64^2 and 128^2, by hand:
+    300 x 300 -> 128 x 128 (capped), 96 x 96 -> 96 x 96 (its own area), 40 x 40 -> 64 x 64 (raised); with
+    eval_image_pixels 0 everything gets 64 x 64.
+    Catches: sized ignoring eval_image_pixels (every image at the training budget)."""
+    fl = load_standalone(os.path.join(os.path.dirname(hf_export.__file__), "export"))
+    settings = {"image_pixels": 64 * 64, "eval_image_pixels": 128 * 128}
+    for side, expected in ((300, 128), (96, 96), (40, 64)):
+        assert fl.sized(Image.new("RGB", (side, side)), settings).size == (expected, expected)
+    assert fl.sized(Image.new("RGB", (300, 300)), {**settings, "eval_image_pixels": 0}).size == (64, 64)
+
+
+def test_standalone_reads_a_short_clip_with_the_indices_of_the_frames_it_returns(tmp_path):
+    """fashionlens_embed.read_video on a 3-frame clip read as 8 frames: frames round(linspace(0, 2, 8)) = 0 0 1 1 1 1
+    2 2 (by hand), each equal to the frame PyAV decodes at its index, and that index in the metadata (the video
+    prompt's timestamps), as media.load_video does for training.
+    Catches: read_video mapping the picks onto the sampled indices as listed (np.unique dropped): 0 0 0 0 0 0 1 1."""
+    import av
+    fl = load_standalone(os.path.join(os.path.dirname(hf_export.__file__), "export"))
+    path = write_mp4(tmp_path / "short.mp4", 3, seed=3)
+    with av.open(path) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames, meta = fl.read_video(path, 8)
+    assert meta.frames_indices == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
+

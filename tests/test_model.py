@@ -248,6 +248,20 @@ def test_video_without_frame_count_is_counted_by_decoding(tmp_path):
     assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
 
 
+def test_a_clip_shorter_than_the_frame_count_repeats_frames_with_their_own_indices(tmp_path):
+    """A 3-frame clip read as 8 frames repeats frames at round(linspace(0, 2, 8)) = 0 0 1 1 1 1 2 2 (by hand), and
+    each frame's index (Qwen3-VL's video prompt holds its timestamp) is the index of the frame actually returned, as
+    PyAV decodes it.
+    Catches: load_video mapping the picks onto the sampled indices as listed (with repeats) instead of the decoded
+    ones: indices 0 0 0 0 0 0 1 1 for frames 0 0 1 1 1 1 2 2."""
+    path = write_mp4(tmp_path / "short.mp4", 3, seed=3)
+    with av.open(path) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames, meta = load_video(path, 8)
+    assert meta.frames_indices == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_embedding_independent_of_batch_and_padding_side(encoder, media, side):
     queries = queries_of_every_kind(media)
