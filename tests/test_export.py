@@ -343,4 +343,3 @@ def test_standalone_reads_a_short_clip_with_the_indices_of_the_frames_it_returns
     frames, meta = fl.read_video(path, 8)
     assert meta.frames_indices == [0, 0, 1, 1, 1, 1, 2, 2]
     assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
-
