@@ -46,7 +46,7 @@ class ModelConfig:
     dtype: str = "bfloat16"                  # compute dtype on GPU (CPU always computes in fp32)
     image_pixels: int = 224 * 224            # pixel budget per image (and per video frame), training and evaluation
     eval_image_pixels: int = 0               # 0 = image_pixels; release: 256 * 256 (evaluation keeps each image
-                                             #   near its own size, between image_pixels and this)
+                                             #   near its own size, between image_pixels and this; not below it)
     fill_pixel_budget: bool = True           # release: False (Qwen2-VL's smart_resize: up to ~27% of it unused)
     video_frames: int = 8
     gradient_checkpointing: bool = False

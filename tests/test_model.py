@@ -234,6 +234,15 @@ def test_release_evaluates_between_the_two_budgets(tiny_backbone, tmp_path):
     assert tokens(release.prepare_targets(paths[:1], train=True)["image_grid_thw"]) == [49]
 
 
+def test_an_evaluation_budget_below_the_training_budget_is_refused(tiny_backbone):
+    """model.eval_image_pixels is the upper end of evaluation's range, image_pixels its lower end: a value below
+    image_pixels has no meaning (resize_to_budget would let it win, evaluating below the training budget) and is
+    refused when the encoder is built, naming both settings.
+    Catches: the check removed (the encoder builds and evaluates every image at the smaller budget)."""
+    with pytest.raises(ValueError, match=r"model.eval_image_pixels=1024 is below model.image_pixels=4096"):
+        build(tiny_backbone, image_pixels=64 * 64, eval_image_pixels=32 * 32)
+
+
 def test_video_without_frame_count_is_counted_by_decoding(tmp_path):
     """A container that stores no frame count (.mkv) still gives 8 distinct frames spread over the whole clip,
     equal to the frames PyAV decodes at the uniform indices round(linspace(0, 11, 8)).
