@@ -532,6 +532,26 @@ def bf16_on_cpu(monkeypatch):
     monkeypatch.setattr(model, "compute_dtype", lambda model_cfg, device: torch.bfloat16)
 
 
+def test_autocast_is_bf16_where_the_compute_dtype_is_and_off_in_fp32(encoder, monkeypatch):
+    """Encoder.autocast: off where the compute dtype is fp32 (CPU), a bf16 autocast where it is bf16 (a GPU, stood in
+    for by patching compute_dtype). Catches: the switch inverted (`enabled=dtype == torch.float32`: bf16 weights
+    then run without autocast on a GPU)."""
+    with encoder.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(model, "compute_dtype", lambda model_cfg, device: torch.bfloat16)
+    with encoder.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_an_explicit_attention_implementation_reaches_the_backbone(tiny_backbone):
+    """model.attn_implementation other than "auto" goes to transformers as it is: "eager" builds a backbone whose
+    language model and vision tower both attend eagerly. Catches: the setting replaced by sdpa (`return "sdpa"` for
+    every value but "auto" in attention.attention_kernel)."""
+    enc = build(tiny_backbone, attn_implementation="eager")
+    assert enc.lm.config.text_config._attn_implementation == "eager"
+    assert enc.lm.config.vision_config._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize("fp32_trainable", [True, False])
 def test_fp32_trainable_decides_only_the_heads_dtype(tiny_backbone, media, bf16_on_cpu, fp32_trainable):
     """In bf16, model.fp32_trainable=false puts the calibrator and the two token vectors in bf16 (the release) and
@@ -566,6 +586,18 @@ def test_trainable_state_round_trip_gives_identical_embeddings(tiny_backbone, me
     other = build(tiny_backbone, trainable="lora" if trainable == "full" else "full")
     with pytest.raises(KeyError, match="missing"):
         other.load_trainable_state_dict(trained.trainable_state_dict())
+
+
+def test_trainable_state_with_tensors_this_encoder_lacks_is_refused(encoder, tiny_backbone):
+    """A checkpoint trained with the calibrator, loaded into an encoder built without one (calibrator.mode=none):
+    every tensor the encoder has is in the state, but the calibrator's are left over, so the load is refused, naming
+    them, and nothing is copied. Catches: only missing tensors checked (`if missing or unexpected` -> `if missing`:
+    the run would evaluate without the calibrator it trained, silently)."""
+    plain = build(tiny_backbone, calibrator=CalibratorConfig(mode="none"))
+    before = plain.trainable_state_dict()
+    with pytest.raises(KeyError, match=r"missing \[\], unexpected \['calibrator\."):
+        plain.load_trainable_state_dict(encoder.trainable_state_dict())
+    assert all(torch.equal(p, before[n]) for n, p in plain.trainable_state_dict().items())
 
 
 def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media, tmp_path):
@@ -650,3 +682,36 @@ def test_open_clip_trains_and_round_trips(clip, media):
         enc.eval()
     with pytest.raises(ValueError, match="trainable=full"):
         model.build_encoder(ModelConfig(kind="openclip", backbone=enc.model_cfg.backbone), CalibratorConfig())
+
+
+def test_open_clip_video_frames_join_the_query_images(clip, media, tmp_path):
+    """A query with an image and a video: the text embedding plus the normalised mean of the normalised embeddings of
+    the image and every decoded frame (docs/method.md#embedding), recomputed from the text-only query and from the
+    frames embedded as gallery images (saved as PNG, which keeps their pixels). Catches: the frames replacing the
+    query's images (`images = [...]` for `images += [...]`); one frame per video (`load_video(...)[0][:1]`)."""
+    text = {"id": "t", "instruction_text": "a red dress", "query_image": [], "query_video": []}
+    mixed = dict(text, id="m", query_image=media["images"][1:2], query_video=[media["short_video"]])
+    frames = load_video(media["short_video"], clip.model_cfg.video_frames)[0]
+    paths = [str(tmp_path / f"frame{i}.png") for i in range(len(frames))]
+    for frame, path in zip(frames, paths):
+        Image.fromarray(frame).save(path)
+    images = clip.encode_targets(media["images"][1:2] + paths)
+    q = clip.encode_queries([text, mixed])
+    expected = F.normalize(q[0] + F.normalize(images.sum(0), dim=0), dim=0)
+    assert len(frames) > 1 and torch.allclose(q[1], expected, atol=1e-5)
+
+
+def test_open_clip_difficulty_is_the_two_projections_gradient_norms(clip):
+    """The baseline's GGAS difficulty stand-in from given gradients: the image projection's of norm 3 and the text
+    projection's of norm 4 give (joint norm 5, sum of norms 7); other gradients do not count. Catches: the joint norm
+    taken as a sum (`stack(norms).sum()`); one projection counted twice (`norms[0] + norms[0]`, or `visual.proj` in
+    place of `text_projection`)."""
+    image, text = clip.clip.visual.proj, clip.clip.text_projection
+    try:
+        for p in clip.parameters():
+            p.grad = torch.ones_like(p)
+        image.grad, text.grad = torch.zeros_like(image), torch.zeros_like(text)
+        image.grad[0, 0], text.grad[-1, -1] = 3.0, -4.0
+        assert clip.token_grad_norms() == pytest.approx((5.0, 7.0))
+    finally:
+        clip.zero_grad(set_to_none=True)
