@@ -204,6 +204,8 @@ def test_cached_gradients_equal_uncached_with_dropout(tiny_backbone, tmp_path, v
 
 
 def test_chunk_size_does_not_change_loss_or_gradients(tiny_backbone, tmp_path):
+    """Chunks of 1, 3 and 6 queries give the same loss, gradients and logged mean gate (over the whole batch).
+    Catches: the gate mean of the first chunk only (`gates[0].mean()`)."""
     cfg = full_training_config(tiny_backbone)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     perturb(encoder)
@@ -212,9 +214,10 @@ def test_chunk_size_does_not_change_loss_or_gradients(tiny_backbone, tmp_path):
     for chunk_size in (1, 3, 6):
         encoder.zero_grad(set_to_none=True)
         stats, _ = cached_step(encoder, examples, cfg, chunk_size)
-        results.append((stats["loss"], grads(encoder)))
-    for loss, g in results[1:]:
+        results.append((stats["loss"], grads(encoder), stats["gate_mean"]))
+    for loss, g, gate_mean in results[1:]:
         assert loss == pytest.approx(results[0][0], abs=1e-5)
+        assert gate_mean == pytest.approx(results[0][2], abs=1e-6)
         for name in g:
             torch.testing.assert_close(g[name], results[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
 
@@ -418,6 +421,20 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_finite_check
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
+def test_unreadable_records_beyond_the_limit_stop_the_run():
+    """data.max_bad_records=2: two distinct records pass, one of them found again by a later step; a third record
+    (the same id in another sub-dataset is another record) stops the run with a DataError counting 3.
+    Catches: the limit off by one either way (`>` -> `>=`, or `> max_bad_records + 1`)."""
+    cfg = Config()
+    cfg.data.max_bad_records = 2
+    found = set()
+    train_module.record_bad_records(found, "1_t2i_Shoes", [(["r1"], "cannot read")], 0, cfg)
+    train_module.record_bad_records(found, "1_t2i_Shoes", [(["r1", "r2"], "cannot read")], 0, cfg)
+    assert found == {"1_t2i_Shoes/r1", "1_t2i_Shoes/r2"}
+    with pytest.raises(plumbing.DataError, match=r"3 unreadable training records \(limit data.max_bad_records=2\)"):
+        train_module.record_bad_records(found, "9_asfr_DARN", [(["r1"], "cannot read")], 0, cfg)
+
+
 # ----------------------------------------------------------------------------- a batch's random choices
 
 def test_batch_examples_are_drawn_from_seed_step_and_rank(mini_root):
@@ -598,6 +615,27 @@ def test_the_log_gives_each_step_the_learning_rate_it_trained_with(tiny_backbone
     train(cfg)
     logged = [r["lr"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "loss" in r]
     assert logged == pytest.approx([cfg.train.lr * f for f in (0.5, 1.0, 1.0, 0.5)])
+
+
+def test_best_checkpoint_holds_the_best_validation_and_the_last_step_is_logged(tiny_backbone, mini_root, tmp_path,
+                                                                               monkeypatch):
+    """Three steps validated after each with scores 4, 9, 6 (scripted), log_every=2: best.pt is step 2's with best
+    score 9, last.pt (step 3) keeps 9 as the best score, and log.jsonl holds the step records of steps 2 and 3 (the
+    last step although 3 is not a multiple of 2) and the three scores. Catches: the best score not updated (every
+    validation writes best.pt: step 3's); the comparison flipped (`current < best_score`: no best.pt); the last
+    step's record not logged (`or step == total_steps` dropped)."""
+    scores = iter([4.0, 9.0, 6.0])
+    monkeypatch.setattr(train_module, "validate", lambda encoder, val_sets, cfg: {"sets": {}})
+    monkeypatch.setattr(train_module, "score", lambda results: next(scores))
+    cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=3", "train.val_every=1",
+                     "train.log_every=2", "train.save_every=1")
+    _, best = train(cfg)
+    log = list(map(json.loads, open(tmp_path / "run" / "log.jsonl")))
+    assert [r["step"] for r in log if "loss" in r] == [2, 3]
+    assert [r["val_score"] for r in log if "val" in r] == [4.0, 9.0, 6.0]
+    best_ckpt, last = (load_checkpoint(tmp_path / "run" / name) for name in ("best.pt", "last.pt"))
+    assert best == 9.0 and (best_ckpt["step"], best_ckpt["best_score"]) == (2, 9.0)
+    assert (last["step"], last["best_score"]) == (3, 9.0)
 
 
 def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, capsys):
