@@ -86,7 +86,8 @@ def test_prompt_of_every_task_family_is_the_release_prompt(encoder, media):
     processor.apply_chat_template(conversation, tokenize=False) with Qwen3-VL's template (written out by hand),
     and the ids around the readout are <|im_start|> assistant \\n <|MEAN|>/<|IMG|> <|im_end|> \\n.
     Catches: Qwen3's text template (the tokenizer package's) as the directory's chat template (it cannot render
-    Qwen3-VL's list contents); media placed before the instruction in prepare_queries."""
+    Qwen3-VL's list contents); media placed before the instruction in prepare_queries; a query's video placed
+    before its images (docs/method.md#embedding: instruction, images, video)."""
     sketch, street, square = media["photos"][750, 1101], media["photos"][1920, 1080], media["photos"][300, 300]
     families = {
         "text": (record("A navy wool coat with a belt."), "A navy wool coat with a belt."),
@@ -101,6 +102,8 @@ def test_prompt_of_every_task_family_is_the_release_prompt(encoder, media):
                    "Find the bag that goes with this outfit." + PICTURE * 3),
         "attribute": (record("Find items with the same neckline design.", [street]),
                       "Find items with the same neckline design." + PICTURE),
+        "image+video": (record("Find this jacket.", [square], video=[media["video"]]),
+                        "Find this jacket." + PICTURE + CLIP),
     }
     for family, (query, user) in families.items():
         text, inputs = rendered(encoder, encoder.prepare_queries, [query])
