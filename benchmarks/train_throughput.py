@@ -67,7 +67,7 @@ from encode_throughput import peak_tflops, write_images  # noqa: E402
 from fake_backbones import make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
 from loader import StepPrefetch  # noqa: E402
 from model import build_encoder  # noqa: E402
-from plumbing import average_gradients, write_text_atomic  # noqa: E402
+from plumbing import write_text_atomic  # noqa: E402
 import train  # noqa: E402
 from train import cached_step, peak_memory_mb  # noqa: E402
 
@@ -127,7 +127,9 @@ def phase_timers(device, seconds):
             setattr(train, name, fn)
 
 
-def step(encoder, cfg, examples, chunk, params, optimizer, prefetch=None):
+def step(encoder, cfg, examples, chunk, params, optimizer, scheduler, prefetch=None):
+    """One training step as train.train runs it: cached_step, then train.optimizer_step (gradient average, GGAS
+    difficulty, the finiteness check, clipping, AdamW)."""
     pool = prefetched = prepare_next = None
     if prefetch:  # as in train.train, the next step's batch being this one
         batch = (examples[0]["key"], examples, chunk)
@@ -135,12 +137,7 @@ def step(encoder, cfg, examples, chunk, params, optimizer, prefetch=None):
     stats, bad = cached_step(encoder, examples, cfg, chunk, pool, prefetched, prepare_next)
     if bad:
         raise RuntimeError(f"synthetic batch has unreadable records: {bad}")
-    average_gradients(params)
-    encoder.token_grad_norms()  # the GGAS difficulty: a device sync, part of every real step
-    if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train.optimizer_step(encoder, params, optimizer, scheduler, cfg, "benchmark step")
     return stats
 
 
@@ -149,6 +146,7 @@ def measure(encoder, cfg, examples, chunk, steps, device):
     resident before the first step and at the peak of all steps, FLOPs of one step, and the last step's stats."""
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.learning_rate_factor(cfg, steps + 3))
     encoder.train()
     reset_peak_memory(device)
     before = peak_memory_mb(device)  # just reset: what is resident before the step (weights, process)
@@ -160,16 +158,16 @@ def measure(encoder, cfg, examples, chunk, steps, device):
             with phase_timers(device, phase_seconds):
                 synchronize(device)
                 start = time.perf_counter()
-                stats = step(encoder, cfg, examples, chunk, params, optimizer, prefetch)
+                stats = step(encoder, cfg, examples, chunk, params, optimizer, scheduler, prefetch)
                 synchronize(device)
             times.append(time.perf_counter() - start)
             phases.append(phase_seconds)
         peak = peak_memory_mb(device)
         with FlopCounterMode(display=False) as counter:  # after the timed steps: counting slows a step down
-            step(encoder, cfg, examples, chunk, params, optimizer, prefetch)
+            step(encoder, cfg, examples, chunk, params, optimizer, scheduler, prefetch)
     phase_medians = {name: statistics.median(p[name] for p in phases[1:]) for name in PHASES.values()}
     return (statistics.median(times[1:]), phase_medians, before, peak, counter.get_total_flops(), stats,
-            count_host_syncs(lambda: step(encoder, cfg, examples, chunk, params, optimizer), device))
+            count_host_syncs(lambda: step(encoder, cfg, examples, chunk, params, optimizer, scheduler), device))
 
 
 def count_host_syncs(fn, device):
