@@ -343,3 +343,29 @@ def test_standalone_reads_a_short_clip_with_the_indices_of_the_frames_it_returns
     frames, meta = fl.read_video(path, 8)
     assert meta.frames_indices == [0, 0, 1, 1, 1, 1, 2, 2]
     assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-3])
+def test_standalone_calibrator_equals_the_training_one_where_p_opposes_q(offset):
+    """The export's calibrate against calibrator.QueryCalibrator with the same weights, where the hypernetwork's
+    A, B (set through the last layer's bias) send p to -q exactly (offset 0) or to within 1e-3 of it: both must take
+    the normalised-lerp fallback, which at gate sigmoid(-0.85) < 0.5 gives q (by hand), not the ill-conditioned
+    great circle through q and -q. Catches: the standalone's fallback test without `.abs()` (cosine with q -0.99)."""
+    fl = load_standalone(os.path.join(os.path.dirname(hf_export.__file__), "export"))
+    d, cfg = 16, CalibratorConfig()
+    calibrator = QueryCalibrator(d, cfg)
+    q = F.normalize(torch.arange(1.0, d + 1), dim=0)
+    other = F.normalize(torch.eye(d)[0] - q[0] * q, dim=0)          # a unit vector orthogonal to q
+    a, b = torch.zeros(d, cfg.rank), torch.zeros(cfg.rank, d)
+    a[:, 0], b[0] = q, -2 * q + offset * other                      # q A B = -2 q + offset * other
+    with torch.no_grad():
+        calibrator.hyper[-1].weight.zero_()
+        calibrator.hyper[-1].bias.copy_(torch.cat([a.reshape(-1), b.reshape(-1), torch.tensor([-0.85])]))
+    head = {"settings": {"calibrator": {"mode": cfg.mode, "gate": cfg.gate, "fixed_gate": cfg.fixed_gate,
+                                        "rank": cfg.rank}},
+            "calibrator": calibrator.state_dict()}
+    h = 2.5 * q[None]
+    with torch.no_grad():
+        expected = calibrator(h)[0]
+    assert torch.allclose(expected[0], q, atol=1e-3)
+    assert torch.allclose(fl.calibrate(h, head), expected, atol=1e-5)
