@@ -299,7 +299,9 @@ def measure_cuda(cfg, kinds, media, chunks, tmp, device):
     encoder = model.build_encoder(cfg.model, cfg.calibrator, device).train()
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    step(encoder, cfg, media.examples("image", 2), 1, params, optimizer)  # AdamW's moments exist from now on
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    # One step first, so that AdamW's moments exist in every measured peak.
+    step(encoder, cfg, media.examples("image", 2), 1, params, optimizer, scheduler)
 
     def kept_per_record(kind):
         with torch.no_grad():
@@ -312,7 +314,7 @@ def measure_cuda(cfg, kinds, media, chunks, tmp, device):
         for chunk in chunks[kind]:
             reset_peak_memory(device)
             start = time.perf_counter()
-            step(encoder, cfg, media.examples(kind, 2 * chunk), chunk, params, optimizer)
+            step(encoder, cfg, media.examples(kind, 2 * chunk), chunk, params, optimizer, scheduler)
             peak = torch.cuda.max_memory_allocated(device)
             raw.append({"kind": kind, "chunk": chunk, "batch": 2 * chunk, "peak_bytes": peak})
             points.append((chunk, peak - 2 * chunk * (kept + target_kept)))
