@@ -151,8 +151,10 @@ def test_saved_bytes_match_a_hand_count_on_a_linear_gelu_stack():
 
 def test_estimate_is_linear_in_depth_and_chunk(tiny_backbone, tmp_path):
     """The CPU estimate's fit (chunks 1, 2 on 1 and 2 text layers, extrapolated) predicts a count it never saw:
-    3 text layers, chunk 3, counted directly. Catches: an extrapolation off by a layer (full_depth - 1 or + 1),
-    intercept and slope swapped, the chunk fit evaluated at the wrong depth."""
+    3 text layers, chunk 3, counted directly; the vision features kept per record, by hand. Catches: an
+    extrapolation off by a layer (full_depth - 1 or + 1), intercept and slope swapped, the chunk fit evaluated at
+    the wrong depth; the kept features not divided by the chunk, or the deepstack levels counted without the merged
+    tokens."""
     cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), ["model.image_pixels=4096", "model.video_frames=2"])
     media = chunk_memory.Media(str(tmp_path), 12, 0)
     fits, _, _, _ = chunk_memory.estimate(cfg, ["image"], media, [1, 2], (1, 2), 3, True, str(tmp_path))
@@ -161,6 +163,8 @@ def test_estimate_is_linear_in_depth_and_chunk(tiny_backbone, tmp_path):
         encoder = chunk_memory.model.build_encoder(chunk_memory.cfg_with(cfg, backbone).model, cfg.calibrator, "cpu")
         saved, _ = chunk_memory.replay_bytes(encoder.train(), *media.inputs(encoder, "image", 3), 1)
     assert fits["image"]["graph_fixed_bytes"] + 3 * fits["image"]["per_record_bytes"] == pytest.approx(saved, rel=1e-4)
+    # a 4096-pixel image: 4 merged tokens of 128 bf16 values, and the tiny tower's one deepstack level as large
+    assert fits["image"]["kept_vision_per_record_bytes"] == 2 * 4 * 128 * 2
 
 
 def test_table_picks_the_largest_chunk_under_the_headroom():
@@ -185,6 +189,90 @@ def test_table_picks_the_largest_chunk_under_the_headroom():
     rows, misfits = chunk_memory.table(kept, {"7_cir_Shoes": "image"}, cfg, 0.8)
     assert {gb: row.get("7_cir_Shoes") for gb, row in rows.items()} == {24: None, 40: None, 80: 16, 141: 32}
     assert misfits == ["7_cir_Shoes at 24 GB", "7_cir_Shoes at 40 GB"]
+
+
+def test_predicted_peak_by_hand_with_hard_negatives_and_chunks_dividing_the_batch():
+    """Batch 8 with 1 asfr hard negative each: 16 targets. Queries: fixed 10 GiB, 1 GiB per record, 0.5 GiB kept;
+    targets: 10, 0.5, 0.25. Kept for the batch: 8 x 0.5 + 16 x 0.25 = 8 GiB. Chunk 4: 8 + max(10 + 4, 10 + 2) = 22;
+    chunk 8 (< 16 targets, replayed): 8 + max(18, 14) = 26; chunk 16 (both one chunk): 8 + 10 + 8 + 8 = 34 GiB.
+    A batch of 48 at 141 GB (105 GiB usable): 32 and 64 would fit but do not divide it: 16.
+    Catches: the hard negatives left out of the targets; the targets' kept vision features left out; chunks that
+    do not divide the batch allowed."""
+    gib = 2 ** 30
+    cfg = Config()
+    cfg.train.batch_size, cfg.train.asfr_hard_negatives = 8, 1
+    fits = {"image": {"fixed": 10 * gib, "per_record": gib, "kept": gib / 2},
+            "target": {"fixed": 10 * gib, "per_record": gib / 2, "kept": gib / 4}}
+    assert [chunk_memory.predicted_peak(fits, "image", cfg, c) / gib for c in (4, 8, 16)] == [22, 26, 34]
+    cfg.train.batch_size, cfg.train.asfr_hard_negatives = 48, 0
+    light = {k: dict(f, kept=0) for k, f in fits.items()}
+    rows, _ = chunk_memory.table(light, {"7_cir_Shoes": "image"}, cfg, 0.8)
+    assert rows[141]["7_cir_Shoes"] == 16
+
+
+def test_cpu_estimate_adds_weights_and_16_bytes_per_trainable_parameter(tmp_path, monkeypatch):
+    """The table's fixed part on CPU: bf16 weights (3 GiB here) + 16 bytes per trainable parameter (fp32 value,
+    gradient, AdamW's two moments: 2^26 of them, 1 GiB) + the replay graph's fixed part (2 GiB) = 6 GiB; per record
+    and kept features as estimated. Catches: a term of the fixed part dropped, or the state at other than 16 bytes."""
+    gib = 2 ** 30
+    depth_fits = {"image": {"graph_fixed_bytes": 2 * gib, "per_record_bytes": 5e8, "kept_vision_per_record_bytes": 7e5}}
+    monkeypatch.setattr(chunk_memory, "estimate", lambda *args: (depth_fits, 2 ** 26, 0, []))
+    monkeypatch.setattr(chunk_memory, "architecture_weight_bytes", lambda: 3 * gib)
+    args = SimpleNamespace(chunks=None, tiny=False)
+    fits, _, _ = chunk_memory.cpu_estimate(args, Config(), ["image"], str(tmp_path), "test")
+    assert fits == {"image": {"fixed": 6 * gib, "per_record": 5e8, "kept": 7e5}}
+
+
+def test_cuda_fit_takes_the_batchs_kept_vision_features_out_of_the_peak(tmp_path, monkeypatch):
+    """--device cuda with the tiny backbone, the training step stubbed and the peak stubbed at 10 GiB + 1 GiB per
+    chunk record: a step of 2 chunks keeps, per record, a query image's and a target image's vision features
+    (4096 pixels: 4 merged tokens x 128 values, fp32 on CPU, and one deepstack level as large: 4096 bytes each), so
+    the fit is fixed 10 GiB, per record 1 GiB - 2 x 8192 bytes. Catches: the kept features of one chunk taken out instead
+    of the batch's (two chunks), or the target's left in."""
+    import train_throughput
+    cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), ["model.image_pixels=4096"])
+    from fake_backbones import make_tiny_backbone
+    monkeypatch.setattr(chunk_memory, "random_qwen3vl_4b", lambda backbone, tmp, device: make_tiny_backbone(backbone))
+    chunk_of_step = []
+    monkeypatch.setattr(train_throughput, "step", lambda encoder, cfg, examples, chunk, *args: chunk_of_step.append(chunk))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: (10 + chunk_of_step[-1]) * 2 ** 30)
+    media = chunk_memory.Media(str(tmp_path), 32, 0)
+    fits, _ = chunk_memory.measure_cuda(cfg, ["image"], media, {"image": [2, 8]}, str(tmp_path), torch.device("cpu"))
+    assert fits["image"]["kept"] == 4096
+    assert fits["image"]["fixed"] == pytest.approx(10 * 2 ** 30, abs=1)
+    assert fits["image"]["per_record"] == pytest.approx(2 ** 30 - 2 * 8192, abs=1e-3)
+
+
+def test_calibration_corrects_unmeasured_kinds_by_the_median_measured_ratio_and_difference():
+    """Three measured kinds with per-record ratios measured / estimated 2, 3, 10 (median 3, mean 5) and fixed
+    differences +1, +2, +6 GiB (median 2): the unmeasured text kind gets 3x its per-record bytes and 2 GiB more
+    fixed; measured kinds keep their measurement. Catches: the ratio inverted, the difference subtracted, the mean
+    taken instead of the median, an estimate overriding a measurement."""
+    gib = 2 ** 30
+    estimated = {k: {"fixed": 10 * gib, "per_record": gib, "kept": 5.0} for k in ("image", "video", "images3", "text")}
+    measured = {k: {"fixed": (10 + d) * gib, "per_record": r * gib, "kept": 6.0, "points": [(1, 1.0)]}
+                for k, r, d in (("image", 2, 1), ("video", 3, 2), ("images3", 10, 6))}
+    fits, ratio, difference = chunk_memory.calibrated(estimated, measured)
+    assert (ratio, difference) == (3, 2 * gib)
+    assert fits["text"] == {"fixed": 12 * gib, "per_record": 3 * gib, "kept": 5.0}
+    assert fits["images3"] == {"fixed": 16 * gib, "per_record": 10 * gib, "kept": 6.0}
+
+
+def test_table_file_gives_back_the_fits_it_was_written_with(tmp_path):
+    """write_table stores the fit in GiB and MiB; read_estimate (cuda --estimate) reads it back in bytes. Values
+    that the rounding keeps exactly come back exactly. Catches: GB or MB (10^9, 10^6) on either side."""
+    fits = {"image": {"fixed": 9.5 * 2 ** 30, "per_record": 800.25 * 2 ** 20, "kept": 0.5 * 2 ** 20}}
+    path = tmp_path / "chunks.yaml"
+    chunk_memory.write_table(str(path), {24: {}}, fits, Config(), 0.8, [])
+    assert chunk_memory.read_estimate(str(path)) == fits
+
+
+def test_query_kinds_are_u_fire_minis_heaviest_queries(mini_root):
+    """QUERY_KINDS, the kinds the table is sized for, against the heaviest training query of each sub-dataset of
+    U-FIRE-mini (which has U-FIRE's shapes), as --root counts them. Catches: a sub-dataset given a lighter kind
+    (QMUL-Shoe-V2's up to 5 sketches as one image: a chunk that does not fit)."""
+    cfg = load_config(os.path.join(REPO, "configs", "full.yaml"))
+    assert chunk_memory.query_kinds_of(mini_root, cfg) == chunk_memory.QUERY_KINDS
 
 
 def test_script_cpu_path_writes_a_table_training_reads(tmp_path, monkeypatch):
