@@ -7,9 +7,11 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -586,6 +588,104 @@ def test_throughput_benchmark_feeds_training_views_in_the_training_format(mini_r
     from train_throughput import synthetic_batch
     view = TrainSet(mini_root, "7_cir_FashionIQ-Dress").example(0, random.Random(0))
     assert set(synthetic_batch(str(tmp_path), 2)[0]) == set(view)
+
+
+def test_throughput_row_by_hand(monkeypatch, capsys):
+    """train_throughput.run_setting and measure, the step replaced by one of given durations (warm-up 10 s, then 1,
+    3, 2 s: median 2 s, of which 0.25 s no-grad and 0.5 s replay), 2 x 10 x 100 x 1000 = 2e6 FLOPs, on a batch of 8
+    with a peak of 4e-6 TFLOP/s and memory 100 MiB before, 3072 MiB at the peak: 4 samples/s, 1.25 s other, 1e-6 TFLOP/s,
+    utilisation 0.25, 3.00 GiB printed. Catches: the warm-up step in the median; samples/s per chunk instead of per
+    batch; FLOPs scaled by other than 1e12, multiplied by the time, or MFU not divided by the peak; "other" less one
+    phase only; peak and before swapped, or MiB printed as GB."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import train_throughput
+    clock, durations = [0.0], iter([10.0, 1.0, 3.0, 2.0, 100.0])
+
+    def phase(seconds):
+        def run():
+            clock[0] += seconds
+        return run
+
+    def step(encoder, cfg, examples, chunk, params, optimizer, scheduler, prefetch=None):
+        train_module.embed_without_graph()
+        train_module.replay_with_graph()
+        clock[0] += next(durations) - 0.75
+        torch.ones(10, 100) @ torch.ones(100, 1000)
+        return {"loss": 1.5}
+    monkeypatch.setattr(train_module, "embed_without_graph", phase(0.25))
+    monkeypatch.setattr(train_module, "replay_with_graph", phase(0.5))
+    monkeypatch.setattr(train_throughput, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(train_throughput, "step", step)
+    monkeypatch.setattr(train_throughput, "build_encoder", lambda *args: torch.nn.Linear(2, 2))
+    monkeypatch.setattr(train_throughput, "reset_peak_memory", lambda device: None)
+    memory = iter([100.0, 3072.0])
+    monkeypatch.setattr(train_throughput, "peak_memory_mb", lambda device: next(memory))
+    rows = []
+    train_throughput.run_setting(rows, "ours", Config(), [{}] * 8, [4], SimpleNamespace(peak_tflops=4e-6, steps=3),
+                                 torch.device("cpu"))
+    row = rows[0]
+    assert (row["seconds_per_step"], row["samples_per_s"], row["other_seconds"]) == (2, 4, 1.25)
+    assert row["phase_seconds"] == {"data": 0, "no-grad": 0.25, "loss": 0, "replay": 0.5}
+    assert row["tflop_per_step"] == pytest.approx(2e-6) and row["achieved_tflops"] == pytest.approx(1e-6)
+    assert row["utilisation"] == pytest.approx(0.25)
+    assert (row["peak_memory_mib"], row["memory_before_mib"], row["loss"]) == (3072, 100, 1.5)
+    cells = [c.strip() for c in capsys.readouterr().out.split("|")]
+    assert cells[5] == "4.0" and cells[13] == "25.0%" and cells[14] == "3.00" and cells[15] == "0.10"
+
+
+def test_throughput_ratios_are_ours_over_the_release(capsys):
+    """Catches: the samples/s or peak-memory ratio inverted, or taken at another chunk size."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from train_throughput import print_ratios
+    rows = [{"setting": s, "chunk": c, "samples_per_s": v, "peak_memory_mib": m}
+            for s, c, v, m in [("ours", 8, 30, 1000), ("ours", 16, 90, 1), ("release", 8, 20, 4000)]]
+    print_ratios(rows)
+    assert capsys.readouterr().out == "chunk 8: ours / release samples/s = 1.50x, peak memory 0.25x\n"
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312),
+                                          ("NVIDIA L40S", 362), ("NVIDIA L40", 181), ("NVIDIA L4", 121),
+                                          ("NVIDIA A10", 125), ("NVIDIA GeForce RTX 4090", 165), ("Tesla T4", None)])
+def test_bf16_peak_by_gpu_name(monkeypatch, name, tflops):
+    """Dense bf16 peaks from the vendors' data sheets (half the "with sparsity" figure), by the name CUDA reports.
+    Catches: a short name listed before a longer one containing it (H100 before H100 PCIe, L4 before L40); the name
+    searched in the key instead of the key in the name."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from encode_throughput import peak_tflops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_tflops(torch.device("cuda"), 0.0) == tflops
+    assert peak_tflops(torch.device("cuda"), 500.0) == 500.0 and peak_tflops(torch.device("cpu"), 0.0) is None
+
+
+def test_encode_benchmark_rates_utilisation_and_ratios_by_hand(tiny_backbone, monkeypatch, tmp_path, capsys):
+    """encode_throughput --real-arch on the tiny backbone (CPU), the timings given (ours: encode 2 s, train 4 s;
+    release: encode 8 s, train 10 s) and 6e12 FLOPs per measurement, batch 4, chunk 2, peak 10 TFLOP/s: images/s
+    2.0, 0.5, 0.5, 0.2; TFLOP/s 3, 1.5, 0.75, 0.6; MFU 30%, 15%, 7.5%, 6%; ours / release 4.00x encoding, 2.50x
+    training. Catches: TFLOP/s not divided by the time, MFU not in percent, images/s of the batch for the chunk, the
+    ratio inverted."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import encode_throughput
+
+    class Counter(contextlib.nullcontext):
+        def __init__(self, display):
+            super().__init__(self)
+
+        def get_total_flops(self):
+            return 6e12
+    seconds = iter([2.0, 4.0, 8.0, 10.0])
+    monkeypatch.setattr(encode_throughput, "random_qwen3vl_4b", lambda out, *args: shutil.copytree(tiny_backbone, out))
+    monkeypatch.setattr(encode_throughput, "median_seconds", lambda fn, repeats: next(seconds))
+    monkeypatch.setattr(encode_throughput, "FlopCounterMode", Counter)
+    monkeypatch.setattr(encode_throughput, "compare_vision_attention", lambda *args: None)
+    args = SimpleNamespace(device="cpu", text_layers=None, vision_depth=None, pixels=4096, batch_size=4, train_chunk=2,
+                           repeats=1, peak_tflops=10.0)
+    encode_throughput.real_arch(args, str(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    measured = [line.split()[-4:-1] for line in lines if line.split()[0] in ("ours", "release")]
+    assert measured == [["2.0", "3.00", "30.0%"], ["0.5", "1.50", "15.0%"], ["0.5", "0.75", "7.5%"],
+                        ["0.2", "0.60", "6.0%"]]
+    assert [line.split()[-1] for line in lines if "ours / release" in line] == ["4.00x", "2.50x"]
 
 
 # ----------------------------------------------------------------------------- whole runs on U-FIRE-mini
