@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import matplotlib.pyplot as plt
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import plot  # noqa: E402
 from plot import plot_log, read_log  # noqa: E402
 
 KEYS = ["1_t2i_FashionGen", "7_cir_Shoes", "9_asfr_DARN"]
@@ -63,3 +66,29 @@ def test_cli_without_gate_or_validation(tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
     assert sorted(os.listdir(tmp_path)) == ["difficulty.png", "log.jsonl", "loss.png", "probabilities.png"]
     assert len(result.stdout.split()) == 3
+
+
+def test_plotted_curves_are_the_logged_values(tmp_path, monkeypatch):
+    """The data behind the PNGs: loss.png's raw loss, its moving average over len // 50 = 2 steps (the first point
+    its own mean) and the regulariser; probabilities.png's curve per sub-dataset, P_k of that key at each step.
+    Catches: the moving average divided by the full window from the first step, or subtracting a step late; another
+    window; the regulariser panel showing another field; the probability plot drawing the difficulty, or one key's
+    values under every label."""
+    log = str(tmp_path / "log.jsonl")
+    lines = [dict(train_line(s), reg=s / 7) for s in range(120)]
+    write_log(log, lines)
+    figures = {}
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: figures.update({os.path.basename(path): fig}))
+    plot_log(log, str(tmp_path))
+    loss = [line["loss"] for line in lines]
+    raw, average = figures["loss.png"].axes[0].lines
+    assert list(raw.get_ydata()) == loss
+    assert list(average.get_ydata()) == pytest.approx([sum(loss[max(0, i - 1):i + 1]) / min(i + 1, 2)
+                                                       for i in range(120)])
+    assert list(figures["loss.png"].axes[1].lines[0].get_ydata()) == [s / 7 for s in range(120)]
+    curves = figures["probabilities.png"].axes[0].lines
+    assert sorted(c.get_label() for c in curves) == sorted(KEYS)
+    for curve in curves:
+        assert list(curve.get_ydata()) == [line["probs"][curve.get_label()] for line in lines]
+    for fig in figures.values():
+        plt.close(fig)
