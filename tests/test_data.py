@@ -217,6 +217,72 @@ def test_texts_name_the_attributes(tmp_path):
             assert changed.colour in caption and any(w in caption for w in ufire_mini.words("pattern", changed.pattern))
 
 
+def test_cir_texts_say_how_the_target_differs_from_the_reference(tmp_path):
+    """Each modification text names, for every attribute where the target differs from the reference, the target's
+    value (and, where it names one, the reference's as the old value); Fashion200K's says "replace old with new".
+    Reference and target are read back from the files' item ids. Catches: the text describing the reference
+    against the target (ground truth contradicting the instruction), old and new swapped."""
+    g = Mini(str(tmp_path), 0, 32)
+    item_of = {it.uid: it for it in g.by_key.values()}
+    uid = lambda path: item_of[os.path.basename(path).split("+")[1]]
+    for key in ("7_cir_FashionIQ-Dress", "7_cir_Shoes", "7_cir_Fashion200K"):
+        pool = g.pool("test", 20, ufire_mini.ITEM_CATEGORIES.get(key, ufire_mini.CLOTHES))
+        for item in pool:
+            query = ufire_mini.cir_query(g, key, "f", "test", item, pool)
+            ref, target = uid(query["query_image"][0]), uid(query["targets"][0])
+            changed = [(a, old, new) for (a, old), (_, new) in zip(ref.attrs(), target.attrs()) if old != new]
+            assert target == item and 1 <= len(changed) <= 2
+            forms = set()
+            for attr, old, new in changed:
+                (adj, phrase), was = ufire_mini.words(attr, new), ufire_mini.words(attr, old)[0]
+                forms |= {f"is {adj}", f"has {phrase}", f"is {adj} instead of {was}", f"{adj} rather than {was}",
+                          f"replace {was} with {adj}"}
+            parts = query["query_text"].split(" and ")
+            assert len(parts) == len(changed) and set(parts) <= forms, (key, query["query_text"], changed)
+
+
+def test_unseen_street_queries_change_only_the_colour_named(tmp_path):
+    """Evaluation-only task 1: the street photo shows the reference, the answer is the target's shop shot, and the
+    text says "from <reference colour> to <target colour>" with the two items differing in colour only.
+    Catches: the colours swapped in the text; the reference not changed (the query shows its answer)."""
+    g, shown = Mini(str(tmp_path), 0, 32), {}
+
+    def drawn(stem, item):
+        shown[stem] = item
+        return stem
+    g.worn = lambda folder, split, items, view, stem: drawn(stem, items[0])
+    g.shop = lambda folder, split, item, stem: drawn(stem, item)
+    records, _ = ufire_mini.build_unseen(g, UNSEEN_TASKS[0], 30)
+    for rec in records:
+        ref, target = shown[rec["query_image"][0]], shown[rec["target_image"][0]]
+        assert [a for (a, old), (_, new) in zip(ref.attrs(), target.attrs()) if old != new] == ["colour"]
+        assert rec["query_text"].endswith(f" from {ref.colour} to {target.colour}")
+
+
+def test_images_depend_on_the_seed_and_items_split_60_20_20_in_every_category(tmp_path):
+    """The same photo drawn under seeds 0, 0 and 1: the same bytes, then others. The catalogue: 60 / 20 / 20 % of
+    the items in train / val / test, and every category in every split. Catches: an image RNG not seeded by the
+    seed; the split boundaries moved; the catalogue split before it is shuffled (whole categories in one split)."""
+    minis = [Mini(str(tmp_path / f"{n}"), seed, 32) for n, seed in enumerate((0, 0, 1))]
+    item = minis[0].by_cat["train", "dress"][0]
+    photos = []
+    for g in minis:
+        with open(os.path.join(g.out, g.worn("f", "train", [item], "street")), "rb") as f:
+            photos.append(f.read())
+    assert photos[0] == photos[1] != photos[2]
+    split_of = minis[0].split_of
+    for split, share in zip(pd.SPLITS, (0.6, 0.2, 0.2)):
+        assert sum(s == split for s in split_of.values()) / len(split_of) == pytest.approx(share, abs=1e-3)
+        assert all(minis[0].by_cat[split, c] for c in ufire_mini.CATEGORIES)
+
+
+def test_each_split_has_its_scaled_number_of_queries(mini_root):
+    """U-FIRE-mini at scale 0.1: each split of each sub-dataset has round(SIZES x 0.1) records (at least 2).
+    Catches: one split's size used for all three."""
+    for key, sizes in ufire_mini.SIZES.items():
+        assert [count_records(mini_root, key, split) for split in pd.SPLITS] == [max(2, round(n * 0.1)) for n in sizes]
+
+
 # ---------------------------------------------------------------------------------- the released annotations
 
 @needs_annotations
