@@ -227,14 +227,14 @@ def test_cuda_fit_takes_the_batchs_kept_vision_features_out_of_the_peak(tmp_path
     """--device cuda with the tiny backbone, the training step stubbed and the peak stubbed at 10 GiB + 1 GiB per
     chunk record: a step of 2 chunks keeps, per record, a query image's and a target image's vision features
     (4096 pixels: 4 merged tokens x 128 values, fp32 on CPU, and one deepstack level as large: 4096 bytes each), so
-    the fit is fixed 10 GiB, per record 1 GiB - 2 x 8192 bytes. Catches: the kept features of one chunk taken out instead
-    of the batch's (two chunks), or the target's left in."""
+    the fit is fixed 10 GiB, per record 1 GiB - 2 x 8192 bytes. Catches: the kept features of one chunk taken out
+    instead of the batch's (two chunks), or the target's left in."""
     import train_throughput
     cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), ["model.image_pixels=4096"])
     from fake_backbones import make_tiny_backbone
     monkeypatch.setattr(chunk_memory, "random_qwen3vl_4b", lambda backbone, tmp, device: make_tiny_backbone(backbone))
     chunk_of_step = []
-    monkeypatch.setattr(train_throughput, "step", lambda encoder, cfg, examples, chunk, *args: chunk_of_step.append(chunk))
+    monkeypatch.setattr(train_throughput, "step", lambda encoder, cfg, examples, chunk, *_: chunk_of_step.append(chunk))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: (10 + chunk_of_step[-1]) * 2 ** 30)
     media = chunk_memory.Media(str(tmp_path), 32, 0)
     fits, _ = chunk_memory.measure_cuda(cfg, ["image"], media, {"image": [2, 8]}, str(tmp_path), torch.device("cpu"))

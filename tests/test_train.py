@@ -593,10 +593,10 @@ def test_throughput_benchmark_feeds_training_views_in_the_training_format(mini_r
 def test_throughput_row_by_hand(monkeypatch, capsys):
     """train_throughput.run_setting and measure, the step replaced by one of given durations (warm-up 10 s, then 1,
     3, 2 s: median 2 s, of which 0.25 s no-grad and 0.5 s replay), 2 x 10 x 100 x 1000 = 2e6 FLOPs, on a batch of 8
-    with a peak of 4e-6 TFLOP/s and memory 100 MiB before, 3072 MiB at the peak: 4 samples/s, 1.25 s other, 1e-6 TFLOP/s,
-    utilisation 0.25, 3.00 GiB printed. Catches: the warm-up step in the median; samples/s per chunk instead of per
-    batch; FLOPs scaled by other than 1e12, multiplied by the time, or MFU not divided by the peak; "other" less one
-    phase only; peak and before swapped, or MiB printed as GB."""
+    with a peak of 4e-6 TFLOP/s and memory 100 MiB before, 3072 MiB at the peak: 4 samples/s, 1.25 s other,
+    1e-6 TFLOP/s, utilisation 0.25, 3.00 GiB printed. Catches: the warm-up step in the median; samples/s per chunk
+    instead of per batch; FLOPs scaled by other than 1e12, multiplied by the time, or MFU not divided by the peak;
+    "other" less one phase only; peak and before swapped, or MiB printed as GB."""
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import train_throughput
     clock, durations = [0.0], iter([10.0, 1.0, 3.0, 2.0, 100.0])
@@ -644,9 +644,10 @@ def test_throughput_ratios_are_ours_over_the_release(capsys):
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
-                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312),
-                                          ("NVIDIA L40S", 362), ("NVIDIA L40", 181), ("NVIDIA L4", 121),
-                                          ("NVIDIA A10", 125), ("NVIDIA GeForce RTX 4090", 165), ("Tesla T4", None)])
+                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+                                          ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA L40S", 362), ("NVIDIA L40", 181),
+                                          ("NVIDIA L4", 121), ("NVIDIA A10", 125), ("NVIDIA GeForce RTX 4090", 165),
+                                          ("Tesla T4", None)])
 def test_bf16_peak_by_gpu_name(monkeypatch, name, tflops):
     """Dense bf16 peaks from the vendors' data sheets (half the "with sparsity" figure), by the name CUDA reports.
     Catches: a short name listed before a longer one containing it (H100 before H100 PCIe, L4 before L40); the name
