@@ -35,8 +35,9 @@ from fake_backbones import make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
 from model import FashionLensEncoder  # noqa: E402
 
 # Dense bf16 tensor-core peak, TFLOP/s, by device name (vendor data sheets; the first match wins).
-BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
-                    ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("4090", 165.0)]
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
+                    ("H800 PCIe", 756.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+                    ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("4090", 165.0)]
 
 
 def write_images(directory, n, size=(320, 400)):

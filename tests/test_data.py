@@ -707,8 +707,8 @@ def test_unseen_names_of_one_file_are_one_gallery_image(tmp_path):
     task_dir = tmp_path / "evaluation_only_tasks" / UNSEEN_TASKS[0]
     task_dir.mkdir(parents=True)
     pd.write_json(str(task_dir / "candidate_images.json"), ["dress+1.jpg", "top+1.jpg", "top+2.jpg"])
-    pd.write_json(str(task_dir / "triplet_data.json"), [{"id": "q0", "instruction_text": "find it",
-                                                         "query_image": ["dress+1.jpg"], "target_image": ["top+2.jpg"]}])
+    query = {"id": "q0", "instruction_text": "find it", "query_image": ["dress+1.jpg"], "target_image": ["top+2.jpg"]}
+    pd.write_json(str(task_dir / "triplet_data.json"), [query])
     ev = build_unseen_eval_set(str(tmp_path), UNSEEN_TASKS[0], street2shop_images="DF2/train+image+{id}")
     assert ev.gallery == [str(tmp_path / "DF2" / "train+image+1.jpg"), str(tmp_path / "DF2" / "train+image+2.jpg")]
     assert ev.ground_truth == [[1]] and ev.exclude == [[0]]
