@@ -91,11 +91,19 @@ def test_a_chunk_table_with_per_chunk_regularisers_is_refused(tmp_path, monkeypa
 
 
 def test_a_table_made_for_other_settings_or_a_smaller_gpu_is_refused(tmp_path, monkeypatch):
-    """A table sized for 224 x 224 images says nothing about another pixel budget.
-    Catches: the `assumes` check dropped; a GPU below every row silently given train.chunk_size."""
+    """A table sized for 224 x 224 images says nothing about another pixel budget; one assuming a setting this
+    config does not have (renamed or removed since) says nothing about this code.
+    Catches: the `assumes` check dropped; settings the config lacks skipped (`if name in ours and ...`); a GPU
+    below every row silently given train.chunk_size."""
     cfg = table_config(tmp_path)
     cfg.model.image_pixels = 448 * 448
     with pytest.raises(DataError, match=r"chunks.yaml.*model.image_pixels: table 50176, config 200704"):
+        chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))
+    cfg = table_config(tmp_path)
+    table = yaml.safe_load((tmp_path / "chunks.yaml").read_text())
+    table["assumes"]["model.vision_chunk"] = 8
+    (tmp_path / "chunks.yaml").write_text(yaml.safe_dump(table))
+    with pytest.raises(DataError, match=r"model.vision_chunk: table 8, config None"):
         chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))
     with pytest.raises(DataError, match="no row for a GPU of 16.0 GB"):
         chunk_sizes_for(table_config(tmp_path), KEYS, on_gpu(monkeypatch, 16e9))
