@@ -32,6 +32,7 @@ from checkpoints import rng_states
 from train import batch_report, contrastive_loss, cached_step, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))    # the benchmark scripts, imported by their tests
 
 
 def assert_same_state(a, b, where="", atol=0.0):
@@ -585,7 +586,6 @@ def test_three_processes_with_uneven_batches_step_like_one_process(tiny_backbone
 
 
 def test_throughput_benchmark_feeds_training_views_in_the_training_format(mini_root, tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from train_throughput import synthetic_batch
     view = TrainSet(mini_root, "7_cir_FashionIQ-Dress").example(0, random.Random(0))
     assert set(synthetic_batch(str(tmp_path), 2)[0]) == set(view)
@@ -598,7 +598,6 @@ def test_throughput_row_by_hand(monkeypatch, capsys):
     1e-6 TFLOP/s, utilisation 0.25, 3.00 GiB printed. Catches: the warm-up step in the median; samples/s per chunk
     instead of per batch; FLOPs scaled by other than 1e12, multiplied by the time, or MFU not divided by the peak;
     "other" less one phase only; peak and before swapped, or MiB printed as GB."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import train_throughput
     clock, durations = [0.0], iter([10.0, 1.0, 3.0, 2.0, 100.0])
 
@@ -636,7 +635,6 @@ def test_throughput_row_by_hand(monkeypatch, capsys):
 
 def test_throughput_ratios_are_ours_over_the_release(capsys):
     """Catches: the samples/s or peak-memory ratio inverted, or taken at another chunk size."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from train_throughput import print_ratios
     rows = [{"setting": s, "chunk": c, "samples_per_s": v, "peak_memory_mib": m}
             for s, c, v, m in [("ours", 8, 30, 1000), ("ours", 16, 90, 1), ("release", 8, 20, 4000)]]
@@ -654,7 +652,6 @@ def test_bf16_peak_by_gpu_name(monkeypatch, name, tflops):
     """Dense bf16 peaks from the vendors' data sheets (half the "with sparsity" figure), by the name CUDA reports.
     Catches: a short name listed before a longer one containing it (H100 before H100 PCIe, L4 before L40); the name
     searched in the key instead of the key in the name."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from encode_throughput import peak_tflops
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_tflops(torch.device("cuda"), 0.0) == tflops
@@ -667,7 +664,6 @@ def test_encode_benchmark_rates_utilisation_and_ratios_by_hand(tiny_backbone, mo
     2.0, 0.5, 0.5, 0.2; TFLOP/s 3, 1.5, 0.75, 0.6; MFU 30%, 15%, 7.5%, 6%; ours / release 4.00x encoding, 2.50x
     training. Catches: TFLOP/s not divided by the time, MFU not in percent, images/s of the batch for the chunk, the
     ratio inverted."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import encode_throughput
 
     class Counter(contextlib.nullcontext):
