@@ -181,7 +181,8 @@ def cached_step(encoder, examples, cfg, chunk_size, pool=None, prefetched=None, 
     d(loss)/d(embedding), then replay each chunk with a graph and back-propagate the cached embedding gradients.
     `pool` and `prefetched`: see prepare_chunks. `prepare_next()` is called once every chunk is prepared, so that
     the pool prepares the next step's while this one computes (StepPrefetch).
-    Leaves the local gradients in .grad; returns (stats or None, unreadable records)."""
+    Leaves the local gradients in .grad; returns (stats, or None when this rank learns nothing this step,
+    unreadable records). With gathered negatives a rank that kept no record still returns the global loss."""
     examples, t_paths, (q_chunks, q_outs, q_states), (t_chunks, t_outs, t_states), bad = prepare_and_embed(
         encoder, examples, chunk_size, pool, prefetched)
     if prepare_next is not None and examples:
@@ -198,8 +199,6 @@ def cached_step(encoder, examples, cfg, chunk_size, pool=None, prefetched=None, 
     reg = replay_with_graph(encoder, q_chunks, q_states, q_outs, grad_q, "query", cfg, not single, reg_batch)
     replay_with_graph(encoder, t_chunks, t_states, t_outs, grad_t, "target", cfg, replay=not single)
     set_torch_rng_state(end_state)
-    if not examples:
-        return None, bad
     gates = [out["gate"].detach() for out in q_outs if out["gate"] is not None]
     contrastive, reg = loss.item(), float(reg)    # read back once the whole step is queued
     return {"loss": contrastive + reg, "contrastive": contrastive, "reg": reg,
@@ -271,6 +270,22 @@ def record_bad_records(bad_records, key, bad, rank, cfg):
         first = sorted(bad_records)[:5]
         raise DataError(cfg.data.root, f"{len(bad_records)} unreadable training records (limit data."
                                        f"max_bad_records={cfg.data.max_bad_records}); first: {first}")
+
+
+def across_ranks(per_rank):
+    """One step's statistics over every rank, from each rank's cached_step stats (None: no record kept). The loss
+    terms are averaged over ranks, a rank without records counting 0: averaged gradients descend exactly that mean
+    (with gathered negatives every rank already holds the global contrastive loss, and its regulariser share is
+    scaled so the mean is the global batch's). Samples are summed; the gate mean is weighted by each rank's queries."""
+    kept = [s for s in per_rank if s is not None]
+    if not kept:
+        return {}
+    stats = {name: sum(s[name] for s in kept) / len(per_rank) for name in ("loss", "contrastive", "reg")}
+    stats["samples"] = sum(s["samples"] for s in kept)
+    gated = [s for s in kept if s["gate_mean"] is not None and s["samples"]]
+    stats["gate_mean"] = (sum(s["gate_mean"] * s["samples"] for s in gated) / sum(s["samples"] for s in gated)
+                          if gated else None)
+    return stats
 
 
 def peak_memory_mb(device):
@@ -395,9 +410,12 @@ def train(cfg, resume=False, stop_after=None):
                 # Steps of this process so far whose inputs were prepared during the step before, and guesses missed.
                 record.update(prefetch_hits=prefetch.hits, prefetch_misses=prefetch.misses)
             if step % cfg.train.log_every == 0 or step == total_steps:
-                # Every rank's step time (a collective, at the same steps on every rank): a straggler shows here.
-                times = gather_list([round(elapsed, 4)])
-                record.update(step_time_s=times, slowest_rank=int(np.argmax(times)))
+                # Every rank's step time and statistics (a collective, at the same steps on every rank): a straggler
+                # shows here, and the logged loss is the whole step's, not rank 0's share of it.
+                times, per_rank = zip(*gather_list([(round(elapsed, 4), stats)]))
+                step_stats = across_ranks(per_rank)
+                record.update(step_stats, samples_per_s=step_stats.get("samples", 0) / elapsed,
+                              step_time_s=list(times), slowest_rank=int(np.argmax(times)))
                 if rank == 0:
                     append_log(log_path, record)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", task=key.split("_", 2)[-1],

@@ -29,7 +29,7 @@ from plumbing import load_checkpoint
 from prepare_data import SUB_DATASETS, TrainSet
 from sampler import TaskSampler
 from checkpoints import rng_states
-from train import batch_report, contrastive_loss, cached_step, train
+from train import across_ranks, batch_report, contrastive_loss, cached_step, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))    # the benchmark scripts, imported by their tests
@@ -488,18 +488,33 @@ def step_script(tmp_path, tiny_backbone, body):
     return script
 
 
+def test_a_steps_logged_statistics_over_ranks_by_hand():
+    """Without gathered negatives a rank whose records were all unreadable returns no stats and adds zero
+    gradients, so the averaged gradients descend (rank 0's loss + 0) / 2: that is the logged loss. The gate mean
+    weights each rank by its queries; a model without calibrator logs none. Catches: the mean taken over the ranks
+    that kept records (`len(per_rank)` -> `len(kept)`); an unweighted gate mean; samples of rank 0 only."""
+    a = {"loss": 3.0, "contrastive": 2.0, "reg": 1.0, "samples": 1, "gate_mean": 0.2}
+    b = {"loss": 5.0, "contrastive": 4.5, "reg": 0.5, "samples": 3, "gate_mean": 0.6}
+    assert across_ranks([a, None]) == {"loss": 1.5, "contrastive": 1.0, "reg": 0.5, "samples": 1, "gate_mean": 0.2}
+    both = across_ranks([a, b, None])
+    assert (both["loss"], both["contrastive"], both["reg"], both["samples"]) == (8 / 3, 6.5 / 3, 0.5, 4)
+    assert both["gate_mean"] == pytest.approx((0.2 * 1 + 0.6 * 3) / 4)
+    assert across_ranks([dict(a, gate_mean=None)])["gate_mean"] is None and across_ranks([None, None]) == {}
+
+
 def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbone, tmp_path):
     """With train.gather_negatives every rank must take part in the gathers. Rank 1's only record is unreadable;
     before it joined with no rows, rank 0 waited on it forever. Both ranks must end with the gradient that rank
-    0's records give in a single process. (The calibrator's regularisers are off: each rank averages them over
-    its own batch, like the loss without gathered negatives, so with uneven ranks they are weighted per rank.)"""
+    0's records give in a single process, regularisers included (rank 0's share is its sum over the global batch
+    per rank), and rank 1 still reports the global contrastive loss, so the step's logged loss (across_ranks) is
+    the single process's. Catches: the regulariser divided by rank 0's own count (`sum(q_counts) / size` ->
+    `q.shape[0]`); rank 1 returning no stats (None); the logged loss rank 0's alone (twice the regulariser's mean)."""
     examples = make_examples(tmp_path, 3)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     examples[2]["target_image"] = str(tmp_path / "broken.png")
     (tmp_path / "batches.json").write_text(json.dumps([examples[:2], examples[2:]]))
     script = step_script(tmp_path, tiny_backbone,
         "cfg.train.gather_negatives = True\n"
-        "cfg.calibrator.fro_weight = cfg.calibrator.orth_weight = 0.0\n"
         "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu').train()\n"
         f"batch = json.load(open({str(tmp_path / 'batches.json')!r}))[rank]\n"
         "stats, bad = cached_step(encoder, batch, cfg, 2)\n"
@@ -508,15 +523,18 @@ def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbo
         f"torch.save({{'stats': stats, 'bad': bad, 'grads': grads}}, f'{tmp_path}/rank{{rank}}.pt')\n")
     torchrun(script)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert rank0["stats"]["samples"] == 2 and rank1["stats"] is None
+    assert (rank0["stats"]["samples"], rank1["stats"]["samples"], rank1["stats"]["reg"]) == (2, 0, 0.0)
     assert rank1["bad"][0][0] == ["r2"] and "broken.png" in rank1["bad"][0][1]
 
     cfg = full_training_config(tiny_backbone)
-    cfg.calibrator.fro_weight = cfg.calibrator.orth_weight = 0.0
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     stats, _ = cached_step(encoder, examples[:2], cfg, 2)
-    assert rank0["stats"]["loss"] == pytest.approx(stats["loss"], abs=1e-5)
+    assert stats["reg"] > 1e-3                  # the regularisers take part
+    logged = across_ranks([rank0["stats"], rank1["stats"]])
+    for name in ("loss", "contrastive", "reg", "samples", "gate_mean"):
+        assert logged[name] == pytest.approx(stats[name], abs=1e-5), name
+    assert rank1["stats"]["contrastive"] == pytest.approx(stats["contrastive"], abs=1e-5)
     expected = grads(encoder)
     assert len(expected) > 10
     for name, grad in expected.items():
@@ -849,8 +867,9 @@ def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbon
     node with 2 processes, and as two nodes of one process each (--nnodes=2, c10d rendezvous on 127.0.0.1).
     Catches: gradients summed instead of averaged (the optimizer's second moments and GGAS's difficulty double);
     rank 1's positives pointing at rank 0's targets (`t_starts[r] + i` -> `i`); ranks reading the same records;
-    the logged throughput of one rank's records only (`samples * size` -> `samples`); the fastest rank logged as the
-    slowest (`np.argmax` -> `np.argmin`)."""
+    the logged throughput of one rank's records only (rank 0's `samples` / elapsed); the fastest rank
+    logged as the slowest (`np.argmax` -> `np.argmin`); the logged regulariser (and so loss) rank 0's share of the
+    step's, not the step's (`record.update(across_ranks(...))` dropped)."""
     # One target per record and no hard negatives: nothing is drawn per rank. No dropout (full training).
     common = ["train.max_steps=4", "train.gather_negatives=true", "model.trainable=full",
               "data.sub_datasets=[1_t2i_Shoes, 7_cir_FashionIQ-Dress]"]
@@ -868,7 +887,8 @@ def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbon
     logs = [[r for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "loss" in r] for run in ("two", "one")]
     assert [r["key"] for r in logs[0]] == [r["key"] for r in logs[1]] and len(logs[0]) == 4
     for two, single in zip(*logs):
-        assert two["contrastive"] == pytest.approx(single["contrastive"], abs=1e-5), two["step"]
+        for name in ("loss", "contrastive", "reg", "samples", "gate_mean"):
+            assert two[name] == pytest.approx(single[name], abs=1e-6), (two["step"], name)
     for r in logs[0]:   # every rank's time; rank 0's throughput counts both ranks' 2 records
         assert len(r["step_time_s"]) == 2 and r["slowest_rank"] == int(np.argmax(r["step_time_s"]))
         assert r["samples_per_s"] * r["step_time_s"][0] == pytest.approx(4, rel=1e-2)
