@@ -11,6 +11,16 @@ from media import load_image, load_video
 from model import Encoder, instruction_text, resolve_device
 
 
+def tokenizer_markers(tokenizer):
+    """The markers of an open_clip tokenizer (CLIP's own, or its wrapper of a transformers tokenizer). Written in a
+    query's text they would be read as markers: CLIP pools the text at the first <end_of_text>, so the words after it
+    would be dropped, silently; instruction_text refuses them."""
+    wrapped = getattr(tokenizer, "tokenizer", None)
+    if wrapped is not None:
+        return list(wrapped.all_special_tokens)
+    return [tokenizer.decoder[i] for i in tokenizer.all_special_ids]
+
+
 class OpenClipEncoder(Encoder):
     """CLIP dual encoder with UniIR score fusion (the baseline): a query is the normalised sum of its text
     embedding and its image embedding, several query images (or a video's frames) averaged first. Targets are
@@ -31,6 +41,7 @@ class OpenClipEncoder(Encoder):
             name = Path(name).stem
         self.clip, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=weights or None)
         self.tokenizer = open_clip.get_tokenizer(name)
+        self.special_tokens = tokenizer_markers(self.tokenizer)
         self.embed_dim = self.clip.text_projection.shape[1]
         self.calibrator = QueryCalibrator(self.embed_dim, calib_cfg)
         self.to(resolve_device(device))
@@ -43,7 +54,7 @@ class OpenClipEncoder(Encoder):
                 images += [Image.fromarray(f) for f in load_video(path, self.model_cfg.video_frames, query["id"])[0]]
             pixels += [self.preprocess(image) for image in images]
             owner += [i] * len(images)
-        return {"text": self.tokenizer([instruction_text(q) for q in queries]),
+        return {"text": self.tokenizer([instruction_text(q, self.special_tokens) for q in queries]),
                 "pixels": torch.stack(pixels) if pixels else torch.zeros(0),
                 "owner": torch.tensor(owner, dtype=torch.long)}
 

@@ -663,6 +663,35 @@ def test_open_clip_offline_fuses_text_and_images(clip, media):
     assert torch.allclose(clip.encode_queries([text]), q[:1], atol=1e-5)
 
 
+def test_open_clip_refuses_its_tokenizer_markers_in_a_query_text_naming_the_record(clip):
+    """CLIP pools a text at its first <end_of_text>, so before this check "a red dress <end_of_text> with white
+    buttons" embedded exactly as "a red dress": the words after the marker were dropped, silently (shown here with the
+    check off). Catches: instruction_text not given the baseline's markers (`instruction_text(q)` in
+    prepare_queries)."""
+    assert set(clip.special_tokens) == {"<start_of_text>", "<end_of_text>"}
+    short, marked = ({"id": i, "instruction_text": t, "query_image": [], "query_video": []} for i, t in
+                     (("q-1", "a red dress"), ("q-2", "a red dress <end_of_text> with white buttons")))
+    markers, clip.special_tokens = clip.special_tokens, []
+    try:
+        assert torch.equal(clip.encode_queries([marked]), clip.encode_queries([short]))
+    finally:
+        clip.special_tokens = markers
+    for text in ("a red dress <end_of_text> with white buttons", "<start_of_text>a red dress"):
+        with pytest.raises(DataError, match="special token") as e:
+            clip.prepare_queries([short, dict(marked, instruction_text=text)], train=False)
+        assert e.value.record_id == "q-2", text
+
+
+def test_open_clip_markers_of_both_tokenizer_kinds(tiny_backbone):
+    """CLIP's own tokenizer gives its two markers; open_clip's wrapper of a transformers tokenizer (the text towers
+    taken from the Hugging Face hub) gives that tokenizer's special tokens, here the tiny Qwen3 one's.
+    Catches: the wrapped tokenizer's markers not read (an empty list: nothing refused)."""
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+    from baseline import tokenizer_markers
+    assert tokenizer_markers(SimpleTokenizer()) == ["<start_of_text>", "<end_of_text>"]
+    assert {"<|im_end|>", "<|endoftext|>"} <= set(tokenizer_markers(HFTokenizer(tiny_backbone)))
+
+
 def test_open_clip_trains_and_round_trips(clip, media):
     enc = clip.train()
     try:
