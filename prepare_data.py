@@ -45,8 +45,8 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    """Atomic (plumbing.atomic_write). What UTF-8 cannot hold (a lone surrogate, e.g. from a file name that is not valid UTF-8) is written as its JSON
-    escape \\udcxx."""
+    """Atomic (plumbing.atomic_write). What UTF-8 cannot hold (a lone surrogate, e.g. from a file name that is not
+    valid UTF-8) is written as its JSON escape \\udcxx."""
     text = json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8", "backslashreplace")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as temp, open(temp, "wb") as f:
@@ -72,7 +72,8 @@ def in_root(root, rel, path, record_id=None):
 
 
 def check_records(records, path, required, lists=MEDIA_FIELDS):
-    """Schema of a triplet file (paper section III): a non-empty list of objects, unique string ids, typed fields, a target."""
+    """Schema of a triplet file (paper section III): a non-empty list of objects, unique string ids, typed fields,
+    a target."""
     if not isinstance(records, list):
         raise DataError(path, f"expected a JSON list of records, got {type(records).__name__}")
     if not records:

@@ -143,7 +143,8 @@ def markdown(absolute, paired, seeds, reference=REFERENCE):
         *table([h for c in headline for h in (c, "Δ")],
                lambda name: [cell(name, c, diff) for c in headline for diff in (False, True)]),
         "Every column:", "", *table(columns, lambda name: [cell(name, c) for c in columns]),
-        f"Every column, Δ from {reference}:", "", *table(columns, lambda name: [cell(name, c, True) for c in columns])])
+        f"Every column, Δ from {reference}:", "",
+        *table(columns, lambda name: [cell(name, c, True) for c in columns])])
 
 
 def main():

@@ -133,7 +133,8 @@ def real_arch(args, tmp):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             seconds = median_seconds(fn, args.repeats)
-            memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:9.1f}" if device.type == "cuda" else f"{'-':>9s}"
+            memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:9.1f}" if device.type == "cuda"
+                      else f"{'-':>9s}")
             with FlopCounterMode(display=False) as counter:  # a separate run: counting slows it down
                 fn()
             encoder.zero_grad(set_to_none=True)

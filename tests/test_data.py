@@ -171,7 +171,8 @@ def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
     i = next(i for i, r in enumerate(multi_target.records) if len(r["target_image"]) > 1)
     assert len({multi_target.example(i, random.Random(s))["target_image"] for s in range(20)}) > 1
     polyvore = pd.TrainSet(mini_root, "5_compatibility_Polyvore", max_query_images=1)   # outfits are not subsampled
-    assert [draw(polyvore, i)["query_image"] for i in range(len(polyvore))] == [r["query_image"] for r in polyvore.records]
+    assert ([draw(polyvore, i)["query_image"] for i in range(len(polyvore))]
+            == [r["query_image"] for r in polyvore.records])
     asfr = pd.TrainSet(mini_root, "9_asfr_DARN")
     examples = [draw(asfr, i) for i in range(len(asfr))]
     assert all(ex["target_label"] for ex in examples) and any(ex["negative_image"] for ex in examples)
@@ -310,8 +311,8 @@ def test_released_asfr_labels_partition_their_pool():
 @needs_annotations
 def test_released_unseen_tasks_resolve_to_their_source_images():
     """Compatible Item names are Polyvore test-gallery files (2,302 of 2,302); Street+Modification names
-    "<category>+<id>.jpg" are DeepFashion2 train-split images, which U-FIRE names DeepFashion2_images/train+image+<id>.jpg
-    (its DeepFashion2 test gallery holds 25 of them under exactly that name).
+    "<category>+<id>.jpg" are DeepFashion2 train-split images, which U-FIRE names
+    DeepFashion2_images/train+image+<id>.jpg (its DeepFashion2 test gallery holds 25 of them under exactly that name).
     Catches: Polyvore names resolved under DeepFashion2_images/; Street names kept as they stand ({name} for {id});
     data.street2shop_images ignored."""
     gallery_dir = os.path.join(ANNOTATIONS, "gallery")
@@ -513,8 +514,8 @@ def test_asfr_ground_truth_is_the_label_not_the_listed_targets(tmp_path):
     pool = {"DARN+colour+red": ["DARN_images/r0.jpg", "DARN_images/r1.jpg", "DARN_images/r2.jpg"],
             "DARN+colour+blue": ["DARN_images/b0.jpg", "DARN_images/b1.jpg"]}
     pd.write_json(pd.candidate_path(root, "9_asfr_DARN", "val"),
-                  {**pool, "DARN_asfr_val_candidate": ["DARN_images/b0.jpg", "DARN_images/r0.jpg",
-                                                       "DARN_images/b1.jpg", "DARN_images/r1.jpg", "DARN_images/r2.jpg"]})
+                  {**pool, "DARN_asfr_val_candidate": ["DARN_images/b0.jpg", "DARN_images/r0.jpg", "DARN_images/b1.jpg",
+                                                       "DARN_images/r1.jpg", "DARN_images/r2.jpg"]})
     pd.write_json(pd.triplet_path(root, "9_asfr_DARN", "val"), [
         {"id": "q", "instruction_text": "same colour", "query_image": ["DARN_images/q.jpg"], "attribute": "colour",
          "target_label": "DARN+colour+red", "target_image": ["DARN_images/r1.jpg"], "negative_image": []}])
@@ -627,8 +628,8 @@ def test_report_writer_is_safe(mini_root, tmp_path, monkeypatch):
 
 def test_released_annotations_alone_check_with_exit_0(mini_root, tmp_path, capsys):
     """The check of the released galleries (docs/scaling.md): a tree with gallery/ and evaluation_only_tasks/ JSON
-    files only (no triplet files, no images) exits 0; a broken gallery file still fails. Catches: absent triplet files or
-    images counted as errors in that mode."""
+    files only (no triplet files, no images) exits 0; a broken gallery file still fails. Catches: absent triplet files
+    or images counted as errors in that mode."""
     annotations = tmp_path / "annotations"
     shutil.copytree(os.path.join(mini_root, "0_test_candidates"), annotations / "gallery")
     for task in UNSEEN_TASKS:

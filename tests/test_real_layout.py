@@ -224,8 +224,8 @@ def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkey
 
 def test_tiny_backbone_with_the_real_tokenizer(tmp_path, media):
     """fake_backbones.py make-tiny --real-tokenizer: tiny widths (hidden 128) with the real tokenizer's files byte
-    for byte, Qwen3-VL's template and the real 151,936 rows, so <|MEAN|>/<|IMG|> are 151669/151670 and the target prompt is
-    the release's; model.train_embeddings=false freezes those rows. Catches: the vocabulary padded above the
+    for byte, Qwen3-VL's template and the real 151,936 rows, so <|MEAN|>/<|IMG|> are 151669/151670 and the target
+    prompt is the release's; model.train_embeddings=false freezes those rows. Catches: the vocabulary padded above the
     loaded tokenizer as for the local BPE (151,744 rows); the train_embeddings switch ignored."""
     out = tmp_path / "tiny-real-tokenizer"
     fake_backbones.make_tiny_backbone(str(out), seed=0, real_tokenizer=True)
