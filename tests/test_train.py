@@ -505,31 +505,38 @@ def test_a_steps_logged_statistics_over_ranks_by_hand():
 def test_rank_with_no_readable_record_still_joins_gathered_negatives(tiny_backbone, tmp_path):
     """With train.gather_negatives every rank must take part in the gathers. Rank 1's only record is unreadable;
     before it joined with no rows, rank 0 waited on it forever. Both ranks must end with the gradient that rank
-    0's records give in a single process, regularisers included (rank 0's share is its sum over the global batch
-    per rank), and rank 1 still reports the global contrastive loss, so the step's logged loss (across_ranks) is
-    the single process's. Catches: the regulariser divided by rank 0's own count (`sum(q_counts) / size` ->
-    `q.shape[0]`); rank 1 returning no stats (None); the logged loss rank 0's alone (twice the regulariser's mean)."""
-    examples = make_examples(tmp_path, 3)
+    0's three records give in a single process, regularisers included (rank 0's share is its sum over the global
+    batch per rank, 3 / 2 = 1.5: a count the world size does not divide), and rank 1 still reports the global
+    contrastive loss, so the step's logged loss (across_ranks) is the single process's. Both ranks record rank 1's
+    unreadable record (record_bad_records), so both skip it from then on and save it in the checkpoint.
+    Catches: the regulariser divided by rank 0's own count (`sum(q_counts) / size` -> `q.shape[0]`) or by a floored
+    share (`sum(q_counts) // size`: 1); rank 1 returning no stats (None); the logged loss rank 0's alone (twice the
+    regulariser's mean); each rank recording only the unreadable records it found itself (`gather_list(bad)` ->
+    `bad` in record_bad_records)."""
+    examples = make_examples(tmp_path, 4)
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    examples[2]["target_image"] = str(tmp_path / "broken.png")
-    (tmp_path / "batches.json").write_text(json.dumps([examples[:2], examples[2:]]))
+    examples[3]["target_image"] = str(tmp_path / "broken.png")
+    (tmp_path / "batches.json").write_text(json.dumps([examples[:3], examples[3:]]))
     script = step_script(tmp_path, tiny_backbone,
         "cfg.train.gather_negatives = True\n"
         "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu').train()\n"
         f"batch = json.load(open({str(tmp_path / 'batches.json')!r}))[rank]\n"
         "stats, bad = cached_step(encoder, batch, cfg, 2)\n"
+        "from train import record_bad_records\nfound = set()\n"
+        "record_bad_records(found, '9_asfr_DARN', bad, rank, cfg)\n"
         "average_gradients([p for p in encoder.parameters() if p.requires_grad])\n"
         "grads = {n: p.grad for n, p in encoder.named_parameters() if p.requires_grad}\n"
-        f"torch.save({{'stats': stats, 'bad': bad, 'grads': grads}}, f'{tmp_path}/rank{{rank}}.pt')\n")
+        f"torch.save({{'stats': stats, 'bad': bad, 'found': found, 'grads': grads}}, f'{tmp_path}/rank{{rank}}.pt')\n")
     torchrun(script)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert (rank0["stats"]["samples"], rank1["stats"]["samples"], rank1["stats"]["reg"]) == (2, 0, 0.0)
-    assert rank1["bad"][0][0] == ["r2"] and "broken.png" in rank1["bad"][0][1]
+    assert (rank0["stats"]["samples"], rank1["stats"]["samples"], rank1["stats"]["reg"]) == (3, 0, 0.0)
+    assert rank1["bad"][0][0] == ["r3"] and "broken.png" in rank1["bad"][0][1]
+    assert rank0["found"] == rank1["found"] == {"9_asfr_DARN/r3"}
 
     cfg = full_training_config(tiny_backbone)
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
-    stats, _ = cached_step(encoder, examples[:2], cfg, 2)
+    stats, _ = cached_step(encoder, examples[:3], cfg, 2)
     assert stats["reg"] > 1e-3                  # the regularisers take part
     logged = across_ranks([rank0["stats"], rank1["stats"]])
     for name in ("loss", "contrastive", "reg", "samples", "gate_mean"):
@@ -793,6 +800,57 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     fresh = build_encoder(straight.model, straight.calibrator, "cpu").trainable_state_dict()
     changed = sum(not torch.equal(fresh[n], expected["model"][n]) for n in fresh)
     assert changed > len(fresh) // 2
+
+
+def test_a_run_follows_its_seed_epochs_query_images_weight_decay_and_validation_schedule(tiny_backbone, mini_root,
+                                                                                          tmp_path, monkeypatch):
+    """A run of train.epochs=0.5 (no max_steps) over 1_t2i_Shoes (15 records) and 2_sketch2i_ClothesV1 (24) at batch
+    4 lasts int(0.5 * (15 // 4 + 24 // 4)) = 4 steps. With train.seed=5 and uniform sampling its steps train on the
+    records a TaskSampler seeded 5 draws, its first step starts from the weights and random state torch.manual_seed(5)
+    gives, every sketch query holds at most data.max_query_images=2 sketches (some records have more), AdamW decays
+    at train.weight_decay, and train.val_every=3 validates at steps 3 and 4 (the last).
+    Catches: the epochs' step count off by one (`int(epochs * epoch_length) + 1`); train.seed not given to the
+    sampler (its default seed 0), or the weights / dropout stream seeded without it (`torch.manual_seed(0)`,
+    `torch.manual_seed(rank)`); data.max_query_images not given to TrainSet (its default 5); AdamW at its default
+    weight decay (`weight_decay=` dropped); the last step not validated (`or step == total_steps` dropped) or
+    validations one step early (`(step + 1) % val_every`)."""
+    steps, validated, first = [], [], {}
+    real_step = train_module.cached_step
+
+    def recording_step(encoder, examples, *args):
+        if not first:
+            first["rng"] = torch.get_rng_state()
+            first["weights"] = copy.deepcopy(encoder.trainable_state_dict())
+        steps.append([e["id"] for e in examples])
+        for e in examples:
+            if e["key"] == "2_sketch2i_ClothesV1":
+                first.setdefault("sketches", []).append(len(e["query_image"]))
+        return real_step(encoder, examples, *args)
+
+    monkeypatch.setattr(train_module, "cached_step", recording_step)
+    monkeypatch.setattr(train_module, "validate", lambda encoder, val_sets, cfg: validated.append(len(steps)) or {})
+    monkeypatch.setattr(train_module, "score", lambda results: 1.0)
+    keys = ["1_t2i_Shoes", "2_sketch2i_ClothesV1"]
+    cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", f"data.sub_datasets=[{', '.join(keys)}]",
+                     "train.max_steps=0", "train.epochs=0.5", "train.seed=5", "sampler.mode=uniform",
+                     "data.max_query_images=2", "train.weight_decay=0.02", "train.val_every=3")
+    train(cfg)
+
+    sets = {k: TrainSet(mini_root, k) for k in keys}
+    assert [len(s) for s in sets.values()] == [15, 24]
+    assert len(steps) == 4 and validated == [3, 4]
+    sampler = TaskSampler({k: len(s) for k, s in sets.items()}, cfg.sampler, 4, seed=5)
+    drawn = [sampler.next_batch() for _ in range(4)]
+    assert steps == [[sets[key].records[i]["id"] for i in indices] for key, indices in drawn]
+    assert "2_sketch2i_ClothesV1" in [key for key, _ in drawn]
+    assert max(len(r["query_image"]) for r in sets["2_sketch2i_ClothesV1"].records) > 2
+    assert first["sketches"] and max(first["sketches"]) <= 2
+    torch.manual_seed(5)
+    fresh = build_encoder(cfg.model, cfg.calibrator, "cpu").trainable_state_dict()
+    assert torch.equal(first["rng"], torch.manual_seed(5).get_state())
+    assert_same_state(first["weights"], fresh)
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert [group["weight_decay"] for group in saved["optimizer"]["param_groups"]] == [0.02]
 
 
 def test_checkpoint_rng_states_load_as_cpu_byte_tensors(tmp_path):
@@ -1094,9 +1152,13 @@ def test_prepare_workers_give_the_serial_inputs_and_drop_the_same_record(tiny_ba
     """With a pool of 2 threads, and serially, every chunk's inputs and pass 1's embeddings (LoRA dropout on) must
     equal a plain loop's over the batch without its unreadable record, which both name the same way. The record
     (r5's target) is in the second target chunk, so with threads pass 1 has run on four chunks when it is found.
+    The 64 x 64 images are prepared for training at model.image_pixels (32 x 32), not at model.eval_image_pixels.
     Catches: a worker's DataError swallowed (`yield future.result()` only for futures without an exception: the
-    record is neither named nor dropped); the random state not restored before the retry (dropout masks shift)."""
+    record is neither named nor dropped); the random state not restored before the retry (dropout masks shift);
+    chunks prepared at the evaluation budget (`train=True` -> `train=False` in prepare_chunks, serially or for the
+    first chunk with a pool)."""
     cfg = lora_dropout_config(tiny_backbone)
+    cfg.model.image_pixels, cfg.model.eval_image_pixels = 32 * 32, 64 * 64
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     perturb(encoder)
     examples = make_examples(tmp_path, 7)
@@ -1368,3 +1430,21 @@ def test_defaults_are_the_documented_values_and_release_yaml_sets_each_switch_ba
         assert getattr(getattr(configs["release"], section), key) == value(release), f"release {section}.{key}"
         checked += 1
     assert checked == 12
+
+
+def test_default_lora_adapts_the_seven_documented_projections_of_every_language_layer(tiny_backbone):
+    """docs/method.md#embedding: LoRA on the language model's q/k/v/o/gate/up/down projections, of every layer, and
+    nothing of the vision tower. Read from the tiny backbone built with the default model.lora_targets.
+    Catches: a projection left out of the default pattern (`|o_proj` dropped: attention outputs stay frozen)."""
+    cfg = full_training_config(tiny_backbone)
+    cfg.model.trainable = "lora"
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    adapted = {}
+    for name, _ in encoder.named_parameters():
+        match = re.search(r"language_model\.layers\.(\d+)\..*\.(\w+_proj)\.lora_A", name)
+        if match:
+            adapted.setdefault(int(match.group(1)), set()).add(match.group(2))
+        assert "lora_" not in name or "language_model" in name, name
+    layers = encoder.lm.config.text_config.num_hidden_layers
+    expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted == {layer: expected for layer in range(layers)}
