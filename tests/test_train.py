@@ -1404,13 +1404,17 @@ def test_defaults_are_the_documented_values_and_release_yaml_sets_each_switch_ba
     the authors' release" table, read from the README, has its "ours" value by default (full.yaml's where the table
     says so) and its "release" value in configs/release.yaml.
     Catches: a wrong default no config overrides (calibrator.fro_weight 1e-3, calibrator.orth_weight 1e-3,
-    train.temperature 0.05); sampler.update_every defaulting to the release's 0; release.yaml without its
-    `update_every: 0` line; the README's table and the code disagreeing."""
+    train.temperature 0.05, data.max_query_images 3, calibrator.init_std 1e-3, train.asfr_hard_negatives 2,
+    train.gather_negatives true); sampler.update_every defaulting to the release's 0; release.yaml without its
+    `update_every: 0` line; the README's table and the code disagreeing; a setting of a row naming several
+    (train.grad_clip defaulting to 1.0, train.schedule to cosine) not read."""
     cfg = Config()
-    documented = {"calibrator": {"fro_weight": 1e-4, "orth_weight": 1e-2, "gate_bias_init": -3.0},
+    documented = {"calibrator": {"fro_weight": 1e-4, "orth_weight": 1e-2, "gate_bias_init": -3.0, "init_std": 1e-6},
                   "sampler": {"alpha": 0.9, "gamma": 0.5, "eta": 1.0, "floor": 0.02, "warmup_epochs": 1},
-                  "train": {"temperature": 0.07, "lr": 1e-4, "weight_decay": 1e-3},
-                  "model": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}}
+                  "train": {"temperature": 0.07, "lr": 1e-4, "weight_decay": 1e-3, "asfr_hard_negatives": 0,
+                            "gather_negatives": False},
+                  "model": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05},
+                  "data": {"max_query_images": 5}}
     for section, values in documented.items():
         for key, value in values.items():
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
@@ -1420,16 +1424,21 @@ def test_defaults_are_the_documented_values_and_release_yaml_sets_each_switch_ba
     rows = [row.split("|")[1:4] for row in table.split("\n## ")[0].splitlines() if row.startswith("| `")]
     checked = 0
     for switch, ours, release in rows:
-        name = re.fullmatch(r" `(\w+)\.(\w+)` ", switch)
-        if name is None:                                    # a row of several settings, or not a switch
-            continue
-        section, key = name.groups()
-        value = lambda cell: yaml.safe_load(re.search(r"`([^`]*)`", cell).group(1))
+        names = re.findall(r"`([\w.]+)`", switch)     # "`train.schedule`, `warmup_steps`": one section, several keys
+        section = names[0].split(".")[0]
+        if len(names) == 1:                             # "`0` (= train)": the first quoted value
+            ours_values, release_values = ([re.search(r"`([^`]*)`", cell).group(1)] for cell in (ours, release))
+        else:                                           # "`constant`, 0, 0" | "same"
+            ours_values = [v.strip(" `") for v in ours.split(",")]
+            release_values = ours_values if release.strip() == "same" else [v.strip(" `") for v in release.split(",")]
         default = configs["full"] if "full.yaml" in ours else cfg
-        assert getattr(getattr(default, section), key) == value(ours), f"ours {section}.{key}"
-        assert getattr(getattr(configs["release"], section), key) == value(release), f"release {section}.{key}"
-        checked += 1
-    assert checked == 12
+        for name, mine, theirs in zip(names, ours_values, release_values, strict=True):
+            key = name.split(".")[-1]
+            assert getattr(getattr(default, section), key) == yaml.safe_load(mine), f"ours {section}.{key}"
+            released = getattr(getattr(configs["release"], section), key)
+            assert released == yaml.safe_load(theirs), f"release {section}.{key}"
+            checked += 1
+    assert checked == 15
 
 
 def test_default_lora_adapts_the_seven_documented_projections_of_every_language_layer(tiny_backbone):
