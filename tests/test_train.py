@@ -23,7 +23,7 @@ import plumbing
 import train as train_module
 from config import Config, load_config
 from launch import launch_two_nodes, torchrun
-from loader import prepare_chunks
+from loader import StepPrefetch, prepare_chunks
 from model import build_encoder
 from plumbing import load_checkpoint
 from prepare_data import SUB_DATASETS, TrainSet
@@ -1156,7 +1156,8 @@ def test_prepare_workers_give_the_serial_inputs_and_drop_the_same_record(tiny_ba
     Catches: a worker's DataError swallowed (`yield future.result()` only for futures without an exception: the
     record is neither named nor dropped); the random state not restored before the retry (dropout masks shift);
     chunks prepared at the evaluation budget (`train=True` -> `train=False` in prepare_chunks, serially or for the
-    first chunk with a pool)."""
+    first chunk with a pool, or in StepPrefetch.prepare: the chunks of the kept records prepared a step ahead are
+    compared too)."""
     cfg = lora_dropout_config(tiny_backbone)
     cfg.model.image_pixels, cfg.model.eval_image_pixels = 32 * 32, 64 * 64
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
@@ -1186,6 +1187,16 @@ def test_prepare_workers_give_the_serial_inputs_and_drop_the_same_record(tiny_ba
         for (inputs, emb), chunk, out in zip(expected, chunks, outs):
             assert_same_state(inputs, chunk, f"workers={workers}")
             assert torch.equal(emb, out["emb"]), workers
+
+    with StepPrefetch(2, encoder) as prefetch:
+        batch = ("key", kept, 3)
+        prefetch.prepare(batch)
+        torch.manual_seed(7)
+        _, _, q, t, _ = train_module.prepare_and_embed(encoder, kept, 3, prefetch.pool, prefetch.take(batch))
+    assert prefetch.hits == 1
+    for (inputs, emb), chunk, out in zip(expected, q[0] + t[0], q[1] + t[1], strict=True):
+        assert_same_state(inputs, chunk, "prefetched")
+        assert torch.equal(emb, out["emb"])
 
 
 class GatedPreparer:
