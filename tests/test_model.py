@@ -744,3 +744,63 @@ def test_open_clip_difficulty_is_the_two_projections_gradient_norms(clip):
         assert clip.token_grad_norms() == pytest.approx((5.0, 7.0))
     finally:
         clip.zero_grad(set_to_none=True)
+
+
+def test_lora_layers_add_alpha_over_r_times_b_a_of_the_dropped_out_input(tiny_backbone):
+    """A LoRA-wrapped projection (model.lora_targets) computes W x + (lora_alpha / lora_r) B A dropout(x), by hand on
+    one layer with lora_r 4, lora_alpha 12 (scale 3, not the defaults' 2) and lora_dropout 0.25: with A reading input
+    coordinate 0 and B writing output 0, output 0 less the base layer's is 3 x_0 / 0.75 where dropout keeps x_0 and
+    0 where it drops it, for about a quarter of 4,000 rows in train mode and for none in eval mode; every other output
+    is the base layer's.
+    Catches: LoraConfig given lora_alpha=cfg.lora_r (scale 1) or without model.lora_dropout (nothing dropped)."""
+    enc = build(tiny_backbone, trainable="lora", lora_r=4, lora_alpha=12, lora_dropout=0.25)
+    layer = enc.lm.model.language_model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.zero_()[0, 0] = 1.0     # A: [r, in]
+        layer.lora_B["default"].weight.zero_()[0, 0] = 1.0     # B: [out, r]
+    x = 0.5 + torch.rand(4000, layer.in_features, generator=torch.Generator().manual_seed(0))
+    for training in (True, False):
+        layer.train(training)
+        with torch.no_grad():
+            delta = layer(x) - layer.base_layer(x)
+        assert torch.equal(delta[:, 1:], torch.zeros_like(delta[:, 1:]))
+        dropped = delta[:, 0] == 0
+        kept = ~dropped
+        scale = 3 / 0.75 if training else 3.0
+        torch.testing.assert_close(delta[kept, 0], scale * x[kept, 0], rtol=1e-5, atol=1e-5)
+        assert abs(dropped.float().mean().item() - (0.25 if training else 0.0)) < 0.03
+
+
+def test_fill_size_breaks_a_tie_on_the_worse_axis_by_the_larger_area():
+    """380 x 160 (w x h) at 224^2 = 49 units of 32^2, by hand: the exact fit is 4.54 x 10.79 units (h x w); 4 x 10
+    and 4 x 11 both keep 4 / 4.54 = 88% of the worse (height) axis, 5 x 10 = 50 units is over the budget, so the
+    larger area wins: 4 x 11 units, 128 x 352 pixels (44 tokens, not 40).
+    Catches: fill_size's key without its area tie-break (max keeps the first of the tie: 4 x 10, 128 x 320)."""
+    from media import fill_size
+    assert fill_size(160, 380, 224 * 224) == (128, 352)
+
+
+def test_evaluation_budget_and_frame_count_reach_images_and_video_frames(tiny_backbone, tmp_path):
+    """model.fill_pixel_budget (ours) with model.image_pixels 64^2, model.eval_image_pixels 128^2 and
+    model.video_frames 4: at evaluation each image and video frame gets its own area clamped to [64^2, 128^2], in
+    training 64^2; a clip gives 4 frames. By hand (tokens: 16-pixel patches merged 2 x 2):
+      300 x 300: evaluation capped at 128 x 128 (8 x 8 patches, 16 tokens); training 64 x 64 (4 tokens)
+      96 x 96:   evaluation its own area, 96 x 96 (6 x 6 patches, 9 tokens); training 4 tokens
+      40 x 40:   evaluation raised to 64 x 64 (4 tokens); training 4 tokens
+      frames of 160 x 96 (w x h): evaluation its own area 15,360 = 15 units of 32^2, exact fit 3 x 5 units: 96 x 160
+        (6 x 10 patches); training 4 units, exact 1.55 x 2.58: 2 x 2 keeps 0.78 of its worse axis (1 x 2 and 1 x 3:
+        0.65): 64 x 64 (4 x 4 patches); 4 frames at temporal patch 2: t = 2 (8 frames: 4).
+    Catches: evaluation images or video frames sized at the training budget (resize_to_budget(..., low, low));
+    training at the evaluation budget (`high = cfg.eval_image_pixels or low`); every image at the largest budget
+    (`area = max_pixels` in resize_to_budget); model.video_frames ignored (load_video(path, 8, ...))."""
+    paths = []
+    for side in (300, 96, 40):
+        paths.append(write_png(tmp_path / f"{side}.png", (side, side), side))
+    clip = write_mp4(tmp_path / "clip.mp4", 12, seed=4, size=(160, 96))
+    enc = build(tiny_backbone, image_pixels=64 * 64, eval_image_pixels=128 * 128, video_frames=4)
+    query = {"id": "v", "instruction_text": "Find the item.", "query_image": [], "query_video": [clip]}
+    expected = {False: ([[1, 8, 8], [1, 6, 6], [1, 4, 4]], [[2, 6, 10]]),
+                True: ([[1, 4, 4], [1, 4, 4], [1, 4, 4]], [[2, 4, 4]])}
+    for train, (images, video) in expected.items():
+        assert enc.prepare_targets(paths, train=train)["image_grid_thw"].tolist() == images, train
+        assert enc.prepare_queries([query], train=train)["video_grid_thw"].tolist() == video, train
