@@ -202,8 +202,9 @@ def test_exported_settings_are_the_encoders_calibrator_and_dtype(trained, tmp_pa
     """fashionlens.json carries the calibrator variant the standalone code applies (mode, gate, fixed_gate, rank:
     the encoder's own config, with a non-default fixed gate), and a bf16 export's config.json says bfloat16 (what
     from_pretrained(dtype="auto") loads), while the encoder's own config keeps its dtype.
+    The calibrator is saved as the encoder holds it (fp32) whatever the export dtype: bf16 would round its weights.
     Catches: fixed_gate left out of the exported settings (the standalone code would use its default); the saved
-    config's dtype not set to the export dtype."""
+    config's dtype not set to the export dtype; calibrator.safetensors cast to the export dtype."""
     import json
     cal = trained.calibrator_cfg
     saved_gate, cal.fixed_gate = cal.fixed_gate, 0.37
@@ -216,6 +217,10 @@ def test_exported_settings_are_the_encoders_calibrator_and_dtype(trained, tmp_pa
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     assert trained.lm.config.dtype != torch.bfloat16
+    with safe_open(os.path.join(tmp_path, "bf16", "calibrator.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    own = trained.calibrator.state_dict()
+    assert saved.keys() == own.keys() and all(torch.equal(saved[k], own[k]) for k in own)
 
 
 @pytest.mark.parametrize("switch", ["keep_rope_positions", "normed_readout", "fill_pixel_budget"])
@@ -369,3 +374,55 @@ def test_standalone_calibrator_equals_the_training_one_where_p_opposes_q(offset)
         expected = calibrator(h)[0]
     assert torch.allclose(expected[0], q, atol=1e-3)
     assert torch.allclose(fl.calibrate(h, head), expected, atol=1e-5)
+
+
+class ProcessorSpy:
+    """The export's processor, keeping what each call returned (the model inputs the standalone code built)."""
+
+    def __init__(self, processor):
+        self.processor, self.seen = processor, []
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+    def __call__(self, **kwargs):
+        self.seen.append(self.processor(**kwargs))
+        return self.seen[-1]
+
+
+def test_standalone_builds_the_training_encoders_evaluation_inputs(trained, media, tmp_path):
+    """An encoder that evaluates at model.eval_image_pixels 256^2 above its training 128^2 and reads
+    model.video_frames 4, exported: the model inputs fashionlens_embed.py builds (token ids, pixels, grids) for a
+    query with an image then a video, a video query and a 200 x 200 gallery image (its own area, between the two
+    budgets) are bit for bit the training encoder's evaluation inputs (prepare_queries / prepare_targets, train=False).
+    A cosine threshold cannot see these: on the tiny random backbone other video frames or another resampling filter
+    move an embedding by less than 1e-4.
+    Catches: eval_image_pixels or video_frames not carried into fashionlens.json (sized at image_pixels; 8 frames);
+    embed_queries placing a query's video before its images; read_video sampling up to frame N instead of N - 1;
+    media.resize_to_budget resampling bilinear instead of bicubic, or at the largest budget (`area = max_pixels`)."""
+    cfg = trained.model_cfg
+    saved = cfg.eval_image_pixels, cfg.video_frames
+    cfg.eval_image_pixels, cfg.video_frames = 256 * 256, 4
+    try:
+        out = str(tmp_path / "out")
+        hf_export.export(trained, out)
+        lm, processor, head, fl = plain(out)
+        spy = ProcessorSpy(processor)
+        queries = [{"id": "iv", "instruction_text": "Find this jacket.", "query_image": media["images"][2:3],
+                    "query_video": [media["video"]]},
+                   {"id": "v", "instruction_text": "Find the item.", "query_image": [],
+                    "query_video": [media["video"]]}]
+        fl.embed_queries(lm, spy, head, [{"text": q["instruction_text"], "images": q["query_image"],
+                                          "videos": q["query_video"]} for q in queries])
+        fl.embed_images(lm, spy, head, media["images"][2:3])
+        expected = [trained.prepare_queries(queries, train=False),
+                    trained.prepare_targets(media["images"][2:3], train=False)]
+    finally:
+        cfg.eval_image_pixels, cfg.video_frames = saved
+    assert len(spy.seen) == 2
+    assert expected[0]["video_grid_thw"].tolist() == [[2, 6, 10]] * 2   # 4 frames of 96 x 64, raised to 96 x 160
+    assert expected[1]["image_grid_thw"].tolist() == [[1, 12, 12]]      # 200 x 200 -> 192 x 192, not 128 x 128
+    for built, training in zip(spy.seen, expected):
+        assert built.keys() <= training.keys()
+        for key in built:
+            assert torch.equal(built[key], training[key]), key
