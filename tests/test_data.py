@@ -495,6 +495,46 @@ def test_a_query_without_its_target_in_the_gallery_is_a_miss(mini_root, tiny_bac
             evaluate.build_sets(strict, evaluate.resolve_config(strict)[0])
 
 
+def test_evaluation_reads_the_galleries_and_street_images_the_config_and_command_line_name(mini_root, tmp_path):
+    """evaluate.py builds its sets from where data.gallery_dir / --gallery-dir and data.street2shop_images point, and
+    --strict refuses a query without a target, with and without --tasks. A decoy: <root>/0_test_candidates lacks
+    7_cir_Shoes' first targets, <root>/gallery/ is complete; Street+Modification's images/ folder is gone, so its
+    names resolve through street2shop_images. Expected galleries written out from the JSON files by hand.
+    Catches: the default path (no --tasks) not passing strict or street2shop_images to build_eval_sets; the --tasks
+    path not passing gallery_dir or street2shop_images; --gallery-dir not overriding data.gallery_dir (each one
+    silently evaluates the decoy gallery or looks for the street images elsewhere)."""
+    import evaluate
+    root = copy_tree(mini_root, tmp_path)
+    shutil.copytree(os.path.join(root, "0_test_candidates"), os.path.join(root, "gallery"))
+    cir, _ = drop_target_from_test_gallery(root, "7_cir_Shoes", 0)
+    street_dir = os.path.join(root, "evaluation_only_tasks", UNSEEN_TASKS[0])
+    shutil.rmtree(os.path.join(street_dir, "images"))
+    with open(os.path.join(root, "gallery", "7_cir_Shoes_test_candidates.json")) as f:
+        cir_gallery = [os.path.join(root, p) for p in dict.fromkeys(json.load(f))]
+    with open(os.path.join(street_dir, "candidate_images.json")) as f:
+        street_gallery = list(dict.fromkeys(os.path.join(root, "DF2", "train+image+" + name.split("+", 1)[1])
+                                            for name in json.load(f)))
+    street_only, both = tmp_path / "street.yaml", tmp_path / "both.yaml"
+    street_only.write_text("data:\n  street2shop_images: DF2/train+image+{id}\n")
+    both.write_text(f"data:\n  street2shop_images: DF2/train+image+{{id}}\n  gallery_dir: {root}/gallery\n")
+
+    def build(*argv):
+        args = evaluate.parse_args(["--untrained", "--root", root, "--backbone", str(tmp_path), "--split", "test",
+                                    *argv])
+        return {s.name: s for s in evaluate.build_sets(args, evaluate.resolve_config(args)[0])}
+
+    tasks = ["--tasks", "7_cir_Shoes", UNSEEN_TASKS[0]]
+    for argv in (["--config", str(both)], ["--config", str(both), *tasks],
+                 ["--config", str(street_only), "--gallery-dir", os.path.join(root, "gallery"), *tasks]):
+        sets = build(*argv)
+        assert sets["7_cir_Shoes"].gallery == cir_gallery and sets["7_cir_Shoes"].missing == 0, argv
+        assert sets[UNSEEN_TASKS[0]].gallery == street_gallery, argv
+    assert build("--config", str(street_only))["7_cir_Shoes"].missing == 1          # the decoy, as a miss
+    with pytest.raises(DataError, match="no ground-truth") as e:                    # --strict without --tasks
+        build("--config", str(street_only), "--strict")
+    assert e.value.record_id == cir[0]["id"]
+
+
 def test_recall_and_chance_divide_by_all_queries():
     """Three queries over a gallery of four, the third with no ground truth: query 0 ranks its target first, query 1
     second, query 2 can never hit. By hand: R@1 = 1/3, R@5 = 2/3; chance at K=1 = (1/4 + 1/4 + 0) / 3 = 1/6.
@@ -521,6 +561,40 @@ def test_asfr_ground_truth_is_the_label_not_the_listed_targets(tmp_path):
          "target_label": "DARN+colour+red", "target_image": ["DARN_images/r1.jpg"], "negative_image": []}])
     ev = build_eval_set(root, "9_asfr_DARN", "val")
     assert ev.ground_truth == [[1, 3, 4]]      # r0, r1, r2 at their places in the pool
+
+
+def test_a_validation_gallery_holds_a_target_shared_by_two_queries_once(tmp_path):
+    """The validation gallery is the union of the split's targets: an image that is the target of two queries is one
+    gallery image, and both queries' ground truth is that one index. Listed twice, it would be ranked twice, its
+    first copy counted as a distractor above the ground truth. Expected gallery and ground truth by hand.
+    Catches: build_eval_set's val gallery built without deduplication (the released val splits share targets;
+    U-FIRE-mini's do not)."""
+    root = str(tmp_path)
+    pd.write_json(pd.triplet_path(root, "7_cir_Shoes", "val"), [
+        {"id": "q0", "instruction_text": "is red", "query_image": ["Shoes_images/r0.jpg"],
+         "target_image": ["Shoes_images/a.jpg"]},
+        {"id": "q1", "instruction_text": "is blue", "query_image": ["Shoes_images/r1.jpg"],
+         "target_image": ["Shoes_images/b.jpg", "Shoes_images/c.jpg"]},
+        {"id": "q2", "instruction_text": "is green", "query_image": ["Shoes_images/r2.jpg"],
+         "target_image": ["Shoes_images/c.jpg", "Shoes_images/a.jpg"]}])
+    ev = build_eval_set(root, "7_cir_Shoes", "val")
+    assert ev.gallery == [os.path.join(root, "Shoes_images", n) for n in ("a.jpg", "b.jpg", "c.jpg")]
+    assert ev.ground_truth == [[0], [1, 2], [2, 0]] and ev.missing == 0
+
+
+def test_asfr_ground_truth_keeps_every_image_of_a_large_label(tmp_path):
+    """An asfr label of the release holds thousands of pool images: the ground truth is every one of them, not the
+    first few. Here 60 images of label "red" around three of "blue"; expected indices by hand.
+    Catches: the asfr ground truth cut to the first 50 (U-FIRE-mini's labels hold fewer, so its tests cannot tell)."""
+    root = str(tmp_path)
+    red, blue = [f"DARN_images/r{i}.jpg" for i in range(60)], [f"DARN_images/b{i}.jpg" for i in range(3)]
+    pool = [blue[0]] + red[:30] + [blue[1]] + red[30:] + [blue[2]]
+    pd.write_json(pd.candidate_path(root, "9_asfr_DARN", "val"),
+                  {"DARN+colour+red": red, "DARN+colour+blue": blue, "DARN_asfr_val_candidate": pool})
+    pd.write_json(pd.triplet_path(root, "9_asfr_DARN", "val"), [
+        {"id": "q", "instruction_text": "same colour", "query_image": ["DARN_images/q.jpg"], "attribute": "colour",
+         "target_label": "DARN+colour+red", "target_image": [red[0]], "negative_image": []}])
+    assert build_eval_set(root, "9_asfr_DARN", "val").ground_truth == [list(range(1, 31)) + list(range(32, 62))]
 
 
 def test_paths_leaving_the_root_are_refused(mini_root, tmp_path):
