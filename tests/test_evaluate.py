@@ -577,8 +577,16 @@ def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone)
     config_json.write_text(config_json.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
     edited = fingerprint(cfg, encoder)
     assert edited != stepped
+    # A file in a subdirectory of the backbone (hidden ones aside) is part of the key too.
+    (backbone / "extra").mkdir()
+    (backbone / "extra" / "vocab.json").write_text("{}")
+    nested = fingerprint(cfg, encoder)
+    assert nested != edited
+    (backbone / ".cache").mkdir()
+    (backbone / ".cache" / "lock").write_text("")
+    assert fingerprint(cfg, encoder) == nested
     make_tiny_backbone(str(backbone), seed=1)
-    assert fingerprint(cfg, encoder) not in (before, stepped, edited)
+    assert fingerprint(cfg, encoder) not in (before, stepped, edited, nested)
 
 
 def test_fingerprint_follows_the_libraries_that_embed(tiny_backbone, monkeypatch):
@@ -874,6 +882,23 @@ def test_checkpoint_model_with_non_tensor_entries_is_refused(tmp_path):
     with pytest.raises(EvaluationError, match=r"odd.pt: not a FashionLens checkpoint \('model' holds non-tensor "
                                               r"entries \['step'\]\)"):
         evaluate.read_checkpoint(str(path))
+
+
+def test_untrained_with_a_checkpoint_evaluates_fresh_trainable_parts(tmp_path):
+    """`evaluate.py CKPT --untrained` is the floor of that run: the checkpoint's config, none of its trained tensors
+    (load_encoder then seeds fresh ones); without --untrained the saved tensors are what is loaded.
+    Catches: resolve_config handing the checkpoint's tensors to the untrained floor (the trained model's table then
+    reported under the label "untrained")."""
+    from config import Config
+    cfg = Config()
+    cfg.train.seed = 7
+    ckpt = str(tmp_path / "best.pt")
+    torch.save({"config": cfg.to_dict(), "model": {"query_token": torch.ones(4)}}, ckpt)
+    floor_cfg, floor_state, label = evaluate.resolve_config(
+        evaluate.parse_args([ckpt, "--untrained", "--backbone", str(tmp_path)]))
+    assert floor_state is None and floor_cfg.train.seed == 7 and label == f"untrained ({ckpt})"
+    _, state, label = evaluate.resolve_config(evaluate.parse_args([ckpt, "--backbone", str(tmp_path)]))
+    assert torch.equal(state["query_token"], torch.ones(4)) and label == ckpt
 
 
 def test_untrained_floor_is_the_same_whatever_random_numbers_came_before(tiny_backbone):

@@ -216,6 +216,8 @@ def test_approximate_indexes_build_and_search_like_exact_when_exhaustive(setup, 
     assert "IVF" in type(faiss.downcast_index(faiss.read_index(str(out / "index.faiss")))).__name__
     args = ["--text", "a red dress", "-k", "5"]
     approx = search.main(["query", str(out), *args, "--nprobe", "2"])
+    # --nprobe 1 probes one of the two lists, which holds fewer than the catalogue's 9 readable images.
+    assert len(search.main(["query", str(out), "--text", "a red dress", "-k", "9", "--nprobe", "1"])) < 9
     exact = search.main(["query", setup["index"], *args])
     assert [r["path"] for r in approx] == [r["path"] for r in exact]
     np.testing.assert_allclose([r["score"] for r in approx], [r["score"] for r in exact], atol=1e-5)
@@ -366,6 +368,25 @@ def test_approximate_index_training_sample_is_seeded():
 
     np.testing.assert_array_equal(centroids(0), centroids(0))
     assert not np.allclose(centroids(0), centroids(1))
+
+
+def test_index_catalogue_trains_on_the_sample_its_seed_draws(setup, tmp_path):
+    """`search.py index --seed S` (meta.json records it): the IVF index written has the coarse centroids of
+    build_index trained on the sample seed S draws from the same vectors, not seed 0's.
+    Catches: index_catalogue not passing its seed on to build_index (meta.json then names a seed that was not used)."""
+    _, vectors = indexed(stub_index(tmp_path, setup))
+
+    def centroids(index):
+        return faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).reconstruct_n(0, 2)
+
+    out = str(tmp_path / "seeded")
+    meta = search.index_catalogue(stub_model(), setup["catalogue"], out, factory="IVF2,Flat", train_size=4, seed=3,
+                                  progress=False)
+    assert meta["seed"] == 3
+    written = centroids(faiss.read_index(os.path.join(out, "index.faiss")))
+    seed3, seed0 = (build_index(vectors, "IVF2,Flat", train_size=4, seed=seed) for seed in (3, 0))
+    np.testing.assert_array_equal(written, centroids(seed3))
+    assert not np.allclose(written, centroids(seed0))
 
 
 def test_query_and_catalogue_edge_cases(tmp_path):
