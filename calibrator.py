@@ -82,15 +82,20 @@ class QueryCalibrator(nn.Module):
             nn.init.constant_(last.bias[-1:], cfg.gate_bias_init)
 
     def forward(self, h):
+        # Outside any caller's autocast: H in its parameters' dtype, the rest in fp32 (an autocast would run the
+        # proposal's products in bf16).
+        with torch.autocast(h.device.type, enabled=False):
+            return self.calibrate(h)
+
+    def calibrate(self, h):
         q = F.normalize(h.float(), dim=-1)
         if self.mode == "none":
             return q, None, None, None
         d, r = self.dim, self.rank
         # H reads the raw readout h (paper section IV-C) in its parameters' dtype (fp32, or bf16 in the
-        # release-compatible setting), outside any autocast; everything after it runs in fp32.
+        # release-compatible setting); everything after it runs in fp32.
         weight = self.hyper[0].weight
-        with torch.autocast(weight.device.type, enabled=False):
-            params = self.hyper(h.to(weight.dtype)).float()
+        params = self.hyper(h.to(weight.dtype)).float()
         a = params[:, :d * r].reshape(-1, d, r)
         b = params[:, d * r:2 * d * r].reshape(-1, r, d)
         if self.learned_gate:

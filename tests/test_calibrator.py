@@ -156,6 +156,21 @@ def test_forward_per_sample_matches_a_loop_over_the_batch():
         assert orth[i].item() == pytest.approx((a.T @ a - torch.eye(r, dtype=torch.float64)).norm().item(), rel=1e-5)
 
 
+def test_a_callers_autocast_leaves_the_calibrator_in_fp32():
+    """Called inside a bf16 autocast (as a caller embedding under autocast would), the calibrator gives exactly
+    its fp32 outputs: H in its parameters' dtype, the proposal, slerp and regularisers in fp32.
+    Catches: only H kept out of autocast (the proposal's einsums and A^T A then run in bf16: here out differs by 8e-5
+    and orth by 0.06)."""
+    torch.manual_seed(0)
+    cal = QueryCalibrator(6, small_cfg(rank=3, init_std=0.3))
+    h = torch.randn(5, 6)
+    expected = cal(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cal(h)
+    for name, e, g in zip(("out", "gate", "fro", "orth"), expected, got):
+        assert g.dtype == torch.float32 and torch.equal(g, e), name
+
+
 def test_fixed_gate_lerp_and_none_variants():
     d, r = 4, 2
     a, b = torch.randn(d, r), torch.randn(r, d)
