@@ -2,7 +2,7 @@
 # Every GPU figure of the README (training step and encoding throughput of the Qwen3-VL-4B architecture, ours and
 # the release's configuration, with FLOPs utilisation and peak memory, and the memory of a gradient-cache chunk
 # behind configs/chunk_sizes.yaml) in one run, for a GPU machine that has PyTorch but cannot download: about
-# 9 minutes on one H100/H200, three random 4B builds included.
+# 10 minutes on one H100/H200, three random 4B builds included. First, the test suite's exactness checks there.
 #
 #   bash benchmarks/gpu_wheels.sh        # where pip works: the pinned packages the GPU machine lacks, into .whl/
 #   bash benchmarks/gpu_session.sh       # on the GPU machine, with .whl/ copied along; output in $OUT (runs/gpu)
@@ -29,6 +29,12 @@ STUB
                 __import__('importlib').util.find_spec('flash_attn') is not None)"
 } 2>&1 | tee "$OUT/setup.txt"
 quiet() { grep --line-buffered -v "Loading weights"; }
+# Exactness first: the test suite's checks that also matter on a GPU (the CUDA random state restored by the
+# gradient-cache replay and by a checkpoint, the frozen vision tower's reuse, chunk-size invariance), run there in
+# fp32 (tests/conftest.py --device). Under a minute.
+timeout 150 python3 -m pytest -q -p no:cacheprovider --device cuda tests/test_train.py tests/test_fast_paths.py \
+    -k "cached_gradients_equal or chunk_size_does_not_change or checkpoint_restores_step or replay_reuses" 2>&1 \
+    | tee "$OUT/exactness.txt"
 timeout 330 python3 benchmarks/train_throughput.py --real-arch --steps 3 --chunks 16,64 \
     --json "$OUT/train_throughput.json" 2>&1 | quiet | tee "$OUT/train_throughput.txt"
 timeout 150 python3 benchmarks/encode_throughput.py --real-arch --repeats 3 2>&1 | quiet \

@@ -12,6 +12,25 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="where the tests that take the `device` fixture run: `cuda` runs those exactness checks "
+                          "on a GPU, in fp32 (benchmarks/gpu_session.sh does, first)")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The device of the exactness checks that also matter on a GPU (the CUDA random state in the gradient-cache
+    replay and in checkpoints, tensors moved to the device). They build their encoder in fp32 (model.dtype, which
+    CPUs always use) and compare at fp32 tolerances, so TF32 convolutions are turned off on a GPU."""
+    name = request.config.getoption("--device")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("--device cuda: this machine has no CUDA GPU")
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.device(name)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory):
     """Directory of the tiny random Qwen3-VL (fake_backbones.py make-tiny), built once per test session."""

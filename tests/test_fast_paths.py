@@ -39,18 +39,18 @@ def step_with_tower_calls(encoder, examples, cfg, chunk_size):
 
 
 @pytest.mark.parametrize("trainable,dropout", [("lora", 0.0), ("lora", 0.3), ("full", 0.0)])
-def test_replay_reuses_a_frozen_vision_towers_output_exactly(tiny_backbone, tmp_path, trainable, dropout):
+def test_replay_reuses_a_frozen_vision_towers_output_exactly(tiny_backbone, tmp_path, device, trainable, dropout):
     """A cached step (7 queries in chunks of 3: 2 of 3 query chunks and all 3 target chunks hold images) gives the
     same loss and gradients with model.reuse_vision_features on as off; with LoRA (frozen tower) the tower runs once
     per chunk with images instead of twice, with the whole backbone trained it still runs twice (its gradients need
     the replay's graph).
     Catches: reuse while the tower trains (the frozen-tower check dropped: its gradients go missing); the features
     of another chunk of the same shapes handed to the replay (train.replay_with_graph zipping chunks with
-    `outs[1:2] + outs[:1] + outs[2:]`: wrong gradients)."""
+    `outs[1:2] + outs[:1] + outs[2:]`: wrong gradients). Also on a GPU, in fp32 (--device cuda)."""
     cfg = Config()
     cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = tiny_backbone, trainable, dropout
-    cfg.model.image_pixels = 64 * 64
-    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    cfg.model.image_pixels, cfg.model.dtype = 64 * 64, "float32"
+    encoder = build_encoder(cfg.model, cfg.calibrator, device).train()
     torch.manual_seed(1)
     with torch.no_grad():  # LoRA-B and the calibrator off their zero / identity starts: every gradient non-trivial
         for name, p in encoder.named_parameters():

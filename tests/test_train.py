@@ -116,17 +116,19 @@ def make_examples(tmp_path, n):
 
 
 def full_training_config(tiny_backbone):
-    """The tiny backbone trained in full (no LoRA, so no dropout) at 64 x 64 pixels."""
+    """The tiny backbone trained in full (no LoRA, so no dropout) at 64 x 64 pixels, in fp32 on any device."""
     cfg = Config()
     cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "full", 64 * 64
+    cfg.model.dtype = "float32"
     return cfg
 
 
 def lora_dropout_config(tiny_backbone):
-    """The tiny backbone with LoRA at dropout 0.3 (dropout masks must match between passes) at 64 x 64 pixels."""
+    """The tiny backbone with LoRA at dropout 0.3 (dropout masks must match between passes) at 64 x 64 pixels, in
+    fp32 on any device."""
     cfg = Config()
     cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = tiny_backbone, "lora", 0.3
-    cfg.model.image_pixels = 64 * 64
+    cfg.model.image_pixels, cfg.model.dtype = 64 * 64, "float32"
     return cfg
 
 
@@ -175,15 +177,16 @@ def add_hard_negatives(tmp_path, examples, k):
 
 
 @pytest.mark.parametrize("views, negatives, chunk_size", [(7, 0, 1), (7, 0, 3), (7, 0, 7), (4, 2, 4)])
-def test_cached_gradients_equal_uncached_with_dropout(tiny_backbone, tmp_path, views, negatives, chunk_size):
+def test_cached_gradients_equal_uncached_with_dropout(tiny_backbone, tmp_path, device, views, negatives, chunk_size):
     """A cached step's loss and gradients (LoRA dropout on) equal one uncached forward and backward of the same
     chunks from the same random state. (4, 2, 4): the 4 queries are one chunk, their 4 positives and 8 hard negatives
     three. Catches: a chunk's random state saved after its forward (dropout masks differ in the replay); the replay's
     random state restored for no chunk; the replay's cached gradients not advanced per chunk (`start += n` dropped);
     one chunk of queries taken for a batch that needs no replay (`single = ... or ...`: the targets' pass-1
-    embeddings have no graph)."""
+    embeddings have no graph). With --device cuda (the `device` fixture) the dropout masks come from the CUDA
+    random state, which the replay must restore."""
     cfg = lora_dropout_config(tiny_backbone)
-    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    encoder = build_encoder(cfg.model, cfg.calibrator, device).train()
     perturb(encoder)
     examples = add_hard_negatives(tmp_path, make_examples(tmp_path, views), negatives)
 
@@ -206,11 +209,12 @@ def test_cached_gradients_equal_uncached_with_dropout(tiny_backbone, tmp_path, v
         assert not torch.equal(encoder(inputs, "target")["emb"], encoder(inputs, "target")["emb"])
 
 
-def test_chunk_size_does_not_change_loss_or_gradients(tiny_backbone, tmp_path):
-    """Chunks of 1, 3 and 6 queries give the same loss, gradients and logged mean gate (over the whole batch).
+def test_chunk_size_does_not_change_loss_or_gradients(tiny_backbone, tmp_path, device):
+    """Chunks of 1, 3 and 6 queries give the same loss, gradients and logged mean gate (over the whole batch), also
+    on a GPU (--device cuda).
     Catches: the gate mean of the first chunk only (`gates[0].mean()`)."""
     cfg = full_training_config(tiny_backbone)
-    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    encoder = build_encoder(cfg.model, cfg.calibrator, device).train()
     perturb(encoder)
     examples = make_examples(tmp_path, 6)
     results = []
@@ -889,10 +893,11 @@ def test_a_failed_checkpoint_save_keeps_the_last_one_and_leaves_no_temporary(tmp
     assert load_checkpoint(path) == {"step": 3}
 
 
-def test_checkpoint_restores_step_best_score_unreadable_records_and_random_states(tiny_backbone, tmp_path):
+def test_checkpoint_restores_step_best_score_unreadable_records_and_random_states(tiny_backbone, tmp_path, device):
     """A checkpoint written at step 7 with best validation score 12.5 and one unreadable record, saved and loaded,
     restored into a fresh encoder, optimizer, scheduler and sampler: the step, the best score, the unreadable records,
-    and the Python, NumPy and torch random streams continue where they were when it was written.
+    and the Python, NumPy and torch random streams (with --device cuda, the GPU's too: its dropout masks) continue
+    where they were when it was written.
     Catches: the best score not restored (-1.0: the first validation after a resume would overwrite best.pt with a
     worse model); the unreadable records not restored (`set()`: met and reported again); a random state not restored."""
     from checkpoints import checkpoint, restore
@@ -900,21 +905,24 @@ def test_checkpoint_restores_step_best_score_unreadable_records_and_random_state
     cfg = full_training_config(tiny_backbone)
 
     def training_parts():
-        encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+        encoder = build_encoder(cfg.model, cfg.calibrator, device)
         optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=cfg.train.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_module.learning_rate_factor(cfg, 10))
         return encoder, optimizer, scheduler, TaskSampler({"a": 10, "b": 20}, cfg.sampler, 4)
 
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, device=device).item()
+
     written = training_parts()
     random.seed(3)
     np.random.seed(4)
-    torch.manual_seed(5)
+    torch.manual_seed(5)        # seeds the GPU's generator too
     save_atomic(checkpoint(cfg, *written, 7, 12.5, {"a/r3"}), tmp_path / "last.pt")
-    draws = random.random(), np.random.rand(), torch.rand(1).item()
+    draws = draw()
     torch.manual_seed(6)
     resumed = restore(load_checkpoint(tmp_path / "last.pt"), cfg, *training_parts(), 0, tmp_path / "last.pt")
     assert resumed == (7, 12.5, {"a/r3"})
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+    assert draw() == draws
 
 
 @pytest.mark.parametrize("launch", ["one node", "two nodes"])
