@@ -1424,12 +1424,13 @@ def test_defaults_are_the_documented_values_and_release_yaml_sets_each_switch_ba
     says so) and its "release" value in configs/release.yaml.
     Catches: a wrong default no config overrides (calibrator.fro_weight 1e-3, calibrator.orth_weight 1e-3,
     train.temperature 0.05, data.max_query_images 3, calibrator.init_std 1e-3, train.asfr_hard_negatives 2,
-    train.gather_negatives true); sampler.update_every defaulting to the release's 0; release.yaml without its
-    `update_every: 0` line; the README's table and the code disagreeing; a setting of a row naming several
-    (train.grad_clip defaulting to 1.0, train.schedule to cosine) not read."""
+    train.gather_negatives true, sampler.warmup_all_modes true); sampler.update_every defaulting to the release's
+    0; release.yaml without its `update_every: 0` line; the README's table and the code disagreeing; a setting of a
+    row naming several (train.grad_clip defaulting to 1.0, train.schedule to cosine) not read."""
     cfg = Config()
     documented = {"calibrator": {"fro_weight": 1e-4, "orth_weight": 1e-2, "gate_bias_init": -3.0, "init_std": 1e-6},
-                  "sampler": {"alpha": 0.9, "gamma": 0.5, "eta": 1.0, "floor": 0.02, "warmup_epochs": 1},
+                  "sampler": {"alpha": 0.9, "gamma": 0.5, "eta": 1.0, "floor": 0.02, "warmup_epochs": 1,
+                              "warmup_all_modes": False},
                   "train": {"temperature": 0.07, "lr": 1e-4, "weight_decay": 1e-3, "asfr_hard_negatives": 0,
                             "gather_negatives": False},
                   "model": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05},
