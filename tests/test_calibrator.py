@@ -106,6 +106,19 @@ def test_initialisation_is_close_to_identity(mode):
     assert fro.shape == orth.shape == (6,)
 
 
+def test_hidden_width_and_initial_gate_follow_the_config():
+    """calibrator.hidden sets the hypernetwork's width and calibrator.gate_bias_init its first gate, both off their
+    defaults here (hidden 24, bias -1): Linear(D, 24), LayerNorm(24), Linear(24, 2 D r + 1) hold D * 24 + 24 +
+    2 * 24 + (24 + 1) (2 D r + 1) parameters, and with A, B ~ 0 every query's gate is sigmoid(-1) = 1 / (1 + e).
+    Catches: the width fixed at the default 512, or the gate bias fixed at the default -3."""
+    d, r, hidden = 8, 2, 24
+    torch.manual_seed(0)
+    cal = QueryCalibrator(d, small_cfg(hidden=hidden, rank=r, gate_bias_init=-1.0))
+    assert sum(p.numel() for p in cal.parameters()) == d * hidden + hidden + 2 * hidden + (hidden + 1) * (2 * d * r + 1)
+    _, gate, _, _ = cal(torch.randn(5, d))
+    assert torch.allclose(gate, torch.full((5,), 1 / (1 + math.e)), atol=1e-5)
+
+
 def set_constant_output(cal, a, b, gate_logit=None):
     """Make the hypernetwork output the same (A, B, l) for every input: last layer weight 0, bias = values."""
     last = cal.hyper[-1]

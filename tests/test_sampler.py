@@ -143,6 +143,30 @@ def test_ablation_modes():
         TaskSampler(SIZES, cfg(mode="bogus"), 8)
 
 
+def test_size_pow_prior_follows_sampler_gamma():
+    """size_pow samples N_k^gamma / sum_j N_j^gamma with the configured gamma (0.3 here; the other tests use the
+    default 0.5): worked out with plain powers.
+    Catches: size_pow's exponent fixed at the default (`softmax(0.5 * np.log(self.sizes))`)."""
+    sizes = {"a": 100, "b": 400, "c": 900}
+    s = TaskSampler(sizes, cfg(mode="size_pow", gamma=0.3), batch_size=8)
+    total = 100 ** 0.3 + 400 ** 0.3 + 900 ** 0.3
+    assert s.probabilities() == pytest.approx({k: n ** 0.3 / total for k, n in sizes.items()}, abs=1e-12)
+
+
+def test_ggas_floor_is_the_configured_floor():
+    """sampler.floor (0.1 here, not the default 0.02) is the floor GGAS applies: with gamma 1 and G = 0 the prior is
+    N_k / sum N, so three sub-datasets of 10 records next to one of 100,000 sit far below it. Water fill (ours): the
+    three at exactly 0.1, the big one 0.7; the release's renormalisation: (0.1, 0.1, 0.1, 100000 / 100030) / their
+    sum. Catches: the floor fixed at the default (`floor(p, 0.02)`) in either flooring."""
+    sizes = {"a": 10, "b": 10, "c": 10, "d": 100000}
+    water = TaskSampler(sizes, cfg(gamma=1.0, floor=0.1, warmup_epochs=0), batch_size=8)
+    assert water.probabilities() == pytest.approx({"a": 0.1, "b": 0.1, "c": 0.1, "d": 0.7}, abs=1e-12)
+    release = TaskSampler(sizes, cfg(gamma=1.0, floor=0.1, warmup_epochs=0, guaranteed_floor=False), batch_size=8)
+    clamped = [0.1, 0.1, 0.1, 100000 / 100030]
+    expected = {k: v / sum(clamped) for k, v in zip(sizes, clamped)}
+    assert release.probabilities() == pytest.approx(expected, abs=1e-12)
+
+
 def test_ggas_probabilities_match_equations_7_to_9_by_hand():
     """The EMA, score and softmax of docs/method.md#ggas with non-default alpha, gamma, eta, against numbers
     worked out with plain math.
