@@ -64,13 +64,16 @@ def test_explicit_chunk_sizes_win_over_the_table(tmp_path, monkeypatch):
 
 
 def test_without_a_gpu_or_a_table_chunks_are_chunk_size_and_chunk_sizes(tmp_path, monkeypatch):
-    """Today's behaviour on CPU (the table is not even read) and on a GPU without a table.
-    Catches: the device check dropped (the CPU would read the GPU's memory: the mock raises)."""
+    """Today's behaviour on CPU (the table is not even read) and on a GPU without a table: train.chunk_size (5 here,
+    not the default 16) for every sub-dataset without a train.chunk_sizes entry.
+    Catches: the device check dropped (the CPU would read the GPU's memory: the mock raises); train.chunk_size
+    ignored (the default 16 in its place)."""
     def no_gpu(device):
         raise AssertionError("a CPU run must not ask for GPU properties")
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_gpu)
     cfg = table_config(tmp_path, chunk_sizes={"7_cir_Shoes": 2})
-    expected = {"1_t2i_Shoes": 16, "6_video2img_MovingFashion": 16, "7_cir_Shoes": 2}
+    cfg.train.chunk_size = 5
+    expected = {"1_t2i_Shoes": 5, "6_video2img_MovingFashion": 5, "7_cir_Shoes": 2}
     assert chunk_sizes_for(cfg, KEYS, torch.device("cpu"))[0] == expected
     cfg.train.chunk_table = ""
     assert chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))[0] == expected

@@ -295,6 +295,30 @@ def test_regulariser_weight_scales_with_chunks_only_in_release_mode(tiny_backbon
         assert stats["reg"] == pytest.approx(batch_mean * (chunks if per_chunk else 1), rel=1e-5), chunk_size
 
 
+def test_step_loss_follows_the_temperature_and_the_penalty_weights(tiny_backbone, tmp_path):
+    """A cached step with train.temperature 0.5, calibrator.fro_weight 0.5 and calibrator.orth_weight 0.25 (every
+    other test keeps the defaults 0.07, 1e-4, 1e-2): the contrastive term is cross-entropy(q t^T / 0.5) of one plain
+    forward (three views with distinct labels: nothing masked), and the regulariser term the batch mean of
+    0.5 |A|+|B| + 0.25 |A^T A - I| from the same forward's per-query norms.
+    Catches: the loss at the default temperature (`contrastive_loss(..., 0.07)`); either regulariser weight fixed at
+    its default; the two weights swapped."""
+    cfg = full_training_config(tiny_backbone)
+    cfg.train.temperature, cfg.calibrator.fro_weight, cfg.calibrator.orth_weight = 0.5, 0.5, 0.25
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    perturb(encoder)
+    examples = make_examples(tmp_path, 3)
+    with torch.no_grad():
+        q_out = encoder(encoder.prepare_queries(examples, train=True), "query")
+        t = encoder(encoder.prepare_targets([e["target_image"] for e in examples], train=True), "target")["emb"]
+    contrastive = torch.nn.functional.cross_entropy(q_out["emb"] @ t.T / 0.5, torch.arange(3)).item()
+    reg = (0.5 * q_out["reg_fro"] + 0.25 * q_out["reg_orth"]).mean().item()
+    at_default = torch.nn.functional.cross_entropy(q_out["emb"] @ t.T / 0.07, torch.arange(3)).item()
+    assert abs(contrastive - at_default) > 1e-3 and reg > 1e-3     # the settings matter here
+    stats, _ = cached_step(encoder, examples, cfg, 2)
+    assert stats["contrastive"] == pytest.approx(contrastive, rel=1e-5)
+    assert stats["reg"] == pytest.approx(reg, rel=1e-5)
+
+
 # The release's gradient-cache chunk per sub-dataset (its training script), at batch 64 per GPU.
 RELEASE_CHUNKS = {"FashionGen": 8, "Shoes-t2i": 32, "ClothesV1": 16, "HAIFashion": 16, "QMUL-Shoe-V2": 16,
                   "DeepFashion": 8, "DeepFashion2": 8, "FashionVC": 32, "Polyvore": 8, "MovingFashion": 2,
@@ -735,14 +759,16 @@ def logged_steps(out_dir):
 
 
 def test_the_log_gives_each_step_the_learning_rate_it_trained_with(tiny_backbone, mini_root, tmp_path):
-    """Cosine schedule, warm-up 2 of 4 steps: the steps train at lr x 0.5, 1, 1, 0.5 (learning_rate_factor of steps
-    0-3, by hand), and log.jsonl's step 1-4 records say so.
-    Catches: the rate read after optimizer_step (each step logged the next one's: 1, 1, 0.5, 0)."""
+    """Cosine schedule, warm-up 2 of 4 steps, train.lr 3e-4 (not tiny.yaml's 1e-4): the steps train at 3e-4 x 0.5, 1,
+    1, 0.5 (learning_rate_factor of steps 0-3, by hand), and log.jsonl's step 1-4 records (the optimizer's rate, as
+    the scheduler set it) say so.
+    Catches: the rate read after optimizer_step (each step logged the next one's: 1, 1, 0.5, 0); AdamW built with
+    the default rate, not train.lr (`lr=1e-4`)."""
     cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=4", "train.schedule=cosine",
-                     "train.warmup_steps=2", "train.val_every=0")
+                     "train.warmup_steps=2", "train.val_every=0", "train.lr=3e-4")
     train(cfg)
     logged = [r["lr"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "loss" in r]
-    assert logged == pytest.approx([cfg.train.lr * f for f in (0.5, 1.0, 1.0, 0.5)])
+    assert logged == pytest.approx([3e-4 * f for f in (0.5, 1.0, 1.0, 0.5)])
 
 
 def test_best_checkpoint_holds_the_best_validation_and_the_last_step_is_logged(tiny_backbone, mini_root, tmp_path,
@@ -1114,6 +1140,22 @@ def test_process_group_timeout_comes_from_the_config(monkeypatch):
     monkeypatch.setattr(plumbing, "world", lambda: (0, 2))
     plumbing.setup_distributed(timeout_s=123)
     assert seen["timeout"] == datetime.timedelta(seconds=123)
+
+
+def test_training_sets_up_the_process_group_with_train_dist_timeout_s(monkeypatch, tmp_path):
+    """train() hands train.dist_timeout_s (77 here, not the default 1800) to setup_distributed, its first call.
+    Catches: train() calling setup_distributed without the config's timeout, or with the default."""
+    class Stop(Exception):
+        pass
+
+    def setup(timeout_s=None):
+        raise Stop(timeout_s)
+    monkeypatch.setattr(train_module, "setup_distributed", setup)
+    cfg = Config()
+    cfg.train.dist_timeout_s, cfg.train.out_dir = 77, str(tmp_path / "run")
+    with pytest.raises(Stop) as stopped:
+        train(cfg)
+    assert stopped.value.args == (77,)
 
 
 def test_corrupt_record_is_reported_once_and_left_out(tiny_backbone, mini_root, tmp_path, monkeypatch, capsys):
