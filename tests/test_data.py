@@ -809,3 +809,44 @@ def test_a_text_field_that_is_not_a_string_is_named(field, value):
     with pytest.raises(DataError, match=f"'{field}' must be a string") as e:
         pd.check_records([record], "file.json", ("instruction_text", "target_image"))
     assert e.value.record_id == "r1"
+
+
+def test_generation_command_line_passes_out_seed_scale_and_image_size_on(tmp_path, monkeypatch):
+    """`prepare_data.py --out DIR --seed 3 --scale 0.03 --image-size 40` writes into DIR the tree that
+    generate(seed=3, scale=0.03, image_size=40) writes, byte for byte: 40 x 40 images, round(SIZES x 0.03) records
+    (at least 2) per split.
+    Catches: main not passing --out (the tree lands in data/ufire-mini), --seed, --scale or --image-size on."""
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)                     # where the default --out would put it
+    out = str(tmp_path / "cli")
+    assert pd.main(["--out", out, "--seed", "3", "--scale", "0.03", "--image-size", "40"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["cli"]
+    key = "1_t2i_Shoes"
+    assert [count_records(out, key, split) for split in pd.SPLITS] == [max(2, round(n * 0.03))
+                                                                      for n in ufire_mini.SIZES[key]]
+    with Image.open(build_eval_set(out, key, "test").gallery[0]) as image:
+        assert image.size == (40, 40)
+    ref = generate(str(tmp_path / "ref"), seed=3, scale=0.03, image_size=40, progress=False)
+    assert tree_files(out) == tree_files(ref)
+    for rel in tree_files(out):
+        with open(os.path.join(out, rel), "rb") as fa, open(os.path.join(ref, rel), "rb") as fb:
+            assert fa.read() == fb.read(), rel
+
+
+def test_validator_looks_for_street_images_where_the_command_line_says(mini_root, tmp_path, capsys):
+    """`prepare_data.py --root R --street2shop-images PATTERN`: Street+Modification's names that its own images/
+    folder lacks resolve through PATTERN. Its images moved from images/<category>+<id>.jpg to DF2/train+image+<id>.jpg:
+    the default pattern (DeepFashion2_images/...) finds none and the validation fails naming one; `--street2shop-images
+    DF2/train+image+{id}` finds them all (exit 0).
+    Catches: main not passing --street2shop-images on to validate_tree (the default pattern is always used)."""
+    root = copy_tree(mini_root, tmp_path)
+    images = os.path.join(root, "evaluation_only_tasks", UNSEEN_TASKS[0], "images")
+    os.makedirs(os.path.join(root, "DF2"))
+    for name in os.listdir(images):
+        os.replace(os.path.join(images, name), os.path.join(root, "DF2", "train+image+" + name.split("+", 1)[1]))
+    os.rmdir(images)
+    with pytest.raises(SystemExit, match=r"(?s)validation failed.*DeepFashion2_images/train\+image\+"):
+        pd.main(["--root", root])
+    assert "looked for at 'DeepFashion2_images/train+image+{id}'" in capsys.readouterr().out
+    assert pd.main(["--root", root, "--street2shop-images", "DF2/train+image+{id}"]) == 0
+    assert "all files present and readable" in capsys.readouterr().out

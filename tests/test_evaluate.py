@@ -1015,3 +1015,63 @@ def test_a_cache_chunk_is_never_left_half_written(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="killed"):
         evaluate_sets(FakeEncoder(), make_sets(), batch_size=4, cache_dir=str(cache), progress=False)
     assert os.listdir(cache) == []
+
+
+class BatchRecordingEncoder(FakeEncoder):
+    """FakeEncoder that records the batch size of every encoding call."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes = set()
+
+    def encode_targets(self, paths, batch_size=32, progress=False):
+        self.batch_sizes.add(batch_size)
+        return super().encode_targets(paths, batch_size, progress)
+
+    def encode_queries(self, queries, batch_size=32, progress=False):
+        self.batch_sizes.add(batch_size)
+        return super().encode_queries(queries, batch_size, progress)
+
+
+def test_cli_batch_size_and_config_reach_the_encoder(tmp_path, mini_root, monkeypatch):
+    """`--batch-size 3` encodes the gallery and the queries in batches of 3 (a smaller batch is how a run that does
+    not fit in memory is made to fit); without it, the batches are train.eval_batch_size of the `--config` given
+    (5 here), and without --config that of the default config (32).
+    Catches: --batch-size ignored (`args.batch_size or ...` dropped: every batch 5); --config not loaded
+    (`load_config(None)`: batches of 32)."""
+    encoders = []
+
+    def load_encoder(cfg, state, device, source=None):
+        encoders.append(BatchRecordingEncoder())
+        return encoders[-1]
+
+    monkeypatch.setattr(evaluate, "load_encoder", load_encoder)
+    config = tmp_path / "eval.yaml"
+    config.write_text("train:\n  eval_batch_size: 5\n")
+    args = ["--untrained", "--root", mini_root, "--backbone", str(tmp_path), "--tasks", "1_t2i_Shoes"]
+    main([*args, "--config", str(config), "--batch-size", "3", "--out", str(tmp_path / "a")])
+    main([*args, "--config", str(config), "--out", str(tmp_path / "b")])
+    main([*args, "--out", str(tmp_path / "c")])
+    assert [e.batch_sizes for e in encoders] == [{3}, {5}, {32}]
+    assert all(e.targets and e.queries for e in encoders)
+
+
+def test_cli_baseline_is_zero_shot_open_clip_labelled_as_given(tmp_path, mini_root, monkeypatch):
+    """`evaluate.py --baseline openclip:CONFIG.json` evaluates the open_clip dual encoder that JSON config describes
+    (random weights) with all its weights counted as trainable and no calibrator (the zero-shot baseline), and
+    labels its results with the --baseline string.
+    Catches: the baseline built with the config's calibrator (mode slerp: a random calibrator bends every query) or
+    its trainable setting (lora: open_clip refuses it and --baseline cannot run); the results labelled
+    "untrained (default config)"."""
+    from fake_backbones import make_tiny_openclip_config
+    spec = "openclip:" + make_tiny_openclip_config(str(tmp_path))
+    built, real = [], evaluate.load_encoder
+    monkeypatch.setattr(evaluate, "load_encoder", lambda cfg, *args, **kwargs: built.append(cfg) or real(cfg, *args,
+                                                                                                           **kwargs))
+    main(["--baseline", spec, "--root", mini_root, "--tasks", "1_t2i_Shoes", "--out", str(tmp_path / "out")])
+    (cfg,) = built
+    assert (cfg.model.kind, cfg.model.backbone, cfg.model.trainable, cfg.calibrator.mode) == (
+        "openclip", spec[len("openclip:"):], "full", "none")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["model"] == spec and list(results["sets"]) == ["1_t2i_Shoes"]
+    assert f"U-FIRE val, {spec}" in (tmp_path / "out" / "results.md").read_text()

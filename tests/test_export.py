@@ -426,3 +426,29 @@ def test_standalone_builds_the_training_encoders_evaluation_inputs(trained, medi
         assert built.keys() <= training.keys()
         for key in built:
             assert torch.equal(built[key], training[key]), key
+
+
+def test_cli_export_takes_the_cards_numbers_from_results_and_the_backbone_from_the_option(trained, tmp_path):
+    """`model.py export CKPT OUT --results results.json --backbone DIR` on a checkpoint whose saved backbone is gone:
+    the backbone --backbone names is exported, and the card holds evaluate.py's table of that results.json (its
+    title, a set's row as written out here), not the checkpoint's own best score.
+    Catches: main not passing --results on (the card states the checkpoint's score instead of the table);
+    --backbone not passed on (the export stops: backbone not found)."""
+    import json
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = str(tmp_path / "moved-away"), "lora", 0.0
+    cfg.model.image_pixels = PIXELS
+    ckpt = tmp_path / "best.pt"
+    torch.save({"config": cfg.to_dict(), "model": trained.trainable_state_dict(), "step": 7, "best_score": 123.4567},
+               ckpt)
+    results = {"ks": [1, 5], "split": "test", "root": "/data/u-fire", "sets": {"7_cir_Shoes": {
+        "family": "cir", "queries": 10, "gallery": 100, "recall": {"R@1": 41.5, "R@5": 80.0},
+        "chance": {"R@1": 1.0, "R@5": 5.0}, "near_chance": False}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="moved-away"):
+        hf_export.main(["export", str(ckpt), str(tmp_path / "without")])
+    hf_export.main(["export", str(ckpt), str(tmp_path / "out"), "--results", str(tmp_path / "results.json"),
+                    "--backbone", trained.model_cfg.backbone])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "From `results.json` (evaluate.py)" in card and "U-FIRE test split of /data/u-fire" in card
+    assert "| cir | 7_cir_Shoes | 10 | 100 | 41.5 (1.0) | 80.0 (5.0) |" in card and "123.46" not in card

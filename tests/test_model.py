@@ -4,6 +4,7 @@ the readout equals the plain input-ids forward, and saved trainable state reload
 (exports: test_export.py)."""
 import contextlib
 import hashlib
+import json
 import os
 
 import av
@@ -804,3 +805,45 @@ def test_evaluation_budget_and_frame_count_reach_images_and_video_frames(tiny_ba
     for train, (images, video) in expected.items():
         assert enc.prepare_targets(paths, train=train)["image_grid_thw"].tolist() == images, train
         assert enc.prepare_queries([query], train=train)["video_grid_thw"].tolist() == video, train
+
+
+def test_make_tiny_command_line_passes_seed_sizes_and_tokenizer_on(tmp_path):
+    """`fake_backbones.py make-tiny DIR --seed 3` with every size option: config.json holds the widths, depths and
+    head counts given (written out here), the tokenizer the vocabulary size given, and the weights are seed 3's
+    (those of make_tiny_backbone(seed=3) with the same sizes), not seed 0's. With --real-tokenizer: the real Qwen3
+    tokenizer file and its 151,936-row vocabulary.
+    Catches: main not passing --seed, one of the size options or --real-tokenizer on to make_tiny_backbone."""
+    sizes = {"text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1, "text_intermediate": 96,
+             "vision_depth": 1, "vision_hidden": 32, "vision_heads": 1, "vision_intermediate": 48, "bpe_vocab": 600}
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in sizes.items()]
+    fake_backbones.main(["make-tiny", str(tmp_path / "cli"), "--seed", "3", *options])
+    config = json.load(open(tmp_path / "cli" / "config.json"))
+    text, vision = config["text_config"], config["vision_config"]
+    assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"], text["num_key_value_heads"],
+            text["intermediate_size"]) == (64, 1, 2, 1, 96)
+    assert (vision["depth"], vision["hidden_size"], vision["num_heads"], vision["intermediate_size"]) == (1, 32, 1, 48)
+    assert len(json.load(open(tmp_path / "cli" / "tokenizer.json"))["model"]["vocab"]) == 600
+
+    def weights(d):
+        return open(os.path.join(d, "model.safetensors"), "rb").read()
+
+    for seed in (3, 0):
+        fake_backbones.make_tiny_backbone(str(tmp_path / f"seed{seed}"), seed=seed, **sizes)
+    assert weights(tmp_path / "cli") == weights(tmp_path / "seed3") != weights(tmp_path / "seed0")
+
+    fake_backbones.main(["make-tiny", str(tmp_path / "real"), "--real-tokenizer", "--text-layers=1",
+                         "--vision-depth=1"])
+    assert json.load(open(tmp_path / "real" / "config.json"))["text_config"]["vocab_size"] == 151936
+    with open(os.path.join(fake_backbones.qwen3_tokenizer_dir(), "tokenizer.json"), "rb") as f:
+        assert (tmp_path / "real" / "tokenizer.json").read_bytes() == f.read()
+
+
+def test_make_real_layout_command_line_passes_seed_and_depths_on(tmp_path, monkeypatch):
+    """`fake_backbones.py make-real-layout DIR --seed 2 --text-layers 3 --vision-depth 4` builds with those values
+    (the build itself, 400 M parameters, is test_real_layout's; recorded here).
+    Catches: main not passing --seed, --text-layers or --vision-depth on (the 1-layer defaults are built)."""
+    calls = []
+    monkeypatch.setattr(fake_backbones, "make_real_layout_backbone",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or 4e8)
+    fake_backbones.main(["make-real-layout", str(tmp_path), "--seed", "2", "--text-layers", "3", "--vision-depth", "4"])
+    assert calls == [((str(tmp_path), 2), {"text_layers": 3, "vision_depth": 4})]

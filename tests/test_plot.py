@@ -92,3 +92,15 @@ def test_plotted_curves_are_the_logged_values(tmp_path, monkeypatch):
         assert list(curve.get_ydata()) == [line["probs"][curve.get_label()] for line in lines]
     for fig in figures.values():
         plt.close(fig)
+
+
+def test_cli_out_writes_the_pngs_there(tmp_path, monkeypatch, capsys):
+    """`plot.py LOG --out DIR` writes the PNGs into DIR (created) and prints their paths; nothing lands beside
+    the log. Catches: main not passing --out on (the PNGs go to the log's folder)."""
+    log = str(tmp_path / "log.jsonl")
+    write_log(log, [train_line(s) for s in range(30)])
+    monkeypatch.setattr(sys, "argv", ["plot.py", log, "--out", str(tmp_path / "plots")])
+    plot.main()
+    names = ["difficulty.png", "gate.png", "loss.png", "probabilities.png"]
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "plots"] and sorted(os.listdir(tmp_path / "plots")) == names
+    assert sorted(capsys.readouterr().out.split()) == [str(tmp_path / "plots" / name) for name in names]

@@ -423,3 +423,80 @@ def test_ef_search_reaches_an_hnsw_coarse_quantizer():
     ivf = faiss.extract_index_ivf(index)
     assert ivf.nprobe == 3
     assert faiss.downcast_index(ivf.quantizer).hnsw.efSearch == 77
+
+
+def test_query_command_line_builds_the_query_its_options_name(setup, tmp_path, capsys):
+    """`search.py query` builds the query from --task, --category, --attribute, --instruction and --video as U-FIRE
+    words its instructions (written out here by hand), prints it with --json, and returns -k results.
+    Catches: run_query not passing one of --video, --task, --category, --attribute, --instruction on to make_query
+    (the query becomes another task's, or is refused); -k ignored (10 results: all 9 images)."""
+    from test_model import write_mp4
+    image = sorted(setup["paths"])[0]
+    write_mp4(tmp_path / "clip.mp4", 4, 0)
+
+    def printed(*options):
+        results = search.main(["query", setup["index"], *options, "-k", "2", "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert out["results"] == results and len(results) == 2
+        return out
+
+    asfr = printed("--image", image, "--task", "asfr", "--attribute", "sleeve length")
+    assert asfr["instruction"] == "find images with the same sleeve length with the provided image"
+    cir = printed("--image", image, "--text", "is red", "--category", "dress")
+    assert cir["instruction"] == "find dress images matching the text modifications of the given image: is red"
+    own = printed("--image", image, "--instruction", "my own words")
+    assert own["instruction"] == "my own words" and own["query_image"] == [image]
+    clip = printed("--video", str(tmp_path / "clip.mp4"))
+    assert clip["instruction"] == "find images that match the main cloth from the video provided"
+    assert clip["query_video"] == [str(tmp_path / "clip.mp4")] and clip["query_image"] == []
+
+
+def test_index_and_query_command_lines_pass_their_options_on(setup, tiny_backbone, tmp_path, monkeypatch):
+    """`search.py index --index IVF2,Flat --train-size 4 --seed 3 --batch-size 3 --backbone DIR` on a checkpoint
+    whose saved backbone is gone: the catalogue is encoded in batches of 3 by the backbone --backbone names, and the
+    index written has the coarse centroids build_index trains on the 4-vector sample seed 3 draws from the same
+    embeddings (those of the exact index). `search.py query --backbone DIR --batch-size 3` encodes the query so.
+    Catches: main not passing --train-size, --seed, --batch-size or --backbone on (index: defaults 200,000 vectors,
+    seed 0, train.eval_batch_size 32; a missing backbone); run_query not passing --backbone or --batch-size on."""
+    import model
+    sizes = {"targets": [], "queries": []}
+    for what in sizes:
+        real = getattr(model.Encoder, f"encode_{what}")
+        monkeypatch.setattr(model.Encoder, f"encode_{what}", lambda self, items, batch_size=32, progress=False,
+                            real=real, what=what: sizes[what].append(batch_size) or real(self, items, batch_size))
+    saved = torch.load(setup["ckpts"][0], weights_only=True)
+    saved["config"]["model"]["backbone"] = str(tmp_path / "moved-away")
+    ckpt, out = str(tmp_path / "moved.pt"), str(tmp_path / "ivf")
+    torch.save(saved, ckpt)
+    with pytest.raises(SystemExit, match="moved-away"):
+        search.main(["index", ckpt, "--catalog", setup["catalogue"], "--out", out])
+    meta = search.main(["index", ckpt, "--catalog", setup["catalogue"], "--out", out, "--index", "IVF2,Flat",
+                        "--train-size", "4", "--seed", "3", "--batch-size", "3", "--backbone", tiny_backbone])
+    assert max(sizes["targets"]) == 3
+
+    def centroids(index):
+        return faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).reconstruct_n(0, 2)
+
+    paths, vectors = indexed(setup["index"])
+    assert [json.loads(line)["path"] for line in open(os.path.join(out, "items.jsonl"))] == paths
+    written = centroids(faiss.read_index(os.path.join(out, "index.faiss")))
+    np.testing.assert_allclose(written, centroids(build_index(vectors, "IVF2,Flat", train_size=4, seed=3)), atol=1e-5)
+    for other in ({"train_size": 4, "seed": 0}, {"train_size": 9, "seed": 3}):
+        assert not np.allclose(written, centroids(build_index(vectors, "IVF2,Flat", **other)), atol=1e-3), other
+    assert (meta["train_size"], meta["seed"]) == (4, 3)
+
+    results = search.main(["query", out, "--text", "a red dress", "--nprobe", "2", "--backbone", tiny_backbone,
+                           "--batch-size", "3"])
+    assert len(results) == 9 and sizes["queries"] == [3]
+
+
+def test_query_command_line_sets_ef_search(setup, tmp_path, monkeypatch):
+    """`search.py query --ef-search 7` on an HNSW index: the index searched explores 7 candidates (read back from
+    faiss). Catches: run_query not passing --ef-search on (faiss then explores search.EF_SEARCH = 256)."""
+    out = tmp_path / "hnsw"
+    shutil.copytree(os.path.join(setup["index"], "shards"), out / "shards")      # nothing encoded again
+    search.main(["index", setup["ckpts"][0], "--catalog", setup["catalogue"], "--out", str(out), "--index", "HNSW8"])
+    opened, real = [], search.set_search_params
+    monkeypatch.setattr(search, "set_search_params", lambda *args: opened.append(real(*args)) or opened[-1])
+    assert len(search.main(["query", str(out), "--text", "a red dress", "--ef-search", "7"])) == 9
+    assert [faiss.downcast_index(index).hnsw.efSearch for index in opened] == [7]

@@ -1519,3 +1519,25 @@ def test_default_lora_adapts_the_seven_documented_projections_of_every_language_
     layers = encoder.lm.config.text_config.num_hidden_layers
     expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert adapted == {layer: expected for layer in range(layers)}
+
+
+def test_command_line_passes_overrides_and_resume_on(tmp_path, monkeypatch, capsys):
+    """`train.py CONFIG section.key=value ... [--resume]`: train() gets CONFIG's config with the overrides applied,
+    and resume=True exactly when --resume is given or torchrun restarted the worker (TORCHELASTIC_RESTART_COUNT > 0).
+    Catches: --resume not passed on (`resume=restarted`: the run starts fresh, deleting its log, and overwrites
+    last.pt); the overrides dropped (`load_config(args.config)`)."""
+    calls = []
+    monkeypatch.setattr(train_module, "train", lambda cfg, resume=False, stop_after=None:
+                        calls.append((cfg, resume)) or (None, 1.5))
+    config = os.path.join(REPO, "configs", "tiny.yaml")
+    with open(config) as f:
+        assert yaml.safe_load(f)["train"]["lr"] != 0.125
+    for argv, restarts in (([config, "train.lr=0.125", f"train.out_dir={tmp_path}", "--resume"], "0"),
+                           ([config, f"train.out_dir={tmp_path}"], "0"), ([config], "1")):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restarts)
+        monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+        train_module.main()
+    assert [resume for _, resume in calls] == [True, False, True]
+    assert calls[0][0].train.lr == 0.125 and calls[0][0].train.out_dir == str(tmp_path)
+    assert calls[1][0].train.lr == 1e-4 and calls[2][0].train.out_dir == "runs/tiny"
+    assert f"best validation score (sum of Recall@1): 1.50; checkpoints in {tmp_path}" in capsys.readouterr().out
