@@ -1066,8 +1066,12 @@ def test_cli_baseline_is_zero_shot_open_clip_labelled_as_given(tmp_path, mini_ro
     from fake_backbones import make_tiny_openclip_config
     spec = "openclip:" + make_tiny_openclip_config(str(tmp_path))
     built, real = [], evaluate.load_encoder
-    monkeypatch.setattr(evaluate, "load_encoder", lambda cfg, *args, **kwargs: built.append(cfg) or real(cfg, *args,
-                                                                                                           **kwargs))
+
+    def load_encoder(cfg, *args, **kwargs):
+        built.append(cfg)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_encoder", load_encoder)
     main(["--baseline", spec, "--root", mini_root, "--tasks", "1_t2i_Shoes", "--out", str(tmp_path / "out")])
     (cfg,) = built
     assert (cfg.model.kind, cfg.model.backbone, cfg.model.trainable, cfg.calibrator.mode) == (
