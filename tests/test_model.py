@@ -118,7 +118,6 @@ def test_video_keeps_every_frame_and_pixel_budget(encoder, media):
     assert (h, w) == (6, 10)
 
 
-
 def test_release_video_grid_is_qwen3_vl_smart_resize(tiny_backbone, tmp_path):
     """model.fill_pixel_budget=false sizes a clip by Qwen3-VL's video smart_resize (factor 32, temporal 2), its
     budget of 8 x 128 x 128 = 131,072 pixels for the 8 frames together (min = max), uncapped. By hand, 8 frames
