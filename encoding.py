@@ -4,8 +4,9 @@ cache.
 Sharding: under torch.distributed rank r encodes items r, r+W, r+2W, ... and rank 0 gathers them in order.
 Cache (evaluate.py --cache DIR): one sub-directory per model fingerprint (the model and calibrator config, the size
 and mtime of every backbone file, the library versions, the source of model.py, of the module of the encoder's class
-and of the repository modules they import, the trainable weights); in it, entries are keyed by image path, size and
-mtime, so an image regenerated at the same path is encoded again.
+and of the repository modules they import, the trainable weights) and the device's arithmetic (its compute dtype
+and attention kernels); in it, entries are keyed by image path, size and mtime, so an image regenerated at the same
+path is encoded again.
 """
 import ast
 import dataclasses
@@ -163,7 +164,7 @@ def fingerprint(cfg, encoder):
     """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...), the
     identity (relative name, size, mtime in ns) of every backbone file, the versions of the libraries that turn an
     image into an embedding and the source of this repository's code that does (embedding_sources), and every
-    trainable tensor (name, shape, dtype, bytes)."""
+    trainable tensor (name, shape, dtype, bytes). It names the model; how a device computes it is `arithmetic`."""
     import transformers  # here, not at the top: model.py must set HF_HUB_OFFLINE before transformers loads
 
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
@@ -183,3 +184,20 @@ def fingerprint(cfg, encoder):
         digest.update(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def arithmetic(cfg, encoder):
+    """How this device computes the model's embeddings: device type, compute dtype (model.dtype on a GPU, fp32 on a
+    CPU) and attention kernels ("auto" picks FlashAttention or sdpa, and the vision tower's packed path), e.g.
+    "cuda-bfloat16-sdpa-packed". The same checkpoint gives other embeddings on another device: cached embeddings
+    equal uncached ones only when both were computed the same way."""
+    lm = getattr(encoder, "lm", None)
+    dtype = str(model.compute_dtype(cfg.model, encoder.device)).removeprefix("torch.")
+    attention = lm.config._attn_implementation if lm is not None else type(encoder).__name__
+    return f"{encoder.device.type}-{dtype}-{attention}" + ("-packed" if getattr(encoder, "vision_attention_packed",
+                                                                              False) else "")
+
+
+def cache_key(cfg, encoder):
+    """The folder of a gallery-embedding cache: which model (fingerprint), computed how (arithmetic)."""
+    return f"{fingerprint(cfg, encoder)}-{arithmetic(cfg, encoder)}"

@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from config import Config, load_config
 from model import build_encoder
-from encoding import encode_gallery, encode_sharded, fingerprint
+from encoding import cache_key, encode_gallery, encode_sharded
 from plumbing import DataError, load_checkpoint, one_line, setup_distributed, world, write_text_atomic
 from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
 
@@ -140,8 +140,9 @@ def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True,
     Each distinct gallery image is encoded once across all sets (docs/method.md#data: 18 test galleries hold 145,592
     images counted per gallery, 144,762 distinct). Under torch.distributed, gallery and query encoding are sharded
     evenly over the ranks; rank 0 searches and broadcasts the results. cache_dir must be specific to the encoder's
-    weights (the CLI uses <--cache>/<fingerprint>). Results: {"ks": [...], "sets": {name: {"family", "queries",
-    "gallery", "recall": {"R@1": %, ...}, "chance": {...}, "near_chance": bool}}}, sets in the given order.
+    weights and arithmetic (the CLI uses <--cache>/<encoding.cache_key>). Results: {"ks": [...], "sets": {name:
+    {"family", "queries", "gallery", "recall": {"R@1": %, ...}, "chance": {...}, "near_chance": bool}}}, sets in the
+    given order.
     show > 0 adds "shown": {name: shown_rankings(...)} for show queries of each set (evaluate.py --show).
     """
     if not eval_sets or not all(s.queries for s in eval_sets):
@@ -272,7 +273,8 @@ def parse_args(argv=None):
     parser.add_argument("--gallery-dir", help="test candidate files (default: <root>/0_test_candidates)")
     parser.add_argument("--backbone", help="backbone directory (default: the checkpoint's model.backbone)")
     parser.add_argument("--batch-size", type=int, help="encoding batch (default: train.eval_batch_size)")
-    parser.add_argument("--cache", help="gallery embedding cache root; entries are keyed by model fingerprint")
+    parser.add_argument("--cache", help="gallery embedding cache root; a folder per model fingerprint and device "
+                                        "arithmetic")
     parser.add_argument("--strict", action="store_true",
                         help="a query with no target in its gallery is an error (default: a miss, as in the release)")
     parser.add_argument("--no-exclude-own", action="store_true",
@@ -430,7 +432,7 @@ def main(argv=None):
         cfg, state, label = resolve_config(args)
         sets = build_sets(args, cfg)           # data errors surface before the slow model load
         encoder = load_encoder(cfg, state, device, source=args.ckpt)
-        cache_dir = os.path.join(args.cache, fingerprint(cfg, encoder)) if args.cache else None
+        cache_dir = os.path.join(args.cache, cache_key(cfg, encoder)) if args.cache else None
         results = evaluate_sets(encoder, sets, args.batch_size or cfg.train.eval_batch_size, cache_dir,
                                 show=args.show)
     except (DataError, EvaluationError) as error:

@@ -10,20 +10,23 @@ with text, images, sketches or a video, as training builds queries for each task
 Catalogue: a folder (every image file under it, recursively) or a JSONL file, one {"path": ..., any metadata} per
 line (relative paths are relative to the JSONL file). Each distinct image is embedded once. Unreadable images are
 reported, skipped and counted (listed in meta.json). Shards of embeddings are written atomically as they are
-encoded (encoding.py's cache format, keyed by file path, size and mtime, in a folder per model fingerprint), so a
-killed or extended run encodes only what is missing. Under torchrun the ranks split the catalogue.
+encoded (encoding.py's cache format, keyed by file path, size and mtime, in a folder per model fingerprint and
+device arithmetic), so a killed or extended run encodes only what is missing. Under torchrun the ranks split the
+catalogue.
 
 Index: faiss exact inner product over L2-normalised embeddings (cosine) by default; --index takes a faiss factory
 string (e.g. IVF4096,PQ64 or HNSW32) for catalogues where exact search no longer fits; such an index is trained on
 a seeded random sample of at most --train-size vectors. IVF indexes probe --nprobe lists, HNSW explores
---ef-search candidates. The index folder holds shards/<fingerprint>/, index.faiss, items.jsonl (path and metadata
-of vector i on line i) and meta.json (written last: fingerprint, checkpoint, config, factory, counts, skipped).
+--ef-search candidates. The index folder holds shards/<fingerprint>-<arithmetic>/, index.faiss, items.jsonl (path
+and metadata of vector i on line i) and meta.json (written last: fingerprint, arithmetic, checkpoint, config,
+factory, counts, skipped).
 
 Query: --task picks the instruction template of a task family (the phrasing of the U-FIRE instructions, verb
 "find"); without it the task follows from the inputs (text alone: t2i; a video: video2img; images and text: cir;
 images alone: inshop). --instruction gives the whole instruction text instead. The query goes through the
 calibrator (PGSQC, paper section IV-C) exactly as in training. An index built with another checkpoint, config,
-backbone or version of the embedding code (another fingerprint) is refused, naming both.
+backbone or version of the embedding code (another fingerprint) is refused, naming both. An index encoded on
+another kind of device (a GPU's bf16 against a CPU's fp32: another arithmetic) is searched, with a note.
 
 Python API (what both commands use):
     model = Model("runs/tiny/best.pt")                 # load once
@@ -44,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from encoding import encode_gallery, fingerprint
+from encoding import arithmetic, encode_gallery, fingerprint
 from evaluate import EvaluationError, load_encoder, read_checkpoint, resolve_backbone
 from model import resolve_device
 from plumbing import DataError, atomic_write, gather_list, one_line, setup_distributed, world, write_text_atomic
@@ -80,7 +83,7 @@ class Model:
         self.cfg, state = read_checkpoint(ckpt)
         self.cfg.model.backbone = resolve_backbone(self.cfg.model, backbone, ckpt)
         self.encoder = load_encoder(self.cfg, state, resolve_device(device), source=ckpt)
-        self.fingerprint = fingerprint(self.cfg, self.encoder)
+        self.fingerprint, self.arithmetic = fingerprint(self.cfg, self.encoder), arithmetic(self.cfg, self.encoder)
         self.batch_size = batch_size or self.cfg.train.eval_batch_size
         self.unreadable, self.encoded = {}, 0
 
@@ -236,7 +239,8 @@ def index_catalogue(model, catalogue, out_dir, factory="Flat", train_size=TRAIN_
     rank, size = world()
     items = read_catalogue(catalogue)
     paths = [item["path"] for item in items]
-    shards = os.path.join(out_dir, "shards", model.fingerprint)     # shards of another model are never mixed in
+    # Shards of another model, or computed another way (bf16 on a GPU, fp32 on a CPU), are never mixed in.
+    shards = os.path.join(out_dir, "shards", f"{model.fingerprint}-{model.arithmetic}")
     start = time.time()
     # encode_gallery takes what shards/ already holds, encodes the rest sharded over the ranks and writes each
     # chunk as soon as it is encoded: a killed run loses at most one chunk per rank.
@@ -258,9 +262,9 @@ def index_catalogue(model, catalogue, out_dir, factory="Flat", train_size=TRAIN_
         raise SearchError(f"{catalogue}: no readable image in the catalogue")
     index = build_index(emb[good].numpy(), factory, train_size, seed)
     kept = [item for item, ok in zip(items, good) if ok]
-    meta = {"fingerprint": model.fingerprint, "checkpoint": model.ckpt, "config": model.cfg.to_dict(),
-            "catalogue": os.path.abspath(catalogue), "factory": factory, "train_size": train_size, "seed": seed,
-            "vectors": index.ntotal, "dim": index.d, "skipped": skipped}
+    meta = {"fingerprint": model.fingerprint, "arithmetic": model.arithmetic, "checkpoint": model.ckpt,
+            "config": model.cfg.to_dict(), "catalogue": os.path.abspath(catalogue), "factory": factory,
+            "train_size": train_size, "seed": seed, "vectors": index.ntotal, "dim": index.d, "skipped": skipped}
     # meta.json marks a finished index: removed first, written last, so a reader never pairs old and new files.
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -293,6 +297,11 @@ class Index:
                               f"(fingerprint {model.fingerprint}): another checkpoint, config, backbone or version of "
                               f"the embedding code. Query with --ckpt {self.meta['checkpoint']} or index the catalogue "
                               f"again")
+        if self.meta.get("arithmetic", model.arithmetic) != model.arithmetic:
+            # The same model computed another way: the vectors agree to the lower precision's rounding (minimum
+            # cosine 0.99999 between bf16 and fp32 runs of one export, docs/use.md), so the index still serves.
+            print(f"note: {index_dir} was encoded as {self.meta['arithmetic']}, queries here as {model.arithmetic}: "
+                  f"scores differ from an index encoded here at that precision's rounding", file=sys.stderr)
         self.index = set_search_params(faiss.read_index(os.path.join(index_dir, "index.faiss")), nprobe, ef_search)
         with open(os.path.join(index_dir, "items.jsonl"), encoding="utf-8") as f:
             self.items = [json.loads(line) for line in f]

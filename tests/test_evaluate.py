@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import evaluate
-from encoding import file_key, fingerprint
+from encoding import arithmetic, cache_key, file_key, fingerprint
 from evaluate import (EvaluationError, chance_recall, evaluate_sets, format_table, main, recall_at_k,
                       resolve_backbone, score)
 from launch import launch_two_nodes
@@ -457,6 +457,9 @@ def test_cli_end_to_end_on_ufire_mini(tmp_path, tiny_backbone, monkeypatch):
     trained_r1 = sum(results["sets"][key]["recall"]["R@1"] for key in SUB_DATASETS)
     assert results["score"] == pytest.approx(trained_r1)
     assert f"Model-selection score (sum of R@1 over trained sub-datasets): {trained_r1:.2f}" in table
+    # The cache folder names how this device computed the embeddings, beside the model (cache_key; fails when the
+    # command line keys the folder by the fingerprint alone).
+    assert [folder.name.split("-", 1)[1] for folder in cache.iterdir()] == [arithmetic(cfg, encoder)]
     # The command line loaded the checkpoint's weights: its cached gallery embeddings are the saved encoder's, and
     # differ from those of the encoder it builds when it loads no weights.
     chunk = torch.load(next(cache.glob("*/targets-*.pt")), weights_only=True)
@@ -931,6 +934,41 @@ def test_fingerprint_follows_the_model_config(tiny_backbone):
     before = fingerprint(cfg, encoder)
     cfg.model.eval_image_pixels = 32 * 32
     assert fingerprint(cfg, encoder) != before
+
+
+def test_a_gallery_cached_in_fp32_is_not_served_to_a_bf16_encoder(tiny_backbone, tmp_path, monkeypatch):
+    """The same checkpoint and config compute in fp32 on a CPU and in model.dtype (bf16) on a GPU: other embeddings.
+    A cache filled by the fp32 encoder, then read through the cache folder (evaluate.py's cache_key) of a bf16
+    encoder holding the same trainable weights, must give what the bf16 encoder computes without a cache (bf16 stood
+    in for on the CPU by patching compute_dtype, as test_model does).
+    Fails when cache_key leaves out the arithmetic (`return fingerprint(cfg, encoder)`: the fp32 embeddings come
+    back), or when arithmetic leaves out the compute dtype."""
+    import model
+    from config import Config
+    paths = []
+    for i, colour in enumerate(("red", "navy", "olive")):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (40 + 8 * i, 48), colour).save(paths[-1])
+    cfg = Config()
+    cfg.model.backbone, cfg.model.image_pixels = tiny_backbone, 64 * 64
+    cfg.model.vision_attention = "transformers"     # as in fp32: only the dtype tells the two encoders apart
+    cache = tmp_path / "cache"
+
+    def encoder_and_key(state=None):
+        torch.manual_seed(0)
+        encoder = model.build_encoder(cfg.model, cfg.calibrator, "cpu").eval()
+        if state is not None:      # one checkpoint: a bf16 build alone would round the token vectors' start
+            encoder.load_trainable_state_dict(state)
+        return encoder, str(cache / cache_key(cfg, encoder))
+
+    fp32, key = encoder_and_key()
+    from encoding import encode_gallery
+    in_fp32 = encode_gallery(fp32, paths, 2, key, progress=False)
+    monkeypatch.setattr(model, "compute_dtype", lambda model_cfg, device: torch.bfloat16)
+    bf16, key = encoder_and_key(fp32.trainable_state_dict())
+    uncached = encode_gallery(bf16, paths, 2, None, progress=False)
+    assert not torch.allclose(uncached, in_fp32, atol=1e-4)     # the two really differ
+    assert torch.equal(encode_gallery(bf16, paths, 2, key, progress=False), uncached)
 
 
 def test_cache_file_of_an_older_format_is_ignored_with_a_warning(tmp_path, capsys):

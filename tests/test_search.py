@@ -154,6 +154,42 @@ def test_index_of_another_checkpoint_is_refused_naming_both(setup, capsys):
     assert setup["ckpts"][0] in message and setup["ckpts"][1] in message and "fingerprint" in message
 
 
+def test_index_encoded_on_another_device_is_searched_with_a_note(setup, tmp_path, capsys):
+    """The same model computed another way (an index a GPU encoded in bf16, queried on this CPU in fp32) differs by
+    rounding only: it is searched, not refused, and a note names both arithmetics. The index records its own.
+    Fails when Index.__init__ refuses another arithmetic as it refuses another fingerprint, when the note is
+    dropped, or when index_catalogue leaves the arithmetic out of meta.json."""
+    gpu_index = tmp_path / "gpu-index"
+    shutil.copytree(setup["index"], gpu_index)
+    meta = json.loads((gpu_index / "meta.json").read_text())
+    assert meta["arithmetic"] == "cpu-float32-sdpa"
+    meta["arithmetic"] = "cuda-bfloat16-sdpa-packed"
+    (gpu_index / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    search.main(["query", setup["index"], "--text", "red dress", "--json"])
+    here = capsys.readouterr()
+    search.main(["query", str(gpu_index), "--text", "red dress", "--json"])
+    there = capsys.readouterr()
+    assert there.out == here.out and "note:" not in here.err
+    assert "encoded as cuda-bfloat16-sdpa-packed, queries here as cpu-float32-sdpa" in there.err
+
+
+def test_shards_encoded_another_way_are_not_reused(setup, tmp_path, monkeypatch):
+    """Indexing again into a folder whose shards were computed another way (here fp32 on a CPU; then, say, bf16 on a
+    GPU) encodes every image again rather than mixing the two precisions in one index.
+    Fails when index_catalogue's shard folder leaves out model.arithmetic (shards/<fingerprint>: nothing encoded)."""
+    out = tmp_path / "again"
+    shutil.copytree(setup["index"], out)
+    monkeypatch.setattr(search, "arithmetic", lambda cfg, encoder: "cuda-bfloat16-sdpa-packed")
+    seen = []
+    encode = search.Model.encode_targets
+    monkeypatch.setattr(search.Model, "encode_targets", lambda self, paths, batch_size=None:
+                        seen.extend(paths) or encode(self, paths, batch_size))
+    search.main(["index", setup["ckpts"][0], "--catalog", setup["catalogue"], "--out", str(out)])
+    assert sorted(seen) == sorted(item["path"] for item in search.read_catalogue(setup["catalogue"]))
+    assert json.loads((out / "meta.json").read_text())["arithmetic"] == "cuda-bfloat16-sdpa-packed"
+
+
 def test_catalogue_jsonl_metadata_and_bad_lines(setup, tmp_path):
     """Catches: relative JSONL paths resolved against the working directory, an image listed twice indexed twice,
     a malformed line that is skipped silently or crashes without naming the line.
@@ -242,7 +278,7 @@ class BytesEncoder:
 def stub_model():
     from config import Config
     model = search.Model.__new__(search.Model)        # Model's own tolerant encode_targets, no checkpoint load
-    model.ckpt, model.cfg, model.fingerprint, model.batch_size = "stub.pt", Config(), "stub", 2
+    model.ckpt, model.cfg, model.fingerprint, model.arithmetic, model.batch_size = "stub.pt", Config(), "stub", "cpu", 2
     model.encoder, model.unreadable, model.encoded = BytesEncoder(), {}, 0
     return model
 
