@@ -73,7 +73,7 @@ def in_root(root, rel, path, record_id=None):
 
 def check_records(records, path, required, lists=MEDIA_FIELDS):
     """Schema of a triplet file (paper section III): a non-empty list of objects, unique string ids, typed fields,
-    a target."""
+    the required fields present and, when they list media, not empty."""
     if not isinstance(records, list):
         raise DataError(path, f"expected a JSON list of records, got {type(records).__name__}")
     if not records:
@@ -94,8 +94,9 @@ def check_records(records, path, required, lists=MEDIA_FIELDS):
                 raise DataError(path, f"'{name}' must be a string", rid)
             if name in TEXT_FIELDS and not is_unicode(value):
                 raise DataError(path, f"'{name}' holds a lone surrogate (not valid Unicode)", rid)
-        if not rec["target_image"]:
-            raise DataError(path, "'target_image' is empty", rid)
+        empty = [name for name in required if name in lists and not rec[name]]
+        if empty:
+            raise DataError(path, f"'{empty[0]}' is empty", rid)
 
 
 def triplet_path(root, key, split):
@@ -110,8 +111,12 @@ def load_records(root, key, split):
     root = os.path.abspath(root)
     path = triplet_path(root, key, split)
     records = read_json(path)
-    asfr = SUB_DATASETS[key][0] == "asfr"
-    check_records(records, path, ("instruction_text", "target_image") + (("attribute", "target_label") if asfr else ()))
+    family = SUB_DATASETS[key][0]
+    # Every family but t2i queries with media; without this a misspelt or empty query field would leave a text-only
+    # query that is still evaluated, a wrong number and no error.
+    query_media = {"t2i": (), "video2img": ("query_video",)}.get(family, ("query_image",))
+    check_records(records, path, ("instruction_text", "target_image") + query_media
+                  + (("attribute", "target_label") if family == "asfr" else ()))
     for rec in records:
         for name in MEDIA_FIELDS:
             if name in rec:

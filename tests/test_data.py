@@ -850,3 +850,22 @@ def test_validator_looks_for_street_images_where_the_command_line_says(mini_root
     assert "looked for at 'DeepFashion2_images/train+image+{id}'" in capsys.readouterr().out
     assert pd.main(["--root", root, "--street2shop-images", "DF2/train+image+{id}"]) == 0
     assert "all files present and readable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, field", [("3_inshop_DeepFashion", "query_image"), ("9_asfr_DARN", "query_image"),
+                                        ("6_video2img_MovingFashion", "query_video")])
+def test_a_query_without_its_media_is_a_data_error_naming_it(mini_root, tmp_path, key, field):
+    """A misspelt or empty query-media field left a text-only query that was evaluated without a word (evaluate.py
+    printed Recall for in-shop queries with no image). Fails when load_records requires no query media field."""
+    good = json.load(open(pd.triplet_path(mini_root, key, "test")))
+    path = pd.triplet_path(str(tmp_path), key, "test")
+    for broken in ({**{k: v for k, v in good[0].items() if k != field}, field + "s": good[0][field]},
+                   {**good[0], field: []}):
+        pd.write_json(path, good[1:] + [broken])
+        with pytest.raises(DataError, match=field) as e:
+            load_records(str(tmp_path), key, "test")
+        assert e.value.path == path and e.value.record_id == good[0]["id"]
+    t2i = json.load(open(pd.triplet_path(mini_root, "1_t2i_Shoes", "test")))
+    assert not any(r.get("query_image") or r.get("query_video") for r in t2i)      # text alone stays valid
+    pd.write_json(pd.triplet_path(str(tmp_path), "1_t2i_Shoes", "test"), t2i)
+    assert len(load_records(str(tmp_path), "1_t2i_Shoes", "test")) == len(t2i)
