@@ -220,7 +220,11 @@ def build_eval_set(root, key, split, gallery_dir=None, strict=False):
     records, path, labels = load_records(root, key, split), triplet_path(root, key, split), {}
     family = SUB_DATASETS[key][0]
     if family == "asfr" or split == "test":
-        gallery, labels = load_candidates(candidate_path(root, key, split, gallery_dir), root)
+        where = candidate_path(root, key, split, gallery_dir)
+        gallery, labels = load_candidates(where, root)
+        if family == "asfr" and labels is None:   # asfr ground truth is the labels: without them every query misses
+            raise DataError(where, "an asfr candidate file maps each label to its images (plus the '*_candidate' "
+                                   "pool), not a plain list")
     else:   # the validation gallery is the union of the split's targets
         gallery = list(dict.fromkeys(p for rec in records for p in rec["target_image"]))
     index, by_label = {p: i for i, p in enumerate(gallery)}, defaultdict(list)

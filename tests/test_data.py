@@ -869,3 +869,22 @@ def test_a_query_without_its_media_is_a_data_error_naming_it(mini_root, tmp_path
     assert not any(r.get("query_image") or r.get("query_video") for r in t2i)      # text alone stays valid
     pd.write_json(pd.triplet_path(str(tmp_path), "1_t2i_Shoes", "test"), t2i)
     assert len(load_records(str(tmp_path), "1_t2i_Shoes", "test")) == len(t2i)
+
+
+def test_an_asfr_candidate_file_without_labels_is_a_data_error(mini_root, tmp_path):
+    """An asfr pool given as a plain list had no labels, so every query missed: evaluate.py printed Recall 0.0 for
+    9_asfr_DARN (8 of 8 queries "no target in the gallery") and exited 0. Fails when build_eval_set accepts an asfr
+    candidate file without labels."""
+    root = str(tmp_path)
+    for split in ("val", "test"):
+        pd.write_json(pd.triplet_path(root, "9_asfr_DARN", split),
+                      json.load(open(pd.triplet_path(mini_root, "9_asfr_DARN", split))))
+        candidates = json.load(open(pd.candidate_path(mini_root, "9_asfr_DARN", split)))
+        where = pd.candidate_path(root, "9_asfr_DARN", split)
+        pd.write_json(where, candidates)
+        labelled = build_eval_set(root, "9_asfr_DARN", split)     # the file as released: every query has a hit
+        assert labelled.missing == 0 and all(labelled.ground_truth)
+        pd.write_json(where, candidates[f"DARN_asfr_{split}_candidate"])
+        with pytest.raises(DataError, match="asfr candidate file") as e:
+            build_eval_set(root, "9_asfr_DARN", split)
+        assert e.value.path == where
