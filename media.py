@@ -20,9 +20,15 @@ from plumbing import DataError
 def load_image(path, record_id=None):
     """An RGB image; transparent parts are seen over white, as transformers' Qwen3-VL image processing does
     (convert_to_rgb): a plain convert("RGB") keeps whatever colour lies under them, black in most cut-out product
-    shots and sketches."""
+    shots and sketches. 16-bit grey (a 16-bit PNG or TIFF) is scaled to 8 bits: convert_to_rgb clips it at 255, which
+    turns all but the darkest images white; 32-bit integer or float pixels, of no known range, are refused."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I;16"):
+                image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+            elif image.mode in ("I", "F"):
+                raise DataError(path, f"cannot read image: 32-bit pixels (mode {image.mode}) have no known range; "
+                                      f"save it with 8 or 16 bits per channel", record_id)
             return Image.fromarray(convert_to_rgb(image, return_numpy=True))
     except (OSError, ValueError, Image.DecompressionBombError) as err:  # missing, truncated, not an image
         raise DataError(path, f"cannot read image: {err}", record_id) from err

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fake_backbones
-from media import load_video
+from media import load_image, load_video
 import model
 from benchmarks.host_syncs import AsOnGpu, SyncCounter
 from config import CalibratorConfig, ModelConfig
@@ -216,6 +216,24 @@ def test_palette_greyscale_and_transparent_images_embed_as_their_rgb_versions(en
             got = encoder(encoder.prepare_targets(paths, train=train), "target")["emb"]
             expected = encoder(encoder.prepare_targets(references, train=train), "target")["emb"]
         assert torch.equal(got, expected)
+
+
+def test_a_16_bit_grey_image_reads_as_its_8_bit_version_and_32_bit_pixels_are_refused(tmp_path):
+    """A 16-bit grey PNG went through convert_to_rgb clipped at 255: a mid-grey image came out white (mean 254.5
+    instead of 127), and evaluation scored it without a word. Its 8-bit reading is the 8-bit image it was made from
+    (v * 257 >> 8 == v). Fails when load_image drops the I;16 scaling (the image reads white), or the refusal of
+    modes I and F (a float image reads black)."""
+    grey = np.random.default_rng(4).integers(0, 256, (40, 30), dtype=np.uint8)
+    path = str(tmp_path / "grey16.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(path)
+    assert Image.open(path).mode == "I;16"                               # the case under test
+    assert np.array_equal(np.asarray(load_image(path)), np.repeat(grey[..., None], 3, axis=2))
+    for deep in (grey.astype(np.float32) / 255, grey.astype(np.int32)):
+        path = str(tmp_path / f"deep-{deep.dtype}.tif")
+        Image.fromarray(deep).save(path)
+        with pytest.raises(DataError, match="32-bit") as e:
+            load_image(path, "rec-3")
+        assert e.value.path == path and e.value.record_id == "rec-3"
 
 
 def test_release_evaluates_between_the_two_budgets(tiny_backbone, tmp_path):
