@@ -150,7 +150,10 @@ def _set(cfg, section, key, value):
     if isinstance(value, str) and not isinstance(default, str):
         value = yaml.safe_load(value)          # "1e-3" -> 1e-3, "true" -> True, "[a, b]" -> list
     if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-        value = float(value)                   # YAML reads "1e-4" as a string and "1" as an int
+        try:
+            value = float(value)               # YAML reads "1e-4" as a string and "1" as an int
+        except ValueError:                     # float's own message ("could not convert ...") names no key
+            raise TypeError(f"config {section}.{key} must be float, got {value!r}") from None
     if type(value) is not type(default):
         raise TypeError(f"config {section}.{key} must be {type(default).__name__}, got {value!r}")
     setattr(sub, key, value)

@@ -1441,6 +1441,14 @@ def test_overrides_take_each_fields_type_and_refuse_others():
             load_config(None, [malformed])
 
 
+def test_a_float_override_that_is_not_a_number_names_its_key():
+    """train.lr=abc ended train.py with "ValueError: could not convert string to float: 'abc'", naming no key.
+    Fails when _set lets float()'s ValueError through."""
+    for wrong in ("train.lr=abc", "sampler.floor=1e-3x", "calibrator.fixed_gate=''"):
+        with pytest.raises(TypeError, match=f"config {re.escape(wrong.split('=')[0])} must be float"):
+            load_config(None, [wrong])
+
+
 def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, monkeypatch):
     """`inherit:` names a file beside the config (not in the working directory); the child's keys replace the
     parent's one by one, a section the child leaves out is the parent's, and overrides win over both. A YAML file's
