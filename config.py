@@ -6,6 +6,7 @@ sets all of them back.
 A config is YAML (nested by section) plus `section.key=value` overrides; unknown keys are errors.
 """
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -156,6 +157,8 @@ def _set(cfg, section, key, value):
             raise TypeError(f"config {section}.{key} must be float, got {value!r}") from None
     if type(value) is not type(default):
         raise TypeError(f"config {section}.{key} must be {type(default).__name__}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):   # "nan", ".inf" parse; no setting means them
+        raise ValueError(f"config {section}.{key} must be a finite number, got {value!r}")
     setattr(sub, key, value)
 
 

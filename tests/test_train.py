@@ -1449,6 +1449,19 @@ def test_a_float_override_that_is_not_a_number_names_its_key():
             load_config(None, [wrong])
 
 
+def test_a_float_key_that_is_not_finite_is_refused_naming_it(tmp_path):
+    """"nan" and "inf" parse as floats and were taken: train.temperature=inf makes every logit 0, so the loss is
+    log(batch) and every gradient 0, and a run "trains" to the end learning nothing; train.lr=nan makes every weight
+    NaN after one step. Fails when _set accepts a non-finite float."""
+    for wrong in ("train.temperature=inf", "train.lr=nan", "train.lr=.nan", "sampler.floor=-.inf"):
+        with pytest.raises(ValueError, match=f"config {re.escape(wrong.split('=')[0])} must be a finite number"):
+            load_config(None, [wrong])
+    (tmp_path / "c.yaml").write_text("train:\n  lr: .inf\n")
+    with pytest.raises(ValueError, match="train.lr must be a finite number"):
+        load_config(str(tmp_path / "c.yaml"))
+    assert load_config(None, ["train.temperature=1e-30"]).train.temperature == 1e-30      # tiny but finite
+
+
 def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, monkeypatch):
     """`inherit:` names a file beside the config (not in the working directory); the child's keys replace the
     parent's one by one, a section the child leaves out is the parent's, and overrides win over both. A YAML file's
