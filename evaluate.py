@@ -297,6 +297,8 @@ def parse_args(argv=None):
         parser.error("--config is only for runs without a checkpoint (the checkpoint holds its config)")
     if args.show < 0:
         parser.error(f"--show takes a number of queries per sub-dataset, got {args.show}")
+    if args.batch_size is not None and args.batch_size < 1:     # 0 fell back to the default, < 0 failed in encoding
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
 
 

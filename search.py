@@ -366,6 +366,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.command == "query" and args.instruction and (args.text or args.task):
         parser.error("--instruction is the whole instruction: give it without --text and --task")
+    for option, value in (("-k", getattr(args, "k", 1)), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:     # faiss asserts on k < 1; a batch below 1 fails deep in encoding
+            parser.error(f"{option} must be at least 1, got {value}")
     return args
 
 

@@ -1117,3 +1117,13 @@ def test_cli_baseline_is_zero_shot_open_clip_labelled_as_given(tmp_path, mini_ro
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["model"] == spec and list(results["sets"]) == ["1_t2i_Shoes"]
     assert f"U-FIRE val, {spec}" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_batch_size_below_1_is_a_usage_error(capsys):
+    """--batch-size 0 fell back to train.eval_batch_size without a word and --batch-size -3 ended in torch.cat's
+    "expected a non-empty list of Tensors". Fails when parse_args stops checking it (the parse succeeds)."""
+    for size in ("0", "-3"):
+        with pytest.raises(SystemExit) as e:
+            evaluate.parse_args(["best.pt", "--batch-size", size])
+        assert e.value.code == 2 and f"--batch-size must be at least 1, got {size}" in capsys.readouterr().err
+    assert evaluate.parse_args(["best.pt", "--batch-size", "1"]).batch_size == 1

@@ -536,3 +536,15 @@ def test_query_command_line_sets_ef_search(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(search, "set_search_params", lambda *args: opened.append(real(*args)) or opened[-1])
     assert len(search.main(["query", str(out), "--text", "a red dress", "--ef-search", "7"])) == 9
     assert [faiss.downcast_index(index).hnsw.efSearch for index in opened] == [7]
+
+
+def test_k_and_batch_size_below_1_are_usage_errors(capsys):
+    """query -k 0 or -k -2 ended in a bare AssertionError from faiss, --batch-size -1 in an IndexError, with
+    tracebacks naming neither option. Fails when parse_args stops checking them (the parse succeeds)."""
+    for argv, option in ((["query", "idx", "--text", "x", "-k", "0"], "-k"), (["query", "idx", "-k", "-2"], "-k"),
+                         (["query", "idx", "--batch-size", "-1"], "--batch-size"),
+                         (["index", "c.pt", "--catalog", "c", "--out", "o", "--batch-size", "0"], "--batch-size")):
+        with pytest.raises(SystemExit) as e:
+            search.parse_args(argv)
+        assert e.value.code == 2 and f"{option} must be at least 1" in capsys.readouterr().err
+    assert search.parse_args(["query", "idx", "-k", "1", "--batch-size", "1"]).k == 1
