@@ -155,13 +155,13 @@ def read_catalogue(source):
                  for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
     elif os.path.isfile(source):
         items, base = [], os.path.dirname(os.path.abspath(source))
-        with open(source, encoding="utf-8") as f:
+        with open(source, "rb") as f:            # bytes: a line that is not UTF-8 is named like any bad line
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     item = json.loads(line)
-                except json.JSONDecodeError as err:
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
                     raise DataError(f"{source}:{number}", f"not a JSON line: {err}") from None
                 if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"]:
                     raise DataError(f"{source}:{number}", 'expected an object with a non-empty "path" string')

@@ -548,3 +548,14 @@ def test_k_and_batch_size_below_1_are_usage_errors(capsys):
             search.parse_args(argv)
         assert e.value.code == 2 and f"{option} must be at least 1" in capsys.readouterr().err
     assert search.parse_args(["query", "idx", "-k", "1", "--batch-size", "1"]).k == 1
+
+
+def test_a_catalogue_line_that_is_not_utf8_is_named(tmp_path):
+    """A Latin-1 JSONL catalogue ended search.py index in a UnicodeDecodeError traceback naming neither the file nor
+    the line. Fails when read_catalogue decodes the file as text before json.loads (the error escapes)."""
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"path": "a.jpg"}\n{"path": "caf\xe9.jpg"}\n')
+    with pytest.raises(search.DataError, match=r"latin1.jsonl:2: not a JSON line"):
+        search.read_catalogue(str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "utf8.jsonl").write_bytes('{"path": "café.jpg", "name": "Crêpe"}\n'.encode())
+    assert search.read_catalogue(str(tmp_path / "utf8.jsonl")) == [{"path": str(tmp_path / "café.jpg"),
+                                                                    "name": "Crêpe"}]
