@@ -64,6 +64,8 @@ class TaskSampler:
             raise ValueError(f"sampler.difficulty must be one of {DIFFICULTIES}, got {cfg.difficulty!r}")
         if not sizes:
             raise ValueError("TaskSampler needs at least one sub-dataset")
+        if batch_size < 1:      # else the per-sub-dataset check below blames the size of the sub-datasets
+            raise ValueError(f"train.batch_size must be at least 1, got {batch_size}")
         if cfg.mode == "ggas" and cfg.floor * len(sizes) >= 1:
             raise ValueError(f"sampler.floor={cfg.floor} leaves no room for {len(sizes)} sub-datasets "
                              f"(floor * K >= 1); use sampler.mode=uniform for uniform sampling")

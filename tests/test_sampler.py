@@ -324,3 +324,12 @@ def test_a_floor_that_leaves_no_room_is_refused():
     with pytest.raises(ValueError, match="floor \\* K >= 1"):
         TaskSampler(SIZES, cfg(floor=0.25), 8)
     TaskSampler(SIZES, cfg(floor=0.24), 8)
+
+
+def test_a_batch_size_below_1_is_named_as_such():
+    """train.batch_size=0 or -4 stopped training with "sub-dataset 1_t2i_Shoes has 15 training records, fewer than
+    the 1 ranks", blaming data that was fine. Fails when TaskSampler drops its batch-size check."""
+    for batch_size in (0, -4):
+        with pytest.raises(ValueError, match=f"train.batch_size must be at least 1, got {batch_size}"):
+            TaskSampler({"a": 15, "b": 40}, SamplerConfig(), batch_size)
+    assert TaskSampler({"a": 15, "b": 40}, SamplerConfig(), 1).epoch_length == 55
