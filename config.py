@@ -130,7 +130,7 @@ class Config:
     @classmethod
     def from_dict(cls, d):
         cfg = cls()
-        for section, values in (d or {}).items():
+        for section, values in check_sections(d or {}, "config").items():
             if section not in SECTIONS:
                 raise KeyError(f"unknown config section {section!r}; known: {sorted(SECTIONS)}")
             for key, value in (values or {}).items():
@@ -139,6 +139,19 @@ class Config:
 
 
 SECTIONS = {f.name for f in dataclasses.fields(Config)}
+
+
+def check_sections(d, where):
+    """A config is a mapping of sections, each a mapping of keys (or empty): YAML written as a list says nothing
+    until a `.items()` fails far from the file."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{where}: a config is a mapping of sections ({', '.join(sorted(SECTIONS))}), "
+                        f"got a {type(d).__name__}")
+    for section, values in d.items():
+        if values is not None and not isinstance(values, dict):
+            raise TypeError(f"{where}: config section {section!r} must be a mapping of keys, got a "
+                            f"{type(values).__name__}")
+    return d
 
 
 def _set(cfg, section, key, value):
@@ -168,7 +181,8 @@ def load_config(path=None, overrides=()):
     if path:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
-        parent = raw.pop("inherit", None)
+        parent = raw.pop("inherit", None) if isinstance(raw, dict) else None
+        check_sections(raw, path)
         if parent:
             base = load_config(os.path.join(os.path.dirname(path), parent)).to_dict()
             for section, values in raw.items():

@@ -334,9 +334,8 @@ def read_checkpoint(path):
                               f"{path}: checkpoint is not a file")
     try:
         ckpt = load_checkpoint(path)
-    except Exception as err:            # noqa: BLE001: a truncated zip, a pickle of anything, an empty file ...
-        raise EvaluationError(f"{path}: cannot read the checkpoint (truncated, or not a file written by train.py): "
-                              f"{one_line(err, with_type=True)}") from err
+    except DataError as err:
+        raise EvaluationError(str(err)) from err
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
         what = f"a dict with keys {sorted(map(str, ckpt))[:3]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise EvaluationError(f"{path}: not a FashionLens checkpoint (expected a dict with a 'config' dict and a "

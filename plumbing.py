@@ -65,8 +65,13 @@ def publish_dir(tmp, out_dir):
 
 def load_checkpoint(path):
     """A training checkpoint, every tensor on the CPU: torch.set_rng_state and torch.cuda.set_rng_state_all take
-    only CPU byte tensors, and the optimizer moves its own state to its parameters' device when loaded."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    only CPU byte tensors, and the optimizer moves its own state to its parameters' device when loaded. A file that
+    cannot be read is a DataError naming it (torch's own errors do not)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:            # noqa: BLE001: a truncated zip, a pickle of anything, an empty file ...
+        raise DataError(path, f"cannot read the checkpoint (truncated, or not a file written by train.py): "
+                              f"{one_line(err, with_type=True)}") from err
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from tqdm import tqdm
 
 from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, restore
@@ -30,7 +31,7 @@ from config import load_config
 from evaluate import evaluate_sets, score
 from loader import StepPrefetch, chunk_items, chunk_report, chunk_sizes_for, prepare_chunks
 from model import build_encoder
-from plumbing import DataError, average_gradients, gather_list, save_atomic, setup_distributed, world
+from plumbing import DataError, average_gradients, gather_list, one_line, save_atomic, setup_distributed, world
 from prepare_data import SUB_DATASETS, TrainSet, build_eval_sets
 from sampler import TaskSampler
 
@@ -450,11 +451,17 @@ def main():
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt if it exists")
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:    # each names its file or key
+        parser.error(one_line(err))
     # torchrun --max-restarts=N starts every worker again after one dies, with TORCHELASTIC_RESTART_COUNT > 0:
     # a restarted run continues from last.pt by itself.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    _, best = train(cfg, resume=args.resume or restarted)
+    try:
+        _, best = train(cfg, resume=args.resume or restarted)
+    except DataError as err:        # names the file and record: a traceback through the training loop adds nothing
+        sys.exit(f"train.py: {err}")
     if world()[0] == 0:
         print(f"best validation score (sum of Recall@1): {best:.2f}; checkpoints in {cfg.train.out_dir}")
     if dist.is_initialized():

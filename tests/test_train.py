@@ -1462,6 +1462,46 @@ def test_a_float_key_that_is_not_finite_is_refused_naming_it(tmp_path):
     assert load_config(None, ["train.temperature=1e-30"]).train.temperature == 1e-30      # tiny but finite
 
 
+def test_a_config_file_that_is_not_a_mapping_of_sections_names_the_file_and_section(tmp_path):
+    """YAML written as a list (`train:` then `- lr: 1e-4`), or a whole file that is a list, ended in
+    "AttributeError: 'list' object has no attribute 'items'", naming neither the file nor the section; so did such a
+    config inside a checkpoint. Fails when load_config stops checking the file (`check_sections(raw, path)` removed:
+    the AttributeError, or a TypeError from the `inherit:` merge, comes back), or from_dict stops checking."""
+    (tmp_path / "parent.yaml").write_text("train:\n  lr: 0.5\n")
+    for name, text, message in (("section.yaml", "train:\n  - lr: 1e-4\n", "config section 'train' must be a mapping"),
+                                ("root.yaml", "- train\n- model\n", "a config is a mapping of sections"),
+                                ("child.yaml", "inherit: parent.yaml\nmodel:\n  - dtype: float32\n",
+                                 "config section 'model' must be a mapping")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TypeError, match=re.escape(f"{tmp_path / name}: {message}")):
+            load_config(str(tmp_path / name))
+    with pytest.raises(TypeError, match="config: config section 'sampler' must be a mapping of keys, got a list"):
+        Config.from_dict({"sampler": [{"mode": "uniform"}]})
+    (tmp_path / "empty-section.yaml").write_text("inherit: parent.yaml\ntrain:\n")      # an empty section is fine
+    assert load_config(str(tmp_path / "empty-section.yaml")).train.lr == 0.5
+
+
+def test_command_line_errors_end_in_one_line_naming_the_key_or_file(tmp_path, mini_root, tiny_backbone,
+                                                                     monkeypatch, capsys):
+    """train.py ends a config error with its usage status (2) and the message naming the key, and bad input met in
+    training (here a last.pt cut in half, met by --resume) with the message naming the file, not a traceback.
+    Fails when main lets the config error through (pytest sees the TypeError), when it lets the DataError through,
+    or when load_checkpoint lets torch's own error out (it names no file: the DataError is not raised)."""
+    config = os.path.join(REPO, "configs", "tiny.yaml")
+    monkeypatch.setattr(sys, "argv", ["train.py", config, "train.lr=abc"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert exit_info.value.code == 2 and "config train.lr must be float, got 'abc'" in capsys.readouterr().err
+    good = tmp_path / "good.pt"
+    torch.save({"step": 3, "weights": torch.zeros(1000)}, good)
+    (tmp_path / "last.pt").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    monkeypatch.setattr(sys, "argv", ["train.py", config, f"data.root={mini_root}", f"model.backbone={tiny_backbone}",
+                                      f"train.out_dir={tmp_path}", "--resume"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert str(exit_info.value.code).startswith(f"train.py: {tmp_path / 'last.pt'}: cannot read the checkpoint")
+
+
 def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, monkeypatch):
     """`inherit:` names a file beside the config (not in the working directory); the child's keys replace the
     parent's one by one, a section the child leaves out is the parent's, and overrides win over both. A YAML file's
