@@ -1561,7 +1561,7 @@ def test_defaults_are_the_documented_values_and_release_yaml_sets_each_switch_ba
             released = getattr(getattr(configs["release"], section), key)
             assert released == yaml.safe_load(theirs), f"release {section}.{key}"
             checked += 1
-    assert checked == 15
+    assert checked == 16
 
 
 def test_default_lora_adapts_the_seven_documented_projections_of_every_language_layer(tiny_backbone):
