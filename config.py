@@ -24,6 +24,7 @@ class DataConfig:
                                              #   model runs, and the next step's during this one's loss, replay and
                                              #   optimizer step (loader.StepPrefetch); 0 = serial, in the training
                                              #   thread. Speed only: the same inputs and gradients for every value
+                                             #   (release: 0)
     # Street+Modification Text 2 Shop's bare names "<category>+<id>.jpg" are DeepFashion2 train-split images: where
     # they are, relative to root ({id}: the name less "<category>+"). Default: U-FIRE's flattened DeepFashion2 names
     # (train/image/000003.jpg -> DeepFashion2_images/train+image+000003.jpg); raw DeepFashion2: ".../train/image/{id}".
@@ -98,12 +99,13 @@ class TrainConfig:
     chunk_table: str = ""                    # on a GPU, per sub-dataset chunks by its memory (configs/chunk_sizes.yaml,
                                              #   relative to the repository; benchmarks/chunk_memory.py); chunk_sizes
                                              #   entries win. Speed only while calibrator.reg_per_chunk is false
+                                             #   (release: "", hand-set chunk_sizes)
     epochs: float = 5.0
     max_steps: int = 0                       # > 0 stops earlier (quick runs, tests)
     lr: float = 1e-4
     weight_decay: float = 1e-3
     schedule: str = "constant"               # "constant" (release) | "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int = 0                    # linear warm-up of the learning rate (release: 0)
     grad_clip: float = 0.0                   # 0 = off (release)
     temperature: float = 0.07
     gather_negatives: bool = False           # negatives from every GPU
