@@ -268,7 +268,8 @@ def parse_args(argv=None):
     parser.add_argument("--split", choices=["val", "test"], default="val")
     parser.add_argument("--tasks", nargs="+", metavar="KEY",
                         help="sub-dataset keys and/or unseen task names (default: all 18, plus both unseen on test)")
-    parser.add_argument("--out", help="output directory (default: <checkpoint dir>/eval_<split>)")
+    parser.add_argument("--out", help="output directory (default: <checkpoint dir>/eval_<split>; without a "
+                                      "checkpoint runs/eval_untrained_<split> or runs/eval_baseline_<split>)")
     parser.add_argument("--root", help="U-FIRE root (default: the checkpoint's data.root)")
     parser.add_argument("--gallery-dir", help="test candidate files (default: <root>/0_test_candidates)")
     parser.add_argument("--backbone", help="backbone directory (default: the checkpoint's model.backbone)")

@@ -108,7 +108,7 @@ class Model:
                     print(f"search.py: skipping {err}", file=sys.stderr)
                     rows.append(torch.full((self.encoder.embed_dim,), float("nan")))
             emb = torch.stack(rows)
-        self.encoded += len(paths)
+        self.encoded += sum(p not in self.unreadable for p in paths)      # images/s counts embedded images only
         # A NaN row means "unreadable" to the index; one from a readable image is a broken model, never skipped.
         broken = [p for p, row in zip(paths, emb) if p not in self.unreadable and not torch.isfinite(row).all()]
         if broken:

@@ -174,10 +174,12 @@ def test_index_encoded_on_another_device_is_searched_with_a_note(setup, tmp_path
     assert "encoded as cuda-bfloat16-sdpa-packed, queries here as cpu-float32-sdpa" in there.err
 
 
-def test_shards_encoded_another_way_are_not_reused(setup, tmp_path, monkeypatch):
+def test_shards_encoded_another_way_are_not_reused(setup, tmp_path, monkeypatch, capsys):
     """Indexing again into a folder whose shards were computed another way (here fp32 on a CPU; then, say, bf16 on a
-    GPU) encodes every image again rather than mixing the two precisions in one index.
-    Fails when index_catalogue's shard folder leaves out model.arithmetic (shards/<fingerprint>: nothing encoded)."""
+    GPU) encodes every image again rather than mixing the two precisions in one index. The count printed is of the
+    9 images embedded, not the 10 tried (one is unreadable).
+    Fails when index_catalogue's shard folder leaves out model.arithmetic (shards/<fingerprint>: nothing encoded),
+    or when Model.encode_targets counts the unreadable image as encoded."""
     out = tmp_path / "again"
     shutil.copytree(setup["index"], out)
     monkeypatch.setattr(search, "arithmetic", lambda cfg, encoder: "cuda-bfloat16-sdpa-packed")
@@ -188,6 +190,7 @@ def test_shards_encoded_another_way_are_not_reused(setup, tmp_path, monkeypatch)
     search.main(["index", setup["ckpts"][0], "--catalog", setup["catalogue"], "--out", str(out)])
     assert sorted(seen) == sorted(item["path"] for item in search.read_catalogue(setup["catalogue"]))
     assert json.loads((out / "meta.json").read_text())["arithmetic"] == "cuda-bfloat16-sdpa-packed"
+    assert "encoded 9 images in" in capsys.readouterr().out
 
 
 def test_catalogue_jsonl_metadata_and_bad_lines(setup, tmp_path):
