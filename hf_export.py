@@ -86,8 +86,11 @@ def set_config_dtype(path, dtype):
 def dtype_effect(encoder, state, merged, dtype):
     """The saved dtype's effect on the merged weights: the rounding error of base + delta, relative to the LoRA
     delta it would blur (root of the summed squares over all merged layers)."""
-    if dtype == torch.float32 or not merged:
-        return "fp32 keeps the merged weights exactly" + (" (no LoRA layers: full training)" if not merged else "")
+    if not merged:      # full training: no LoRA delta to measure the rounding against
+        return ("fp32 keeps the weights exactly" if dtype == torch.float32 else
+                "bf16 rounds every weight (full training: no LoRA delta to measure it against)")
+    if dtype == torch.float32:
+        return "fp32 keeps the merged weights exactly"
     error = delta = 0.0
     for name in merged:
         weight = state[f"{name}.weight"]
