@@ -87,11 +87,17 @@ def recall_at_k(query_emb, gallery_emb, ground_truth, ks=KS, exclude=None):
 
 def exact_search(queries, gallery, k, exclude):
     """faiss exact inner-product search of float32 [Q, D] queries in a [G, D] gallery, deep enough that k results
-    survive the largest exclusion, never deeper than the gallery: (scores, gallery ids), each [Q, depth]."""
+    survive the largest exclusion, never deeper than the gallery: (scores, gallery ids), each [Q, depth].
+
+    Equal scores are ranked in a fixed random order of the gallery, not in its file order: faiss breaks ties by
+    position, and a gallery's order follows its queries' (a validation gallery is their targets in record order),
+    so a collapsed model, whose scores all tie, would otherwise score far from chance in either direction."""
     depth = min(k + max(map(len, exclude), default=0), len(gallery))
+    order = np.random.default_rng(0).permutation(len(gallery))
     index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
-    return index.search(queries, depth)
+    index.add(np.ascontiguousarray(gallery[order]))
+    scores, ids = index.search(queries, depth)
+    return scores, np.where(ids >= 0, order[ids], -1)
 
 
 def _as_f32(x):

@@ -130,6 +130,20 @@ def test_recall_asfr_label_ground_truth_matches_reference():
     assert got["R@1"] < got["R@5"] < got["R@50"]               # a case where the ranks actually matter
 
 
+def test_tied_scores_are_not_broken_by_gallery_order():
+    """A collapsed model gives every query the same score for every gallery image. faiss breaks such ties by position,
+    and a gallery lists its targets in the order of its queries (a validation gallery is their targets in record
+    order): 40 queries whose targets were the first 40 of 400 images all hit within the top 50 (Recall@50 100% where
+    chance is 12.5%), and targets last in the gallery never hit. Ties are broken in a fixed random order instead, so
+    such a model scores near chance wherever its targets lie.
+    Fails when exact_search indexes the gallery in its file order (`order = np.arange(len(gallery))`)."""
+    gallery = np.full((400, 8), 8 ** -0.5, dtype=np.float32)
+    for ground_truth in ([[i] for i in range(40)], [[399 - i] for i in range(40)]):
+        recall = recall_at_k(gallery[:40], gallery, ground_truth)
+        chance = chance_recall(len(gallery), ground_truth)
+        assert all(abs(recall[k] - chance[k]) <= 10 for k in recall), (recall, chance)
+
+
 def test_chance_recall_hand_computed():
     # Single target: K / G.
     assert chance_recall(200, [[3]] * 5) == pytest.approx({"R@1": 0.5, "R@5": 2.5, "R@10": 5.0, "R@50": 25.0})
