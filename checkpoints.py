@@ -12,8 +12,10 @@ from plumbing import gather_list, load_checkpoint, world
 
 
 def rng_states():
+    """This process's random states. On a GPU only its own device's generator (setup_distributed set it current):
+    every visible GPU's (get_rng_state_all) could not be restored where fewer GPUs are visible."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_states(state):
@@ -21,7 +23,7 @@ def set_rng_states(state):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records):

@@ -64,7 +64,7 @@ def publish_dir(tmp, out_dir):
 
 
 def load_checkpoint(path):
-    """A training checkpoint, every tensor on the CPU: torch.set_rng_state and torch.cuda.set_rng_state_all take
+    """A training checkpoint, every tensor on the CPU: torch.set_rng_state and torch.cuda.set_rng_state take
     only CPU byte tensors, and the optimizer moves its own state to its parameters' device when loaded. A file that
     cannot be read is a DataError naming it (torch's own errors do not)."""
     try:

@@ -884,13 +884,42 @@ def test_a_run_follows_its_seed_epochs_query_images_weight_decay_and_validation_
 
 
 def test_checkpoint_rng_states_load_as_cpu_byte_tensors(tmp_path):
-    """torch.set_rng_state / torch.cuda.set_rng_state_all accept only CPU byte tensors, so a checkpoint must load
+    """torch.set_rng_state / torch.cuda.set_rng_state accept only CPU byte tensors, so a checkpoint must load
     to the CPU whatever device the run uses. Catches: `map_location=device` in load_checkpoint (on a GPU the RNG
     states land on CUDA and resuming crashes; `map_location="meta"` stands in for that on CPU)."""
     torch.save({"rng": [rng_states()], "model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
     state = load_checkpoint(tmp_path / "last.pt")["rng"][0]["torch"]
     assert state.device.type == "cpu" and state.dtype == torch.uint8
     torch.set_rng_state(state)
+
+
+def test_a_gpu_checkpoint_resumes_where_fewer_gpus_are_visible(monkeypatch):
+    """Each rank saves and restores its own GPU's generator, the one its dropout draws from, so a run written on a
+    node with 8 visible GPUs resumes where 4 are (the same world size, a smaller machine). torch's CUDA generators
+    are stood in for on this CPU: one state per visible device, each set or read on its own index, as torch does
+    (`default_generators[i]`, which fails for an index past the device count).
+    Fails when rng_states saves every visible GPU's state (get_rng_state_all: restoring device 4 of 8 fails on the
+    4-GPU node) or set_rng_states restores another device than the current one."""
+    from checkpoints import set_rng_states
+    gpus = {"count": 8, "current": 2, "states": {}}        # states: what set_rng_state wrote, by device
+
+    def generator(device):      # "cuda" is the current device, as in torch
+        index = gpus["current"] if device == "cuda" else device
+        if index >= gpus["count"]:
+            raise IndexError("tuple index out of range")
+        return index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([generator(device)]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": gpus["states"].__setitem__(
+        generator(device), int(state)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.cuda.get_rng_state(i) for i in range(8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [torch.cuda.set_rng_state(state, i)
+                                                                         for i, state in enumerate(states)])
+    saved = rng_states()                                   # rank 2 on the 8-GPU node
+    gpus["count"] = 4                                      # the same rank on a 4-GPU node
+    set_rng_states(saved)
+    assert gpus["states"] == {2: 2}                        # device 2's own state, back on device 2
 
 
 def test_last_checkpoint_is_resumed_only_when_asked(tmp_path):
