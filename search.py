@@ -38,6 +38,7 @@ Python API (what both commands use):
 import argparse
 import json
 import os
+import pathlib
 import string
 import sys
 import time
@@ -281,16 +282,30 @@ def index_catalogue(model, catalogue, out_dir, factory="Flat", train_size=TRAIN_
 # ----------------------------------------------------------------------------------------------------------------
 # search.py query
 
+def read_index_file(path, read):
+    """read(path) of one file of an index folder. search.py writes each atomically, so one that cannot be read was
+    damaged afterwards: a SearchError naming it, not a JSON or faiss traceback."""
+    try:
+        return read(path)
+    except (OSError, ValueError, RuntimeError) as err:  # JSON and UTF-8 errors are ValueErrors, faiss's RuntimeErrors
+        reason = faiss_message(err) if isinstance(err, RuntimeError) else one_line(err)
+        raise SearchError(f"{path}: cannot read this index file ({reason}); index the catalogue again") from err
+
+
+def read_meta(index_dir):
+    """meta.json of an index folder; written last, so without it the folder is not a finished index."""
+    path = os.path.join(index_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise SearchError(f"{index_dir}: no meta.json: not an index, or its build did not finish (run search.py "
+                          f"index again: it resumes)")
+    return read_index_file(path, lambda p: json.loads(pathlib.Path(p).read_text(encoding="utf-8")))
+
+
 class Index:
     """A finished index folder, opened for the model that built it (another fingerprint is refused)."""
 
     def __init__(self, index_dir, model, nprobe=NPROBE, ef_search=EF_SEARCH):
-        meta_path = os.path.join(index_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise SearchError(f"{index_dir}: no meta.json: not an index, or its build did not finish (run search.py "
-                              f"index again: it resumes)")
-        with open(meta_path, encoding="utf-8") as f:
-            self.meta = json.load(f)
+        self.meta = read_meta(index_dir)
         if self.meta["fingerprint"] != model.fingerprint:
             raise SearchError(f"{index_dir} was built with checkpoint {self.meta['checkpoint']} (fingerprint "
                               f"{self.meta['fingerprint']}), but the model loaded is checkpoint {model.ckpt} "
@@ -302,9 +317,10 @@ class Index:
             # cosine 0.99999 between bf16 and fp32 runs of one export, docs/use.md), so the index still serves.
             print(f"note: {index_dir} was encoded as {self.meta['arithmetic']}, queries here as {model.arithmetic}: "
                   f"scores differ from an index encoded here at that precision's rounding", file=sys.stderr)
-        self.index = set_search_params(faiss.read_index(os.path.join(index_dir, "index.faiss")), nprobe, ef_search)
-        with open(os.path.join(index_dir, "items.jsonl"), encoding="utf-8") as f:
-            self.items = [json.loads(line) for line in f]
+        self.index = set_search_params(read_index_file(os.path.join(index_dir, "index.faiss"), faiss.read_index),
+                                       nprobe, ef_search)
+        self.items = read_index_file(os.path.join(index_dir, "items.jsonl"), lambda p: [
+            json.loads(line) for line in pathlib.Path(p).read_text(encoding="utf-8").split("\n") if line])
         if len(self.items) != self.index.ntotal:
             raise SearchError(f"{index_dir}: items.jsonl lists {len(self.items)} images, index.faiss holds "
                               f"{self.index.ntotal}: the folder was changed by hand; index the catalogue again")
@@ -373,13 +389,7 @@ def parse_args(argv=None):
 
 
 def run_query(args):
-    ckpt = args.ckpt
-    if ckpt is None:
-        meta_path = os.path.join(args.index_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise SearchError(f"{args.index_dir}: no meta.json: not an index, or its build did not finish")
-        with open(meta_path, encoding="utf-8") as f:
-            ckpt = json.load(f)["checkpoint"]
+    ckpt = args.ckpt or read_meta(args.index_dir)["checkpoint"]
     query = make_query(args.text, args.image, args.video, args.task, args.category, args.attribute, args.instruction)
     model = Model(ckpt, args.backbone, batch_size=args.batch_size)
     index = Index(args.index_dir, model, args.nprobe, args.ef_search)

@@ -193,6 +193,21 @@ def test_shards_encoded_another_way_are_not_reused(setup, tmp_path, monkeypatch,
     assert "encoded 9 images in" in capsys.readouterr().out
 
 
+def test_a_damaged_index_file_is_named(setup, tmp_path, capsys):
+    """search.py writes an index folder's files atomically, so only later damage (by hand, a disk) leaves one that
+    cannot be read: it must be named, not end in a JSONDecodeError or faiss traceback.
+    Fails when Index.__init__ reads meta.json, index.faiss or items.jsonl without read_index_file (the JSON error,
+    or faiss's RuntimeError, escapes: no SystemExit)."""
+    for name, damage in (("meta.json", lambda b: b[:len(b) // 2]), ("index.faiss", lambda b: b""),
+                         ("items.jsonl", lambda b: b + b"{not json\n")):
+        damaged = tmp_path / name.replace(".", "-")
+        shutil.copytree(setup["index"], damaged)
+        (damaged / name).write_bytes(damage((damaged / name).read_bytes()))
+        with pytest.raises(SystemExit) as exit_info:
+            search.main(["query", str(damaged), "--text", "red dress"])
+        assert f"{damaged / name}: cannot read this index file" in str(exit_info.value.code)
+
+
 def test_catalogue_jsonl_metadata_and_bad_lines(setup, tmp_path):
     """Catches: relative JSONL paths resolved against the working directory, an image listed twice indexed twice,
     a malformed line that is skipped silently or crashes without naming the line.
@@ -310,7 +325,8 @@ def test_two_processes_index_like_one(setup, tmp_path):
     reference_paths, reference = indexed(one)
     assert paths == reference_paths and len(paths) == 9
     np.testing.assert_array_equal(emb, reference)
-    assert [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)] == [5, 5]   # 10 images, split
+    # 10 images split 5 and 5; the unreadable one, rank 1's, is not counted as encoded.
+    assert [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)] == [5, 4]
     skipped = json.loads(open(os.path.join(two, "meta.json")).read())["skipped"]
     assert [s["path"] for s in skipped] == [setup["broken"]] and "cannot read image" in skipped[0]["reason"]
 
