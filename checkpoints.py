@@ -30,7 +30,8 @@ def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, ba
     # Each rank's random state differs (seeded per rank); all of them are saved so every rank resumes exactly.
     return {"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": gather_list([rng_states()]),
-            "step": step, "best_score": best_score, "bad_records": sorted(bad_records)}
+            "step": step, "best_score": best_score, "bad_records": sorted(bad_records),
+            "backbone_identity": encoder.backbone_identity()}
 
 
 def checkpoint_to_resume(path, resume):

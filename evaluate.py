@@ -310,11 +310,12 @@ def parse_args(argv=None):
 
 
 def resolve_config(args):
-    """(config with command-line overrides, trainable state to load or None, label) for the checkpoint, the
-    baseline or the untrained floor. A bad checkpoint or a backbone that is not there is an EvaluationError."""
-    state = None
+    """(config with command-line overrides, trainable state to load or None, the backbone identity it was trained
+    on, label) for the checkpoint, the baseline or the untrained floor. A bad checkpoint or a backbone that is not
+    there is an EvaluationError."""
+    state = trained_on = None
     if args.ckpt:
-        cfg, ckpt_state = read_checkpoint(args.ckpt)
+        cfg, ckpt_state, trained_on = read_checkpoint(args.ckpt)
         state, label = (None, f"untrained ({args.ckpt})") if args.untrained else (ckpt_state, args.ckpt)
     else:
         try:
@@ -330,12 +331,13 @@ def resolve_config(args):
     cfg.data.root = args.root or cfg.data.root
     cfg.data.gallery_dir = args.gallery_dir or cfg.data.gallery_dir
     cfg.model.backbone = resolve_backbone(cfg.model, args.backbone, args.ckpt)
-    return cfg, state, label
+    return cfg, state, trained_on, label
 
 
 def read_checkpoint(path):
-    """(Config, trainable state) of a checkpoint written by train.py; EvaluationError naming the file when it is
-    missing, truncated, not a checkpoint, or holds a config this code does not know."""
+    """(Config, trainable state, identity of the backbone it was trained on or None) of a checkpoint written by
+    train.py; EvaluationError naming the file when it is missing, truncated, not a checkpoint, or holds a config this
+    code does not know."""
     if not os.path.isfile(path):
         raise EvaluationError(f"{path}: checkpoint not found" if not os.path.exists(path) else
                               f"{path}: checkpoint is not a file")
@@ -354,7 +356,7 @@ def read_checkpoint(path):
         cfg = Config.from_dict(ckpt["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise EvaluationError(f"{path}: the checkpoint's config is not valid here: {one_line(err)}") from err
-    return cfg, ckpt["model"]
+    return cfg, ckpt["model"], ckpt.get("backbone_identity")
 
 
 def resolve_backbone(model_cfg, override=None, ckpt=None):
@@ -384,14 +386,21 @@ def resolve_backbone(model_cfg, override=None, ckpt=None):
     return find(backbone, "local directory", os.path.isdir)
 
 
-def load_encoder(cfg, state, device, source=None):
-    """The encoder of cfg with `state` (trainable tensors) loaded. A backbone that cannot be loaded, or a state
-    that does not fit it (names, shapes), is an EvaluationError naming the backbone or `source` (the checkpoint)."""
+def load_encoder(cfg, state, device, source=None, trained_on=None):
+    """The encoder of cfg with `state` (trainable tensors) loaded. A backbone that cannot be loaded, a state that does
+    not fit it (names, shapes), or a backbone whose weights are not those the state was trained on (`trained_on`, its
+    backbone_identity) is an EvaluationError naming the backbone or `source` (the checkpoint)."""
     torch.manual_seed(cfg.train.seed)      # fresh trainable parts (untrained floor) must be identical on every rank
     try:
         encoder = build_encoder(cfg.model, cfg.calibrator, device)
     except (OSError, ValueError) as err:   # transformers / open_clip: a directory that holds no (complete) model
         raise EvaluationError(f"backbone {cfg.model.backbone}: cannot load the model: {one_line(err)}") from err
+    if state is not None and trained_on is not None and encoder.backbone_identity() != trained_on:
+        # Same architecture, other weights (an Instruct and a Thinking model): the state would load and be wrong.
+        raise EvaluationError(f"{source or 'trainable state'}: trained on a backbone with other weights than "
+                              f"{cfg.model.backbone} (backbone identity {trained_on}, this one's "
+                              f"{encoder.backbone_identity()}); point --backbone or model.backbone at the one it was "
+                              f"trained on")
     if state is not None:
         try:
             encoder.load_trainable_state_dict(state)
@@ -437,9 +446,9 @@ def main(argv=None):
     rank, _ = world()
 
     try:
-        cfg, state, label = resolve_config(args)
+        cfg, state, trained_on, label = resolve_config(args)
         sets = build_sets(args, cfg)           # data errors surface before the slow model load
-        encoder = load_encoder(cfg, state, device, source=args.ckpt)
+        encoder = load_encoder(cfg, state, device, source=args.ckpt, trained_on=trained_on)
         cache_dir = os.path.join(args.cache, cache_key(cfg, encoder)) if args.cache else None
         results = evaluate_sets(encoder, sets, args.batch_size or cfg.train.eval_batch_size, cache_dir,
                                 show=args.show)

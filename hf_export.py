@@ -162,9 +162,9 @@ def main(argv=None):
     # evaluate.py imports this module, so it is imported here, at run time, not at the top.
     from evaluate import EvaluationError, load_encoder, read_checkpoint, resolve_backbone
     try:
-        cfg, state = read_checkpoint(args.ckpt)
+        cfg, state, trained_on = read_checkpoint(args.ckpt)
         cfg.model.backbone = resolve_backbone(cfg.model, args.backbone, args.ckpt)
-        encoder = load_encoder(cfg, state, "cpu", source=args.ckpt)
+        encoder = load_encoder(cfg, state, "cpu", source=args.ckpt, trained_on=trained_on)
         numbers = card_numbers(args.ckpt, args.results)
         effect = export(encoder, args.out_dir, {"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
                         source=os.path.basename(args.ckpt), numbers=numbers)

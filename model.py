@@ -10,6 +10,7 @@ Interface of both encoders (train.py and evaluate.py use nothing else): prepare_
 encode_queries / encode_targets, trainable_state_dict / load_trainable_state_dict, token_grad_norms, embed_dim.
 "vision" is a chunk's frozen vision-tower output (else None), which the gradient-cache replay hands back.
 """
+import hashlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (open_clip would retry the hub ~46 s)
@@ -118,6 +119,19 @@ class Encoder(nn.Module):
 
     def trainable_state_dict(self):
         return {n: p.detach().to("cpu", copy=True) for n, p in self.named_parameters() if p.requires_grad}
+
+    def backbone_identity(self):
+        """A hash of the weights a checkpoint relies on without holding them: the first 64 values of every frozen
+        tensor, rounded to bf16 (so a bf16 copy of the weights, one loaded in fp32, or another sharding of the files
+        is the same backbone). Two backbones of one architecture (an Instruct and a Thinking model) differ here, and
+        trained LoRA factors or token vectors are only right on the weights they were trained with."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            if name not in trainable and tensor.is_floating_point():
+                digest.update(name.encode())
+                digest.update(tensor.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).view(torch.int16).numpy())
+        return digest.hexdigest()[:16]
 
     def load_trainable_state_dict(self, state):
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}

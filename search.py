@@ -81,9 +81,9 @@ class Model:
 
     def __init__(self, ckpt, backbone=None, device=None, batch_size=None):
         self.ckpt = os.path.abspath(ckpt)
-        self.cfg, state = read_checkpoint(ckpt)
+        self.cfg, state, trained_on = read_checkpoint(ckpt)
         self.cfg.model.backbone = resolve_backbone(self.cfg.model, backbone, ckpt)
-        self.encoder = load_encoder(self.cfg, state, resolve_device(device), source=ckpt)
+        self.encoder = load_encoder(self.cfg, state, resolve_device(device), source=ckpt, trained_on=trained_on)
         self.fingerprint, self.arithmetic = fingerprint(self.cfg, self.encoder), arithmetic(self.cfg, self.encoder)
         self.batch_size = batch_size or self.cfg.train.eval_batch_size
         self.unreadable, self.encoded = {}, 0

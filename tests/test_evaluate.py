@@ -4,6 +4,7 @@ errors for bad checkpoints and backbones."""
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -542,7 +543,7 @@ def test_cli_excludes_own_images_by_default(tmp_path, mini_root, monkeypatch):
 
     unseen = [build_unseen_eval_set(mini_root, task) for task in UNSEEN_TASKS]
     assert all(all(s.exclude) for s in unseen)                 # every query's own images are in its gallery
-    monkeypatch.setattr(evaluate, "load_encoder", lambda cfg, state, device, source=None: OwnImagesFirstEncoder(unseen))
+    monkeypatch.setattr(evaluate, "load_encoder", lambda cfg, state, device, **_: OwnImagesFirstEncoder(unseen))
 
     def run(*extra):
         out = tmp_path / f"out{len(extra)}"
@@ -810,7 +811,7 @@ def test_show_marks_exactly_the_ground_truth_in_each_shown_top_10(tmp_path, mini
 
     keys = ["1_t2i_Shoes", "9_asfr_DARN"]
     sets = [build_eval_set(mini_root, k, "test") for k in keys] + [build_unseen_eval_set(mini_root, UNSEEN_TASKS[0])]
-    monkeypatch.setattr(evaluate, "load_encoder", lambda cfg, state, device, source=None: HalfFoundEncoder(sets))
+    monkeypatch.setattr(evaluate, "load_encoder", lambda cfg, state, device, **_: HalfFoundEncoder(sets))
     drawn, draw = [], plot.contact_sheet
     monkeypatch.setattr(plot, "contact_sheet", lambda query, results, path, title=None:
                         drawn.append((query, results, os.path.basename(path))) or draw(query, results, path, title))
@@ -911,11 +912,42 @@ def test_untrained_with_a_checkpoint_evaluates_fresh_trainable_parts(tmp_path):
     cfg.train.seed = 7
     ckpt = str(tmp_path / "best.pt")
     torch.save({"config": cfg.to_dict(), "model": {"query_token": torch.ones(4)}}, ckpt)
-    floor_cfg, floor_state, label = evaluate.resolve_config(
+    floor_cfg, floor_state, _, label = evaluate.resolve_config(
         evaluate.parse_args([ckpt, "--untrained", "--backbone", str(tmp_path)]))
     assert floor_state is None and floor_cfg.train.seed == 7 and label == f"untrained ({ckpt})"
-    _, state, label = evaluate.resolve_config(evaluate.parse_args([ckpt, "--backbone", str(tmp_path)]))
+    _, state, _, label = evaluate.resolve_config(evaluate.parse_args([ckpt, "--backbone", str(tmp_path)]))
     assert torch.equal(state["query_token"], torch.ones(4)) and label == ckpt
+
+
+def test_a_checkpoint_is_refused_on_a_backbone_with_other_weights(tiny_backbone, mini_root, tmp_path):
+    """Two backbones of one architecture (an Instruct and a Thinking model; here two tiny ones of other seeds) take the
+    same trained state without complaint, and the other one's embeddings would be wrong. The checkpoint records the
+    identity of the weights it was trained on: evaluate.py (like search.py and model.py export, through load_encoder)
+    refuses another backbone naming both, and takes the same weights saved in bf16 in another folder.
+    Fails when load_encoder skips the check (the other backbone's table is printed), or when backbone_identity hashes
+    the frozen values unrounded (the bf16 copy is refused)."""
+    from transformers import Qwen3VLForConditionalGeneration
+    from config import Config
+    from fake_backbones import make_tiny_backbone
+    from model import build_encoder
+    other, in_bf16 = str(tmp_path / "other"), str(tmp_path / "bf16")
+    make_tiny_backbone(other, seed=1)
+    shutil.copytree(tiny_backbone, in_bf16)
+    Qwen3VLForConditionalGeneration.from_pretrained(tiny_backbone, dtype=torch.bfloat16).save_pretrained(in_bf16)
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.data.root = tiny_backbone, "lora", mini_root
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    ckpt = str(tmp_path / "best.pt")
+    torch.save({"config": cfg.to_dict(), "model": encoder.trainable_state_dict(),
+                "backbone_identity": encoder.backbone_identity()}, ckpt)
+    with pytest.raises(SystemExit) as exit_info:
+        main([ckpt, "--backbone", other, "--tasks", "1_t2i_Shoes"])
+    message = str(exit_info.value.code)
+    assert f"{ckpt}: trained on a backbone with other weights than {other}" in message
+    assert encoder.backbone_identity() in message
+    cfg.model.backbone = in_bf16
+    assert evaluate.load_encoder(cfg, encoder.trainable_state_dict(), "cpu", source=ckpt,
+                                 trained_on=encoder.backbone_identity()) is not None
 
 
 def test_untrained_floor_is_the_same_whatever_random_numbers_came_before(tiny_backbone):
@@ -1093,7 +1125,7 @@ def test_cli_batch_size_and_config_reach_the_encoder(tmp_path, mini_root, monkey
     (`load_config(None)`: batches of 32)."""
     encoders = []
 
-    def load_encoder(cfg, state, device, source=None):
+    def load_encoder(cfg, state, device, **_):
         encoders.append(BatchRecordingEncoder())
         return encoders[-1]
 

@@ -876,11 +876,14 @@ def test_a_run_follows_its_seed_epochs_query_images_weight_decay_and_validation_
     assert max(len(r["query_image"]) for r in sets["2_sketch2i_ClothesV1"].records) > 2
     assert first["sketches"] and max(first["sketches"]) <= 2
     torch.manual_seed(5)
-    fresh = build_encoder(cfg.model, cfg.calibrator, "cpu").trainable_state_dict()
+    fresh_encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    fresh = fresh_encoder.trainable_state_dict()
     assert torch.equal(first["rng"], torch.manual_seed(5).get_state())
     assert_same_state(first["weights"], fresh)
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
     assert [group["weight_decay"] for group in saved["optimizer"]["param_groups"]] == [0.02]
+    # The identity of the backbone weights it trained on, which evaluation checks (fails when checkpoint() omits it).
+    assert saved["backbone_identity"] == fresh_encoder.backbone_identity()
 
 
 def test_checkpoint_rng_states_load_as_cpu_byte_tensors(tmp_path):
