@@ -104,3 +104,122 @@ def test_cli_out_writes_the_pngs_there(tmp_path, monkeypatch, capsys):
     names = ["difficulty.png", "gate.png", "loss.png", "probabilities.png"]
     assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "plots"] and sorted(os.listdir(tmp_path / "plots")) == names
     assert sorted(capsys.readouterr().out.split()) == [str(tmp_path / "plots" / name) for name in names]
+
+
+def test_gate_validation_and_difficulty_curves_are_the_logged_values(tmp_path, monkeypatch):
+    """The data behind gate.png, val_score.png and difficulty.png: the gate curve is gate_mean at every step that
+    logged one (a step without a calibrator logs null and is left out), the validation curve is val_score at each
+    validation step, each difficulty curve that key's G_k. Expected values are the ones written to the log.
+    Fails when the validation plot draws another field (`line["step"]` for `line["val_score"]`), the gate curve
+    drops or shifts points, or the difficulty plot draws the probabilities."""
+    log = str(tmp_path / "log.jsonl")
+    lines = [train_line(s, gate=s % 4 != 3) for s in range(40)]
+    vals = [{"step": s, "val": {}, "val_score": 10.0 + s / 8} for s in (9, 19, 29, 39)]
+    write_log(log, lines + vals)
+    figures = {}
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: figures.update({os.path.basename(path): fig}))
+    plot_log(log, str(tmp_path))
+    gate = figures["gate.png"].axes[0].lines[0]
+    assert list(gate.get_xdata()) == [s for s in range(40) if s % 4 != 3]
+    assert list(gate.get_ydata()) == [0.05 + s / 1000 for s in range(40) if s % 4 != 3]
+    val = figures["val_score.png"].axes[0].lines[0]
+    assert list(val.get_xdata()) == [9, 19, 29, 39] and list(val.get_ydata()) == [11.125, 12.375, 13.625, 14.875]
+    for curve in figures["difficulty.png"].axes[0].lines:
+        assert list(curve.get_ydata()) == [line["difficulty"][curve.get_label()] for line in lines]
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_read_log_orders_steps_that_a_resume_logged_out_of_file_order(tmp_path):
+    """A run logged every 10 steps to step 40, then resumed from its step-20 checkpoint logging every 5 steps: the
+    new steps 25 and 35 come after 40 in the file; the curves must still run in step order (0, 10, 20, 25, 30, 35,
+    40, 45), each step's last line winning. Fails when read_log returns the steps in file order (sorted() dropped:
+    the curve doubles back from 40 to 25)."""
+    path = str(tmp_path / "log.jsonl")
+    first = [train_line(s) for s in (0, 10, 20, 30, 40)]
+    resumed = [dict(train_line(s), loss=-float(s)) for s in (25, 30, 35, 40, 45)]
+    write_log(path, first + resumed + [{"step": 45, "val": {}, "val_score": 2.0},
+                                       {"step": 25, "val": {}, "val_score": 1.0}])
+    train, val = read_log(path)
+    assert [line["step"] for line in train] == [0, 10, 20, 25, 30, 35, 40, 45]
+    assert [line["loss"] for line in train][3:] == [-25.0, -30.0, -35.0, -40.0, -45.0]
+    assert [line["step"] for line in val] == [25, 45]
+
+
+def test_eighteen_sub_datasets_get_eighteen_colours(tmp_path, monkeypatch):
+    """U-FIRE's 18 sub-datasets on one probability plot: ten dark hues (solid), then the light twins of the first
+    eight (dashed): 18 different colours, the twins dashed. Fails when the colour index drops the light-twin offset
+    (`(2 * i) % 20` alone: sub-dataset 11 drawn in sub-dataset 1's colour)."""
+    keys = [f"{i:02d}_task" for i in range(18)]
+    lines = [{"step": s, "loss": 1.0, "reg": 0.0, "probs": {k: 1 / 18 for k in keys},
+              "difficulty": {k: 1.0 for k in keys}} for s in range(3)]
+    log = str(tmp_path / "log.jsonl")
+    write_log(log, lines)
+    figures = {}
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: figures.update({os.path.basename(path): fig}))
+    plot_log(log, str(tmp_path))
+    curves = figures["probabilities.png"].axes[0].lines
+    assert len({tuple(c.get_color()) for c in curves}) == 18
+    assert [c.get_linestyle() for c in curves] == ["-"] * 10 + ["--"] * 8
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_contact_sheets_first_row_is_the_querys_media_then_its_text(tmp_path):
+    """A five-column sheet's first row: up to four of the query's media, each titled, then its instruction text.
+    By hand: a query of one photo and a 9-frame clip read as 4 frames (round(linspace(0, 8, 4)) = frames 0, 3, 5,
+    8) shows "query image 1", "frame 0", "frame 3", "frame 5"; a query of six photos shows photos 1 to 4; a
+    text-only query shows its text alone, "(no text)" when it has none.
+    Fails when the row keeps fewer media (`[:columns - 2]`), the frames are labelled by their position in the list
+    instead of their index in the clip, or the query's text is not drawn."""
+    from test_model import write_mp4
+    photos = []
+    for i in range(6):
+        photos.append(str(tmp_path / f"p{i}.png"))
+        Image.new("RGB", (40, 30), (40 * i, 80, 120)).save(photos[-1])
+    clip = write_mp4(tmp_path / "clip.mp4", 9, 0)
+    results = [{"rank": 1, "score": 0.5, "path": photos[0]}]
+
+    def first_row(query):
+        fig = plot.draw_contact_sheet(query, results)
+        titles = [ax.get_title() for ax in fig.axes if not ax.get_title().startswith("#")]
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        plt.close(fig)
+        return [t for t in titles if t], texts
+
+    mixed = {"instruction_text": "the same coat in red", "query_image": photos[:1], "query_video": [clip]}
+    assert first_row(mixed) == (["query image 1", "frame 0", "frame 3", "frame 5"], ["the same coat in red"])
+    many = {"instruction_text": "these", "query_image": photos, "query_video": []}
+    assert first_row(many)[0] == [f"query image {i}" for i in range(1, 5)]
+    assert first_row({"instruction_text": "a red coat", "query_image": [], "query_video": []}) == ([], ["a red coat"])
+    assert first_row({"instruction_text": "", "query_image": [], "query_video": []}) == ([], ["(no text)"])
+
+
+def test_show_pages_state_each_querys_verdict(tmp_path):
+    """write_show_pages' verdict per query, by hand from the rankings given: ground truth at ranks 2 and 3 -> "hits
+    at rank 2, 3"; ground truth outside the top 3 -> "no hit in the top 3"; no ground truth at all (an evaluation
+    set may list a query whose targets are not in the gallery) -> "no ground truth in the gallery". Each verdict is
+    in the sheet's title and on index.html.
+    Fails when a query without ground truth is reported as a plain miss (`if truth` dropped), or hits are found by
+    rank instead of by the ground truth."""
+    from types import SimpleNamespace
+    gallery = []
+    for i in range(5):
+        gallery.append(str(tmp_path / f"g{i}.png"))
+        Image.new("RGB", (20, 20), (50 * i, 0, 0)).save(gallery[-1])
+    queries = [{"id": f"q{i}", "instruction_text": "find it", "query_image": [], "query_video": []} for i in range(3)]
+    s = SimpleNamespace(name="1_t2i_Shoes", family="t2i", queries=queries, gallery=gallery,
+                        ground_truth=[[3, 1], [4], []])
+    shown = {s.name: [{"query": q, "ranked": [0, 1, 3], "scores": [0.9, 0.8, 0.7]} for q in range(3)]}
+    titles = []
+    real = plot.contact_sheet
+    plot.contact_sheet = lambda query, results, path, title=None: titles.append(title) or real(query, results, path,
+                                                                                                title)
+    try:
+        index = plot.write_show_pages([s], shown, str(tmp_path / "show"), "demo", 3)
+    finally:
+        plot.contact_sheet = real
+    verdicts = ["hits at rank 2, 3", "no hit in the top 3", "no ground truth in the gallery"]
+    assert titles == [f"1_t2i_Shoes, query q{i}: {v}" for i, v in enumerate(verdicts)]
+    page = open(index).read()
+    assert all(f"query q{i}</a>: {v}" in page for i, v in enumerate(verdicts))
