@@ -86,6 +86,83 @@ def test_make_tiny_is_deterministic_per_seed(tiny_backbone, tmp_path):
     assert digest(tmp_path / "other", "model.safetensors") != digest(tiny_backbone, "model.safetensors")
 
 
+def test_tiny_chat_template_renders_as_qwen3_vls_own(tiny_backbone):
+    """The tiny backbone's chat template (fake_backbones.CHAT_TEMPLATE) stands in for Qwen3-VL's: every prompt the
+    encoder builds (a query with text, images and a video; a gallery image), a plain-string message and the
+    generation prompt render to the same string as Qwen3-VL-4B-Instruct's own template
+    (configs/qwen3-vl-4b-instruct/chat_template.json), character for character.
+    Fails when CHAT_TEMPLATE drops the newline after <|im_end|>, renders a video as an image, or drops the
+    generation prompt: the CPU tests would then check prompts the real model never sees."""
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(tiny_backbone)
+    with open(os.path.join(fake_backbones.QWEN3_VL_4B_FILES, "chat_template.json")) as f:
+        real = json.load(f)["chat_template"]
+    query = [{"type": "text", "text": "find it"}, {"type": "image"}, {"type": "image"}, {"type": "video"},
+             {"type": "text", "text": model.QUERY_SUFFIX}]
+    target = [{"type": "image"}, {"type": "text", "text": model.TARGET_SUFFIX}]
+    conversations = [model.conversation(query, model.QUERY_TOKEN), model.conversation(target, model.TARGET_TOKEN),
+                     [{"role": "user", "content": "a plain string"}]]
+    for generation in (False, True):
+        tiny = processor.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation)
+        assert tiny == processor.apply_chat_template(conversations, tokenize=False, chat_template=real,
+                                                     add_generation_prompt=generation)
+    assert tiny[0].count("<|video_pad|>") == 1 and tiny[2].endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_backbone_identity_sees_a_frozen_weight_past_the_first(tiny_backbone):
+    """Encoder.backbone_identity hashes the first 64 values of every frozen tensor: a backbone whose weights differ
+    only at the 41st value of one frozen matrix (one fine-tuned in a few places) is another backbone, and putting
+    the value back gives the identity back; a trainable tensor (a LoRA factor) does not count.
+    Fails when fewer values are hashed (`[:1]`: the changed value is not seen) or trainable tensors are hashed."""
+    enc = build(tiny_backbone, trainable="lora")
+    weight = enc.lm.model.language_model.layers[0].mlp.down_proj.base_layer.weight
+    lora = enc.lm.model.language_model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert not weight.requires_grad and lora.requires_grad
+    before = enc.backbone_identity()
+    with torch.no_grad():
+        old = weight.view(-1)[40].item()
+        weight.view(-1)[40] = old + 1.0
+        changed = enc.backbone_identity()
+        weight.view(-1)[40] = old
+        lora.add_(1.0)
+    assert changed != before and enc.backbone_identity() == before
+
+
+def test_tiny_backbone_leaves_room_for_the_readout_tokens_at_any_tokenizer_size(tmp_path):
+    """make_tiny_backbone pads the vocabulary above its tokenizer (as Qwen's 151,936 rows > 151,669 tokens) so the
+    encoder's <|MEAN|> and <|IMG|> get rows of their own: with --bpe-vocab 626 the tokenizer has 640 = 10 x 64
+    tokens, and the model still has room for two more (ids 640 and 641), so the encoder builds.
+    Fails when the vocabulary is only rounded up to a multiple of 64 (`+ 64` dropped: 640 rows, no room, and the
+    encoder refuses the backbone), which the default tokenizer's 650 tokens cannot show."""
+    out = str(tmp_path / "tight")
+    fake_backbones.make_tiny_backbone(out, seed=0, bpe_vocab=626)
+    with open(os.path.join(out, "config.json")) as f:
+        rows = json.load(f)["text_config"]["vocab_size"]
+    enc = build(out)
+    assert len(enc.processor.tokenizer) == 642 and rows >= 642
+    assert sorted(enc.token_ids.values()) == [640, 641]
+
+
+def test_tiny_config_names_the_real_checkpoints_tokens_and_has_a_deepstack_tap(tiny_backbone):
+    """The tiny backbone's config.json points at the same tokens as Qwen3-VL-4B-Instruct's (configs/.../config.json
+    read through the real Qwen3 tokenizer): bos <|endoftext|>, eos <|im_end|>, image, video, vision start and end
+    pads, each read back through the tiny tokenizer; and like the real tower (taps 5, 11, 17 of 24) its 2-block
+    vision tower feeds deepstack features from inside it (block 1), so the CPU tests run Qwen3-VL's deepstack path.
+    Fails when an id names another token (eos <|endoftext|>) or the tiny tower has no deepstack tap."""
+    from transformers import AutoTokenizer
+    real_tokenizer = AutoTokenizer.from_pretrained(fake_backbones.qwen3_tokenizer_dir())
+    tiny_tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    real, tiny = fake_backbones.real_config(), json.load(open(os.path.join(tiny_backbone, "config.json")))
+    keys = [(None, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")]
+    keys += [("text_config", k) for k in ("bos_token_id", "eos_token_id")]
+    for section, key in keys:
+        real_id = (real[section] if section else real)[key]
+        tiny_id = (tiny[section] if section else tiny)[key]
+        assert tiny_tokenizer.convert_ids_to_tokens(tiny_id) == real_tokenizer.convert_ids_to_tokens(real_id), key
+    assert tiny_tokenizer.convert_ids_to_tokens(tiny["text_config"]["eos_token_id"]) == "<|im_end|>"
+    assert tiny["vision_config"]["depth"] == 2 and tiny["vision_config"]["deepstack_visual_indexes"] == [1]
+
+
 def test_every_query_kind_embeds(encoder, media):
     queries = queries_of_every_kind(media)
     out = encoder(encoder.prepare_queries(queries, train=True), role="query")
@@ -764,6 +841,75 @@ def test_open_clip_difficulty_is_the_two_projections_gradient_norms(clip):
         clip.zero_grad(set_to_none=True)
 
 
+def test_open_clip_backbone_loads_the_weights_file_it_names(clip, media, tmp_path):
+    """model.backbone = "CONFIG.json:WEIGHTS": the weights file is loaded. By hand: the fixture's model with every
+    weight moved by a seeded offset, saved with torch.save; an encoder built from "CONFIG:that file" under another
+    seed embeds a query and gallery images exactly as the moved model does (same state dict), and the same config
+    without the file (random weights of that seed) does not.
+    Fails when the weights part of model.backbone is dropped (`pretrained=None`: random weights, silently)."""
+    torch.manual_seed(1)
+    moved = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in clip.clip.state_dict().items()}
+    weights = str(tmp_path / "clip-weights.pt")
+    torch.save(moved, weights)
+    torch.manual_seed(7)
+    loaded = model.build_encoder(ModelConfig(kind="openclip", backbone=f"{clip.model_cfg.backbone}:{weights}",
+                                             trainable="full"), CalibratorConfig(mode="none"), device="cpu").eval()
+    torch.manual_seed(7)
+    unloaded = model.build_encoder(ModelConfig(kind="openclip", backbone=clip.model_cfg.backbone, trainable="full"),
+                                   CalibratorConfig(mode="none"), device="cpu").eval()
+    state = loaded.clip.state_dict()
+    assert state.keys() == moved.keys() and all(torch.equal(state[k], moved[k]) for k in moved)
+    query = {"id": "i", "instruction_text": "a red dress", "query_image": media["images"][:1], "query_video": []}
+    assert not torch.equal(unloaded.encode_targets(media["images"][:2]), loaded.encode_targets(media["images"][:2]))
+    assert not torch.equal(unloaded.encode_queries([query]), loaded.encode_queries([query]))
+
+
+def test_open_clip_embed_dim_is_the_projections_output_width(tmp_path, media):
+    """A CLIP whose text tower is narrower than its embedding (width 32, embed_dim 48, as RN50's 512 -> 1024):
+    embed_dim is 48, the width of every query and gallery embedding (the size search.py builds its index with and
+    the calibrator is built for). Fails when embed_dim is read from the projection's input side
+    (`text_projection.shape[0]`: 32), which the test fixture's square 64 x 64 projection cannot tell apart."""
+    config = {"embed_dim": 48,
+              "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = tmp_path / "narrow-clip.json"
+    path.write_text(json.dumps(config))
+    torch.manual_seed(0)
+    enc = model.build_encoder(ModelConfig(kind="openclip", backbone=str(path), trainable="full"),
+                              CalibratorConfig(mode="slerp"), device="cpu").eval()
+    query = {"id": "i", "instruction_text": "a red dress", "query_image": media["images"][:1], "query_video": []}
+    assert enc.embed_dim == 48
+    assert enc.encode_queries([query]).shape == (1, 48) and enc.encode_targets(media["images"][:1]).shape == (1, 48)
+
+
+def test_open_clip_difficulty_takes_the_euclidean_norm_of_each_projections_gradient(clip):
+    """Each projection's gradient spread over two entries: the image projection's (3, 4) has norm 5 (L1 7), the
+    text projection's (6, -8) norm 10 (L1 14), so (joint norm sqrt(125), sum 15), by hand. Fails when a gradient's
+    norm is another one (`abs().sum()`: (sqrt(441), 21)), which one non-zero entry per projection cannot show."""
+    image, text = clip.clip.visual.proj, clip.clip.text_projection
+    try:
+        image.grad, text.grad = torch.zeros_like(image), torch.zeros_like(text)
+        image.grad[0, 0], image.grad[1, 2] = 3.0, 4.0
+        text.grad[2, 1], text.grad[-1, -1] = 6.0, -8.0
+        assert clip.token_grad_norms() == pytest.approx((125 ** 0.5, 15.0))
+    finally:
+        clip.zero_grad(set_to_none=True)
+
+
+def test_open_clip_query_of_one_image_alone_in_its_batch_is_fused(clip, media):
+    """A batch holding a single query image in all (search.py query --text ... --image ONE): that query is the
+    normalised sum of its text's embedding and its image's, recomputed from a text-only query and the image encoded
+    as a gallery image. Fails when the image branch runs only for batches of several images
+    (`shape[0] > 1`: the lone image is dropped and the query is its text alone)."""
+    text = {"id": "t", "instruction_text": "a red dress", "query_image": [], "query_video": []}
+    one = dict(text, id="i", query_image=media["images"][:1])
+    alone = clip.encode_queries([one])
+    expected = F.normalize(clip.encode_queries([text])[0] + clip.encode_targets(media["images"][:1])[0], dim=0)
+    assert torch.allclose(alone[0], expected, atol=1e-5)
+    assert torch.allclose(clip.encode_queries([text, one])[1], expected, atol=1e-5)
+
+
 def test_lora_layers_add_alpha_over_r_times_b_a_of_the_dropped_out_input(tiny_backbone):
     """A LoRA-wrapped projection (model.lora_targets) computes W x + (lora_alpha / lora_r) B A dropout(x), by hand on
     one layer with lora_r 4, lora_alpha 12 (scale 3, not the defaults' 2) and lora_dropout 0.25: with A reading input
@@ -853,6 +999,16 @@ def test_make_tiny_command_line_passes_seed_sizes_and_tokenizer_on(tmp_path):
     assert json.load(open(tmp_path / "real" / "config.json"))["text_config"]["vocab_size"] == 151936
     with open(os.path.join(fake_backbones.qwen3_tokenizer_dir(), "tokenizer.json"), "rb") as f:
         assert (tmp_path / "real" / "tokenizer.json").read_bytes() == f.read()
+
+
+def test_make_tiny_refuses_a_bpe_vocabulary_with_the_real_tokenizer(tmp_path, capsys):
+    """`fake_backbones.py make-tiny DIR --real-tokenizer --bpe-vocab 500` is a usage error naming both options (the
+    real tokenizer brings its own 151,669 tokens; the size would be ignored without a word), and writes nothing.
+    Fails when main drops that check."""
+    with pytest.raises(SystemExit) as e:
+        fake_backbones.main(["make-tiny", str(tmp_path / "out"), "--real-tokenizer", "--bpe-vocab", "500"])
+    assert e.value.code == 2 and "--bpe-vocab sizes the local tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_make_real_layout_command_line_passes_seed_and_depths_on(tmp_path, monkeypatch):
