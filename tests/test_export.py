@@ -223,6 +223,22 @@ def test_exported_settings_are_the_encoders_calibrator_and_dtype(trained, tmp_pa
     assert saved.keys() == own.keys() and all(torch.equal(saved[k], own[k]) for k in own)
 
 
+def test_a_bf16_export_loads_in_bf16_with_dtype_auto_in_both_towers(trained, tmp_path):
+    """A bf16 export's config.json says bfloat16 at the top and in the text and vision sub-configs (each describes
+    the weights saved), and from_pretrained(dtype="auto") loads every weight of both towers in bf16.
+    Fails when only the top-level dtype is set: the sub-configs then claim the training model's float32 for bf16
+    weights. (The transformers installed here loads by the top-level dtype, so the load itself still gives bf16
+    under that mutation; the sub-config assertion is what catches it.)"""
+    import json
+    out = tmp_path / "bf16"
+    hf_export.export(trained, str(out), dtype="bfloat16")
+    config = json.loads((out / "config.json").read_text())
+    assert [config[k].get("dtype") for k in ("text_config", "vision_config")] == ["bfloat16", "bfloat16"]
+    lm = Qwen3VLForConditionalGeneration.from_pretrained(str(out), dtype="auto")
+    assert {p.dtype for p in lm.model.language_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in lm.model.visual.parameters()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("switch", ["keep_rope_positions", "normed_readout", "fill_pixel_budget"])
 def test_export_refuses_the_release_switches_it_cannot_reproduce(trained, tmp_path, switch):
     """The plain forward computes rotary positions and the normed last state itself and the standalone code sizes
@@ -237,6 +253,26 @@ def test_export_refuses_the_release_switches_it_cannot_reproduce(trained, tmp_pa
     finally:
         setattr(trained.model_cfg, switch, saved)
     assert not (tmp_path / "out").exists()
+
+
+def test_model_card_states_the_encoders_pixel_budget_frames_and_token_ids(trained):
+    """The card's media sentence gives the encoder's own settings: with model.video_frames 5 and an evaluation
+    budget of 40,000 pixels above training's, "(40000 pixels each, every video frame too; 5 frames per video)";
+    without an evaluation budget, the training one. The readout ids are the tokenizer's ids of <|MEAN|> and <|IMG|>.
+    Fails when the card's frame count or pixel budget is a constant or the training budget alone."""
+    cfg = trained.model_cfg
+    saved = cfg.video_frames, cfg.eval_image_pixels
+    try:
+        cfg.video_frames, cfg.eval_image_pixels = 5, 40000
+        card = hf_export.model_card(trained, "ckpt.pt", "float32", "fp32 keeps the merged weights exactly", "")
+        cfg.eval_image_pixels = 0
+        plain_card = hf_export.model_card(trained, "ckpt.pt", "float32", "fp32 keeps the merged weights exactly", "")
+    finally:
+        cfg.video_frames, cfg.eval_image_pixels = saved
+    assert "(40000 pixels each, every video frame too; 5 frames per video)" in card
+    assert f"({cfg.image_pixels} pixels each, every video frame too; 5 frames per video)" in plain_card
+    ids = trained.processor.tokenizer.convert_tokens_to_ids(["<|MEAN|>", "<|IMG|>"])
+    assert f"(ids {ids[0]} and {ids[1]})" in card
 
 
 def test_card_numbers_keep_a_best_score_of_zero(tmp_path):
@@ -317,6 +353,35 @@ def test_standalone_refuses_a_query_text_holding_a_special_token(exported):
             fl.embed_queries(lm, processor, head, [{"text": "a red dress"}, {"text": text}])
 
 
+def test_standalone_takes_a_text_holding_an_added_token_that_is_not_special(trained, exported):
+    """Only special tokens are refused, as the training encoder refuses only those (model.py: added tokens with
+    special=True): the real Qwen3 tokenizer also holds added tokens that are not special (<think>, <tool_call>),
+    which a query may contain and training embeds. With "<think>" added as a non-special token to the export's
+    tokenizer, "a <think> dress" embeds to a unit vector, while "<|im_end|>" is still refused.
+    Fails when embed_queries refuses every added token (`if t.special` dropped)."""
+    lm, processor, head, fl = plain(exported)
+    processor.tokenizer.add_tokens(["<think>"])
+    assert "<think>" not in trained.special_tokens and "<|im_end|>" in trained.special_tokens
+    emb = fl.embed_queries(lm, processor, head, [{"text": "a <think> dress"}])
+    assert emb.shape == (1, trained.embed_dim) and torch.allclose(emb.norm(dim=-1), torch.ones(1), atol=1e-5)
+    with pytest.raises(ValueError, match="special token"):
+        fl.embed_queries(lm, processor, head, [{"text": "a <|im_end|> dress"}])
+
+
+def test_standalone_readout_needs_exactly_one_readout_token_per_prompt(exported):
+    """fashionlens_embed.readout, called directly (the documented functions refuse such texts first), with a
+    prompt holding <|MEAN|> twice (once in the user's text, once as the answer) and with one holding it not at all:
+    both are refused, since the readout would take an arbitrary one of them. Fails when the check accepts a prompt
+    with several readout tokens (`>= 1`)."""
+    lm, processor, head, fl = plain(exported)
+    s = head["settings"]
+    twice = fl.conversation(s, [{"type": "text", "text": "a " + s["query_token"]}], s["query_token"])
+    never = fl.conversation(s, [{"type": "text", "text": "a dress"}], "done")
+    for conversation in (twice, never):
+        with pytest.raises(ValueError, match="exactly one <\\|MEAN\\|> token"):
+            fl.readout(lm, processor, [conversation], [], [], [], s["query_token"])
+
+
 def test_standalone_gallery_embeddings_are_unit_vectors(media, exported):
     """embed_images returns unit vectors, so the inner product with a query is the cosine, the retrieval score the
     card documents (the cosine comparisons above cannot see a missing normalisation).
@@ -337,6 +402,20 @@ def test_standalone_sizes_images_between_the_two_pixel_budgets():
     for side, expected in ((300, 128), (96, 96), (40, 64)):
         assert fl.sized(Image.new("RGB", (side, side)), settings).size == (expected, expected)
     assert fl.sized(Image.new("RGB", (300, 300)), {**settings, "eval_image_pixels": 0}).size == (64, 64)
+
+
+def test_standalone_fill_size_of_extreme_and_tied_aspect_ratios():
+    """fashionlens_embed.fill_size at 224^2 = 49 units of 32^2, by hand: a 30 x 2000 strip (h x w) fits as 0.86 x 57
+    units, clamped to 1 x 49: 32 x 1568 (and 1568 x 32 standing); 160 x 380 ties 4 x 10 and 4 x 11 on the worse
+    axis and takes the larger area, 4 x 11: 128 x 352. The training side (media.fill_size) gives the same.
+    Fails when the exact fit is not clamped to [1, units] (a side of 0 pixels), or the tie-break by area is dropped
+    (128 x 320)."""
+    from media import fill_size
+    fl = load_standalone(os.path.join(os.path.dirname(hf_export.__file__), "export"))
+    for (h, w), expected in (((30, 2000), (32, 1568)), ((2000, 30), (1568, 32)), ((160, 380), (128, 352))):
+        assert fl.fill_size(h, w, 224 * 224) == fill_size(h, w, 224 * 224) == expected
+    assert fl.sized(Image.new("RGB", (2000, 30)), {"image_pixels": 224 * 224, "eval_image_pixels": 0}).size == (
+        1568, 32)
 
 
 def test_standalone_reads_a_short_clip_with_the_indices_of_the_frames_it_returns(tmp_path):
@@ -430,6 +509,28 @@ def test_standalone_builds_the_training_encoders_evaluation_inputs(trained, medi
         assert built.keys() <= training.keys()
         for key in built:
             assert torch.equal(built[key], training[key]), key
+
+
+def test_cli_export_refuses_a_checkpoint_on_a_backbone_with_other_weights(trained, tmp_path):
+    """`model.py export CKPT OUT --backbone OTHER`, OTHER a tiny backbone of the same architecture and another seed:
+    the checkpoint's backbone_identity (the one train.py records, here the trained encoder's own) is not OTHER's, so
+    the export stops naming the checkpoint and writes nothing, as evaluate.py and search.py do; on the backbone it
+    was trained on it exports. Fails when main does not hand the checkpoint's identity to load_encoder (the trained
+    LoRA factors and readout vectors are merged into other weights and exported without a word)."""
+    from fake_backbones import make_tiny_backbone
+    other = str(tmp_path / "other-seed")
+    make_tiny_backbone(other, seed=1)
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = trained.model_cfg.backbone, "lora", 0.0
+    cfg.model.image_pixels = PIXELS
+    ckpt = tmp_path / "best.pt"
+    torch.save({"config": cfg.to_dict(), "model": trained.trainable_state_dict(), "step": 7, "best_score": 1.0,
+                "backbone_identity": trained.backbone_identity()}, ckpt)
+    with pytest.raises(SystemExit, match="best.pt: trained on a backbone with other weights"):
+        hf_export.main(["export", str(ckpt), str(tmp_path / "refused"), "--backbone", other])
+    assert not (tmp_path / "refused").exists()
+    hf_export.main(["export", str(ckpt), str(tmp_path / "out")])
+    assert (tmp_path / "out" / "config.json").is_file()
 
 
 def test_cli_export_takes_the_cards_numbers_from_results_and_the_backbone_from_the_option(trained, tmp_path):
