@@ -145,6 +145,20 @@ def test_tied_scores_are_not_broken_by_gallery_order():
         assert all(abs(recall[k] - chance[k]) <= 10 for k in recall), (recall, chance)
 
 
+def test_tied_scores_are_ranked_the_same_way_on_every_run():
+    """The order that breaks ties is fixed, so evaluating one collapsed checkpoint twice (or on two machines) gives
+    the same rankings and the same Recall: two exact_search calls on 400 tied images return the same ids, a
+    permutation of the gallery that is not its file order.
+    Fails when the tie order is drawn afresh on each call (`np.random.default_rng()` unseeded)."""
+    gallery = np.full((400, 8), 8 ** -0.5, dtype=np.float32)
+    first = evaluate.exact_search(gallery[:3], gallery, 400, [])[1]
+    again = evaluate.exact_search(gallery[:3], gallery, 400, [])[1]
+    assert np.array_equal(first, again)
+    assert sorted(first[0]) == list(range(400)) and not np.array_equal(first[0], np.arange(400))
+    ground_truth = [[i] for i in range(40)]
+    assert recall_at_k(gallery[:40], gallery, ground_truth) == recall_at_k(gallery[:40], gallery, ground_truth)
+
+
 def test_chance_recall_hand_computed():
     # Single target: K / G.
     assert chance_recall(200, [[3]] * 5) == pytest.approx({"R@1": 0.5, "R@5": 2.5, "R@10": 5.0, "R@50": 25.0})
@@ -980,6 +994,46 @@ def test_fingerprint_follows_the_model_config(tiny_backbone):
     before = fingerprint(cfg, encoder)
     cfg.model.eval_image_pixels = 32 * 32
     assert fingerprint(cfg, encoder) != before
+
+
+def test_untrained_floor_is_not_checked_against_the_checkpoints_backbone(tiny_backbone):
+    """load_encoder with no state to load (--untrained CKPT: fresh trainable parts on the backbone) builds the
+    encoder whatever backbone identity the checkpoint records, as documented (nothing trained is put on other
+    weights); with the state it refuses. Fails when the identity check runs without a state (`state is not None`
+    dropped: the untrained floor of a checkpoint cannot be measured on another backbone)."""
+    from config import Config
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable = tiny_backbone, "lora"
+    encoder = evaluate.load_encoder(cfg, None, "cpu", source="best.pt", trained_on="0123456789abcdef")
+    assert encoder.backbone_identity() != "0123456789abcdef"
+    with pytest.raises(EvaluationError, match="best.pt: trained on a backbone with other weights"):
+        evaluate.load_encoder(cfg, encoder.trainable_state_dict(), "cpu", source="best.pt",
+                              trained_on="0123456789abcdef")
+
+
+def test_arithmetic_names_device_dtype_attention_kernel_and_packed_vision():
+    """encoding.arithmetic, by hand, for stand-in encoders: a CPU with sdpa -> "cpu-float32-sdpa" (a CPU computes in
+    fp32 whatever model.dtype says); a GPU with FlashAttention and the packed vision path -> "cuda-bfloat16-
+    flash_attention_2-packed"; an encoder without a Qwen3-VL (the open_clip baseline) names its class. Each part
+    changes the embeddings, so each must change the cache folder.
+    Fails when the attention kernel or the packed vision path is left out of the name (a gallery encoded with
+    FlashAttention would be served to an sdpa run from the same cache)."""
+    from types import SimpleNamespace
+    from config import Config
+    cfg = Config()
+    cfg.model.dtype = "bfloat16"
+
+    def stand_in(device, kernel, packed):
+        lm = SimpleNamespace(config=SimpleNamespace(_attn_implementation=kernel))
+        return SimpleNamespace(lm=lm, device=torch.device(device), vision_attention_packed=packed)
+
+    assert arithmetic(cfg, stand_in("cpu", "sdpa", False)) == "cpu-float32-sdpa"
+    assert arithmetic(cfg, stand_in("cuda", "flash_attention_2", True)) == "cuda-bfloat16-flash_attention_2-packed"
+    assert arithmetic(cfg, stand_in("cuda", "sdpa", False)) == "cuda-bfloat16-sdpa"
+
+    class OpenClipEncoder(SimpleNamespace):
+        pass
+    assert arithmetic(cfg, OpenClipEncoder(device=torch.device("cpu"))) == "cpu-float32-OpenClipEncoder"
 
 
 def test_a_gallery_cached_in_fp32_is_not_served_to_a_bf16_encoder(tiny_backbone, tmp_path, monkeypatch):

@@ -208,6 +208,29 @@ def test_a_damaged_index_file_is_named(setup, tmp_path, capsys):
         assert f"{damaged / name}: cannot read this index file" in str(exit_info.value.code)
 
 
+def test_a_missing_index_file_is_named_and_faiss_errors_without_their_source_location(setup, tmp_path):
+    """An index folder whose items.jsonl or index.faiss was deleted after indexing (meta.json still there) stops
+    with a SearchError naming the missing file, not a FileNotFoundError traceback; a damaged index.faiss is named
+    with faiss's own reason ("read error in ...") and without its C++ source location ("Error in
+    std::unique_ptr<...> at /project/faiss/impl/index_read.cpp:...").
+    Fails when read_index_file does not catch OSError, or gives a faiss error's whole text."""
+    for name in ("items.jsonl", "index.faiss"):
+        folder = tmp_path / ("no-" + name.replace(".", "-"))
+        shutil.copytree(setup["index"], folder)
+        (folder / name).unlink()
+        with pytest.raises(SystemExit) as exit_info:
+            search.main(["query", str(folder), "--text", "red dress"])
+        assert f"{folder / name}: cannot read this index file" in str(exit_info.value.code)
+    folder = tmp_path / "empty-faiss"
+    shutil.copytree(setup["index"], folder)
+    (folder / "index.faiss").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        search.main(["query", str(folder), "--text", "red dress"])
+    message = str(exit_info.value.code)
+    assert f"cannot read this index file (read error in {folder / 'index.faiss'}" in message
+    assert "Error in" not in message and "index_read.cpp" not in message
+
+
 def test_catalogue_jsonl_metadata_and_bad_lines(setup, tmp_path):
     """Catches: relative JSONL paths resolved against the working directory, an image listed twice indexed twice,
     a malformed line that is skipped silently or crashes without naming the line.
