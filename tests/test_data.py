@@ -5,6 +5,7 @@ import random
 import shutil
 
 import av
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,26 @@ def test_asfr_ground_truth_is_every_image_with_the_label(mini_root):
                            for p in rec["negative_image"])
 
 
+def test_asfr_records_list_at_most_10_positives_and_50_negatives(tmp_path):
+    """An asfr record lists up to 10 of its label's images as targets and up to 50 images of the same attribute
+    with another value as negatives (DARN's and FashionAI's files do): with a pool of 300 images for 100 queries,
+    labels of more than 10 images occur, and every record lists min(10, that label's images) distinct positives
+    of its label and min(50, the attribute's other images) distinct negatives, none of its label.
+    Fails when more than 10 positives are listed (`min(11, ...)`), which the small test set's labels never reach."""
+    g = Mini(str(tmp_path), 0, 32)
+    records, labels = ufire_mini.build_asfr(g, "9_asfr_DARN", "test", 100)
+    of = {p: label for label, paths in labels.items() for p in paths}
+    assert max(len(paths) for paths in labels.values()) > 10 and len(records) == 100
+    for r in records:
+        attribute = r["target_label"].split("+")[1]
+        same_attribute = [p for p, label in of.items() if label.split("+")[1] == attribute]
+        assert len(set(r["target_image"])) == len(r["target_image"]) == min(10, len(labels[r["target_label"]]))
+        assert {of[p] for p in r["target_image"]} == {r["target_label"]}
+        others = len(same_attribute) - len(labels[r["target_label"]])
+        assert len(set(r["negative_image"])) == len(r["negative_image"]) == min(50, others)
+        assert r["target_label"] not in {of[p] for p in r["negative_image"]}
+
+
 def test_unseen_names_resolve_to_the_task_images_first_then_the_source(mini_root):
     street = build_unseen_eval_set(mini_root, UNSEEN_TASKS[0])
     images = os.path.join(mini_root, "evaluation_only_tasks", UNSEEN_TASKS[0], "images")
@@ -203,6 +224,33 @@ def test_outfits_follow_the_hidden_compatibility_rule(tmp_path):
         assert shoes in (("heel", "sandal") if lower & {"dress", "skirt"} else ("sneaker", "boot"))
 
 
+def test_polyvore_outfits_are_built_on_a_dress_or_on_a_top_and_a_bottom(tmp_path):
+    """Polyvore outfits follow U-FIRE's mix: a dress (with shoes, maybe a coat) or a top and a bottom (with shoes,
+    maybe a coat), the dress in about 4 of 10: over 80 test outfits both kinds occur, and each record asks for one
+    of its outfit's pieces by the piece's name. Fails when every outfit is a top and a bottom (no dress)."""
+    g = Mini(str(tmp_path), 0, 32)
+    records, _ = ufire_mini.build_compatibility(g, "5_compatibility_Polyvore", "test", 240)
+    kinds = set()
+    for items, _, names in g.polyvore_test:
+        pieces = sorted(it.category for it in items if it.category not in ("shoes", "coat"))
+        kinds.add("dress" if pieces == ["dress"] else "top+bottom")
+        assert pieces == ["dress"] or (len(pieces) == 2 and set(pieces) & set(ufire_mini.TOPS)
+                                       and set(pieces) & set(ufire_mini.BOTTOMS)), pieces
+    assert len(g.polyvore_test) >= 60 and kinds == {"dress", "top+bottom"}
+    assert {r["task"] for r in records} >= {"compatibility-dress", "compatibility-top", "compatibility-shoes"}
+
+
+def test_a_figure_wears_its_garments_in_layer_order_whatever_the_list_order(tmp_path):
+    """person() draws garments in LAYERS order (trousers, skirt, t-shirt, shirt, dress, coat): the same outfit
+    listed in any order is the same picture, the coat over the t-shirt over the trousers.
+    Fails when the garments are drawn in list order (a t-shirt listed last would cover the coat)."""
+    g = Mini(str(tmp_path), 0, 32)
+    outfit = [g.by_cat["train", c][0] for c in ("coat", "t-shirt", "trousers")]
+    pictures = [np.asarray(ufire_mini.person(order, 64, (200, 150, 120)))
+                for order in (outfit, outfit[::-1], outfit[1:] + outfit[:1])]
+    assert all(np.array_equal(pictures[0], p) for p in pictures[1:])
+
+
 def test_texts_name_the_attributes(tmp_path):
     g, rng = Mini(str(tmp_path), 0, 32), random.Random(0)
     for category in ufire_mini.CATEGORIES:
@@ -242,6 +290,25 @@ def test_cir_texts_say_how_the_target_differs_from_the_reference(tmp_path):
             assert len(parts) == len(changed) and set(parts) <= forms, (key, query["query_text"], changed)
 
 
+def test_fashioniq_and_shoes_cir_queries_change_one_or_two_attributes(tmp_path):
+    """FashionIQ- and Shoes-style references differ from their target in one attribute or in two (a relative
+    caption of two clauses), Fashion200K's in one (colour or pattern): over 40 queries of each kind, both one- and
+    two-attribute changes occur for FashionIQ-Dress and Shoes (each query changes two with probability 0.4, so
+    all-one has probability 0.6^40 ~ 1e-9), and Fashion200K only ever changes one. Reference and target are read
+    back from the files' item ids. Fails when every FashionIQ / Shoes query changes a single attribute."""
+    g = Mini(str(tmp_path), 0, 32)
+    item_of = {it.uid: it for it in g.by_key.values()}
+    uid = lambda path: item_of[os.path.basename(path).split("+")[1]]
+    for key, expected in (("7_cir_FashionIQ-Dress", {1, 2}), ("7_cir_Shoes", {1, 2}), ("7_cir_Fashion200K", {1})):
+        pool = g.pool("test", 40, ufire_mini.ITEM_CATEGORIES.get(key, ufire_mini.CLOTHES))
+        counts = set()
+        for item in pool:
+            query = ufire_mini.cir_query(g, key, "f", "test", item, pool)
+            ref = uid(query["query_image"][0])
+            counts.add(sum(old != new for (_, old), (_, new) in zip(ref.attrs(), item.attrs())))
+        assert counts == expected, key
+
+
 def test_unseen_street_queries_change_only_the_colour_named(tmp_path):
     """Evaluation-only task 1: the street photo shows the reference, the answer is the target's shop shot, and the
     text says "from <reference colour> to <target colour>" with the two items differing in colour only.
@@ -275,6 +342,37 @@ def test_images_depend_on_the_seed_and_items_split_60_20_20_in_every_category(tm
     for split, share in zip(pd.SPLITS, (0.6, 0.2, 0.2)):
         assert sum(s == split for s in split_of.values()) / len(split_of) == pytest.approx(share, abs=1e-3)
         assert all(minis[0].by_cat[split, c] for c in ufire_mini.CATEGORIES)
+
+
+def test_the_catalogue_splits_into_exactly_1800_600_600_items(tmp_path):
+    """The catalogue, by hand: 10 colours x 4 patterns x (t-shirt 3 x 3 + shirt 3 x 3 + dress 3 x 3 x 3 + coat 3 x 3 +
+    trousers 3 + skirt 3 x 2 + shoes 4 x 3 = 75 combinations) = 3,000 items, split exactly 60 / 20 / 20: 1,800 train,
+    600 val, 600 test. Fails when a split boundary moves by one item (`k > 0.8 * len(items)`: 601 val, 599 test),
+    which the share test's tolerance of 3 items lets through."""
+    split_of = Mini(str(tmp_path), 0, 32).split_of
+    assert len(split_of) == 3000
+    assert [sum(s == split for s in split_of.values()) for split in pd.SPLITS] == [1800, 600, 600]
+
+
+def test_item_test_galleries_add_a_third_of_distractors_beyond_the_targets(mini_root):
+    """build_items draws n + n // 3 pool items for n queries: the last n // 3 are gallery images no query asks for
+    (U-FIRE's galleries are larger than their query sets). At scale 0.1 each item sub-dataset's test gallery holds
+    exactly n // 3 images that are no record's target, n = max(2, round(0.1 x its test size)), by hand from SIZES
+    (Fashion200K: at least one, as a distractor may match a target's colour and pattern).
+    Fails when the pool holds only the query items (`g.pool(split, n, ...)`: a gallery of targets alone)."""
+    item_keys = [k for k, (family, _) in SUB_DATASETS.items() if family not in ("compatibility", "asfr")]
+    assert len(item_keys) == 14
+    for key in item_keys:
+        n = max(2, round(ufire_mini.SIZES[key][2] * 0.1))
+        with open(pd.triplet_path(mini_root, key, "test")) as f:
+            targets = {p for record in json.load(f) for p in record["target_image"]}
+        with open(pd.candidate_path(mini_root, key, "test")) as f:
+            gallery = set(json.load(f))
+        # Fashion200K's targets are every pool item of the target's category, colour and pattern: a distractor
+        # can be one of them.
+        distractors = len(gallery - targets)
+        assert targets <= gallery and (1 <= distractors <= n // 3 if key == "7_cir_Fashion200K" else
+                                       distractors == n // 3), key
 
 
 def test_each_split_has_its_scaled_number_of_queries(mini_root):
@@ -809,6 +907,17 @@ def test_a_text_field_that_is_not_a_string_is_named(field, value):
     with pytest.raises(DataError, match=f"'{field}' must be a string") as e:
         pd.check_records([record], "file.json", ("instruction_text", "target_image"))
     assert e.value.record_id == "r1"
+
+
+def test_an_odd_or_tiny_image_size_is_refused_before_anything_is_written(tmp_path):
+    """generate's stated limits, "even and at least 32": --image-size 33 and 30 are refused at once, naming the
+    option, and nothing is left behind (33 was otherwise drawn in full: yuv420p video stores chroma at half
+    resolution, so odd sides do not map onto it exactly).
+    Fails when the odd-size check is dropped (`image_size % 2` removed)."""
+    for size in (33, 30):
+        with pytest.raises(ValueError, match=f"--image-size must be even and at least 32, got {size}"):
+            generate(str(tmp_path / "out"), scale=0.01, image_size=size, progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_generation_command_line_passes_out_seed_scale_and_image_size_on(tmp_path, monkeypatch):
