@@ -5,14 +5,16 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from config import load_config
 from launch import torchrun
+from model import build_encoder
 from plumbing import load_checkpoint
 from prepare_data import TrainSet
 from sampler import TaskSampler
-from test_train import assert_same_state, run_overrides
-from train import train
+from test_train import assert_same_state, perturb, run_overrides
+from train import load_val_sets, train, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -74,3 +76,46 @@ def test_three_processes_train_like_one_process_with_a_global_batch_three_does_n
     assert_same_state(three["optimizer"], one["optimizer"], "optimizer", atol=1e-6)
     for name in ("G", "P", "positions", "passes"):
         assert_same_state(three["sampler"][name], one["sampler"][name], name, atol=1e-5)
+
+
+def test_validation_does_not_depend_on_eval_batch_size(tiny_backbone, mini_root, monkeypatch):
+    """train.validate at train.eval_batch_size 1 (every prompt alone: no padding), 7 (several batches, the last
+    partial, text, image, multi-image and video prompts padded together) and 64 (every query in one batch) encodes
+    in batches of that size and gives the same embeddings and the same results. The calibrator is moved off its
+    near-identity start so it takes part. Tolerance 1e-5 on unit vectors: each embedding is a row of the same fp32
+    computation, and batching only changes the shapes of the matmuls (their blocking, so the last bits; measured:
+    1.4e-7, about fp32's epsilon); padding, on the right of a causal model, must change nothing, and anything
+    reading across rows changes far more. Recall is compared exactly: a 1e-7 difference reorders no gallery here.
+    Catches: every row read at the first prompt's readout position (`hidden[torch.arange(ids.shape[0], ...),
+    inputs["readout_index"]]` -> `hidden[:, inputs["readout_index"][0]]` in model.readout: right for a batch of
+    one); validate encoding at the default batch, not the config's (`batch_size=cfg.train.eval_batch_size` ->
+    `batch_size=32`)."""
+    cfg = load_config(TINY, [f"model.backbone={tiny_backbone}", f"data.root={mini_root}", "train.val_max_queries=6"])
+    val_sets = load_val_sets(cfg, ["1_t2i_Shoes", "5_compatibility_Polyvore", "6_video2img_MovingFashion",
+                                   "7_cir_FashionIQ-Dress"])
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    perturb(encoder)
+    calls = []
+
+    def recording(encode):
+        def wrapper(items, batch_size=32, progress=False):
+            emb = encode(items, batch_size=batch_size, progress=progress)
+            calls[-1]["batches"].add(batch_size)
+            calls[-1]["emb"].append(emb)
+            return emb
+        return wrapper
+
+    monkeypatch.setattr(encoder, "encode_targets", recording(encoder.encode_targets))
+    monkeypatch.setattr(encoder, "encode_queries", recording(encoder.encode_queries))
+    for batch in (1, 7, 64):
+        cfg.train.eval_batch_size = batch
+        calls.append({"batches": set(), "emb": []})
+        calls[-1]["results"] = validate(encoder, val_sets, cfg)
+        calls[-1]["emb"] = torch.cat(calls[-1]["emb"])
+    alone = calls[0]
+    assert len(alone["emb"]) == 42 and alone["batches"] == {1}    # 21 gallery images, then 21 queries
+    for call, batch in zip(calls[1:], (7, 64)):
+        assert call["batches"] == {batch}
+        assert (call["emb"] - alone["emb"]).abs().max() < 1e-5, batch
+        assert call["results"] == alone["results"], batch
