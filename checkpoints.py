@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from plumbing import gather_list, load_checkpoint, world
+from plumbing import DataError, gather_list, load_checkpoint, world
 
 
 def rng_states():
@@ -84,9 +84,18 @@ def comparable_config(config):
 
 
 def restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, path):
-    """Load a checkpoint into every part of training; returns (step, best score, unreadable records)."""
+    """Load a checkpoint into every part of training; returns (step, best score, unreadable records). A checkpoint
+    of another config or of other backbone weights is refused."""
     if comparable_config(ckpt["config"]) != comparable_config(cfg.to_dict()):
         raise ValueError(f"{path} was written with another config; resume with the same config")
+    # The config names the backbone by path only: a directory replaced in place by another model of the same
+    # architecture would load the trainable state without complaint and go on training it on other weights (the
+    # identity is bf16-rounded, so a copy of the same weights in another dtype resumes). None: written before it
+    # was recorded.
+    trained_on, here = ckpt.get("backbone_identity"), encoder.backbone_identity()
+    if trained_on is not None and trained_on != here:
+        raise DataError(path, f"trained on a backbone with other weights than {cfg.model.backbone} (backbone "
+                              f"identity {trained_on}, this one's {here}); resume on the backbone it was trained on")
     encoder.load_trainable_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

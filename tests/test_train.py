@@ -832,6 +832,48 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     assert changed > len(fresh) // 2
 
 
+def test_resume_refuses_a_backbone_replaced_by_other_weights_and_takes_a_bf16_copy(tiny_backbone, mini_root, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """The config names the backbone by its path only. A run killed after step 1, whose backbone directory is then
+    replaced by another tiny Qwen3-VL (the same architecture, seed 1), must not resume: `train.py --resume` ends in
+    one line naming last.pt, the backbone path and both identities (the one last.pt records, the one a fresh encoder
+    on the new weights has), and last.pt stays at step 1. The first weights saved in bf16 in that directory resume.
+    Catches: restore's identity check dropped (`if False and trained_on is not None ...`: the run resumes on seed 1's
+    weights and reaches step 2); the check raising a ValueError instead of a DataError (a traceback, not one line);
+    the identity hashed unrounded in model.backbone_identity (`.to("cpu", torch.bfloat16).view(torch.int16)` ->
+    `.to("cpu").view(torch.int32)`: the bf16 copy is refused)."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3VLForConditionalGeneration
+    from fake_backbones import make_tiny_backbone
+    backbone, run = tmp_path / "backbone", tmp_path / "run"
+    shutil.copytree(tiny_backbone, backbone)
+    overrides = run_overrides(str(backbone), mini_root, run, "train.max_steps=2", "train.save_every=1")
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), overrides)
+    train(cfg, stop_after=1)
+    trained_on = load_checkpoint(run / "last.pt")["backbone_identity"]
+
+    shutil.rmtree(backbone)
+    make_tiny_backbone(str(backbone), seed=1)
+    other = build_encoder(cfg.model, cfg.calibrator, "cpu").backbone_identity()
+    assert other != trained_on
+    monkeypatch.setattr(sys, "argv", ["train.py", os.path.join(REPO, "configs", "tiny.yaml"), *overrides, "--resume"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert str(exit_info.value.code) == (
+        f"train.py: {run / 'last.pt'}: trained on a backbone with other weights than {backbone} (backbone identity "
+        f"{trained_on}, this one's {other}); resume on the backbone it was trained on")
+    assert load_checkpoint(run / "last.pt")["step"] == 1
+
+    shutil.rmtree(backbone)
+    shutil.copytree(tiny_backbone, backbone)
+    Qwen3VLForConditionalGeneration.from_pretrained(tiny_backbone, dtype=torch.bfloat16).save_pretrained(backbone)
+    assert {t.dtype for t in load_file(backbone / "model.safetensors").values()} == {torch.bfloat16}
+    capsys.readouterr()
+    train(cfg, resume=True)
+    assert f"resumed {run / 'last.pt'} at step 1" in capsys.readouterr().out
+    assert load_checkpoint(run / "last.pt")["step"] == 2
+
+
 def test_a_run_follows_its_seed_epochs_query_images_weight_decay_and_validation_schedule(tiny_backbone, mini_root,
                                                                                           tmp_path, monkeypatch):
     """A run of train.epochs=0.5 (no max_steps) over 1_t2i_Shoes (15 records) and 2_sketch2i_ClothesV1 (24) at batch
