@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from plumbing import DataError, gather_list, load_checkpoint, world
+from plumbing import DataError, gather_list, load_checkpoint, save_atomic, world
 
 
 def rng_states():
@@ -26,11 +26,12 @@ def set_rng_states(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records):
+def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, best_step, bad_records):
     # Each rank's random state differs (seeded per rank); all of them are saved so every rank resumes exactly.
+    # best_step: the step of best_score (None before the first validation), which settle_best checks best.pt against.
     return {"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": gather_list([rng_states()]),
-            "step": step, "best_score": best_score, "bad_records": sorted(bad_records),
+            "step": step, "best_score": best_score, "best_step": best_step, "bad_records": sorted(bad_records),
             "backbone_identity": encoder.backbone_identity()}
 
 
@@ -44,6 +45,31 @@ def checkpoint_to_resume(path, resume):
         dist.broadcast_object_list(box, src=0)
         ckpt = box[0]
     return ckpt
+
+
+def settle_best(last, best_path):
+    """Make best.pt the best checkpoint of the run that `last` (the checkpoint resumed from; None: a fresh run)
+    continues, so that best.pt, last.pt and log.jsonl describe one run. Rank 0, before training. train.py writes
+    last.pt at every new best and before best.pt, so a run killed between the two resumes from its best step: last.pt
+    is written as best.pt. Any other best.pt that is not the one last.pt records (a fresh run's leftover; one ahead of
+    last.pt, as an earlier train.py, which wrote best.pt first, left when killed between the two) is moved aside to
+    best.orphan-step<N>.pt, never deleted. A last.pt written before best_step was recorded accepts a best.pt of its
+    best score at or before its step."""
+    best = load_checkpoint(best_path) if os.path.exists(best_path) else None
+    if (best is not None and last is not None and best["best_score"] == last["best_score"]
+            and best["step"] <= last["step"] and best["step"] == last.get("best_step", best["step"])):
+        return
+    if best is not None:
+        orphan = os.path.join(os.path.dirname(best_path), f"best.orphan-step{best['step']}.pt")
+        os.replace(best_path, orphan)
+        run = (f"the run resumed at step {last['step']} (best score {last['best_score']:.2f} at step "
+               f"{last.get('best_step')})" if last is not None else "this fresh run")
+        print(f"{best_path} (step {best['step']}, score {best['best_score']:.2f}) is not the best checkpoint of "
+              f"{run}: moved to {orphan}")
+    if last is not None and last.get("best_step") == last["step"]:
+        save_atomic(last, best_path)
+        print(f"wrote {best_path} from the checkpoint resumed (step {last['step']}, best score "
+              f"{last['best_score']:.2f}): the run stopped after writing last.pt, before best.pt")
 
 
 def check_ranks_agree(encoder, when):
@@ -84,8 +110,8 @@ def comparable_config(config):
 
 
 def restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, path):
-    """Load a checkpoint into every part of training; returns (step, best score, unreadable records). A checkpoint
-    of another config or of other backbone weights is refused."""
+    """Load a checkpoint into every part of training; returns (step, best score, its step, unreadable records). A
+    checkpoint of another config or of other backbone weights is refused."""
     if comparable_config(ckpt["config"]) != comparable_config(cfg.to_dict()):
         raise ValueError(f"{path} was written with another config; resume with the same config")
     # The config names the backbone by path only: a directory replaced in place by another model of the same
@@ -101,4 +127,4 @@ def restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, path):
     scheduler.load_state_dict(ckpt["scheduler"])
     sampler.load_state_dict(ckpt["sampler"])
     set_rng_states(ckpt["rng"][rank])
-    return ckpt["step"], ckpt["best_score"], set(ckpt["bad_records"])
+    return ckpt["step"], ckpt["best_score"], ckpt.get("best_step"), set(ckpt["bad_records"])

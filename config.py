@@ -113,7 +113,7 @@ class TrainConfig:
     val_every: int = 0                       # 0 = only at the end
     val_max_queries: int = 0                 # cap queries per sub-dataset during periodic validation; 0 = all
     log_every: int = 10
-    save_every: int = 100                    # write last.pt every N steps (and at the end)
+    save_every: int = 100                    # write last.pt every N steps (and at the end, and at each new best)
     eval_batch_size: int = 32
     dist_timeout_s: int = 1800               # a collective waiting longer (a dead or stuck rank) fails the job
 

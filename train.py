@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, restore
+from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, restore, settle_best
 from config import load_config
 from evaluate import evaluate_sets, score
 from loader import StepPrefetch, chunk_items, chunk_report, chunk_sizes_for, prepare_chunks
@@ -366,14 +366,17 @@ def train(cfg, resume=False, stop_after=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(cfg, total_steps))
     # Unreadable training records, as "key/id": shared by every rank, excluded from sampling once found, counted
     # once each against data.max_bad_records, and saved in the checkpoint so a resumed run keeps skipping them.
-    step, best_score, bad_records = 0, -1.0, set()
+    step, best_score, best_step, bad_records = 0, -1.0, None, set()
     ckpt = checkpoint_to_resume(last_path, resume)
     if ckpt is not None:
-        step, best_score, bad_records = restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, last_path)
+        step, best_score, best_step, bad_records = restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank,
+                                                           last_path)
         if rank == 0:
             print(f"resumed {last_path} at step {step}")
     elif rank == 0 and os.path.exists(log_path):
         os.remove(log_path)                      # a fresh run starts a fresh log; a resumed one appends
+    if rank == 0:
+        settle_best(ckpt, best_path)
     check_ranks_agree(encoder, f"resuming {last_path} at step {step}" if ckpt is not None else "at start")
     if rank == 0:
         print(batch_report(cfg, sampler, size))
@@ -423,22 +426,23 @@ def train(cfg, resume=False, stop_after=None):
                             sps=f"{record['samples_per_s']:.1f}")
             bar.update(1)
 
-            state = None    # this step's checkpoint, built once if both best.pt and last.pt are written
+            new_best = False
             if (cfg.train.val_every and step % cfg.train.val_every == 0) or step == total_steps:
                 results = validate(encoder, val_sets, cfg)
                 current = score(results)
                 if rank == 0:
                     append_log(log_path, {"step": step, "val": results, "val_score": current})
                 if current > best_score:
-                    best_score = current
-                    state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, bad_records)
-                    if rank == 0:
-                        save_atomic(state, best_path)
-            if step % cfg.train.save_every == 0 or step == total_steps:
-                state = state or checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score,
-                                            bad_records)
+                    best_score, best_step, new_best = current, step, True
+            # A new best writes last.pt too, and first: best.pt is then never ahead of last.pt, and a run killed
+            # between the two finds its best in last.pt when it resumes (checkpoints.settle_best).
+            if new_best or step % cfg.train.save_every == 0 or step == total_steps:
+                state = checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, best_step,
+                                   bad_records)
                 if rank == 0:
                     save_atomic(state, last_path)
+                    if new_best:
+                        save_atomic(state, best_path)
             if stop_after is not None and step >= stop_after:
                 break
     bar.close()

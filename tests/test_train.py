@@ -832,6 +832,71 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     assert changed > len(fresh) // 2
 
 
+class Killed(Exception):
+    """Stands in for the process dying at that point of a run."""
+
+
+def test_resume_keeps_best_pt_to_the_run_that_last_pt_continues(tiny_backbone, mini_root, tmp_path, monkeypatch,
+                                                                  capsys):
+    """best.pt must be the best validated checkpoint of the run that last.pt and log.jsonl describe. Validation after
+    every step (scores scripted), last.pt every 10 steps and at each new best, 4 steps:
+    ahead: a run stops after step 2 (scores 4, 3: last.pt and best.pt hold step 1), and a best.pt of a later step
+    (3, score 9, not a state this run reaches) is put in its place, as a run that wrote best.pt before last.pt leaves
+    when killed between the two. The resumed run scores 3, 2, 1, never beating 4: best.pt must end as step 1's
+    checkpoint, and the later one must be kept as best.orphan-step3.pt.
+    behind: a run scoring 4, 3, 9 dies while writing step 3's best.pt, after last.pt: the resumed run (score 2 at step
+    4) must end with best.pt = last.pt of step 3, the earlier best.pt kept as best.orphan-step1.pt.
+    A fresh run moves a best.pt it finds aside (it is another run's).
+    Catches: settle_best not called in train (ahead: best.pt stays the step-3 one; behind: step 1's); last.pt written
+    after best.pt (save_atomic(state, last_path) moved below the best.pt write: the death leaves last.pt at step 1);
+    last.pt not written at a new best (`new_best or` dropped: the run stopped after step 2 left no last.pt);
+    settle_best's `save_atomic(last, best_path)` dropped (no best.pt); its `os.replace(best_path, orphan)` dropped (no
+    orphan file, the later best.pt overwritten)."""
+    real_save = train_module.save_atomic
+
+    def run(out_dir, scores, resume=False, stop_after=None, die_at=None):
+        def save(obj, path):
+            if os.path.basename(path) == "best.pt" and obj["step"] == die_at:
+                raise Killed
+            real_save(obj, path)
+        monkeypatch.setattr(train_module, "save_atomic", save)
+        monkeypatch.setattr(train_module, "validate", lambda encoder, val_sets, cfg: {"sets": {}})
+        monkeypatch.setattr(train_module, "score", lambda results, scores=iter(scores): next(scores))
+        train(run_config(tiny_backbone, mini_root, out_dir, "train.max_steps=4", "train.val_every=1",
+                         "train.save_every=10"), resume=resume, stop_after=stop_after)
+
+    ahead = tmp_path / "ahead"
+    run(ahead, [4.0, 3.0], stop_after=2)
+    step1 = load_checkpoint(ahead / "last.pt")
+    assert (step1["step"], step1["best_score"], step1["best_step"]) == (1, 4.0, 1)
+    later = load_checkpoint(ahead / "best.pt")
+    later["step"], later["best_score"] = 3, 9.0
+    torch.save(later, ahead / "best.pt")
+    capsys.readouterr()
+    run(ahead, [3.0, 2.0, 1.0], resume=True)
+    out = capsys.readouterr().out
+    assert f"{ahead / 'best.pt'} (step 3, score 9.00) is not the best checkpoint of the run resumed at step 1 " \
+           f"(best score 4.00 at step 1): moved to {ahead / 'best.orphan-step3.pt'}" in out
+    assert_same_state(load_checkpoint(ahead / "best.pt"), step1)
+    assert load_checkpoint(ahead / "best.orphan-step3.pt")["best_score"] == 9.0
+
+    behind = tmp_path / "behind"
+    with pytest.raises(Killed):
+        run(behind, [4.0, 3.0, 9.0], die_at=3)
+    step3 = load_checkpoint(behind / "last.pt")
+    assert (step3["step"], step3["best_score"], load_checkpoint(behind / "best.pt")["step"]) == (3, 9.0, 1)
+    run(behind, [2.0], resume=True)
+    out = capsys.readouterr().out
+    assert f"wrote {behind / 'best.pt'} from the checkpoint resumed (step 3, best score 9.00)" in out
+    assert_same_state(load_checkpoint(behind / "best.pt"), step3)
+    assert load_checkpoint(behind / "best.orphan-step1.pt")["best_score"] == 4.0
+    assert load_checkpoint(behind / "last.pt")["step"] == 4
+
+    run(behind, [1.0], stop_after=1)
+    assert load_checkpoint(behind / "best.orphan-step3.pt")["best_score"] == 9.0
+    assert load_checkpoint(behind / "best.pt")["best_score"] == 1.0
+
+
 def test_resume_refuses_a_backbone_replaced_by_other_weights_and_takes_a_bf16_copy(tiny_backbone, mini_root, tmp_path,
                                                                                  monkeypatch, capsys):
     """The config names the backbone by its path only. A run killed after step 1, whose backbone directory is then
@@ -994,12 +1059,13 @@ def test_a_failed_checkpoint_save_keeps_the_last_one_and_leaves_no_temporary(tmp
 
 
 def test_checkpoint_restores_step_best_score_unreadable_records_and_random_states(tiny_backbone, tmp_path, device):
-    """A checkpoint written at step 7 with best validation score 12.5 and one unreadable record, saved and loaded,
-    restored into a fresh encoder, optimizer, scheduler and sampler: the step, the best score, the unreadable records,
-    and the Python, NumPy and torch random streams (with --device cuda, the GPU's too: its dropout masks) continue
-    where they were when it was written.
+    """A checkpoint written at step 7 with best validation score 12.5 (reached at step 5) and one unreadable record,
+    saved and loaded, restored into a fresh encoder, optimizer, scheduler and sampler: the step, the best score and its
+    step, the unreadable records, and the Python, NumPy and torch random streams (with --device cuda, the GPU's too:
+    its dropout masks) continue where they were when it was written.
     Catches: the best score not restored (-1.0: the first validation after a resume would overwrite best.pt with a
-    worse model); the unreadable records not restored (`set()`: met and reported again); a random state not restored."""
+    worse model); its step not restored (None: the next last.pt would not say which best.pt is its own); the
+    unreadable records not restored (`set()`: met and reported again); a random state not restored."""
     from checkpoints import checkpoint, restore
     from plumbing import save_atomic
     cfg = full_training_config(tiny_backbone)
@@ -1017,11 +1083,11 @@ def test_checkpoint_restores_step_best_score_unreadable_records_and_random_state
     random.seed(3)
     np.random.seed(4)
     torch.manual_seed(5)        # seeds the GPU's generator too
-    save_atomic(checkpoint(cfg, *written, 7, 12.5, {"a/r3"}), tmp_path / "last.pt")
+    save_atomic(checkpoint(cfg, *written, 7, 12.5, 5, {"a/r3"}), tmp_path / "last.pt")
     draws = draw()
     torch.manual_seed(6)
     resumed = restore(load_checkpoint(tmp_path / "last.pt"), cfg, *training_parts(), 0, tmp_path / "last.pt")
-    assert resumed == (7, 12.5, {"a/r3"})
+    assert resumed == (7, 12.5, 5, {"a/r3"})
     assert draw() == draws
 
 
