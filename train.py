@@ -31,7 +31,8 @@ from config import load_config
 from evaluate import evaluate_sets, score
 from loader import StepPrefetch, chunk_items, chunk_report, chunk_sizes_for, prepare_chunks
 from model import build_encoder
-from plumbing import DataError, average_gradients, gather_list, one_line, save_atomic, setup_distributed, world
+from plumbing import (DataError, average_gradients, gather_list, one_line, save_atomic, setup_distributed, world,
+                      write_text_atomic)
 from prepare_data import SUB_DATASETS, TrainSet, build_eval_sets
 from sampler import TaskSampler
 
@@ -337,6 +338,30 @@ def append_log(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def keep_log_until(path, step):
+    """Drop the records of steps after `step` (the checkpoint resumed) from the log: a run killed after logging steps
+    that its last.pt does not hold logs them again when it resumes, and the log must describe one run. An unterminated
+    last line (cut by the kill) goes too; any other line that is not a record is a DataError naming it."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.endswith("\n"):
+            break
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(path, f"line {number} is not a record written by train.py: "
+                                  f"{one_line(err, with_type=True)}") from err
+    if len(kept) < len(lines):
+        write_text_atomic(path, "".join(kept))
+        print(f"{path}: dropped {len(lines) - len(kept)} line(s) logged after step {step}, which the resumed run "
+              f"trains again")
+
+
 def train(cfg, resume=False, stop_after=None):
     """Run training to the end (or, for tests that simulate a killed run, return after `stop_after` steps)."""
     device = setup_distributed(cfg.train.dist_timeout_s)
@@ -373,8 +398,9 @@ def train(cfg, resume=False, stop_after=None):
                                                            last_path)
         if rank == 0:
             print(f"resumed {last_path} at step {step}")
+            keep_log_until(log_path, step)
     elif rank == 0 and os.path.exists(log_path):
-        os.remove(log_path)                      # a fresh run starts a fresh log; a resumed one appends
+        os.remove(log_path)                      # a fresh run starts a fresh log; a resumed one keeps its steps
     if rank == 0:
         settle_best(ckpt, best_path)
     check_ranks_agree(encoder, f"resuming {last_path} at step {step}" if ckpt is not None else "at start")

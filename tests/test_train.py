@@ -793,14 +793,18 @@ def test_best_checkpoint_holds_the_best_validation_and_the_last_step_is_logged(t
 
 
 def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, capsys):
-    """A run killed after step 4 (last.pt at step 3) and resumed must really continue from step 3 and end with
-    exactly the uninterrupted run's last.pt: trainable weights, optimizer and scheduler state, sampler state,
-    every RNG state, best score. It resumes with another data.prepare_workers (speed only), while another
+    """A run killed after step 4 (last.pt at step 3), and while writing step 5's log line, and resumed must really
+    continue from step 3 and end with exactly the uninterrupted run's last.pt: trainable weights, optimizer and
+    scheduler state, sampler state, every RNG state, best score; and with its log.jsonl: the killed run's step 4 and
+    the cut line are dropped, so the log holds the uninterrupted run's records (steps, sub-datasets, losses, rates,
+    sampling probabilities, validation). It resumes with another data.prepare_workers (speed only), while another
     learning rate is refused. Catches: resume switched off (`if resume and ...` -> `if False and ...`: a fresh
-    seeded run would give the same weights, but logs steps 1-6 again); any piece of state not restored (the
-    RNG, the sampler's generator, the optimizer moments) or not saved; the config comparison ignoring every
-    setting, or none (checkpoints.RESUME_MAY_DIFFER emptied: the prepare_workers resume is refused); a fresh run
-    appending to the log an earlier run left in its directory (`os.remove(log_path)` dropped)."""
+    seeded run would give the same weights and log, but the other learning rate is not refused); any piece of state
+    not restored (the RNG, the sampler's generator, the optimizer moments) or not saved; the config comparison
+    ignoring every setting, or none (checkpoints.RESUME_MAY_DIFFER emptied: the prepare_workers resume is refused); a
+    fresh run appending to the log an earlier run left in its directory (`os.remove(log_path)` dropped); the log not
+    cut back on resume (`keep_log_until(log_path, step)` dropped: step 4 logged twice, the cut line glued to the next);
+    an unterminated last line kept (`if not line.endswith("\\n"): break` dropped: not JSON, a DataError)."""
     straight = run_config(tiny_backbone, mini_root, tmp_path / "straight", "train.max_steps=6", "train.save_every=3")
     train(straight)
 
@@ -809,6 +813,9 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     (tmp_path / "resumed" / "log.jsonl").write_text('{"step": 9, "loss": 1.0}\n')    # an earlier run's
     train(interrupted, stop_after=4)           # killed after step 4: last.pt holds step 3
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 3
+    assert logged_steps(tmp_path / "resumed") == [1, 2, 3, 4]
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "epoch": 0, "ke')         # killed while writing step 5's record
     other_lr = run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3",
                           "train.lr=1e-3")
     with pytest.raises(ValueError, match="written with another config"):
@@ -816,9 +823,14 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     capsys.readouterr()
     train(run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3",
                      f"data.prepare_workers={1 - interrupted.data.prepare_workers}"), resume=True)
-    assert f"resumed {tmp_path / 'resumed' / 'last.pt'} at step 3" in capsys.readouterr().out
-    # The killed run logged steps 1-4; the resumed one appends 4, 5, 6.
-    assert logged_steps(tmp_path / "resumed") == [1, 2, 3, 4, 4, 5, 6]
+    fields = ("step", "key", "loss", "contrastive", "reg", "gate_mean", "samples", "lr", "probs", "difficulty",
+              "val_score")
+    logs = [[{k: r[k] for k in fields if k in r} for r in map(json.loads, open(tmp_path / run / "log.jsonl"))]
+            for run in ("straight", "resumed")]
+    assert logged_steps(tmp_path / "resumed") == [1, 2, 3, 4, 5, 6] and logs[1] == logs[0]
+    out = capsys.readouterr().out
+    assert f"resumed {tmp_path / 'resumed' / 'last.pt'} at step 3" in out
+    assert f"{tmp_path / 'resumed' / 'log.jsonl'}: dropped 2 line(s) logged after step 3" in out
 
     expected = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
@@ -830,6 +842,24 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     fresh = build_encoder(straight.model, straight.calibrator, "cpu").trainable_state_dict()
     changed = sum(not torch.equal(fresh[n], expected["model"][n]) for n in fresh)
     assert changed > len(fresh) // 2
+
+
+def test_a_log_line_that_is_not_a_record_stops_the_resume_naming_the_log_and_line(tmp_path):
+    """Cutting log.jsonl back to the resumed step reads every line: one that is not a record of train.py (not JSON, no
+    step) is a DataError naming the file and line, and the log is left as it was; lines up to the step are kept.
+    Catches: the parse errors not caught (`except (ValueError, KeyError, TypeError)` -> `except KeyError`: a raw
+    JSONDecodeError traceback from train.py); the comparison off by one (`<= step` -> `< step`)."""
+    log = tmp_path / "log.jsonl"
+    for bad in ("not json", '{"loss": 1.0}'):
+        text = f'{{"step": 1}}\n{bad}\n{{"step": 3}}\n'
+        log.write_text(text)
+        with pytest.raises(plumbing.DataError, match=f"^{re.escape(str(log))}: line 2 is not a record written by "
+                                                     f"train.py"):
+            train_module.keep_log_until(str(log), 2)
+        assert log.read_text() == text
+    log.write_text('{"step": 1}\n{"step": 2, "val_score": 3.0}\n{"step": 3}\n')
+    train_module.keep_log_until(str(log), 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2, "val_score": 3.0}\n'
 
 
 class Killed(Exception):
