@@ -112,8 +112,13 @@ def comparable_config(config):
 def restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, path):
     """Load a checkpoint into every part of training; returns (step, best score, its step, unreadable records). A
     checkpoint of another config or of other backbone weights is refused."""
-    if comparable_config(ckpt["config"]) != comparable_config(cfg.to_dict()):
-        raise ValueError(f"{path} was written with another config; resume with the same config")
+    saved, now = comparable_config(ckpt["config"]), comparable_config(cfg.to_dict())
+    differ = [f"{section}.{key}" for section in sorted(saved.keys() | now.keys())
+              for key in sorted(saved.get(section, {}).keys() | now.get(section, {}).keys())
+              if saved.get(section, {}).get(key) != now.get(section, {}).get(key)]
+    if differ:
+        raise DataError(path, f"written with another config (differing: {', '.join(differ[:5])}); resume with the "
+                              f"same config")
     # The config names the backbone by path only: a directory replaced in place by another model of the same
     # architecture would load the trainable state without complaint and go on training it on other weights (the
     # identity is bf16-rounded, so a copy of the same weights in another dtype resumes). None: written before it

@@ -818,7 +818,7 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
         f.write('{"step": 5, "epoch": 0, "ke')         # killed while writing step 5's record
     other_lr = run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3",
                           "train.lr=1e-3")
-    with pytest.raises(ValueError, match="written with another config"):
+    with pytest.raises(plumbing.DataError, match=r"last.pt: written with another config \(differing: train.lr\)"):
         train(other_lr, resume=True)
     capsys.readouterr()
     train(run_config(tiny_backbone, mini_root, tmp_path / "resumed", "train.max_steps=6", "train.save_every=3",
@@ -1654,9 +1654,11 @@ def test_a_config_file_that_is_not_a_mapping_of_sections_names_the_file_and_sect
 def test_command_line_errors_end_in_one_line_naming_the_key_or_file(tmp_path, mini_root, tiny_backbone,
                                                                      monkeypatch, capsys):
     """train.py ends a config error with its usage status (2) and the message naming the key, and bad input met in
-    training (here a last.pt cut in half, met by --resume) with the message naming the file, not a traceback.
+    training (here a last.pt cut in half, then a last.pt of another train.lr, met by --resume) with the message naming
+    the file (and the differing key), not a traceback.
     Fails when main lets the config error through (pytest sees the TypeError), when it lets the DataError through,
-    or when load_checkpoint lets torch's own error out (it names no file: the DataError is not raised)."""
+    or when load_checkpoint lets torch's own error out (it names no file: the DataError is not raised), or when
+    restore refuses another config with a ValueError (`raise DataError(path, ...` -> `raise ValueError(...`)."""
     config = os.path.join(REPO, "configs", "tiny.yaml")
     monkeypatch.setattr(sys, "argv", ["train.py", config, "train.lr=abc"])
     with pytest.raises(SystemExit) as exit_info:
@@ -1670,6 +1672,12 @@ def test_command_line_errors_end_in_one_line_naming_the_key_or_file(tmp_path, mi
     with pytest.raises(SystemExit) as exit_info:
         train_module.main()
     assert str(exit_info.value.code).startswith(f"train.py: {tmp_path / 'last.pt'}: cannot read the checkpoint")
+    other = load_config(config, sys.argv[2:-1] + ["train.lr=1e-3"])
+    torch.save({"config": other.to_dict()}, tmp_path / "last.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert str(exit_info.value.code) == (f"train.py: {tmp_path / 'last.pt'}: written with another config (differing: "
+                                         f"train.lr); resume with the same config")
 
 
 def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, monkeypatch):
