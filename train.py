@@ -399,8 +399,14 @@ def train(cfg, resume=False, stop_after=None):
         if rank == 0:
             print(f"resumed {last_path} at step {step}")
             keep_log_until(log_path, step)
-    elif rank == 0 and os.path.exists(log_path):
-        os.remove(log_path)                      # a fresh run starts a fresh log; a resumed one keeps its steps
+    elif rank == 0:
+        # A fresh run replaces the run train.out_dir held: its log goes, and its last.pt is moved aside (as its best.pt
+        # is, by settle_best), so that a --resume after this run is killed before its first save cannot continue it.
+        if os.path.exists(log_path):
+            os.remove(log_path)
+        if os.path.exists(last_path):
+            os.replace(last_path, os.path.join(cfg.train.out_dir, "last.orphan.pt"))
+            print(f"{last_path} belongs to another run (this one is not --resume): moved to last.orphan.pt")
     if rank == 0:
         settle_best(ckpt, best_path)
     check_ranks_agree(encoder, f"resuming {last_path} at step {step}" if ckpt is not None else "at start")

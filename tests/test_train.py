@@ -876,12 +876,14 @@ def test_resume_keeps_best_pt_to_the_run_that_last_pt_continues(tiny_backbone, m
     checkpoint, and the later one must be kept as best.orphan-step3.pt.
     behind: a run scoring 4, 3, 9 dies while writing step 3's best.pt, after last.pt: the resumed run (score 2 at step
     4) must end with best.pt = last.pt of step 3, the earlier best.pt kept as best.orphan-step1.pt.
-    A fresh run moves a best.pt it finds aside (it is another run's).
+    A fresh run moves a best.pt and a last.pt it finds aside (they are another run's: a --resume after the fresh run is
+    killed before its first save must not continue the other run).
     Catches: settle_best not called in train (ahead: best.pt stays the step-3 one; behind: step 1's); last.pt written
     after best.pt (save_atomic(state, last_path) moved below the best.pt write: the death leaves last.pt at step 1);
     last.pt not written at a new best (`new_best or` dropped: the run stopped after step 2 left no last.pt);
     settle_best's `save_atomic(last, best_path)` dropped (no best.pt); its `os.replace(best_path, orphan)` dropped (no
-    orphan file, the later best.pt overwritten)."""
+    orphan file, the later best.pt overwritten); a fresh run leaving the other run's last.pt in place (its move
+    dropped: no last.orphan.pt)."""
     real_save = train_module.save_atomic
 
     def run(out_dir, scores, resume=False, stop_after=None, die_at=None):
@@ -922,9 +924,11 @@ def test_resume_keeps_best_pt_to_the_run_that_last_pt_continues(tiny_backbone, m
     assert load_checkpoint(behind / "best.orphan-step1.pt")["best_score"] == 4.0
     assert load_checkpoint(behind / "last.pt")["step"] == 4
 
+    previous_last = load_checkpoint(behind / "last.pt")
     run(behind, [1.0], stop_after=1)
     assert load_checkpoint(behind / "best.orphan-step3.pt")["best_score"] == 9.0
     assert load_checkpoint(behind / "best.pt")["best_score"] == 1.0
+    assert_same_state(load_checkpoint(behind / "last.orphan.pt"), previous_last)
 
 
 def test_resume_refuses_a_backbone_replaced_by_other_weights_and_takes_a_bf16_copy(tiny_backbone, mini_root, tmp_path,
