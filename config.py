@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from plumbing import read_yaml
+
 
 @dataclass
 class DataConfig:
@@ -164,7 +166,11 @@ def _set(cfg, section, key, value):
     default = getattr(sub, key)
     # Values from YAML or the command line are coerced to the field's type so "lr=1e-3" is a float.
     if isinstance(value, str) and not isinstance(default, str):
-        value = yaml.safe_load(value)          # "1e-3" -> 1e-3, "true" -> True, "[a, b]" -> list
+        try:
+            value = yaml.safe_load(value)      # "1e-3" -> 1e-3, "true" -> True, "[a, b]" -> list
+        except yaml.YAMLError:                 # its message names "<unicode string>", not the key
+            raise TypeError(f"config {section}.{key} must be {type(default).__name__}, got {value!r} "
+                            f"(not valid YAML)") from None
     if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             value = float(value)               # YAML reads "1e-4" as a string and "1" as an int
@@ -178,11 +184,11 @@ def _set(cfg, section, key, value):
 
 
 def load_config(path=None, overrides=()):
-    """YAML file (may `inherit: other.yaml`, relative to itself) plus `section.key=value` overrides."""
+    """YAML file (may `inherit: other.yaml`, relative to itself) plus `section.key=value` overrides. Malformed YAML
+    is a plumbing.DataError naming the file and line; a wrong key or value a KeyError, TypeError or ValueError."""
     raw = {}
     if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = read_yaml(path) or {}
         parent = raw.pop("inherit", None) if isinstance(raw, dict) else None
         check_sections(raw, path)
         if parent:

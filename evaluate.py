@@ -320,7 +320,7 @@ def resolve_config(args):
     else:
         try:
             cfg = load_config(args.config)
-        except (OSError, KeyError, TypeError, ValueError) as err:      # yaml's errors are ValueErrors
+        except (OSError, KeyError, TypeError, ValueError) as err:      # malformed YAML: a DataError, for main
             raise EvaluationError(f"{args.config}: cannot load the config: {one_line(err)}") from err
         label = args.baseline or f"untrained ({args.config or 'default config'})"
     if args.baseline:

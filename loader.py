@@ -6,9 +6,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import yaml
 
-from plumbing import DataError
+from plumbing import DataError, read_yaml
 
 
 # ----------------------------------------------------------------------------- a batch's chunks, prepared in threads
@@ -132,8 +131,7 @@ def chunk_table_row(cfg, memory_bytes):
     """The row of train.chunk_table for the largest memory size (GB, as GPUs are sold) at or below memory_bytes, after
     checking the table was made for this config's settings. Returns (row, a description of the choice)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg.train.chunk_table)
-    with open(path) as f:
-        table = yaml.safe_load(f)
+    table = read_yaml(path)
     if not isinstance(table, dict) or not {"assumes", "chunk_sizes"} <= table.keys():
         raise DataError(path, "not a chunk table (benchmarks/chunk_memory.py writes them): needs 'assumes' and "
                               "'chunk_sizes'")

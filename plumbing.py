@@ -7,6 +7,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+import yaml
 
 
 class DataError(Exception):
@@ -22,6 +23,18 @@ def one_line(err, with_type=False):
     text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err     # KeyError quotes its str
     text = " ".join(str(text).split())
     return f"{type(err).__name__}: {text}" if with_type or not text else text
+
+
+def read_yaml(path):
+    """A YAML file's contents. Malformed YAML is a DataError naming the file and the line: yaml's own errors are no
+    ValueError and span several lines, so the command lines let them out as tracebacks."""
+    with open(path, "rb") as f:     # bytes: yaml detects the encoding, and reports bytes that are not text itself
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else one_line(err)
+            raise DataError(path, f"not valid YAML ({where})") from None
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
 from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, restore, settle_best
@@ -489,7 +488,7 @@ def main():
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:    # each names its file or key
+    except (OSError, DataError, KeyError, TypeError, ValueError) as err:    # each names its file or key
         parser.error(one_line(err))
     # torchrun --max-restarts=N starts every worker again after one dies, with TORCHELASTIC_RESTART_COUNT > 0:
     # a restarted run continues from last.pt by itself.

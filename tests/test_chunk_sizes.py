@@ -112,6 +112,17 @@ def test_a_table_made_for_other_settings_or_a_smaller_gpu_is_refused(tmp_path, m
         chunk_sizes_for(table_config(tmp_path), KEYS, on_gpu(monkeypatch, 16e9))
 
 
+def test_a_chunk_table_that_is_not_yaml_is_refused_naming_the_file_and_line(tmp_path, monkeypatch):
+    """A hand-edited table with a YAML syntax error ended training on a GPU in yaml's multi-line traceback.
+    Catches: chunk_table_row reading the table with yaml.safe_load instead of plumbing.read_yaml (a ScannerError,
+    not a DataError)."""
+    cfg = table_config(tmp_path)
+    (tmp_path / "chunks.yaml").write_text("assumes: {}\nchunk_sizes:\n  80: {7_cir_Shoes: 4}: 8\n")
+    with pytest.raises(DataError, match=r"chunks.yaml: not valid YAML \(line 3, column 23: mapping values are not "
+                                        r"allowed here\)$"):
+        chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))
+
+
 def test_full_config_table_covers_every_sub_dataset_and_fits_its_settings(monkeypatch):
     """configs/chunk_sizes.yaml, as full.yaml uses it: every sub-dataset in every row, chunks dividing the batch,
     never smaller on a larger GPU, and made for full.yaml's settings (else training on a GPU stops).

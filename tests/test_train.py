@@ -1684,6 +1684,32 @@ def test_command_line_errors_end_in_one_line_naming_the_key_or_file(tmp_path, mi
                                          f"train.lr); resume with the same config")
 
 
+def test_malformed_yaml_ends_each_command_in_one_line_naming_the_file_and_line(tmp_path, monkeypatch, capsys):
+    """yaml's errors are no ValueError: `evaluate.py --untrained --config broken.yaml` ended in a ScannerError
+    traceback, and an override that is not YAML (`train.lr=[`) in a message naming "<unicode string>", not the key.
+    A malformed file, or a malformed parent it inherits, is now a DataError naming that file and line, which train.py
+    and evaluate.py print in one line.
+    Catches: read_yaml letting yaml.YAMLError through (its `except` removed: both commands end in a traceback, here
+    the ScannerError out of main); _set letting the override's YAMLError through (its `except` removed)."""
+    import evaluate
+    (tmp_path / "broken.yaml").write_text("model:\n  kind: qwen3vl\n   backbone: x\n")
+    (tmp_path / "child.yaml").write_text("inherit: broken.yaml\ntrain: {lr: 0.5}\n")
+    expected = f"{tmp_path / 'broken.yaml'}: not valid YAML (line 3, column 12: mapping values are not allowed here)"
+    for name in ("broken.yaml", "child.yaml"):
+        with pytest.raises(plumbing.DataError) as error:
+            load_config(str(tmp_path / name))
+        assert str(error.value) == expected
+    monkeypatch.setattr(sys, "argv", ["train.py", str(tmp_path / "child.yaml")])
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert exit_info.value.code == 2 and capsys.readouterr().err.endswith(f"train.py: error: {expected}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--untrained", "--config", str(tmp_path / "broken.yaml")])
+    assert exit_info.value.code == f"evaluate.py: {expected}"
+    with pytest.raises(TypeError, match=re.escape("config train.lr must be float, got '[' (not valid YAML)")):
+        load_config(None, ["train.lr=["])
+
+
 def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, monkeypatch):
     """`inherit:` names a file beside the config (not in the working directory); the child's keys replace the
     parent's one by one, a section the child leaves out is the parent's, and overrides win over both. A YAML file's
