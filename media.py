@@ -86,11 +86,20 @@ def load_video(path, num_frames=8, record_id=None):
     if not os.path.isfile(path):  # checked here: load_video would fetch http(s) paths and call others a format error
         raise DataError(path, "video file not found", record_id)
     try:
+        # transformers' reader takes streams.video[0] and stacks what it decodes: a file without a video stream (audio
+        # only) fails there with "tuple index out of range", a stream with no decodable frame with "need at least one
+        # array to stack". One frame decoded here names either case.
+        with av.open(path) as container:
+            if not container.streams.video:
+                kinds = ", ".join(stream.type for stream in container.streams) or "none"
+                raise DataError(path, f"cannot read video: the file has no video stream (streams: {kinds})", record_id)
+            if next(container.decode(video=0), None) is None:
+                raise DataError(path, "cannot read video: its video stream has no decodable frames", record_id)
         frames, meta = video_utils.load_video(path, backend="pyav", sample_indices_fn=uniform)
+    except DataError:
+        raise
     except Exception as err:  # PyAV raises its own error family (and IndexError, ZeroDivisionError) on bad files
         raise DataError(path, f"cannot read video: {err}", record_id) from err
-    if len(frames) == 0:
-        raise DataError(path, "video has no decodable frames", record_id)
     # PyAV yields each index once and none past the decoded end; map the frames we got back to their indices.
     decoded = np.unique(meta.frames_indices)[:len(frames)]
     pick = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)

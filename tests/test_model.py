@@ -45,6 +45,34 @@ def write_mp4(path, frames, seed, size=(96, 64), rate=4):
     return str(path)
 
 
+def write_audio_only(path, seconds=1, rate=8000):
+    """A file holding one AAC audio stream (silence) and no video stream."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate)
+        for _ in range(seconds * rate // 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def write_undecodable_video(path, packets=3):
+    """A video stream whose packets are bytes no decoder makes a frame of: an .mp4 stores its count (3 frames), an
+    .mkv none."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        container.start_encoding()
+        for i in range(packets):
+            packet = av.Packet(b"\x00\x00\x01\xb6garbage" * 5)
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, i, i, stream.codec_context.time_base
+            container.mux(packet)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
@@ -710,6 +738,27 @@ def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media
     assert err.value.path == str(broken) and err.value.record_id == "rec-8"
     with pytest.raises(DataError, match="not found"):
         load_video(str(tmp_path / "missing.mp4"), record_id="rec-9")
+
+
+def test_a_video_without_a_video_stream_or_a_decodable_frame_is_named_as_such(tmp_path):
+    """An audio-only file was refused with "cannot read video: tuple index out of range" (transformers' reader takes
+    streams.video[0]); a video stream with no decodable frame with "need at least one array to stack" (.mp4, which
+    stores a frame count) or "Operation not permitted" (.mkv, counted by decoding: 0, then a seek).
+    Catches: load_video's stream check removed (the IndexError's message comes back); its first-frame check removed
+    (either of the other two messages)."""
+    audio = write_audio_only(tmp_path / "audio.mp4")
+    with av.open(audio) as container:                       # the cases under test
+        assert [stream.type for stream in container.streams] == ["audio"]
+    with pytest.raises(DataError) as err:
+        load_video(audio, record_id="rec-1")
+    assert str(err.value) == f"{audio} (record rec-1): cannot read video: the file has no video stream (streams: audio)"
+    for name, stored in (("junk.mp4", 3), ("junk.mkv", 0)):
+        path = write_undecodable_video(tmp_path / name)
+        with av.open(path) as container:
+            assert container.streams.video[0].frames == stored and not list(container.decode(video=0))
+        with pytest.raises(DataError) as err:
+            load_video(path, record_id="rec-2")
+        assert str(err.value) == f"{path} (record rec-2): cannot read video: its video stream has no decodable frames"
 
 
 def test_encoding_prepares_the_next_batch_while_embedding_this_one(encoder, media, tmp_path):
