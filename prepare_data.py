@@ -302,6 +302,9 @@ def check_media(path, record_id=None):
     try:
         if path.lower().endswith((".mp4", ".avi", ".mov", ".webm", ".mkv")):
             with av.open(path) as container:
+                if not container.streams.video:     # decode(video=0) would raise an IndexError, not a DataError
+                    raise DataError(path, f"the file has no video stream (streams: "
+                                          f"{', '.join(s.type for s in container.streams) or 'none'})", record_id)
                 if not any(True for _ in container.decode(video=0)):
                     raise DataError(path, "video has no frames", record_id)
         else:

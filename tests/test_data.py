@@ -434,6 +434,19 @@ def test_released_unseen_tasks_resolve_to_their_source_images():
 
 # ------------------------------------------------------------------------------------------------- bad input
 
+def test_a_video_with_no_video_stream_is_reported_not_a_traceback(mini_root, tmp_path):
+    """A MovingFashion video replaced by an audio-only file ended `prepare_data.py --root` in "IndexError: tuple index
+    out of range" (check_media's decode(video=0)); it is now an unreadable file of its sub-dataset, named.
+    Catches: check_media's stream check removed (the IndexError escapes validate_tree)."""
+    from test_model import write_audio_only
+    root = copy_tree(mini_root, tmp_path)
+    rec = load_records(root, "6_video2img_MovingFashion", "val")[0]
+    video = write_audio_only(rec["query_video"][0])
+    report = validate_tree(root, progress=False)
+    assert report["rows"]["6_video2img_MovingFashion"]["unreadable"] == [
+        f"{video} (record {rec['id']}): the file has no video stream (streams: audio)"]
+
+
 def test_missing_and_corrupt_files_are_named_with_their_record(mini_root, tmp_path):
     root = copy_tree(mini_root, tmp_path)
     rec = load_records(root, "4_street2shop_DeepFashion2", "test")[0]     # its street photo is its own
