@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model
-from plumbing import one_line, save_atomic, world
+from plumbing import DataError, one_line, save_atomic, world
 
 CHUNK_BATCHES = 16          # forward batches per encoding chunk: the unit of progress and of cache files
 
@@ -75,11 +75,18 @@ def encode_gallery(encoder, paths, batch_size, cache_dir, progress):
     # Stat before encoding: an image rewritten while it is encoded is then keyed by its old identity and is encoded
     # again next time, never the other way round.
     keys = [file_key(p) for p in paths] if rank == 0 else None
-    cached = load_cache(cache_dir) if rank == 0 else {}
-    missing = [list(dict.fromkeys(k for k in keys if k not in cached)) if rank == 0 else None]
+    cached, decided = {}, [None]
+    if rank == 0:
+        try:
+            cached = load_cache(cache_dir, encoder.embed_dim)
+            decided = [list(dict.fromkeys(k for k in keys if k not in cached))]
+        except DataError as err:                  # raised on every rank below, so none waits for rank 0
+            decided = [(err.path, err.message)]
     if size > 1:                                  # rank 0 decides, so every rank encodes the same list
-        dist.broadcast_object_list(missing, src=0)
-    missing = missing[0]
+        dist.broadcast_object_list(decided, src=0)
+    if isinstance(decided[0], tuple):
+        raise DataError(*decided[0])
+    missing = decided[0]
     if missing:
         new = encode_sharded(lambda items, batch_size: encoder.encode_targets([k[0] for k in items],
                                                                                batch_size=batch_size),
@@ -100,9 +107,11 @@ def file_key(path):
     return (path, stat.st_size, stat.st_mtime_ns)
 
 
-def load_cache(cache_dir):
+def load_cache(cache_dir, dim):
     """{file_key: embedding} of every readable chunk file. A chunk file without file identities (written before
-    they were part of the key) or one that cannot be read is skipped with a warning: it is only a cache."""
+    they were part of the key) or one that cannot be read is skipped with a warning: it is only a cache. A chunk
+    that reads but does not hold one float32 row of the model's width `dim` per key was not written for this model
+    (save_cache_chunk writes encode_sharded's fp32 rows): a DataError naming it, as its rows would reach faiss."""
     cached = {}
     for path in sorted(glob.glob(os.path.join(cache_dir, "targets-*.pt"))):
         try:
@@ -111,10 +120,16 @@ def load_cache(cache_dir):
             print(f"embedding cache: ignoring unreadable cache file {path}: {one_line(err, with_type=True)}",
                   file=sys.stderr)
             continue
-        if not isinstance(chunk, dict) or "keys" not in chunk or len(chunk["keys"]) != len(chunk.get("emb", ())):
+        if not isinstance(chunk, dict) or "keys" not in chunk:
             print(f"embedding cache: ignoring cache file {path}: no file identities (an older format)", file=sys.stderr)
             continue
-        cached.update(zip((tuple(k) for k in chunk["keys"]), chunk["emb"]))
+        emb, expected = chunk.get("emb"), (len(chunk["keys"]), dim)
+        if not (isinstance(emb, torch.Tensor) and emb.dtype == torch.float32 and emb.shape == expected):
+            found = f"{emb.dtype} {list(emb.shape)}" if isinstance(emb, torch.Tensor) else type(emb).__name__
+            raise DataError(path, f"cache chunk holds {found} embeddings, expected {torch.float32} {list(expected)} "
+                                  f"(one row of the model's width per image): not written for this model; delete the "
+                                  f"cache folder {cache_dir}")
+        cached.update(zip((tuple(k) for k in chunk["keys"]), emb))
     return cached
 
 

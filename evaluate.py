@@ -22,7 +22,8 @@ Gallery-embedding cache (--cache DIR): see encoding.py; an image regenerated at 
 Refused with a one-line error naming the file or the record (exit status 1), never a number in the table: a missing,
 truncated or foreign checkpoint; trainable tensors that do not fit the backbone (the tensor is named); a backbone
 directory that is not there (a relative path is looked for in the working directory, then the checkpoint's
-directory; nothing is downloaded); a non-finite query or gallery embedding (faiss ranks a NaN query nowhere).
+directory; nothing is downloaded); a non-finite query or gallery embedding (faiss ranks a NaN query nowhere); a
+--cache chunk file that does not hold one float32 row of the model's width per image (encoding.load_cache).
 
 --show N: per sub-dataset, N queries (a seeded sample) each followed by its top 10, ground-truth images marked
 "hit" in green (after own-image exclusion, as counted), one PNG page per query (plot.contact_sheet) and one

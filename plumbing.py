@@ -14,7 +14,7 @@ class DataError(Exception):
     """Bad input; the message names the file and, when known, the record id."""
 
     def __init__(self, path, message, record_id=None):
-        self.path, self.record_id = path, record_id
+        self.path, self.message, self.record_id = path, message, record_id
         super().__init__(f"{path}{f' (record {record_id})' if record_id is not None else ''}: {message}")
 
 

@@ -88,6 +88,10 @@ class Model:
         self.batch_size = batch_size or self.cfg.train.eval_batch_size
         self.unreadable, self.encoded = {}, 0
 
+    @property
+    def embed_dim(self):
+        return self.encoder.embed_dim
+
     def encode_queries(self, queries, batch_size=None):
         emb = self.encoder.encode_queries(queries, batch_size=batch_size or self.batch_size)
         bad = [q["id"] for q, row in zip(queries, emb) if not torch.isfinite(row).all()]

@@ -20,6 +20,7 @@ from encoding import arithmetic, cache_key, file_key, fingerprint
 from evaluate import (EvaluationError, chance_recall, evaluate_sets, format_table, main, recall_at_k,
                       resolve_backbone, score)
 from launch import launch_two_nodes
+from plumbing import DataError
 from prepare_data import EvalSet
 
 
@@ -179,6 +180,7 @@ def unit_vector(text, dim=16):
 class FakeEncoder:
     """Deterministic embeddings from the path / query strings (a query lands near its own images); records every
     path and query id it encodes."""
+    embed_dim = 16
 
     def __init__(self):
         self.targets, self.queries = [], []
@@ -1136,6 +1138,45 @@ def test_unreadable_cache_file_is_ignored_with_a_warning(tmp_path, capsys):
         evaluate_sets(FakeEncoder(), sets, batch_size=4, progress=False)
     assert sorted(encoder.targets) == sorted(lost)
     assert f"ignoring unreadable cache file {chunk}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["width", "rows", "dtype"])
+def test_a_cache_chunk_of_another_width_row_count_or_dtype_is_refused_naming_it(tmp_path, damage):
+    """A cache chunk that reads but holds embeddings of another width (another model's), fewer rows than keys, or
+    another dtype than encode_sharded's float32 was not written for this model: a DataError naming the file, what
+    it holds against what was expected, and the folder to delete. Before, another width ended in torch.stack's or
+    faiss's error and a missing row was re-encoded without a word.
+    Catches: load_cache's shape and dtype check removed (`if not (...)` -> `if False`: no DataError)."""
+    sets, cache = make_sets(), tmp_path / "cache"
+    evaluate_sets(FakeEncoder(), sets, batch_size=4, cache_dir=str(cache), progress=False)
+    chunk = sorted(cache.glob("targets-*.pt"))[0]
+    saved = torch.load(chunk, weights_only=True)
+    rows = len(saved["keys"])
+    emb, found = {"width": (saved["emb"][:, :8], f"torch.float32 [{rows}, 8]"),
+                  "rows": (saved["emb"][1:], f"torch.float32 [{rows - 1}, 16]"),
+                  "dtype": (saved["emb"].double(), f"torch.float64 [{rows}, 16]")}[damage]
+    torch.save({"keys": saved["keys"], "emb": emb}, chunk)
+    with pytest.raises(DataError) as err:
+        evaluate_sets(FakeEncoder(), sets, batch_size=4, cache_dir=str(cache), progress=False)
+    assert str(err.value) == (f"{chunk}: cache chunk holds {found} embeddings, expected torch.float32 [{rows}, 16] "
+                              f"(one row of the model's width per image): not written for this model; delete the "
+                              f"cache folder {cache}")
+
+
+def test_a_refused_cache_chunk_stops_every_rank(tmp_path, monkeypatch):
+    """Rank 0 alone reads the cache; when it refuses a chunk, the other ranks get its error through the broadcast
+    that would have told them what to encode, and raise it too instead of waiting in the gather for rank 0. Rank 1
+    of 2 simulated: the broadcast hands it what rank 0 sends.
+    Catches: the other ranks not raising (`if isinstance(decided[0], tuple): raise ...` dropped: rank 1 goes on to
+    encode and gather)."""
+    import encoding
+    sent = [(str(tmp_path / "targets-x.pt"), "cache chunk holds ...")]
+    monkeypatch.setattr(encoding, "world", lambda: (1, 2))
+    monkeypatch.setattr(encoding.dist, "broadcast_object_list", lambda objects, src: objects.__setitem__(0, sent[0]))
+    encoder = FakeEncoder()
+    with pytest.raises(DataError) as err:
+        encoding.encode_gallery(encoder, ["/img/a.jpg"], 4, str(tmp_path), progress=False)
+    assert str(err.value) == f"{tmp_path / 'targets-x.pt'}: cache chunk holds ..." and encoder.targets == []
 
 
 def test_a_cache_chunk_is_never_left_half_written(tmp_path, monkeypatch):

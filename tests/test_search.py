@@ -361,6 +361,27 @@ def stub_index(tmp_path, setup, factory="Flat"):
     return out
 
 
+def test_a_shard_of_another_width_is_refused_naming_it(setup, tmp_path):
+    """A shard of the index folder holding embeddings of another width than the model's (a shard copied from
+    another model's folder) was indexed as it was: here, the catalogue's only shard, an index 32 wide on which every
+    16-wide query fails; beside shards of the right width, torch.stack's error. It is now a DataError naming the
+    shard, both widths and the folder to delete, which search.main prints in one line.
+    Catches: load_cache's shape and dtype check removed (`if not (...)` -> `if False`: no DataError), or
+    search.Model without its embed_dim property (an AttributeError)."""
+    from plumbing import DataError
+    out = stub_index(tmp_path, setup)
+    shards = os.path.join(out, "shards", "stub-cpu")
+    shard = sorted(os.path.join(shards, name) for name in os.listdir(shards))[0]
+    saved = torch.load(shard, weights_only=True)
+    rows = len(saved["keys"])
+    torch.save({"keys": saved["keys"], "emb": torch.cat([saved["emb"]] * 2, dim=1)}, shard)
+    with pytest.raises(DataError) as err:
+        search.index_catalogue(stub_model(), setup["catalogue"], out, progress=False)
+    assert str(err.value) == (f"{shard}: cache chunk holds torch.float32 [{rows}, 32] embeddings, expected "
+                              f"torch.float32 [{rows}, 16] (one row of the model's width per image): not written for "
+                              f"this model; delete the cache folder {shards}")
+
+
 def test_an_approximate_index_returning_fewer_than_k_gives_only_real_hits(setup, tmp_path):
     """An IVF index probing one of two lists holds fewer than k candidates: faiss pads with id -1, which must not come
     back as a result (items[-1], the last catalogue image, with score -3.4e38). Every result returned is a real
