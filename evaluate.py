@@ -22,7 +22,8 @@ Gallery-embedding cache (--cache DIR): see encoding.py; an image regenerated at 
 Refused with a one-line error naming the file or the record (exit status 1), never a number in the table: a missing,
 truncated or foreign checkpoint; trainable tensors that do not fit the backbone (the tensor is named); a backbone
 directory that is not there (a relative path is looked for in the working directory, then the checkpoint's
-directory; nothing is downloaded); a non-finite query or gallery embedding (faiss ranks a NaN query nowhere); a
+directory; nothing is downloaded); a non-finite or all-zero query or gallery embedding (faiss ranks a NaN query
+nowhere, a zero one scores like chance; the encoders' outputs are unit vectors unless the model is broken); a
 --cache chunk file that does not hold one float32 row of the model's width per image (encoding.load_cache).
 
 --show N: per sub-dataset, N queries (a seeded sample) each followed by its top 10, ground-truth images marked
@@ -74,9 +75,10 @@ def recall_at_k(query_emb, gallery_emb, ground_truth, ks=KS, exclude=None):
     if len(queries) == 0:
         raise ValueError("recall_at_k: no queries")
     for what, emb in (("query", queries), ("gallery", gallery)):
-        bad = _non_finite_rows(emb)
-        if len(bad):    # faiss ranks such a query nowhere (id -1); evaluate_sets names the record first
-            raise ValueError(f"recall_at_k: {len(bad)} non-finite {what} embedding(s), rows {bad[:5].tolist()}")
+        for kind, rows_of in UNUSABLE_ROWS.items():
+            bad = rows_of(emb)
+            if len(bad):    # evaluate_sets names the record first
+                raise ValueError(f"recall_at_k: {len(bad)} {kind} {what} embedding(s), rows {bad[:5].tolist()}")
     exclude = exclude or [[]] * len(queries)
     _, ranked = exact_search(queries, gallery, max(ks), exclude)     # [Q, depth] gallery ids, best first
     is_gt = _member(ranked, ground_truth, len(gallery))
@@ -110,6 +112,18 @@ def _as_f32(x):
 def _non_finite_rows(emb):
     """Indices of the rows of [N, D] that hold a NaN or an infinity."""
     return np.flatnonzero(~np.isfinite(_as_f32(emb)).all(axis=1))
+
+
+def _zero_rows(emb):
+    """Indices of the rows of [N, D] that are all zeros."""
+    return np.flatnonzero(~_as_f32(emb).any(axis=1))
+
+
+# Embeddings no working model gives, refused rather than scored: faiss ranks a NaN query nowhere (id -1), and an
+# all-zero row scores 0 against everything, i.e. chance. Every embedding the encoders return is F.normalize'd
+# (model.py, baseline.py; the calibrator's outputs too), which is a unit vector unless the readout itself is zero.
+UNUSABLE_ROWS = {"non-finite": _non_finite_rows, "all-zero": _zero_rows}
+UNUSABLE_CAUSE = {"non-finite": "NaN or infinite outputs", "all-zero": "all-zero outputs"}
 
 
 def _member(ranked, id_lists, n_gallery):
@@ -162,7 +176,7 @@ def evaluate_sets(encoder, eval_sets, batch_size, cache_dir=None, progress=True,
     query_emb = encode_sharded(encoder.encode_queries, [q for s in eval_sets for q in s.queries],
                                 batch_size, progress, "queries")
     results = [None]
-    error = _non_finite_error(eval_sets, paths, target_emb, query_emb) if rank == 0 else None
+    error = _unusable_error(eval_sets, paths, target_emb, query_emb) if rank == 0 else None
     if error:
         results = [{"error": error}]
     elif rank == 0:
@@ -204,24 +218,25 @@ def shown_rankings(query_emb, gallery_emb, exclude, n, k=SHOW_K, seed=0):
     return shown
 
 
-def _non_finite_error(eval_sets, paths, target_emb, query_emb):
-    """The message refusing non-finite embeddings (naming the first gallery image or the first query of each set
-    that has one), or None. faiss ranks a NaN query nowhere, which must not end as a number in the table."""
-    bad = _non_finite_rows(target_emb)
-    if len(bad):
-        first = paths[bad[0]]
-        owners = [s.name for s in eval_sets if first in s.gallery]
-        return (f"non-finite gallery embedding of {first} (gallery of {', '.join(owners)}); {len(bad)} of "
-                f"{len(paths)} gallery images have one: the model gives NaN or infinite outputs")
-    bad, start, named = set(_non_finite_rows(query_emb).tolist()), 0, []
-    for s in eval_sets:
-        rows = [i for i in range(len(s.queries)) if start + i in bad]
-        start += len(s.queries)
-        if rows:
-            more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
-            named.append(f"{s.name}: query {s.queries[rows[0]]['id']}{more}")
-    if named:
-        return f"non-finite query embedding ({'; '.join(named)}): the model gives NaN or infinite outputs"
+def _unusable_error(eval_sets, paths, target_emb, query_emb):
+    """The message refusing non-finite or all-zero embeddings (UNUSABLE_ROWS; naming the first gallery image or the
+    first query of each set that has one), or None: neither must end as a number in the table."""
+    for kind, rows_of in UNUSABLE_ROWS.items():
+        bad = rows_of(target_emb)
+        if len(bad):
+            first = paths[bad[0]]
+            owners = [s.name for s in eval_sets if first in s.gallery]
+            return (f"{kind} gallery embedding of {first} (gallery of {', '.join(owners)}); {len(bad)} of "
+                    f"{len(paths)} gallery images have one: the model gives {UNUSABLE_CAUSE[kind]}")
+        bad, start, named = set(rows_of(query_emb).tolist()), 0, []
+        for s in eval_sets:
+            rows = [i for i in range(len(s.queries)) if start + i in bad]
+            start += len(s.queries)
+            if rows:
+                more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
+                named.append(f"{s.name}: query {s.queries[rows[0]]['id']}{more}")
+        if named:
+            return f"{kind} query embedding ({'; '.join(named)}): the model gives {UNUSABLE_CAUSE[kind]}"
     return None
 
 

@@ -1,6 +1,6 @@
 """evaluate.py: Recall@K against hand-computed values, chance levels, one encoding per distinct image, the embedding
-cache and its key, two gloo processes == one, the table, non-finite embeddings refused, and the command line's
-errors for bad checkpoints and backbones."""
+cache and its key, two gloo processes == one, the table, non-finite and all-zero embeddings refused, and the command
+line's errors for bad checkpoints and backbones."""
 import hashlib
 import json
 import os
@@ -72,6 +72,26 @@ def test_recall_refuses_non_finite_embeddings():
     broken[4, 0] = np.inf
     with pytest.raises(ValueError, match=r"non-finite gallery embedding.*rows \[4\]"):
         recall_at_k(queries, broken, [[0], [1]])
+
+
+def test_recall_refuses_all_zero_embeddings():
+    """An all-zero query scores 0 against every gallery image and an all-zero gallery image 0 against every query:
+    recall near chance, in the table as if measured. The encoders' outputs are unit vectors unless the readout is
+    zero (F.normalize leaves 0 at 0), so such a row is a broken model, refused like a non-finite one.
+    Catches: UNUSABLE_ROWS without "all-zero" (the zero rows are scored)."""
+    gallery = np.eye(6, dtype=np.float32)
+    queries = np.stack([ranked_query([0, 1, 2, 3, 4, 5], 6), ranked_query([1, 0, 2, 3, 4, 5], 6)])
+    broken = queries.copy()
+    broken[1] = 0.0
+    with pytest.raises(ValueError, match=r"1 all-zero query embedding\(s\), rows \[1\]"):
+        recall_at_k(broken, gallery, [[0], [1]])
+    broken = gallery.copy()
+    broken[4] = 0.0
+    with pytest.raises(ValueError, match=r"1 all-zero gallery embedding\(s\), rows \[4\]"):
+        recall_at_k(queries, broken, [[0], [1]])
+    tiny = gallery.copy()
+    tiny[4] *= 1e-30                    # tiny but not zero: a direction, ranked as such
+    assert recall_at_k(queries, tiny, [[0], [1]])["R@1"] == 100.0
 
 
 def test_recall_never_counts_faiss_no_result_as_a_hit(monkeypatch):
@@ -314,6 +334,34 @@ def test_non_finite_embeddings_are_refused_naming_set_and_query_or_image():
                                               r"9_asfr_B, Unseen C\); 2 of 25"):
         evaluate_sets(NonFiniteEncoder(paths=["/img/shared1.jpg", "/img/c4.jpg"]), make_sets(), batch_size=4,
                       progress=False)
+
+
+class ZeroEncoder(FakeEncoder):
+    """A broken model: all-zero embeddings for the listed query ids and gallery paths."""
+
+    def __init__(self, queries=(), paths=()):
+        super().__init__()
+        self.zero_queries, self.zero_paths = set(queries), set(paths)
+
+    def encode_targets(self, paths, batch_size=32, progress=False):
+        emb = super().encode_targets(paths, batch_size)
+        emb[[i for i, p in enumerate(paths) if p in self.zero_paths]] = 0.0
+        return emb
+
+    def encode_queries(self, queries, batch_size=32, progress=False):
+        emb = super().encode_queries(queries, batch_size)
+        emb[[i for i, q in enumerate(queries) if q["id"] in self.zero_queries]] = 0.0
+        return emb
+
+
+def test_all_zero_embeddings_are_refused_naming_set_and_query_or_image():
+    """Catches: evaluate_sets checking non-finite rows only (UNUSABLE_ROWS without "all-zero": a table comes out)."""
+    with pytest.raises(EvaluationError, match=r"^all-zero query embedding \(9_asfr_B: query b-3\): the model gives "
+                                              r"all-zero outputs$"):
+        evaluate_sets(ZeroEncoder(queries=["b-3"]), make_sets(), batch_size=4, progress=False)
+    with pytest.raises(EvaluationError, match=r"^all-zero gallery embedding of /img/c4.jpg \(gallery of Unseen C\); "
+                                              r"1 of 25 gallery images have one"):
+        evaluate_sets(ZeroEncoder(paths=["/img/c4.jpg"]), make_sets(), batch_size=4, progress=False)
 
 
 def test_set_without_queries_is_refused_before_encoding():
