@@ -94,9 +94,9 @@ class Model:
 
     def encode_queries(self, queries, batch_size=None):
         emb = self.encoder.encode_queries(queries, batch_size=batch_size or self.batch_size)
-        bad = [q["id"] for q, row in zip(queries, emb) if not torch.isfinite(row).all()]
+        bad = [(q["id"], unusable(row)) for q, row in zip(queries, emb) if unusable(row)]
         if bad:
-            raise SearchError(f"non-finite embedding of query {bad[0]}: the model gives NaN or infinite outputs")
+            raise SearchError(f"{bad[0][1]} of query {bad[0][0]}")
         return emb
 
     def encode_targets(self, paths, batch_size=None):
@@ -115,10 +115,20 @@ class Model:
             emb = torch.stack(rows)
         self.encoded += sum(p not in self.unreadable for p in paths)      # images/s counts embedded images only
         # A NaN row means "unreadable" to the index; one from a readable image is a broken model, never skipped.
-        broken = [p for p, row in zip(paths, emb) if p not in self.unreadable and not torch.isfinite(row).all()]
+        broken = [(p, unusable(row)) for p, row in zip(paths, emb) if p not in self.unreadable and unusable(row)]
         if broken:
-            raise SearchError(f"non-finite embedding of {broken[0]}: the model gives NaN or infinite outputs")
+            raise SearchError(f"{broken[0][1]} of {broken[0][0]}")
         return emb
+
+
+def unusable(embedding):
+    """Why an embedding cannot be searched, or None. faiss ranks a NaN one nowhere and an all-zero one scores 0
+    against everything; the encoders return unit vectors unless the model is broken (as evaluate.UNUSABLE_ROWS)."""
+    if not torch.isfinite(embedding).all():
+        return "non-finite embedding (the model gives NaN or infinite outputs)"
+    if not embedding.any():
+        return "all-zero embedding (the model gives all-zero outputs)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ model; killed runs resume; unreadable images are skipped and counted; another ch
 faiss indexes build and search; two torchrun processes index like one."""
 import json
 import os
+import re
 import shutil
 
 import faiss
@@ -399,10 +400,11 @@ def test_an_approximate_index_returning_fewer_than_k_gives_only_real_hits(setup,
 
 
 def test_a_readable_image_or_query_with_a_non_finite_embedding_stops_the_run(setup):
-    """A NaN row means "unreadable" to the index; a readable image that embeds to NaN is a broken model and must stop
-    the run, naming the image, never be skipped as unreadable. The same for a query.
+    """A NaN row means "unreadable" to the index; a readable image that embeds to NaN or to all zeros is a broken model
+    and must stop the run, naming the image, never be skipped as unreadable or indexed. The same for a query.
     Catches: Model.encode_targets' broken-model check removed (the image is skipped silently); Model.encode_queries'
-    check removed (a NaN query ranks arbitrarily)."""
+    check removed (a NaN query ranks arbitrarily); unusable() without its all-zero case (a zero row scores 0 against
+    everything)."""
     class NaNFor(BytesEncoder):
         def __init__(self, bad):
             self.bad = bad
@@ -415,11 +417,23 @@ def test_a_readable_image_or_query_with_a_non_finite_embedding_stops_the_run(set
         def encode_queries(self, queries, batch_size=32):
             return torch.full((len(queries), self.embed_dim), float("nan"))
 
+    class ZeroFor(NaNFor):
+        def encode_targets(self, paths, batch_size=32):
+            return torch.nan_to_num(super().encode_targets(paths, batch_size), nan=0.0)
+
+        def encode_queries(self, queries, batch_size=32):
+            return torch.zeros(len(queries), self.embed_dim)
+
     model = stub_model()
     model.encoder = NaNFor(setup["paths"][3])
-    with pytest.raises(SearchError, match=f"non-finite embedding of {setup['paths'][3]}"):
+    with pytest.raises(SearchError, match=r"non-finite embedding \(.*\) of " + re.escape(setup["paths"][3])):
         model.encode_targets(setup["paths"][:5])
-    with pytest.raises(SearchError, match="non-finite embedding of query query"):
+    with pytest.raises(SearchError, match=r"non-finite embedding \(.*\) of query query"):
+        model.encode_queries([make_query(text="red")])
+    model.encoder = ZeroFor(setup["paths"][3])
+    with pytest.raises(SearchError, match=r"all-zero embedding \(.*\) of " + re.escape(setup["paths"][3])):
+        model.encode_targets(setup["paths"][:5])
+    with pytest.raises(SearchError, match=r"all-zero embedding \(.*\) of query query"):
         model.encode_queries([make_query(text="red")])
 
 
