@@ -228,6 +228,23 @@ def test_state_dict_round_trip_continues_identically(tmp_path):
         TaskSampler(SIZES, config, 16, world_size=2, rank=1).load_state_dict(first.state_dict())
 
 
+@pytest.mark.parametrize("sizes, world_size, batch_size", [
+    ({**SIZES, "1_t2i_FashionGen": 401}, 2, 8),                   # a sub-dataset grew by one record
+    ({k.replace("Shoes", "Dress"): n for k, n in SIZES.items()}, 2, 8),   # another sub-dataset of the same size
+    (SIZES, 4, 8),                                                # 4 ranks resuming a 2-rank run (same batch)
+    (SIZES, 2, 4)])
+def test_a_sampler_state_is_refused_by_a_run_it_would_not_resume_exactly(sizes, world_size, batch_size):
+    """A saved position in k's permutation names other records when N_k changed, another sub-dataset's when k
+    was replaced, and other slots when the world size or per-rank batch changed (docs/method.md#ggas): each is
+    refused.
+    Catches: load_state_dict comparing a field with itself (`"world_size": state["world_size"]` in `mine`: a
+    4-rank run silently resumes a 2-rank run's positions), for each of keys, sizes, world size and batch size."""
+    saved = TaskSampler(SIZES, cfg(), 8, world_size=2, seed=5)
+    draw(saved, 5)
+    with pytest.raises(ValueError, match="sampler state does not match this run"):
+        TaskSampler(sizes, cfg(), batch_size, world_size=world_size, seed=5).load_state_dict(saved.state_dict())
+
+
 def _gloo_worker(rank, world_size, init_file, out_dir, steps):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
