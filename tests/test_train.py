@@ -1450,6 +1450,29 @@ def test_prepared_chunks_come_back_in_submission_order():
     assert [c["items"] for c in chunks] == [["a"], ["b"], ["c"], ["d"]]
 
 
+def test_step_guess_is_used_only_when_it_is_exactly_the_steps_batch():
+    """StepPrefetch hands a step the chunks prepared during the step before only if the guessed batch equals the
+    step's batch in all three parts: key, training views and chunk size. A guess with the same key but another
+    record, or the same records in other chunks, is a miss and the step prepares its own batch.
+    Catches: the guess compared by its key alone (`guess == batch` -> `guess[0] == batch[0]`: the step trains on
+    the guessed records) or without its chunk size (`guess[:2] == batch[:2]`: chunks of the guessed size)."""
+    def views(ids):
+        return [{"id": i, "target_image": f"{i}.png", "negative_image": []} for i in ids]
+
+    encoder = SimpleNamespace(prepare_queries=lambda items, train: [e["id"] for e in items],
+                              prepare_targets=lambda items, train: list(items))
+    guess = ("k", views(["r0", "r1", "r2", "r3"]), 2)
+    with StepPrefetch(1, encoder) as prefetch:
+        for batch in [("k", views(["r0", "r1", "r2", "r9"]), 2), ("k", guess[1], 4), ("j", guess[1], 2)]:
+            prefetch.prepare(guess)
+            assert prefetch.take(batch) is None, batch
+        prefetch.prepare(guess)
+        futures = prefetch.take(("k", views(["r0", "r1", "r2", "r3"]), 2))     # equal to the guess, not the same
+        assert [f.result() for f in futures] == [["r0", "r1"], ["r2", "r3"], ["r0.png", "r1.png"],
+                                                 ["r2.png", "r3.png"]]
+    assert (prefetch.hits, prefetch.misses) == (1, 3)
+
+
 def logged_training_steps(out_dir):
     """The log's step records less what differs between identical runs (timings, the prefetch counters)."""
     steps = [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "loss" in r]
