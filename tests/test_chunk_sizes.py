@@ -123,6 +123,18 @@ def test_a_chunk_table_that_is_not_yaml_is_refused_naming_the_file_and_line(tmp_
         chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))
 
 
+@pytest.mark.parametrize("content", [{"chunk_sizes": ROWS}, {"assumes": {}}, ["not", "a", "mapping"]])
+def test_a_file_that_is_not_a_chunk_table_is_a_data_error_naming_it(tmp_path, monkeypatch, content):
+    """train.chunk_table naming a YAML file without both parts benchmarks/chunk_memory.py writes (a hand-written
+    {GB: chunks} list, a table cut short) stops with a DataError naming the file, not a KeyError from the lookup.
+    Catches: the format check reduced to `isinstance(table, dict)` (KeyError: 'assumes' / 'chunk_sizes') or without
+    it (AttributeError: a list has no keys)."""
+    cfg = table_config(tmp_path)
+    (tmp_path / "chunks.yaml").write_text(yaml.safe_dump(content))
+    with pytest.raises(DataError, match=r"chunks.yaml: not a chunk table .*needs 'assumes' and 'chunk_sizes'"):
+        chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))
+
+
 def test_full_config_table_covers_every_sub_dataset_and_fits_its_settings(monkeypatch):
     """configs/chunk_sizes.yaml, as full.yaml uses it: every sub-dataset in every row, chunks dividing the batch,
     never smaller on a larger GPU, and made for full.yaml's settings (else training on a GPU stops).
