@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fake_backbones
-from media import load_image, load_video
+from media import load_image, load_video, resize_frames
 import model
 from benchmarks.host_syncs import AsOnGpu, SyncCounter
 from config import CalibratorConfig, ModelConfig
@@ -341,6 +341,17 @@ def test_a_16_bit_grey_image_reads_as_its_8_bit_version_and_32_bit_pixels_are_re
         assert e.value.path == path and e.value.record_id == "rec-3"
 
 
+def test_a_big_endian_16_bit_tiff_reads_as_its_8_bit_version(tmp_path):
+    """A 16-bit grey TIFF written big-endian opens in PIL as mode I;16B, not I;16, and must be scaled to 8 bits like
+    the little-endian PNG of the test above.
+    Catches: the 16-bit check as `image.mode == "I;16"` (the I;16B image goes through convert_to_rgb unscaled)."""
+    grey, low = np.random.default_rng(5).integers(0, 256, (2, 40, 30), dtype=np.uint16)
+    path = str(tmp_path / "grey16be.tif")      # low bytes that differ from the high ones: byte order matters
+    Image.frombytes("I;16B", (30, 40), (grey * 256 + low).astype(">u2").tobytes()).save(path)
+    assert Image.open(path).mode == "I;16B"                              # the case under test
+    assert np.array_equal(np.asarray(load_image(path)), np.repeat(grey[..., None], 3, axis=2).astype(np.uint8))
+
+
 def test_release_evaluates_between_the_two_budgets(tiny_backbone, tmp_path):
     """The release evaluates with min 224x224 and max 256x256 pixels (Qwen2-VL's smart_resize), by hand:
       112x112: rounds to 128x128, under the min: scaled by sqrt(224^2 / 112^2) = 2, ceil -> 224x224, 49 tokens
@@ -392,6 +403,29 @@ def test_a_clip_shorter_than_the_frame_count_repeats_frames_with_their_own_indic
     frames, meta = load_video(path, 8)
     assert meta.frames_indices == [0, 0, 1, 1, 1, 1, 2, 2]
     assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
+
+
+def test_a_clips_frame_rate_reaches_the_video_metadata(tmp_path):
+    """Qwen3-VL's video prompt stamps each frame with its time, index / fps, so the fps must be the clip's own (4 here);
+    load_video falls back to 24, the processor's default, only for a container that states none.
+    Catches: the container's rate replaced by the default (`meta.fps = 24.0`: a 4 fps clip's times 6x too small)."""
+    path = write_mp4(tmp_path / "slow.mp4", 12, seed=4, rate=4)
+    assert load_video(path, 8)[1].fps == 4
+
+
+def test_video_frames_are_resized_as_the_video_processor_resizes_them(tiny_backbone):
+    """model.py sizes video frames itself (resize_frames) and runs the processor with do_resize=False, so the pixels
+    must be the ones Qwen3-VL's video processor makes at the same size: its own resize (BaseVideoProcessor.resize,
+    which Qwen3VLVideoProcessor.resize calls after smart_resize), at its own resample, on random frames halved.
+    Catches: resize_frames without antialiasing (`antialias=False`) or with another interpolation (BILINEAR)."""
+    from transformers import AutoVideoProcessor
+    from transformers.image_utils import SizeDict
+    from transformers.video_processing_utils import BaseVideoProcessor
+    processor = AutoVideoProcessor.from_pretrained(tiny_backbone)
+    frames = np.random.default_rng(6).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    theirs = BaseVideoProcessor.resize(processor, image=torch.from_numpy(frames).permute(0, 3, 1, 2),
+                                       size=SizeDict(height=32, width=48), resample=processor.resample)
+    assert np.array_equal(resize_frames(frames, 32, 48), theirs.permute(0, 2, 3, 1).numpy())
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
