@@ -1172,6 +1172,23 @@ def test_encoding_sharded_over_three_ranks_pads_and_restores_the_order(monkeypat
     assert out[:, 0].tolist() == list(range(10))
 
 
+def test_encoding_goes_chunk_by_chunk_over_every_item_once_in_order():
+    """encode_sharded encodes CHUNK_BATCHES forward batches at a time (the unit of progress and of cache files): 40
+    items in batches of 2 are chunks of 32 and 8, each handed to on_chunk, every item encoded once, in order.
+    Catches: overlapping chunks (`shard[start:start + chunk + 1]`: item 32 encoded twice, the embeddings one longer
+    than the items); chunks of CHUNK_BATCHES items instead of batches (`chunk = CHUNK_BATCHES`: 16, 16, 8)."""
+    import encoding
+    items, encoded, handed = [f"item{j}" for j in range(40)], [], []
+
+    def encode(part, batch_size):
+        encoded.append(len(part))
+        return torch.tensor([[float(p[4:])] for p in part])
+
+    out = encoding.encode_sharded(encode, items, 2, False, "test", on_chunk=lambda part, emb: handed.append(len(emb)))
+    assert encoding.CHUNK_BATCHES == 16 and encoded == handed == [32, 8]
+    assert out[:, 0].tolist() == list(range(40))
+
+
 def test_unreadable_cache_file_is_ignored_with_a_warning(tmp_path, capsys):
     """A cache chunk that cannot be read (truncated by a full disk, or any foreign bytes) is only a cache: it is skipped
     with a warning naming it, its images are encoded afresh, and the results equal an uncached run.
