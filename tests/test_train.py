@@ -1733,6 +1733,21 @@ def test_malformed_yaml_ends_each_command_in_one_line_naming_the_file_and_line(t
         load_config(None, ["train.lr=["])
 
 
+def test_another_librarys_error_is_given_as_a_single_line():
+    """plumbing.one_line turns another library's error into the single line a command prints (train.py's usage
+    error, evaluate.py's EvaluationError, search.py's unreadable images), by hand: runs of whitespace and line
+    breaks become one space, a KeyError loses the quotes its str adds, an error without a message is named by its
+    type, and with_type prefixes the type.
+    Catches: the whitespace not collapsed (`text = str(text)`: a multi-line message spreads over lines); an empty
+    message left empty (`if with_type` alone: "cannot load the model: " followed by nothing)."""
+    from plumbing import one_line
+    assert (one_line(ValueError("Unrecognized model in /x.\n  Should have a `model_type` key\tin config.json"))
+            == "Unrecognized model in /x. Should have a `model_type` key in config.json")
+    assert one_line(KeyError("lm_head.weight")) == "lm_head.weight"
+    assert one_line(RuntimeError()) == one_line(RuntimeError(" \n ")) == "RuntimeError: "
+    assert one_line(OSError("disk\nfull"), with_type=True) == "OSError: disk full"
+
+
 def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, monkeypatch):
     """`inherit:` names a file beside the config (not in the working directory); the child's keys replace the
     parent's one by one, a section the child leaves out is the parent's, and overrides win over both. A YAML file's
