@@ -764,6 +764,18 @@ def test_decompression_bomb_is_named_without_a_traceback(mini_root, tmp_path):
     assert bomb in str(e.value)
 
 
+def test_a_decompression_bomb_met_in_training_or_evaluation_is_a_data_error(tmp_path):
+    """The encoders read images with media.load_image, not the validator: a 20000x20000 PNG header there must be a
+    DataError naming the file and record, as for any unreadable image, not PIL's own error.
+    Catches: media.load_image catching only OSError and ValueError (DecompressionBombError is neither)."""
+    from media import load_image
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20000, 20000))
+    with pytest.raises(DataError, match="cannot read image: .*decompression bomb") as e:
+        load_image(str(bomb), "rec-4")
+    assert e.value.path == str(bomb) and e.value.record_id == "rec-4"
+
+
 def test_lone_surrogate_in_a_caption_is_a_data_error(mini_root, tmp_path, tiny_backbone):
     """"\\ud800" is valid JSON but no character: the readers name file, record and field; at encoding time both
     encoders name the record instead of failing in the tokenizer. Catches: the check removed from check_records or
