@@ -222,6 +222,24 @@ def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkey
     assert attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cpu")) == "sdpa"
 
 
+def test_auto_attention_gives_sdpa_for_a_flash_attn_that_transformers_does_not_accept(tmp_path, monkeypatch, capsys):
+    """model.attn_implementation=auto on a GPU with a flash-attn that imports but that transformers' own check refuses
+    (is_flash_attn_2_available false: a version it does not support) gives sdpa and one line saying why, since
+    from_pretrained would refuse flash_attention_2.
+    Catches: transformers' check dropped from flash_attention_unavailable (`if False:`: flash_attention_2 picked)."""
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text("def flash_attn_varlen_func(*args, **kwargs):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    from transformers.utils import import_utils
+    monkeypatch.setattr(import_utils, "is_flash_attn_2_available", lambda *a, **k: False)
+    assert attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cuda")) == "sdpa"
+    assert capsys.readouterr().out.splitlines() == [
+        "model.attn_implementation=auto: sdpa, because FlashAttention cannot be used: transformers does not support "
+        "the installed flash-attn version"]
+
+
 def test_tiny_backbone_with_the_real_tokenizer(tmp_path, media):
     """fake_backbones.py make-tiny --real-tokenizer: tiny widths (hidden 128) with the real tokenizer's files byte
     for byte, Qwen3-VL's template and the real 151,936 rows, so <|MEAN|>/<|IMG|> are 151669/151670 and the target
