@@ -22,7 +22,9 @@ def one_line(err, with_type=False):
     """An exception's message on one line; with_type prefixes its type (for errors raised by other libraries)."""
     text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err     # KeyError quotes its str
     text = " ".join(str(text).split())
-    return f"{type(err).__name__}: {text}" if with_type or not text else text
+    if not text:
+        return type(err).__name__
+    return f"{type(err).__name__}: {text}" if with_type else text
 
 
 def read_yaml(path):

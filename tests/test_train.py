@@ -1739,12 +1739,13 @@ def test_another_librarys_error_is_given_as_a_single_line():
     breaks become one space, a KeyError loses the quotes its str adds, an error without a message is named by its
     type, and with_type prefixes the type.
     Catches: the whitespace not collapsed (`text = str(text)`: a multi-line message spreads over lines); an empty
-    message left empty (`if with_type` alone: "cannot load the model: " followed by nothing)."""
+    message left empty (`if not text: return ...` dropped: "cannot load the model: " followed by nothing)."""
     from plumbing import one_line
     assert (one_line(ValueError("Unrecognized model in /x.\n  Should have a `model_type` key\tin config.json"))
             == "Unrecognized model in /x. Should have a `model_type` key in config.json")
     assert one_line(KeyError("lm_head.weight")) == "lm_head.weight"
-    assert one_line(RuntimeError()) == one_line(RuntimeError(" \n ")) == "RuntimeError: "
+    assert one_line(RuntimeError()) == one_line(RuntimeError(" \n ")) == "RuntimeError"
+    assert one_line(RuntimeError(), with_type=True) == "RuntimeError"
     assert one_line(OSError("disk\nfull"), with_type=True) == "OSError: disk full"
 
 
