@@ -98,6 +98,8 @@ def load_video(path, num_frames=8, record_id=None):
         frames, meta = video_utils.load_video(path, backend="pyav", sample_indices_fn=uniform)
     except DataError:
         raise
+    except av.error.EOFError as err:  # PyAV's "[Errno 541478725] End of file" from opening a file cut in its header
+        raise DataError(path, "cannot read video: the file ends before its first frame (cut short?)", record_id) from err
     except Exception as err:  # PyAV raises its own error family (and IndexError, ZeroDivisionError) on bad files
         raise DataError(path, f"cannot read video: {err}", record_id) from err
     # PyAV yields each index once and none past the decoded end; map the frames we got back to their indices.

@@ -778,8 +778,9 @@ def test_a_video_without_a_video_stream_or_a_decodable_frame_is_named_as_such(tm
     """An audio-only file was refused with "cannot read video: tuple index out of range" (transformers' reader takes
     streams.video[0]); a video stream with no decodable frame with "need at least one array to stack" (.mp4, which
     stores a frame count) or "Operation not permitted" (.mkv, counted by decoding: 0, then a seek).
+    A file cut within its header (here: a stream declared, no packet written) read "[Errno 541478725] End of file".
     Catches: load_video's stream check removed (the IndexError's message comes back); its first-frame check removed
-    (either of the other two messages)."""
+    (either of the other two messages); its EOFError clause removed (the End of file message)."""
     audio = write_audio_only(tmp_path / "audio.mp4")
     with av.open(audio) as container:                       # the cases under test
         assert [stream.type for stream in container.streams] == ["audio"]
@@ -793,6 +794,17 @@ def test_a_video_without_a_video_stream_or_a_decodable_frame_is_named_as_such(tm
         with pytest.raises(DataError) as err:
             load_video(path, record_id="rec-2")
         assert str(err.value) == f"{path} (record rec-2): cannot read video: its video stream has no decodable frames"
+    header_only = str(tmp_path / "header-only.mkv")       # a stream declared, not one packet written
+    with av.open(header_only, "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()
+    with pytest.raises(av.error.EOFError):                    # the case under test
+        av.open(header_only)
+    with pytest.raises(DataError) as err:
+        load_video(header_only, record_id="rec-3")
+    assert str(err.value) == f"{header_only} (record rec-3): cannot read video: the file ends before its first frame " \
+                             f"(cut short?)"
 
 
 def test_encoding_prepares_the_next_batch_while_embedding_this_one(encoder, media, tmp_path):
