@@ -338,6 +338,9 @@ class Index:
         if len(self.items) != self.index.ntotal:
             raise SearchError(f"{index_dir}: items.jsonl lists {len(self.items)} images, index.faiss holds "
                               f"{self.index.ntotal}: the folder was changed by hand; index the catalogue again")
+        if self.index.d != model.embed_dim:    # else every query fails in a reshape, or faiss asserts
+            raise SearchError(f"{index_dir}: index.faiss holds vectors of width {self.index.d}, the model gives "
+                              f"{model.embed_dim}: the folder was changed by hand; index the catalogue again")
 
     def search(self, query_emb, k=10):
         """Per query, its top k as [{"rank", "score", "path", ...metadata}], best first."""

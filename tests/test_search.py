@@ -457,13 +457,21 @@ def test_a_failed_reindex_leaves_no_finished_marker(setup, tmp_path, monkeypatch
 
 
 def test_items_out_of_step_with_the_index_are_refused(setup, tmp_path):
-    """items.jsonl line i describes vector i: a folder where they disagree in number (changed by hand) is refused.
-    Catches: Index.__init__'s items / ntotal comparison removed."""
+    """items.jsonl line i describes vector i: a folder where they disagree in number (changed by hand) is refused; so
+    is an index.faiss of another width than the model's (every query failed in a reshape).
+    Catches: Index.__init__'s items / ntotal comparison removed; its width comparison removed."""
     out = stub_index(tmp_path, setup)
     items = open(os.path.join(out, "items.jsonl")).read().splitlines()
     with open(os.path.join(out, "items.jsonl"), "w") as f:
         f.write("\n".join(items[:-1]) + "\n")
     with pytest.raises(SearchError, match="lists 8 images, index.faiss holds 9"):
+        search.Index(out, stub_model())
+    with open(os.path.join(out, "items.jsonl"), "w") as f:
+        f.write("\n".join(items) + "\n")
+    narrow = faiss.IndexFlatIP(8)                   # 9 vectors again, each 8 wide where the model gives 16
+    narrow.add(np.random.default_rng(0).standard_normal((9, 8)).astype(np.float32))
+    faiss.write_index(narrow, os.path.join(out, "index.faiss"))
+    with pytest.raises(SearchError, match="index.faiss holds vectors of width 8, the model gives 16"):
         search.Index(out, stub_model())
 
 
