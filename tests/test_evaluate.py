@@ -306,62 +306,47 @@ def test_cache_reencodes_an_image_rewritten_at_the_same_path(tmp_path):
     assert file_key(changed) == (changed, size, stat.st_mtime_ns + 1_000_000_000)
 
 
-class NonFiniteEncoder(FakeEncoder):
-    """A broken model: NaN for the listed query ids, +inf for the listed gallery paths."""
+class BrokenEncoder(FakeEncoder):
+    """A broken model: `query_value` (NaN by default) in every entry of the listed query ids' embeddings,
+    `gallery_value` (+inf) in the listed gallery paths'."""
 
-    def __init__(self, queries=(), paths=()):
+    def __init__(self, queries=(), paths=(), query_value=float("nan"), gallery_value=float("inf")):
         super().__init__()
         self.bad_queries, self.bad_paths = set(queries), set(paths)
+        self.query_value, self.gallery_value = query_value, gallery_value
 
     def encode_targets(self, paths, batch_size=32, progress=False):
         emb = super().encode_targets(paths, batch_size)
-        emb[[i for i, p in enumerate(paths) if p in self.bad_paths]] = float("inf")
+        emb[[i for i, p in enumerate(paths) if p in self.bad_paths]] = self.gallery_value
         return emb
 
     def encode_queries(self, queries, batch_size=32, progress=False):
         emb = super().encode_queries(queries, batch_size)
-        emb[[i for i, q in enumerate(queries) if q["id"] in self.bad_queries]] = float("nan")
+        emb[[i for i, q in enumerate(queries) if q["id"] in self.bad_queries]] = self.query_value
         return emb
 
 
 def test_non_finite_embeddings_are_refused_naming_set_and_query_or_image():
     with pytest.raises(EvaluationError, match=r"non-finite query embedding \(9_asfr_B: query b-3\)"):
-        evaluate_sets(NonFiniteEncoder(queries=["b-3"]), make_sets(), batch_size=4, progress=False)
+        evaluate_sets(BrokenEncoder(queries=["b-3"]), make_sets(), batch_size=4, progress=False)
     with pytest.raises(EvaluationError, match=r"7_cir_A: query a-0 and 1 more; Unseen C: query c-6\)"):
-        evaluate_sets(NonFiniteEncoder(queries=["a-0", "a-5", "c-6"]), make_sets(), batch_size=4, progress=False)
+        evaluate_sets(BrokenEncoder(queries=["a-0", "a-5", "c-6"]), make_sets(), batch_size=4, progress=False)
     # A gallery image: its path and every set whose gallery holds it.
     with pytest.raises(EvaluationError, match=r"gallery embedding of /img/shared1.jpg \(gallery of 7_cir_A, "
                                               r"9_asfr_B, Unseen C\); 2 of 25"):
-        evaluate_sets(NonFiniteEncoder(paths=["/img/shared1.jpg", "/img/c4.jpg"]), make_sets(), batch_size=4,
+        evaluate_sets(BrokenEncoder(paths=["/img/shared1.jpg", "/img/c4.jpg"]), make_sets(), batch_size=4,
                       progress=False)
-
-
-class ZeroEncoder(FakeEncoder):
-    """A broken model: all-zero embeddings for the listed query ids and gallery paths."""
-
-    def __init__(self, queries=(), paths=()):
-        super().__init__()
-        self.zero_queries, self.zero_paths = set(queries), set(paths)
-
-    def encode_targets(self, paths, batch_size=32, progress=False):
-        emb = super().encode_targets(paths, batch_size)
-        emb[[i for i, p in enumerate(paths) if p in self.zero_paths]] = 0.0
-        return emb
-
-    def encode_queries(self, queries, batch_size=32, progress=False):
-        emb = super().encode_queries(queries, batch_size)
-        emb[[i for i, q in enumerate(queries) if q["id"] in self.zero_queries]] = 0.0
-        return emb
 
 
 def test_all_zero_embeddings_are_refused_naming_set_and_query_or_image():
     """Catches: evaluate_sets checking non-finite rows only (UNUSABLE_ROWS without "all-zero": a table comes out)."""
     with pytest.raises(EvaluationError, match=r"^all-zero query embedding \(9_asfr_B: query b-3\): the model gives "
                                               r"all-zero outputs$"):
-        evaluate_sets(ZeroEncoder(queries=["b-3"]), make_sets(), batch_size=4, progress=False)
+        evaluate_sets(BrokenEncoder(queries=["b-3"], query_value=0.0), make_sets(), batch_size=4, progress=False)
     with pytest.raises(EvaluationError, match=r"^all-zero gallery embedding of /img/c4.jpg \(gallery of Unseen C\); "
                                               r"1 of 25 gallery images have one"):
-        evaluate_sets(ZeroEncoder(paths=["/img/c4.jpg"]), make_sets(), batch_size=4, progress=False)
+        evaluate_sets(BrokenEncoder(paths=["/img/c4.jpg"], gallery_value=0.0), make_sets(), batch_size=4,
+                      progress=False)
 
 
 def test_set_without_queries_is_refused_before_encoding():
@@ -397,7 +382,7 @@ def distributed_worker(rank, world, init_file, out_dir, cache_dir):
     encoder = FakeEncoder()
     results = evaluate_sets(encoder, make_sets(), batch_size=2, cache_dir=cache_dir, progress=False)
     try:                      # a non-finite query seen by rank 0 alone must stop every rank, none left waiting
-        evaluate_sets(NonFiniteEncoder(queries=["b-2"]), make_sets(), batch_size=2, progress=False)
+        evaluate_sets(BrokenEncoder(queries=["b-2"]), make_sets(), batch_size=2, progress=False)
         error = None
     except EvaluationError as err:
         error = str(err)
