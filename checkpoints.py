@@ -60,8 +60,7 @@ def settle_best(last, best_path):
             and best["step"] <= last["step"] and best["step"] == last.get("best_step", best["step"])):
         return
     if best is not None:
-        orphan = os.path.join(os.path.dirname(best_path), f"best.orphan-step{best['step']}.pt")
-        os.replace(best_path, orphan)
+        orphan = move_aside(best_path, f"best.orphan-step{best['step']}.pt")
         run = (f"the run resumed at step {last['step']} (best score {last['best_score']:.2f} at step "
                f"{last.get('best_step')})" if last is not None else "this fresh run")
         print(f"{best_path} (step {best['step']}, score {best['best_score']:.2f}) is not the best checkpoint of "
@@ -70,6 +69,18 @@ def settle_best(last, best_path):
         save_atomic(last, best_path)
         print(f"wrote {best_path} from the checkpoint resumed (step {last['step']}, best score "
               f"{last['best_score']:.2f}): the run stopped after writing last.pt, before best.pt")
+
+
+def move_aside(path, name):
+    """Rename `path` to `name` in its folder, or to name-2, name-3, ... where that is taken: a file another run left is
+    kept, never overwritten. Returns the new path."""
+    stem, ext = os.path.splitext(name)
+    target, n = os.path.join(os.path.dirname(path), name), 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(os.path.dirname(path), f"{stem}-{n}{ext}")
+    os.replace(path, target)
+    return target
 
 
 def check_ranks_agree(encoder, when):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, restore, settle_best
+from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, move_aside, restore, settle_best
 from config import load_config
 from evaluate import evaluate_sets, score
 from loader import StepPrefetch, chunk_items, chunk_report, chunk_sizes_for, prepare_chunks
@@ -404,8 +404,8 @@ def train(cfg, resume=False, stop_after=None):
         if os.path.exists(log_path):
             os.remove(log_path)
         if os.path.exists(last_path):
-            os.replace(last_path, os.path.join(cfg.train.out_dir, "last.orphan.pt"))
-            print(f"{last_path} belongs to another run (this one is not --resume): moved to last.orphan.pt")
+            print(f"{last_path} belongs to another run (this one is not --resume): moved to "
+                  f"{move_aside(last_path, 'last.orphan.pt')}")
     if rank == 0:
         settle_best(ckpt, best_path)
     check_ranks_agree(encoder, f"resuming {last_path} at step {step}" if ckpt is not None else "at start")
