@@ -86,25 +86,31 @@ def load_video(path, num_frames=8, record_id=None):
     if not os.path.isfile(path):  # checked here: load_video would fetch http(s) paths and call others a format error
         raise DataError(path, "video file not found", record_id)
     try:
-        # transformers' reader takes streams.video[0] and stacks what it decodes: a file without a video stream (audio
-        # only) fails there with "tuple index out of range", a stream with no decodable frame with "need at least one
-        # array to stack". One frame decoded here names either case.
-        with av.open(path) as container:
-            if not container.streams.video:
-                kinds = ", ".join(stream.type for stream in container.streams) or "none"
-                raise DataError(path, f"cannot read video: the file has no video stream (streams: {kinds})", record_id)
-            if next(container.decode(video=0), None) is None:
-                raise DataError(path, "cannot read video: its video stream has no decodable frames", record_id)
         frames, meta = video_utils.load_video(path, backend="pyav", sample_indices_fn=uniform)
-    except DataError:
-        raise
-    except av.error.EOFError as err:  # PyAV's "[Errno 541478725] End of file" from opening a file cut in its header
-        raise DataError(path, "cannot read video: the file ends before its first frame (cut short?)", record_id) from err
-    except Exception as err:  # PyAV raises its own error family (and IndexError, ZeroDivisionError) on bad files
-        raise DataError(path, f"cannot read video: {err}", record_id) from err
+    except Exception as err:  # PyAV raises its own error family (and IndexError, ValueError, ...) on bad files
+        raise DataError(path, f"cannot read video: {video_problem(path) or err}", record_id) from err
     # PyAV yields each index once and none past the decoded end; map the frames we got back to their indices.
     decoded = np.unique(meta.frames_indices)[:len(frames)]
     pick = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
     meta.frames_indices = decoded[pick].tolist()
     meta.fps = meta.fps or 24.0  # the timestamps in Qwen3-VL's video prompt divide by it; 24 is the processor's default
     return frames[pick], meta
+
+
+def video_problem(path):
+    """What makes a video file unreadable, in words, where transformers' reader says it obscurely, or None. The reader
+    takes streams.video[0] and stacks what it decodes: an audio-only file fails with "tuple index out of range", a
+    stream with no decodable frame with "need at least one array to stack", and a file cut within its header with
+    PyAV's "[Errno 541478725] End of file". Called only once reading has failed, so readable clips are opened once."""
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                kinds = ", ".join(stream.type for stream in container.streams) or "none"
+                return f"the file has no video stream (streams: {kinds})"
+            if next(container.decode(video=0), None) is None:
+                return "its video stream has no decodable frames"
+    except av.error.EOFError:
+        return "the file ends before its first frame (cut short?)"
+    except Exception:         # another fault: the reader's own message is the one to give
+        return None
+    return None

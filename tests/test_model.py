@@ -779,8 +779,9 @@ def test_a_video_without_a_video_stream_or_a_decodable_frame_is_named_as_such(tm
     streams.video[0]); a video stream with no decodable frame with "need at least one array to stack" (.mp4, which
     stores a frame count) or "Operation not permitted" (.mkv, counted by decoding: 0, then a seek).
     A file cut within its header (here: a stream declared, no packet written) read "[Errno 541478725] End of file".
-    Catches: load_video's stream check removed (the IndexError's message comes back); its first-frame check removed
-    (either of the other two messages); its EOFError clause removed (the End of file message)."""
+    Catches: video_problem's stream check removed (the IndexError's message comes back); its first-frame check
+    removed (either of the other two messages); its EOFError clause removed (the End of file message); load_video
+    not asking video_problem (all three)."""
     audio = write_audio_only(tmp_path / "audio.mp4")
     with av.open(audio) as container:                       # the cases under test
         assert [stream.type for stream in container.streams] == ["audio"]
