@@ -55,7 +55,7 @@ def settle_best(last, best_path):
     last.pt, as an earlier train.py, which wrote best.pt first, left when killed between the two) is moved aside to
     best.orphan-step<N>.pt, never deleted. A last.pt written before best_step was recorded accepts a best.pt of its
     best score at or before its step."""
-    best = load_checkpoint(best_path) if os.path.exists(best_path) else None
+    best = readable_best(best_path)
     if (best is not None and last is not None and best["best_score"] == last["best_score"]
             and best["step"] <= last["step"] and best["step"] == last.get("best_step", best["step"])):
         return
@@ -69,6 +69,23 @@ def settle_best(last, best_path):
         save_atomic(last, best_path)
         print(f"wrote {best_path} from the checkpoint resumed (step {last['step']}, best score "
               f"{last['best_score']:.2f}): the run stopped after writing last.pt, before best.pt")
+
+
+def readable_best(best_path):
+    """best.pt's checkpoint, or None where there is none. One that cannot be read or lacks the step and score train.py
+    writes (a file cut by a crash, or not train.py's) is moved aside with a note: best.pt is an output of the run,
+    never a reason to stop it."""
+    if not os.path.exists(best_path):
+        return None
+    try:
+        best = load_checkpoint(best_path)
+        if isinstance(best, dict) and {"step", "best_score"} <= best.keys():
+            return best
+        problem = "no step and best score: not a checkpoint train.py wrote"
+    except DataError as err:
+        problem = err.message
+    print(f"{best_path}: {problem}; moved to {move_aside(best_path, 'best.orphan-unreadable.pt')}")
+    return None
 
 
 def move_aside(path, name):

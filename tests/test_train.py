@@ -877,14 +877,16 @@ def test_resume_keeps_best_pt_to_the_run_that_last_pt_continues(tiny_backbone, m
     behind: a run scoring 4, 3, 9 dies while writing step 3's best.pt, after last.pt: the resumed run (score 2 at step
     4) must end with best.pt = last.pt of step 3, the earlier best.pt kept as best.orphan-step1.pt.
     A fresh run moves a best.pt and a last.pt it finds aside (they are another run's: a --resume after the fresh run is
-    killed before its first save must not continue the other run), never over a file moved aside before.
+    killed before its first save must not continue the other run), never over a file moved aside before; a best.pt it
+    cannot read, or one without a step and score, is moved aside too, and the run goes on.
     Catches: settle_best not called in train (ahead: best.pt stays the step-3 one; behind: step 1's); last.pt written
     after best.pt (save_atomic(state, last_path) moved below the best.pt write: the death leaves last.pt at step 1);
     last.pt not written at a new best (`new_best or` dropped: the run stopped after step 2 left no last.pt);
     settle_best's `save_atomic(last, best_path)` dropped (no best.pt); its `os.replace(best_path, orphan)` dropped (no
     orphan file, the later best.pt overwritten); a fresh run leaving the other run's last.pt in place (its move
     dropped: no last.orphan.pt); move_aside overwriting a name taken (`while os.path.exists(target)` -> `while False`:
-    best.orphan-step1.pt replaced)."""
+    best.orphan-step1.pt replaced); readable_best letting a cut best.pt's DataError out (`except DataError` ->
+    `except KeyError`), or taking one without a step (the `<= best.keys()` check -> `isinstance(best, dict)`: KeyError)."""
     real_save = train_module.save_atomic
 
     def run(out_dir, scores, resume=False, stop_after=None, die_at=None):
@@ -935,6 +937,18 @@ def test_resume_keeps_best_pt_to_the_run_that_last_pt_continues(tiny_backbone, m
     assert load_checkpoint(behind / "best.orphan-step1-2.pt")["best_score"] == 1.0
     assert_same_state(load_checkpoint(behind / "last.orphan.pt"), previous_last)
     assert load_checkpoint(behind / "last.orphan-2.pt")["step"] == 1
+    # A best.pt cut by a crash, or one that is not train.py's, is moved aside and the run goes on.
+    for junk in (b"PK\x03\x04 cut", None):
+        if junk is None:
+            torch.save({"model": {}}, behind / "best.pt")
+        else:
+            (behind / "best.pt").write_bytes(junk)
+        capsys.readouterr()
+        run(behind, [1.0], stop_after=1)
+        assert f"{behind / 'best.pt'}: " in capsys.readouterr().out
+        assert load_checkpoint(behind / "best.pt")["best_score"] == 1.0
+    assert (behind / "best.orphan-unreadable.pt").read_bytes() == b"PK\x03\x04 cut"
+    assert load_checkpoint(behind / "best.orphan-unreadable-2.pt") == {"model": {}}
 
 
 def test_resume_refuses_a_backbone_replaced_by_other_weights_and_takes_a_bf16_copy(tiny_backbone, mini_root, tmp_path,
