@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from encoding import arithmetic, encode_gallery, fingerprint
-from evaluate import EvaluationError, load_encoder, read_checkpoint, resolve_backbone
+from evaluate import UNUSABLE_CAUSE, UNUSABLE_ROWS, EvaluationError, load_encoder, read_checkpoint, resolve_backbone
 from model import resolve_device
 from plumbing import DataError, atomic_write, gather_list, one_line, setup_distributed, world, write_text_atomic
 from ufire_mini import REQUESTS, VERBS
@@ -94,9 +94,11 @@ class Model:
 
     def encode_queries(self, queries, batch_size=None):
         emb = self.encoder.encode_queries(queries, batch_size=batch_size or self.batch_size)
-        bad = [(q["id"], unusable(row)) for q, row in zip(queries, emb) if unusable(row)]
-        if bad:
-            raise SearchError(f"{bad[0][1]} of query {bad[0][0]}")
+        for kind, rows_of in UNUSABLE_ROWS.items():
+            bad = rows_of(emb)
+            if len(bad):
+                raise SearchError(f"{kind} embedding (the model gives {UNUSABLE_CAUSE[kind]}) of query "
+                                  f"{queries[bad[0]]['id']}")
         return emb
 
     def encode_targets(self, paths, batch_size=None):
@@ -115,20 +117,11 @@ class Model:
             emb = torch.stack(rows)
         self.encoded += sum(p not in self.unreadable for p in paths)      # images/s counts embedded images only
         # A NaN row means "unreadable" to the index; one from a readable image is a broken model, never skipped.
-        broken = [(p, unusable(row)) for p, row in zip(paths, emb) if p not in self.unreadable and unusable(row)]
-        if broken:
-            raise SearchError(f"{broken[0][1]} of {broken[0][0]}")
+        for kind, rows_of in UNUSABLE_ROWS.items():
+            broken = [paths[i] for i in rows_of(emb) if paths[i] not in self.unreadable]
+            if broken:
+                raise SearchError(f"{kind} embedding (the model gives {UNUSABLE_CAUSE[kind]}) of {broken[0]}")
         return emb
-
-
-def unusable(embedding):
-    """Why an embedding cannot be searched, or None. faiss ranks a NaN one nowhere and an all-zero one scores 0
-    against everything; the encoders return unit vectors unless the model is broken (as evaluate.UNUSABLE_ROWS)."""
-    if not torch.isfinite(embedding).all():
-        return "non-finite embedding (the model gives NaN or infinite outputs)"
-    if not embedding.any():
-        return "all-zero embedding (the model gives all-zero outputs)"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
