@@ -447,6 +447,28 @@ def test_a_video_with_no_video_stream_is_reported_not_a_traceback(mini_root, tmp
         f"{video} (record {rec['id']}): the file has no video stream (streams: audio)"]
 
 
+def test_check_media_names_a_frameless_or_cut_video_as_training_does(tmp_path):
+    """prepare_data.py checks a video with media.video_problem, the words training's reader gives: a stream of
+    undecodable packets was "video has no frames" (.mkv) or "cannot decode: [Errno 1] Operation not permitted" (.mp4),
+    and a file cut within its header (a stream declared, no packet written) "cannot decode: [Errno 541478725] End of
+    file". Catches: check_media not asking video_problem (its own frame count back); video_problem's frame check
+    disabled."""
+    from test_model import write_undecodable_video
+    for name in ("frameless.mkv", "frameless.mp4"):
+        path = write_undecodable_video(tmp_path / name)
+        with pytest.raises(DataError) as err:
+            check_media(path, "rec-4")
+        assert str(err.value) == f"{path} (record rec-4): its video stream has no decodable frames"
+    cut = str(tmp_path / "cut.mkv")
+    with av.open(cut, "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()
+    with pytest.raises(DataError) as err:
+        check_media(cut, "rec-5")
+    assert str(err.value) == f"{cut} (record rec-5): the file ends before its first frame (cut short?)"
+
+
 def test_missing_and_corrupt_files_are_named_with_their_record(mini_root, tmp_path):
     root = copy_tree(mini_root, tmp_path)
     rec = load_records(root, "4_street2shop_DeepFashion2", "test")[0]     # its street photo is its own
