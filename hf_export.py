@@ -140,8 +140,9 @@ def card_numbers(ckpt_path, results_path=None):
     saved = load_checkpoint(ckpt_path)
     if saved.get("best_score", -1) < 0:
         return "The checkpoint holds no validation score; export with `--results results.json` from evaluate.py."
-    return (f"Best validation score of the run up to step {saved.get('step', '?')}: **{saved['best_score']:.2f}**, "
-            f"the sum of Recall@1 (%) over the trained sub-datasets of the val split of "
+    reached = f" (reached at step {saved['best_step']})" if saved.get("best_step") is not None else ""
+    return (f"Best validation score of the run up to step {saved.get('step', '?')}: **{saved['best_score']:.2f}**"
+            f"{reached}, the sum of Recall@1 (%) over the trained sub-datasets of the val split of "
             f"`{saved['config']['data']['root']}` (train.py's model selection; it is this checkpoint's own score when "
             f"the file is best.pt). For the full table, run evaluate.py on the checkpoint and export with `--results`.")
 

@@ -277,11 +277,14 @@ def test_model_card_states_the_encoders_pixel_budget_frames_and_token_ids(traine
 
 def test_card_numbers_keep_a_best_score_of_zero(tmp_path):
     """train.py stores best_score = -1 until a validation ran; a validated score of exactly 0.00 (a model that finds
-    nothing) is a score and goes on the card.
-    Catches: card_numbers treating best_score <= 0 as "no validation score"."""
+    nothing) is a score and goes on the card, with the step it was reached at where the checkpoint records it (a
+    last.pt's step is later than its best's).
+    Catches: card_numbers treating best_score <= 0 as "no validation score"; best_step left out of the card."""
     path = tmp_path / "best.pt"
     torch.save({"config": Config().to_dict(), "best_score": 0.0, "step": 5}, path)
     assert "**0.00**" in hf_export.card_numbers(str(path)) and "step 5" in hf_export.card_numbers(str(path))
+    torch.save({"config": Config().to_dict(), "best_score": 12.5, "step": 9, "best_step": 6}, path)
+    assert "up to step 9: **12.50** (reached at step 6)," in hf_export.card_numbers(str(path))
     torch.save({"config": Config().to_dict(), "best_score": -1.0, "step": 5}, path)
     assert "holds no validation score" in hf_export.card_numbers(str(path))
 
