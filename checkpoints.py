@@ -78,7 +78,7 @@ def readable_best(best_path):
     if not os.path.exists(best_path):
         return None
     try:
-        best = load_checkpoint(best_path)
+        best = load_checkpoint(best_path, mmap=True)    # its step and score only: a full-training best.pt is GBs
         if isinstance(best, dict) and {"step", "best_score"} <= best.keys():
             return best
         problem = "no step and best score: not a checkpoint train.py wrote"

@@ -78,12 +78,13 @@ def publish_dir(tmp, out_dir):
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     """A training checkpoint, every tensor on the CPU: torch.set_rng_state and torch.cuda.set_rng_state take
     only CPU byte tensors, and the optimizer moves its own state to its parameters' device when loaded. A file that
-    cannot be read is a DataError naming it (torch's own errors do not)."""
+    cannot be read is a DataError naming it (torch's own errors do not). mmap: tensors are mapped, read only where
+    used (a caller that wants the step and score of a full-training checkpoint need not read its weights)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:            # noqa: BLE001: a truncated zip, a pickle of anything, an empty file ...
         raise DataError(path, f"cannot read the checkpoint (truncated, or not a file written by train.py): "
                               f"{one_line(err, with_type=True)}") from err
