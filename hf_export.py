@@ -137,7 +137,7 @@ def card_numbers(ckpt_path, results_path=None):
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{results_path}: not a results.json written by evaluate.py ({err!r})") from err
         return f"From `{os.path.basename(results_path)}` (evaluate.py):\n\n" + table
-    saved = load_checkpoint(ckpt_path)
+    saved = load_checkpoint(ckpt_path, mmap=True)     # its score and step: read_checkpoint has read the weights
     if saved.get("best_score", -1) < 0:
         return "The checkpoint holds no validation score; export with `--results results.json` from evaluate.py."
     reached = f" (reached at step {saved['best_step']})" if saved.get("best_step") is not None else ""
