@@ -124,8 +124,10 @@ class Encoder(nn.Module):
         """A hash of the weights a checkpoint relies on without holding them: the first 64 values of every frozen
         tensor, rounded to bf16 (so a bf16 copy of the weights, one loaded in fp32, or another sharding of the files
         is the same backbone). Two backbones of one architecture (an Instruct and a Thinking model) differ here, and
-        trained LoRA factors or token vectors are only right on the weights they were trained with."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trained LoRA factors or token vectors are only right on the weights they were trained with. Every name of a
+        trainable tensor is left out: with trainable=full the tied lm_head.weight is the trained token embedding under
+        a second name, which named_parameters() lists only once."""
+        trainable = {n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
         digest = hashlib.sha256()
         for name, tensor in sorted(self.state_dict().items()):
             if name not in trainable and tensor.is_floating_point():

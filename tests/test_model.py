@@ -156,6 +156,27 @@ def test_backbone_identity_sees_a_frozen_weight_past_the_first(tiny_backbone):
     assert changed != before and enc.backbone_identity() == before
 
 
+def test_backbone_identity_of_full_training_ignores_the_trained_embedding_under_its_tied_name(tiny_backbone):
+    """With trainable=full the token embedding trains, and Qwen3-VL ties lm_head.weight to it: one tensor, two names,
+    named_parameters() lists one. The tied name was hashed as a frozen weight, so a checkpoint's identity (taken on
+    its trained weights) stopped matching the fresh backbone's once training moved the embedding's first row in bf16,
+    and resume and evaluate.py refused the run's own checkpoints as "other backbone weights". A frozen weight still
+    counts. Catches: `remove_duplicate=False` dropped from backbone_identity's trainable names."""
+    enc = build(tiny_backbone, trainable="full")
+    embedding = enc.lm.get_input_embeddings().weight
+    assert embedding.requires_grad and embedding is enc.lm.lm_head.weight       # the case under test: tied
+    before = enc.backbone_identity()
+    with torch.no_grad():
+        embedding[0, :8] += 0.5                                                 # as a trained first row
+    assert enc.backbone_identity() == before
+    frozen = build(tiny_backbone, trainable="full", train_embeddings=False)
+    assert not frozen.lm.lm_head.weight.requires_grad
+    frozen_before = frozen.backbone_identity()
+    with torch.no_grad():
+        frozen.lm.lm_head.weight[0, :8] += 0.5
+    assert frozen.backbone_identity() != frozen_before
+
+
 def test_tiny_backbone_leaves_room_for_the_readout_tokens_at_any_tokenizer_size(tmp_path):
     """make_tiny_backbone pads the vocabulary above its tokenizer (as Qwen's 151,936 rows > 151,669 tokens) so the
     encoder's <|MEAN|> and <|IMG|> get rows of their own: with --bpe-vocab 626 the tokenizer has 640 = 10 x 64
