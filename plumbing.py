@@ -138,13 +138,16 @@ def all_reduce_mean(tensor):
 
 def average_gradients(params):
     """One all-reduce per step, after every chunk has been replayed (not one per chunk). Parameters that a
-    step did not use (the vision tower on a text-only task) contribute zeros, so every rank stays in lockstep."""
+    step did not use (the vision tower on a text-only task) contribute zeros, so every rank stays in lockstep.
+    The buffer is fp32 and each average goes back in its parameter's dtype: with model.fp32_trainable=false on a GPU
+    the token vectors and the calibrator are bf16 beside the fp32 LoRA adapters, and torch refuses a gradient of
+    another dtype than its parameter's."""
     _, size = world()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     if size > 1:
-        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+        flat = all_reduce_mean(torch.cat([g.reshape(-1).float() for g in grads]))
         for p, g in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p).clone()
+            p.grad = g.view_as(p).to(p.dtype, copy=True)
     else:
         for p, g in zip(params, grads):
             p.grad = g

@@ -516,6 +516,37 @@ def step_script(tmp_path, tiny_backbone, body):
     return script
 
 
+def test_two_processes_average_bf16_and_fp32_gradients_each_in_its_parameters_dtype(tmp_path):
+    """model.fp32_trainable=false (configs/release.yaml) on a GPU keeps the token vectors and the calibrator in bf16
+    beside the fp32 LoRA adapters. Two gloo processes hold a bf16 and an fp32 parameter with gradients that differ
+    by rank (rank 1's bf16 parameter has none: a step that did not use it); after average_gradients each parameter's
+    gradient has its parameter's dtype and is the two ranks' mean, worked out here from the same seeded values.
+    Catches: the average assigned in the fp32 buffer's dtype (`.to(p.dtype, copy=True)` -> `.clone()`: torch refuses
+    an fp32 gradient for a bf16 parameter, and release.yaml stopped at its first step on 2 or more GPUs)."""
+    script = tmp_path / "average.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from plumbing import average_gradients, setup_distributed\n"
+        "setup_distributed()\nrank = dist.get_rank()\n"
+        "params = [torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.bfloat16)), torch.nn.Parameter(torch.zeros(5))]\n"
+        "torch.manual_seed(rank)\n"
+        "params[0].grad = torch.randn(4, 3).bfloat16() if rank == 0 else None\n"
+        "params[1].grad = torch.randn(5)\n"
+        "average_gradients(params)\n"
+        f"torch.save([p.grad for p in params], f'{tmp_path}/rank{{rank}}.pt')\n")
+    torchrun(script)
+    torch.manual_seed(0)
+    bf16_0, fp32_0 = torch.randn(4, 3).bfloat16(), torch.randn(5)
+    torch.manual_seed(1)
+    fp32_1 = torch.randn(5)
+    expected = [(bf16_0.double() / 2).bfloat16(), ((fp32_0.double() + fp32_1.double()) / 2).float()]
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32]
+        assert torch.equal(grads[0], expected[0]) and torch.allclose(grads[1], expected[1], rtol=0, atol=1e-7)
+
+
 def test_a_steps_logged_statistics_over_ranks_by_hand():
     """Without gathered negatives a rank whose records were all unreadable returns no stats and adds zero
     gradients, so the averaged gradients descend (rank 0's loss + 0) / 2: that is the logged loss. The gate mean
