@@ -179,7 +179,8 @@ def fingerprint(cfg, encoder):
     """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...), the
     identity (relative name, size, mtime in ns) of every backbone file, the versions of the libraries that turn an
     image into an embedding and the source of this repository's code that does (embedding_sources), and every
-    trainable tensor (name, shape, dtype, bytes). It names the model; how a device computes it is `arithmetic`."""
+    trainable tensor (name, shape, its values as fp32 bytes). It names the model; how a device computes it is
+    `arithmetic`."""
     import transformers  # here, not at the top: model.py must set HF_HUB_OFFLINE before transformers loads
 
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
@@ -195,7 +196,9 @@ def fingerprint(cfg, encoder):
         with open(path, "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())
     for name, tensor in sorted(encoder.trainable_state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
+        # As fp32: with model.fp32_trainable=false a GPU holds the token vectors and the calibrator in bf16, a CPU
+        # the same values in fp32; one model, computed two ways (arithmetic), not two models.
+        tensor = tensor.detach().cpu().float().contiguous()
         digest.update(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -656,6 +656,31 @@ def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone)
     assert fingerprint(cfg, encoder) not in (before, stepped, edited, nested)
 
 
+def test_a_release_checkpoint_has_one_fingerprint_on_a_gpu_and_on_a_cpu(tiny_backbone, monkeypatch):
+    """With model.fp32_trainable=false (configs/release.yaml) the token vectors and the calibrator are bf16 on a GPU
+    and fp32 on a CPU, holding the same checkpoint values: one model computed two ways, which `arithmetic` tells
+    apart. search.Index refuses an index of another fingerprint as another checkpoint's and searches one of another
+    arithmetic with a note, so the CPU's fingerprint of a checkpoint written on a GPU must be the GPU's (bf16 stood
+    in for on the CPU by patching compute_dtype, as test_model does); it still follows the values.
+    Catches: the trainable tensors hashed in their own dtype (`.float()` dropped in fingerprint: an index a GPU
+    built with a release checkpoint was refused on a CPU as another checkpoint's)."""
+    import model
+    from config import Config
+    cfg = Config()
+    cfg.model.backbone, cfg.model.image_pixels, cfg.model.fp32_trainable = tiny_backbone, 64 * 64, False
+    torch.manual_seed(0)
+    cpu = model.build_encoder(cfg.model, cfg.calibrator, "cpu")
+    monkeypatch.setattr(model, "compute_dtype", lambda model_cfg, device: torch.bfloat16)
+    torch.manual_seed(0)
+    gpu = model.build_encoder(cfg.model, cfg.calibrator, "cpu")
+    assert (gpu.query_token.dtype, cpu.query_token.dtype) == (torch.bfloat16, torch.float32)
+    cpu.load_trainable_state_dict(gpu.trainable_state_dict())      # the checkpoint the GPU wrote
+    assert fingerprint(cfg, cpu) == fingerprint(cfg, gpu) and arithmetic(cfg, cpu) != arithmetic(cfg, gpu)
+    with torch.no_grad():
+        cpu.query_token[0] += 1
+    assert fingerprint(cfg, cpu) != fingerprint(cfg, gpu)
+
+
 def test_fingerprint_follows_the_libraries_that_embed(tiny_backbone, monkeypatch):
     """Cached gallery embeddings are reused only with the same torch, transformers, PIL (decoding, resizing) and
     open_clip (the baseline's preprocessing): a different version of any of them gives a new key.
