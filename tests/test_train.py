@@ -1176,6 +1176,44 @@ def test_checkpoint_restores_step_best_score_unreadable_records_and_random_state
     assert draw() == draws
 
 
+def test_a_checkpoint_written_on_a_gpu_resumes_and_evaluates_on_a_cpu(tiny_backbone, tmp_path, monkeypatch):
+    """A GPU run's last.pt holds its AdamW moments on the GPU (optimizer.state_dict() leaves them where they are):
+    stood in for here by saving every tensor with torch's "cuda:0" location tag, which torch.load on this CPU refuses
+    unless told where to put it. Such a checkpoint must resume on a CPU (optimizer moments, weights and step back as
+    written) and load in evaluate.py (and so search.py and model.py export, which read it the same way).
+    Catches: load_checkpoint without map_location (`torch.load(path, weights_only=False)`: "Attempting to
+    deserialize object on a CUDA device")."""
+    import torch.serialization
+    from checkpoints import checkpoint, restore
+    from evaluate import read_checkpoint
+    from plumbing import save_atomic
+    cfg = lora_dropout_config(tiny_backbone)
+
+    def training_parts():
+        torch.manual_seed(0)
+        encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+        optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=cfg.train.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_module.learning_rate_factor(cfg, 10))
+        return encoder, optimizer, scheduler, TaskSampler({"a": 10, "b": 20}, cfg.sampler, 4)
+
+    written = training_parts()
+    perturb(written[0])
+    for p in written[1].param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    written[1].step()
+    path = tmp_path / "last.pt"
+    with monkeypatch.context() as gpu:
+        gpu.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        save_atomic(checkpoint(cfg, *written, 3, 1.5, 3, set()), path)
+    with pytest.raises(RuntimeError, match="CUDA"):       # the file really places its tensors on a GPU
+        torch.load(path, weights_only=False)
+    resumed = training_parts()
+    assert restore(load_checkpoint(path), cfg, *resumed, 0, path) == (3, 1.5, 3, set())
+    assert_same_state(resumed[1].state_dict(), written[1].state_dict(), "optimizer")
+    assert_same_state(resumed[0].trainable_state_dict(), written[0].trainable_state_dict(), "model")
+    assert_same_state(read_checkpoint(str(path))[1], written[0].trainable_state_dict(), "evaluate")
+
+
 @pytest.mark.parametrize("launch", ["one node", "two nodes"])
 def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbone, mini_root, tmp_path, launch):
     """torchrun with 2 processes x batch 2 and cross-process negatives must train like 1 process with batch 4:
