@@ -9,14 +9,18 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 
 
 def attention_kernel(model_cfg, device):
-    """"auto": FlashAttention on GPU when it actually loads, else PyTorch's sdpa, saying why in one line (on CPU
-    silently: FlashAttention is GPU-only). Any other value of model.attn_implementation goes to transformers as
-    it is."""
+    """"auto": FlashAttention on GPU in bf16/fp16 when it actually loads, else PyTorch's sdpa, saying why in one line
+    (on CPU silently: FlashAttention is GPU-only). Any other value of model.attn_implementation goes to transformers
+    as it is."""
     if model_cfg.attn_implementation != "auto":
         return model_cfg.attn_implementation
     if device.type != "cuda":
         return "sdpa"
-    reason = flash_attention_unavailable()
+    # FlashAttention has fp16/bf16 kernels only. With model.dtype=float32 autocast is off, transformers hands it the
+    # fp32 tensors of the fp32 weights, and the first forward fails.
+    half = model_cfg.dtype in ("bfloat16", "float16")
+    reason = (flash_attention_unavailable() if half else
+              f"model.dtype={model_cfg.dtype} (its kernels are fp16/bf16 only)")
     if reason:
         print(f"model.attn_implementation=auto: sdpa, because FlashAttention cannot be used: {reason}")
         return "sdpa"

@@ -56,7 +56,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     reuse_vision_features: bool = True       # release: False (a frozen vision tower runs again in the gradient-cache
                                              #   replay; true: pass 1's output is reused, same numbers)
-    attn_implementation: str = "auto"        # "auto": flash_attention_2 on GPU when flash-attn loads, else sdpa
+    attn_implementation: str = "auto"        # "auto": flash_attention_2 on GPU in bf16/fp16 when flash-attn loads,
+                                             #   else sdpa
     vision_attention: str = "auto"           # "packed": the vision tower attends within every image of a chunk in one
                                              #   varlen kernel call per block; "transformers": as transformers runs it
                                              #   (flash-attn's varlen if used, else one sdpa call per image and block);

@@ -222,6 +222,26 @@ def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkey
     assert attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cpu")) == "sdpa"
 
 
+def test_auto_attention_gives_sdpa_in_fp32_even_where_flash_attention_loads(tmp_path, monkeypatch, capsys):
+    """model.attn_implementation=auto on a GPU with model.dtype=float32 (the `--device cuda` exactness checks build
+    such encoders) and a flash-attn that loads gives sdpa and one line saying why: FlashAttention's kernels are
+    fp16/bf16 only, and with autocast off transformers would hand them fp32 tensors. In bf16 the same flash-attn is
+    used. Catches: the dtype left out of the choice (`half = True`: flash_attention_2 picked for fp32)."""
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text("def flash_attn_varlen_func(*args, **kwargs):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    from transformers.utils import import_utils
+    monkeypatch.setattr(import_utils, "is_flash_attn_2_available", lambda *a, **k: True)
+    cuda = torch.device("cuda")
+    assert attention.attention_kernel(ModelConfig(attn_implementation="auto", dtype="float32"), cuda) == "sdpa"
+    assert capsys.readouterr().out.splitlines() == [
+        "model.attn_implementation=auto: sdpa, because FlashAttention cannot be used: model.dtype=float32 (its "
+        "kernels are fp16/bf16 only)"]
+    assert attention.attention_kernel(ModelConfig(attn_implementation="auto"), cuda) == "flash_attention_2"
+
+
 def test_auto_attention_gives_sdpa_for_a_flash_attn_that_transformers_does_not_accept(tmp_path, monkeypatch, capsys):
     """model.attn_implementation=auto on a GPU with a flash-attn that imports but that transformers' own check refuses
     (is_flash_attn_2_available false: a version it does not support) gives sdpa and one line saying why, since
