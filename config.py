@@ -47,7 +47,8 @@ class ModelConfig:
     keep_rope_positions: bool = True         # release: False (inputs_embeds only; 3-D rotary positions lost)
     normed_readout: bool = True              # release: False (pre-norm state via LM head + cache + all states)
     fp32_trainable: bool = True              # release: False (calibrator and token vectors in bf16; LoRA fp32 in both)
-    dtype: str = "bfloat16"                  # compute dtype on GPU (CPU always computes in fp32)
+    dtype: str = "bfloat16"                  # compute dtype on GPU (CPU always computes in fp32); float16 does not
+                                             #   train (no loss scaling: train.py refuses it)
     image_pixels: int = 224 * 224            # pixel budget per image (and per video frame), training and evaluation
     eval_image_pixels: int = 0               # 0 = image_pixels; release: 256 * 256 (evaluation keeps each image
                                              #   near its own size, between image_pixels and this; not below it)

@@ -208,6 +208,15 @@ def cached_step(encoder, examples, cfg, chunk_size, pool=None, prefetched=None, 
 
 # ----------------------------------------------------------------------------- the training loop
 
+def refuse_fp16(model_cfg):
+    """An fp16 autocast needs loss scaling (torch.amp.GradScaler), which the gradient-cached step does not do:
+    gradients under fp16's smallest subnormal (6e-8) would flush to zero and their updates be lost, silently. bf16
+    has fp32's range and needs none. Refused wherever it runs (a CPU computes in fp32 and would not show it)."""
+    if model_cfg.dtype == "float16":
+        raise ValueError("model.dtype=float16 cannot train: fp16 gradients need loss scaling, which train.py does not "
+                         "do (small ones would vanish); use bfloat16, or float32 on a GPU without bf16")
+
+
 def learning_rate_factor(cfg, total_steps):
     """Constant (release; paper section IV-E) or linear warm-up then cosine decay to zero."""
     def factor(step):
@@ -363,6 +372,7 @@ def keep_log_until(path, step):
 
 def train(cfg, resume=False, stop_after=None):
     """Run training to the end (or, for tests that simulate a killed run, return after `stop_after` steps)."""
+    refuse_fp16(cfg.model)
     device = setup_distributed(cfg.train.dist_timeout_s)
     rank, size = world()
     os.makedirs(cfg.train.out_dir, exist_ok=True)
@@ -488,6 +498,7 @@ def main():
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
+        refuse_fp16(cfg.model)
     except (OSError, DataError, KeyError, TypeError, ValueError) as err:    # each names its file or key
         parser.error(one_line(err))
     # torchrun --max-restarts=N starts every worker again after one dies, with TORCHELASTIC_RESTART_COUNT > 0:
