@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")                  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from plumbing import atomic_write, publish_dir, staging_dir, write_text_atomic  # noqa: E402
+from plumbing import DataError, atomic_write, publish_dir, staging_dir, write_text_atomic  # noqa: E402
 
 
 def read_log(path):
@@ -27,6 +27,9 @@ def read_log(path):
 
     A resumed run appends again the steps logged between its checkpoint and the kill: the last line for a step
     wins. A line cut short by a kill cannot be parsed; it is skipped with a warning naming file and line."""
+    if not os.path.isfile(path):
+        raise DataError(path, "no such log; train.py writes log.jsonl into its train.out_dir (runs/tiny for "
+                              "configs/tiny.yaml)")
     train, val = {}, {}
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -80,7 +83,7 @@ def plot_log(log_path, out_dir=None):
     """Write the PNGs for one log; returns their paths."""
     train, val = read_log(log_path)
     if not train:
-        raise ValueError(f"{log_path}: no training lines to plot")
+        raise DataError(log_path, "no training lines to plot")
     out_dir = out_dir or os.path.dirname(os.path.abspath(log_path))
     os.makedirs(out_dir, exist_ok=True)
     steps = [line["step"] for line in train]
@@ -239,7 +242,11 @@ def main():
     parser.add_argument("log", help="the JSONL log written by train.py")
     parser.add_argument("--out", help="folder for the PNGs (default: the log's folder)")
     args = parser.parse_args()
-    for path in plot_log(args.log, args.out):
+    try:
+        written = plot_log(args.log, args.out)
+    except DataError as err:        # names the file: a traceback adds nothing
+        sys.exit(f"plot.py: {err}")
+    for path in written:
         print(path)
 
 
