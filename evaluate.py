@@ -388,8 +388,9 @@ def resolve_backbone(model_cfg, override=None, ckpt=None):
         found = next((c for c in candidates if exists(c)), None)
         if found is None:
             where = " or ".join(candidates) if not os.path.isabs(path) else path
+            tiny = "; python fake_backbones.py make-tiny DIR builds the tiny one" if kind == "local directory" else ""
             raise EvaluationError(f"backbone: {kind} {path!r} not found (looked for {where}); the backbone must be "
-                                  f"local: point model.backbone or --backbone at it")
+                                  f"local: point model.backbone or --backbone at it{tiny}")
         return os.path.abspath(found)
 
     if model_cfg.kind == "openclip":

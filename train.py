@@ -27,9 +27,8 @@ from tqdm import tqdm
 
 from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, move_aside, restore, settle_best
 from config import load_config
-from evaluate import evaluate_sets, score
+from evaluate import EvaluationError, evaluate_sets, load_encoder, resolve_backbone, score
 from loader import StepPrefetch, chunk_items, chunk_report, chunk_sizes_for, prepare_chunks
-from model import build_encoder
 from plumbing import (DataError, average_gradients, gather_list, one_line, save_atomic, setup_distributed, world,
                       write_text_atomic)
 from prepare_data import SUB_DATASETS, TrainSet, build_eval_sets
@@ -375,6 +374,7 @@ def train(cfg, resume=False, stop_after=None):
     refuse_fp16(cfg.model)
     device = setup_distributed(cfg.train.dist_timeout_s)
     rank, size = world()
+    resolve_backbone(cfg.model)    # a backbone that is not there is named before any data is read or file written
     os.makedirs(cfg.train.out_dir, exist_ok=True)
     last_path = os.path.join(cfg.train.out_dir, "last.pt")
     best_path = os.path.join(cfg.train.out_dir, "best.pt")
@@ -388,8 +388,7 @@ def train(cfg, resume=False, stop_after=None):
     total_steps = cfg.train.max_steps or int(cfg.train.epochs * sampler.epoch_length)
     val_sets = load_val_sets(cfg, keys)
 
-    torch.manual_seed(cfg.train.seed)          # the same fresh trainable weights on every rank
-    encoder = build_encoder(cfg.model, cfg.calibrator, device)
+    encoder = load_encoder(cfg, None, device)   # seeded with train.seed: the same fresh trainable weights on every rank
     # Then one random stream per rank (dropout masks differ across ranks, as under DDP).
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed(cfg.train.seed + rank)
@@ -506,7 +505,7 @@ def main():
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
         _, best = train(cfg, resume=args.resume or restarted)
-    except DataError as err:        # names the file and record: a traceback through the training loop adds nothing
+    except (DataError, EvaluationError) as err:   # names the file, record or backbone: a traceback adds nothing
         sys.exit(f"train.py: {err}")
     if world()[0] == 0:
         print(f"best validation score (sum of Recall@1): {best:.2f}; checkpoints in {cfg.train.out_dir}")

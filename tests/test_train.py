@@ -1814,6 +1814,26 @@ def test_float16_does_not_train_from_the_command_line_or_from_train(tmp_path, mo
         train_module.refuse_fp16(load_config(config, [f"model.dtype={dtype}"]).model)
 
 
+def test_a_missing_backbone_ends_train_in_one_line_before_anything_is_written(tmp_path, mini_root, monkeypatch):
+    """`train.py configs/tiny.yaml` before `fake_backbones.py make-tiny` (or with a misspelt model.backbone) ended in
+    transformers' OSError traceback about huggingface.co, after reading the data and creating train.out_dir. It now
+    ends in one line naming the directory and where it was looked for, before out_dir is created.
+    Catches: train without its resolve_backbone check (the line removed: load_encoder's "cannot load the model"
+    after out_dir exists); main letting EvaluationError through (`except (DataError, EvaluationError)` ->
+    `except DataError`: a traceback)."""
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", os.path.join(REPO, "configs", "tiny.yaml"), f"data.root={mini_root}",
+                                      f"train.out_dir={run}", "model.backbone=no-backbone"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert str(exit_info.value.code) == (
+        f"train.py: backbone: local directory 'no-backbone' not found (looked for {tmp_path / 'no-backbone'}); the "
+        f"backbone must be local: point model.backbone or --backbone at it; python fake_backbones.py make-tiny DIR "
+        f"builds the tiny one")
+    assert not run.exists()
+
+
 def test_malformed_yaml_ends_each_command_in_one_line_naming_the_file_and_line(tmp_path, monkeypatch, capsys):
     """yaml's errors are no ValueError: `evaluate.py --untrained --config broken.yaml` ended in a ScannerError
     traceback, and an override that is not YAML (`train.lr=[`) in a message naming "<unicode string>", not the key.
