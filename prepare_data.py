@@ -110,6 +110,9 @@ def load_records(root, key, split):
     """Schema-checked records of one sub-dataset split, media paths made absolute (and kept inside root)."""
     root = os.path.abspath(root)
     path = triplet_path(root, key, split)
+    if not os.path.isdir(os.path.dirname(path)):    # no data at all: the prepare step not run, or another directory
+        raise DataError(root, "no U-FIRE data here (no 0_triplet_files/): python prepare_data.py writes U-FIRE-mini "
+                              "to data/ufire-mini; a relative data.root or --root is read from the working directory")
     records = read_json(path)
     family = SUB_DATASETS[key][0]
     # Every family but t2i queries with media; without this a misspelt or empty query field would leave a text-only

@@ -1044,3 +1044,20 @@ def test_an_asfr_candidate_file_without_labels_is_a_data_error(mini_root, tmp_pa
         with pytest.raises(DataError, match="asfr candidate file") as e:
             build_eval_set(root, "9_asfr_DARN", split)
         assert e.value.path == where
+
+
+def test_no_data_at_the_root_says_to_run_the_prepare_step(tmp_path, monkeypatch):
+    """Training or evaluating before `python prepare_data.py`, or from another directory (data.root is relative to the
+    working directory), named only the first triplet file as "file not found". A root without 0_triplet_files/ is now
+    a DataError naming the absolute root and saying what writes it, whichever reader meets it first.
+    Catches: load_records without its 0_triplet_files/ check (`if not os.path.isdir(...)` -> `if False`: the
+    message is "..._train_triplet_data.json: file not found")."""
+    monkeypatch.chdir(tmp_path)
+    expected = (f"{tmp_path / 'data' / 'ufire-mini'}: no U-FIRE data here (no 0_triplet_files/): python "
+                f"prepare_data.py writes U-FIRE-mini to data/ufire-mini; a relative data.root or --root is read from "
+                f"the working directory")
+    for read in (lambda: pd.TrainSet("data/ufire-mini", "7_cir_Shoes"),
+                 lambda: build_eval_sets("data/ufire-mini", "test", keys=["7_cir_Shoes"], unseen=False)):
+        with pytest.raises(DataError) as error:
+            read()
+        assert str(error.value) == expected
