@@ -355,7 +355,8 @@ def read_checkpoint(path):
     train.py; EvaluationError naming the file when it is missing, truncated, not a checkpoint, or holds a config this
     code does not know."""
     if not os.path.isfile(path):
-        raise EvaluationError(f"{path}: checkpoint not found" if not os.path.exists(path) else
+        raise EvaluationError(f"{path}: checkpoint not found (train.py writes best.pt and last.pt into its "
+                              f"train.out_dir: runs/tiny for configs/tiny.yaml)" if not os.path.exists(path) else
                               f"{path}: checkpoint is not a file")
     try:
         ckpt = load_checkpoint(path)

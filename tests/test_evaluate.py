@@ -788,8 +788,10 @@ def test_relative_backbone_looked_for_in_working_dir_then_checkpoint_dir(tmp_pat
 
 def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_backbone, mini_root):
     """Each bad checkpoint (missing, truncated, not one, lacking tensors, a config key this code does not know,
-    another backbone, a moved backbone, NaN weights) ends evaluate.py with one line naming the file and the fault.
-    Catches, among others: plumbing.one_line keeping a KeyError's quotes (`text = err`)."""
+    another backbone, a moved backbone, NaN weights) ends evaluate.py with one line naming the file and the fault;
+    a missing one (evaluate before train) also says what writes it.
+    Catches, among others: plumbing.one_line keeping a KeyError's quotes (`text = err`); read_checkpoint's
+    missing-file message without its hint (`f"{path}: checkpoint not found"`)."""
     from config import Config
     from fake_backbones import make_tiny_backbone
     from model import build_encoder
@@ -813,7 +815,8 @@ def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_
     torch.save({"config": cfg.to_dict(), "model": state, "step": 1}, good)
 
     missing = tmp_path / "missing.pt"
-    assert fails(missing) == f"evaluate.py: {missing}: checkpoint not found"
+    assert fails(missing) == (f"evaluate.py: {missing}: checkpoint not found (train.py writes best.pt and last.pt "
+                              f"into its train.out_dir: runs/tiny for configs/tiny.yaml)")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
     assert "cannot read the checkpoint (truncated" in fails(truncated)
