@@ -29,7 +29,11 @@ def one_line(err, with_type=False):
 
 def read_yaml(path):
     """A YAML file's contents. Malformed YAML is a DataError naming the file and the line: yaml's own errors are no
-    ValueError and span several lines, so the command lines let them out as tracebacks."""
+    ValueError and span several lines, so the command lines let them out as tracebacks. A missing file is a DataError
+    too, saying where a relative path was looked for (a command run from outside the repository)."""
+    if not os.path.isfile(path):
+        where = "" if os.path.isabs(path) else f" (a relative path is read from the working directory {os.getcwd()})"
+        raise DataError(path, f"{'not a file' if os.path.exists(path) else 'no such file'}{where}")
     with open(path, "rb") as f:     # bytes: yaml detects the encoding, and reports bytes that are not text itself
         try:
             return yaml.safe_load(f)

@@ -1860,6 +1860,24 @@ def test_malformed_yaml_ends_each_command_in_one_line_naming_the_file_and_line(t
         load_config(None, ["train.lr=["])
 
 
+def test_a_config_not_found_from_another_directory_says_where_it_was_looked_for(tmp_path, monkeypatch, capsys):
+    """`python /path/to/train.py configs/tiny.yaml` outside the repository ended in "[Errno 2] No such file or
+    directory: 'configs/tiny.yaml'"; read_yaml now names the file and the working directory a relative path is
+    read from, and train.py and evaluate.py print it in one line.
+    Catches: read_yaml without its existence check (`if not os.path.isfile(path)` -> `if False`: open's
+    FileNotFoundError, whose message names no working directory)."""
+    import evaluate
+    monkeypatch.chdir(tmp_path)
+    expected = f"configs/tiny.yaml: no such file (a relative path is read from the working directory {os.getcwd()})"
+    monkeypatch.setattr(sys, "argv", ["train.py", "configs/tiny.yaml"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert exit_info.value.code == 2 and capsys.readouterr().err.endswith(f"train.py: error: {expected}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--untrained", "--config", "configs/tiny.yaml"])
+    assert exit_info.value.code == f"evaluate.py: {expected}"
+
+
 def test_another_librarys_error_is_given_as_a_single_line():
     """plumbing.one_line turns another library's error into the single line a command prints (train.py's usage
     error, evaluate.py's EvaluationError, search.py's unreadable images), by hand: runs of whitespace and line
