@@ -396,7 +396,13 @@ def resolve_backbone(model_cfg, override=None, ckpt=None):
 
     if model_cfg.kind == "openclip":
         name, colon, weights = backbone.partition(":")
-        name = find(name, "open_clip model config", os.path.isfile) if name.endswith(".json") else name
+        if name.endswith(".json"):
+            name = find(name, "open_clip model config", os.path.isfile)
+        else:
+            import open_clip  # here: it pulls in timm, which the Qwen3-VL path never needs
+            if name not in open_clip.list_models():     # else open_clip's RuntimeError lists every model it knows
+                raise EvaluationError(f"backbone: {name!r} is not an open_clip model name or a model-config .json "
+                                      f"path (model.backbone, or evaluate.py --baseline openclip:MODEL[:WEIGHTS])")
         weights = find(weights, "open_clip weights file", os.path.isfile) if weights else ""
         return name + colon + weights
     if not backbone:

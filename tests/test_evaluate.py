@@ -786,6 +786,23 @@ def test_relative_backbone_looked_for_in_working_dir_then_checkpoint_dir(tmp_pat
         resolve_backbone(ModelConfig(kind="openclip", backbone="ViT-B-32:x.bin"), ckpt=ckpt)
 
 
+def test_an_unknown_open_clip_name_is_one_line_not_open_clips_list_of_models(tmp_path):
+    """`evaluate.py --baseline openclip:ViT-B-33` (a typo), or `train.py configs/ablation_openclip.yaml` without its
+    model.backbone (tiny.yaml's Qwen3-VL directory is inherited), ended in open_clip's RuntimeError traceback listing
+    every model it knows. resolve_backbone now refuses a name open_clip does not know in one line; a known name
+    passes unchanged.
+    Catches: resolve_backbone without the name check (`if name not in open_clip.list_models()` -> `if False`: the
+    baseline reaches open_clip, whose RuntimeError ends main in a traceback)."""
+    from config import ModelConfig
+    assert resolve_backbone(ModelConfig(kind="openclip", backbone="ViT-B-32")) == "ViT-B-32"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--baseline", "openclip:ViT-B-33", "--tasks", "7_cir_Shoes", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == (
+        "evaluate.py: backbone: 'ViT-B-33' is not an open_clip model name or a model-config .json path "
+        "(model.backbone, or evaluate.py --baseline openclip:MODEL[:WEIGHTS])")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_backbone, mini_root):
     """Each bad checkpoint (missing, truncated, not one, lacking tensors, a config key this code does not know,
     another backbone, a moved backbone, NaN weights) ends evaluate.py with one line naming the file and the fault;
