@@ -313,6 +313,12 @@ class Index:
 
     def __init__(self, index_dir, model, nprobe=NPROBE, ef_search=EF_SEARCH):
         self.meta = read_meta(index_dir)
+        if self.meta["fingerprint"] != model.fingerprint and self.meta["checkpoint"] == model.ckpt:
+            # The same file gives another fingerprint: rewritten (a new run into the same out_dir), or the code changed.
+            raise SearchError(f"{index_dir} was built with checkpoint {model.ckpt} (fingerprint "
+                              f"{self.meta['fingerprint']}), which now gives fingerprint {model.fingerprint}: the "
+                              f"checkpoint was rewritten, or its config's backbone or the embedding code changed since. "
+                              f"Index the catalogue again")
         if self.meta["fingerprint"] != model.fingerprint:
             raise SearchError(f"{index_dir} was built with checkpoint {self.meta['checkpoint']} (fingerprint "
                               f"{self.meta['fingerprint']}), but the model loaded is checkpoint {model.ckpt} "

@@ -155,6 +155,25 @@ def test_index_of_another_checkpoint_is_refused_naming_both(setup, capsys):
     assert setup["ckpts"][0] in message and setup["ckpts"][1] in message and "fingerprint" in message
 
 
+def test_index_of_a_checkpoint_rewritten_since_says_to_index_again(setup, tmp_path):
+    """Queried with the checkpoint path it was built with, an index whose fingerprint no longer matches (the file
+    rewritten by a new training run into the same out_dir, or the embedding code changed by an update) said
+    "Query with --ckpt <that same path>", which changes nothing; it now says to index the catalogue again.
+    Catches: Index.__init__ without the same-checkpoint branch (`and self.meta["checkpoint"] == model.ckpt` ->
+    `and False`: the message suggests --ckpt with the path already used)."""
+    index_dir = tmp_path / "index"
+    shutil.copytree(setup["index"], index_dir)
+    meta = json.loads((index_dir / "meta.json").read_text())
+    meta["fingerprint"] = "0123456789abcdef"                  # what the checkpoint gave when the index was built
+    (index_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as exit_info:
+        search.main(["query", str(index_dir), "--text", "red dress"])
+    message = str(exit_info.value.code)
+    assert f"{index_dir} was built with checkpoint {setup['ckpts'][0]} (fingerprint 0123456789abcdef), which now " \
+           f"gives fingerprint " in message
+    assert message.endswith("Index the catalogue again") and "--ckpt" not in message
+
+
 def test_index_encoded_on_another_device_is_searched_with_a_note(setup, tmp_path, capsys):
     """The same model computed another way (an index a GPU encoded in bf16, queried on this CPU in fp32) differs by
     rounding only: it is searched, not refused, and a note names both arithmetics. The index records its own.
