@@ -416,6 +416,8 @@ def main(argv=None):
         from ufire_mini import generate   # here, not at the top: ufire_mini builds on this module's readers
         print(f"wrote {generate(args.out, args.seed, args.scale, args.image_size)}")
         return 0
+    if not os.path.isdir(args.root):  # else every annotation file of the tree is reported missing, one by one
+        sys.exit(f"prepare_data.py --root {args.root}: no such directory")
     if args.report:   # found before the scan, not after it
         try:
             if os.path.isdir(args.report):

@@ -824,6 +824,17 @@ def test_lone_surrogate_in_a_caption_is_a_data_error(mini_root, tmp_path, tiny_b
         assert e.value.record_id == "q-7"
 
 
+def test_a_root_that_is_not_a_directory_is_one_line(tmp_path, monkeypatch):
+    """`prepare_data.py --root` on a path that does not exist (a typo) printed a table of 25 rows with one error each
+    and every annotation file of a tree listed as not found; now one line before any scan.
+    Catches: the directory check removed (validate_tree runs: the stand-in fails the test)."""
+    monkeypatch.setattr(pd, "validate_tree", lambda *a, **k: pytest.fail("scanned a root that is not there"))
+    missing = str(tmp_path / "no-such-root")
+    with pytest.raises(SystemExit) as e:
+        pd.main(["--root", missing])
+    assert e.value.code == f"prepare_data.py --root {missing}: no such directory"
+
+
 def test_report_writer_is_safe(mini_root, tmp_path, monkeypatch):
     """An unwritable --report fails before the scan; a lone surrogate is escaped; a failed write leaves no temporary
     file. Catches: the writability check after the scan; a UTF-8 write of a lone surrogate; the temporary file kept
