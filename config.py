@@ -3,7 +3,8 @@
 Defaults are FashionLens' own choices (paper sections IV-B to IV-E; docs/method.md). Every place where we
 deliberately differ from the authors' release is a field whose docstring says "release: ..."; configs/release.yaml
 sets all of them back.
-A config is YAML (nested by section) plus `section.key=value` overrides; unknown keys are errors.
+A config is YAML (nested by section) plus `section.key=value` overrides; unknown keys, values of another type and
+words outside a key's CHOICES are errors.
 """
 import dataclasses
 import math
@@ -146,6 +147,16 @@ class Config:
 
 SECTIONS = {f.name for f in dataclasses.fields(Config)}
 
+# Keys that take one of a few words, checked where a config is read: a misspelt value is one line naming the key
+# before anything loads, not a traceback from deep in a run (model.dtype is not even read on a CPU, so "bf16" passed
+# every CPU check and failed on the GPU). model.attn_implementation is transformers' to check.
+CHOICES = {("model", "kind"): ("qwen3vl", "openclip"), ("model", "trainable"): ("lora", "full", "none"),
+           ("model", "dtype"): ("bfloat16", "float32", "float16"),
+           ("model", "vision_attention"): ("auto", "packed", "transformers"),
+           ("calibrator", "mode"): ("slerp", "lerp", "none"), ("calibrator", "gate"): ("learned", "fixed"),
+           ("sampler", "mode"): ("ggas", "uniform", "size", "size_pow"), ("sampler", "difficulty"): ("joint", "sum"),
+           ("train", "schedule"): ("constant", "cosine")}
+
 
 def check_sections(d, where):
     """A config is a mapping of sections, each a mapping of keys (or empty): YAML written as a list says nothing
@@ -182,6 +193,8 @@ def _set(cfg, section, key, value):
         raise TypeError(f"config {section}.{key} must be {type(default).__name__}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):   # "nan", ".inf" parse; no setting means them
         raise ValueError(f"config {section}.{key} must be a finite number, got {value!r}")
+    if value not in CHOICES.get((section, key), (value,)):
+        raise ValueError(f"config {section}.{key} must be one of {', '.join(CHOICES[section, key])}, got {value!r}")
     setattr(sub, key, value)
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from config import CHOICES
 from plumbing import all_reduce_mean
 
-MODES = ("ggas", "uniform", "size", "size_pow")
-DIFFICULTIES = ("joint", "sum")
+MODES, DIFFICULTIES = CHOICES["sampler", "mode"], CHOICES["sampler", "difficulty"]
 
 
 def softmax(x):

@@ -3,6 +3,7 @@ seeded choices, bit-for-bit resume, two-process training, a loss that falls on U
 (also a step ahead) exactly like serially, and config overrides and inheritance (config.py)."""
 import contextlib
 import copy
+import glob
 import json
 import os
 import random
@@ -21,7 +22,7 @@ from PIL import Image
 
 import plumbing
 import train as train_module
-from config import Config, load_config
+from config import CHOICES, Config, load_config
 from launch import launch_two_nodes, torchrun
 from loader import StepPrefetch, prepare_chunks
 from model import build_encoder
@@ -1725,6 +1726,30 @@ def test_overrides_take_each_fields_type_and_refuse_others():
     for malformed in ("train.lr", "lr=1e-4"):
         with pytest.raises(ValueError, match="section.key=value"):
             load_config(None, [malformed])
+
+
+def test_a_word_that_is_not_one_of_a_keys_choices_is_refused_where_the_config_is_read(tmp_path, monkeypatch, capsys):
+    """model.dtype=bf16 passed every CPU check (a CPU computes in fp32 and never reads it) and ended on a GPU in
+    "AttributeError: module 'torch' has no attribute 'bf16'" after the data had loaded; sampler.mode=GGAS or
+    train.schedule=cos in a ValueError traceback from inside train(). Each key of config.CHOICES is refused as a YAML
+    value or an override, in one line naming the key; every config shipped in configs/ loads.
+    Catches: the CHOICES check removed from _set; a key missing from CHOICES (model.dtype dropped)."""
+    for (section, key), words in CHOICES.items():
+        assert load_config(None, [f"{section}.{key}={words[-1]}"]).to_dict()[section][key] == words[-1]
+        with pytest.raises(ValueError, match=f"config {section}.{key} must be one of .*, got 'typo'"):
+            load_config(None, [f"{section}.{key}=typo"])
+    assert ("model", "dtype") in CHOICES
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  dtype: bf16\n")
+    with pytest.raises(ValueError, match="config model.dtype must be one of bfloat16, float32, float16, got 'bf16'"):
+        load_config(str(broken))
+    monkeypatch.setattr(sys, "argv", ["train.py", str(broken), f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert exit_info.value.code == 2 and "model.dtype must be one of" in capsys.readouterr().err
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))):
+        if os.path.basename(path) != "chunk_sizes.yaml":
+            load_config(path)
 
 
 def test_a_float_override_that_is_not_a_number_names_its_key():
