@@ -306,7 +306,8 @@ def parse_args(argv=None):
                         help="zero-shot open_clip baseline; MODEL is an open_clip name or a model-config JSON path, "
                              "WEIGHTS a local file (none: random weights)")
     parser.add_argument("--untrained", action="store_true", help="backbone with fresh trainable parts (a floor)")
-    parser.add_argument("--config", help="YAML config for --untrained / --baseline without a checkpoint")
+    parser.add_argument("--config", help="YAML config for --untrained / --baseline without a checkpoint (default: "
+                                         "config.py's defaults, not configs/tiny.yaml's)")
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="write N queries per sub-dataset with their top 10, hits marked, to <out>/show/")
     args = parser.parse_args(argv)
