@@ -805,12 +805,13 @@ def test_the_log_gives_each_step_the_learning_rate_it_trained_with(tiny_backbone
 
 def test_best_checkpoint_holds_the_best_validation_and_the_last_step_is_logged(tiny_backbone, mini_root, tmp_path,
                                                                                monkeypatch):
-    """Three steps validated after each with scores 4, 9, 6 (scripted), log_every=2: best.pt is step 2's with best
-    score 9, last.pt (step 3) keeps 9 as the best score, and log.jsonl holds the step records of steps 2 and 3 (the
-    last step although 3 is not a multiple of 2) and the three scores. Catches: the best score not updated (every
-    validation writes best.pt: step 3's); the comparison flipped (`current < best_score`: no best.pt); the last
-    step's record not logged (`or step == total_steps` dropped)."""
-    scores = iter([4.0, 9.0, 6.0])
+    """Three steps validated after each with scores 4, 9, 9 (scripted), log_every=2: best.pt is step 2's with best
+    score 9 (step 3 only equals it), last.pt (step 3) keeps 9 as the best score, and log.jsonl holds the step records
+    of steps 2 and 3 (the last step although 3 is not a multiple of 2) and the three scores. Catches: the best score
+    not updated (every validation writes best.pt: step 3's); the comparison flipped (`current < best_score`: no
+    best.pt); a tie taken as a new best (`current >= best_score`: step 3's); the last step's record not logged
+    (`or step == total_steps` dropped)."""
+    scores = iter([4.0, 9.0, 9.0])
     monkeypatch.setattr(train_module, "validate", lambda encoder, val_sets, cfg: {"sets": {}})
     monkeypatch.setattr(train_module, "score", lambda results: next(scores))
     cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=3", "train.val_every=1",
@@ -818,7 +819,7 @@ def test_best_checkpoint_holds_the_best_validation_and_the_last_step_is_logged(t
     _, best = train(cfg)
     log = list(map(json.loads, open(tmp_path / "run" / "log.jsonl")))
     assert [r["step"] for r in log if "loss" in r] == [2, 3]
-    assert [r["val_score"] for r in log if "val" in r] == [4.0, 9.0, 6.0]
+    assert [r["val_score"] for r in log if "val" in r] == [4.0, 9.0, 9.0]
     best_ckpt, last = (load_checkpoint(tmp_path / "run" / name) for name in ("best.pt", "last.pt"))
     assert best == 9.0 and (best_ckpt["step"], best_ckpt["best_score"]) == (2, 9.0)
     assert (last["step"], last["best_score"]) == (3, 9.0)
