@@ -881,9 +881,10 @@ def test_a_log_line_that_is_not_a_record_stops_the_resume_naming_the_log_and_lin
     """Cutting log.jsonl back to the resumed step reads every line: one that is not a record of train.py (not JSON, no
     step) is a DataError naming the file and line, and the log is left as it was; lines up to the step are kept.
     Catches: the parse errors not caught (`except (ValueError, KeyError, TypeError)` -> `except KeyError`: a raw
-    JSONDecodeError traceback from train.py); the comparison off by one (`<= step` -> `< step`)."""
+    JSONDecodeError traceback from train.py; `-> except (ValueError, KeyError)`: the TypeError of a line that is a
+    JSON list); the comparison off by one (`<= step` -> `< step`)."""
     log = tmp_path / "log.jsonl"
-    for bad in ("not json", '{"loss": 1.0}'):
+    for bad in ("not json", '{"loss": 1.0}', "[3]"):
         text = f'{{"step": 1}}\n{bad}\n{{"step": 3}}\n'
         log.write_text(text)
         with pytest.raises(plumbing.DataError, match=f"^{re.escape(str(log))}: line 2 is not a record written by "
