@@ -896,6 +896,42 @@ def test_a_log_line_that_is_not_a_record_stops_the_resume_naming_the_log_and_lin
     assert log.read_text() == '{"step": 1}\n{"step": 2, "val_score": 3.0}\n'
 
 
+def test_cutting_the_log_back_is_never_left_half_done(tmp_path, monkeypatch):
+    """keep_log_until rewrites log.jsonl through a temporary file and one rename: killed while it writes (here a
+    write that writes half its text, then fails), it leaves the log as it was and no temporary file.
+    Catches: the log rewritten in place (`write_text_atomic(path, "".join(kept))` ->
+    `open(path, "w").write("".join(kept))`: half a log, the records of steps it keeps cut)."""
+    real_open = open
+
+    class DiesWhileWriting:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.close()
+            raise OSError("killed")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def dying_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return DiesWhileWriting(f) if "w" in mode else f
+
+    for module in (train_module, plumbing):
+        monkeypatch.setattr(module, "open", dying_open, raising=False)
+    text = '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    log = tmp_path / "log.jsonl"
+    log.write_text(text)
+    with pytest.raises(OSError, match="killed"):
+        train_module.keep_log_until(str(log), 2)
+    assert os.listdir(tmp_path) == ["log.jsonl"] and log.read_text() == text
+
+
 class Killed(Exception):
     """Stands in for the process dying at that point of a run."""
 
