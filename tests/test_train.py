@@ -1021,6 +1021,76 @@ def test_resume_keeps_best_pt_to_the_run_that_last_pt_continues(tiny_backbone, m
     assert load_checkpoint(behind / "best.orphan-unreadable-2.pt") == {"model": {}}
 
 
+def test_settle_best_keeps_moves_or_writes_best_pt_by_hand(tmp_path):
+    """settle_best on hand-made checkpoints, each case in a folder of its own, no training. A last.pt written before
+    best_step was recorded (step 5, best score 2.0) keeps a best.pt of score 2.0 at step 3 (at or before its step) and
+    moves aside one at step 7 (ahead of it) or one of score 1.0 (another run's), writing none in its place. A last.pt
+    whose best step (3) is not its own step (5) writes no best.pt where there is none. A best.pt at last.pt's own
+    step and best step (5) is kept as it is, nothing moved; one of the same score at another step (3) is moved aside
+    and last.pt written in its place. A best.pt with a step but no best score is moved aside as unreadable.
+    Catches: the score comparison dropped (`best["best_score"] == last["best_score"]` -> `True`: the score 1.0
+    best.pt kept); the step comparison dropped (`best["step"] <= last["step"]` -> `True`: the step 7 best.pt kept);
+    a missing best_step taken as None (`last.get("best_step", best["step"])` -> `last.get("best_step")`: the step 3
+    best.pt moved aside); last.pt written as best.pt whatever its best step (`if last is not None:`); `<=` -> `<`
+    (the step 5 best.pt moved to best.orphan-step5.pt and written again); the best step comparison dropped
+    (`best["step"] == last.get("best_step", best["step"])` -> `True`: the step 3 best.pt kept); readable_best
+    taking a checkpoint with a step only (`{"step", "best_score"} <= best.keys()` -> `"step" in best`: a KeyError)."""
+    from checkpoints import settle_best
+    older = {"step": 5, "best_score": 2.0}
+    for name, best, kept in (("behind", {"step": 3, "best_score": 2.0}, True),
+                             ("ahead", {"step": 7, "best_score": 2.0}, False),
+                             ("other", {"step": 3, "best_score": 1.0}, False)):
+        (tmp_path / name).mkdir()
+        torch.save(best, tmp_path / name / "best.pt")
+        settle_best(older, str(tmp_path / name / "best.pt"))
+        left = "best.pt" if kept else f"best.orphan-step{best['step']}.pt"
+        assert os.listdir(tmp_path / name) == [left], name
+        assert load_checkpoint(tmp_path / name / left) == best
+    (tmp_path / "none").mkdir()
+    settle_best({"step": 5, "best_score": 2.0, "best_step": 3}, str(tmp_path / "none" / "best.pt"))
+    assert os.listdir(tmp_path / "none") == []
+    (tmp_path / "own").mkdir()
+    own = {"step": 5, "best_score": 2.0, "best_step": 5, "model": {"w": torch.arange(3.0)}}
+    torch.save(own, tmp_path / "own" / "best.pt")
+    settle_best(own, str(tmp_path / "own" / "best.pt"))
+    assert os.listdir(tmp_path / "own") == ["best.pt"]
+    assert_same_state(load_checkpoint(tmp_path / "own" / "best.pt"), own)
+    (tmp_path / "same-score").mkdir()
+    torch.save({"step": 3, "best_score": 2.0}, tmp_path / "same-score" / "best.pt")
+    settle_best(own, str(tmp_path / "same-score" / "best.pt"))
+    assert sorted(os.listdir(tmp_path / "same-score")) == ["best.orphan-step3.pt", "best.pt"]
+    assert_same_state(load_checkpoint(tmp_path / "same-score" / "best.pt"), own)
+    (tmp_path / "unscored").mkdir()
+    torch.save({"step": 4}, tmp_path / "unscored" / "best.pt")
+    settle_best(None, str(tmp_path / "unscored" / "best.pt"))
+    assert os.listdir(tmp_path / "unscored") == ["best.orphan-unreadable.pt"]
+
+
+def test_best_pt_written_on_resume_is_never_half_written_and_files_moved_aside_are_numbered(tmp_path, monkeypatch):
+    """move_aside onto a name taken twice already (best.orphan-step1.pt and -2) picks -3 and leaves both as they were.
+    settle_best writing last.pt as best.pt, killed while it writes (a torch.save that writes some bytes, then fails),
+    leaves no best.pt and no temporary file.
+    Catches: move_aside trying one other name only (`while os.path.exists(target)` -> `if ...`: -2 overwritten);
+    best.pt written in place (`save_atomic(last, best_path)` -> `torch.save(last, best_path)`: half a best.pt)."""
+    from checkpoints import move_aside, settle_best
+    for name, text in (("best.pt", "new"), ("best.orphan-step1.pt", "first"), ("best.orphan-step1-2.pt", "second")):
+        (tmp_path / name).write_text(text)
+    assert move_aside(str(tmp_path / "best.pt"), "best.orphan-step1.pt") == str(tmp_path / "best.orphan-step1-3.pt")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        "best.orphan-step1.pt": "first", "best.orphan-step1-2.pt": "second", "best.orphan-step1-3.pt": "new"}
+
+    def dies_while_writing(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("killed")
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(torch, "save", dies_while_writing)
+    with pytest.raises(OSError, match="killed"):
+        settle_best({"step": 3, "best_score": 1.0, "best_step": 3}, str(tmp_path / "run" / "best.pt"))
+    assert os.listdir(tmp_path / "run") == []
+
+
 def test_resume_refuses_a_backbone_replaced_by_other_weights_and_takes_a_bf16_copy(tiny_backbone, mini_root, tmp_path,
                                                                                  monkeypatch, capsys):
     """The config names the backbone by its path only. A run killed after step 1, whose backbone directory is then
