@@ -1274,6 +1274,28 @@ def test_a_refused_cache_chunk_stops_every_rank(tmp_path, monkeypatch):
     assert str(err.value) == f"{tmp_path / 'targets-x.pt'}: cache chunk holds ..." and encoder.targets == []
 
 
+def test_rank_0_sends_its_refusal_of_a_cache_chunk_to_every_rank(tmp_path, monkeypatch, capsys):
+    """Rank 0 of 2 (simulated: the broadcast records what it sends), meeting a cache chunk of another width, sends
+    (file, message) to the other ranks before it raises the DataError itself: raising before the broadcast would
+    leave them waiting in it.
+    Catches: rank 0 raising at once (`decided = [(err.path, err.message)]` -> `raise`), or not catching the
+    DataError (`except DataError` -> `except ValueError`): nothing is sent; DataError keeping another message than
+    the one it was given (`self.message = message` -> `= str(path)`: the other ranks would raise "path: path")."""
+    import encoding
+    cache = tmp_path / "cache"
+    evaluate_sets(FakeEncoder(), make_sets(), batch_size=4, cache_dir=str(cache), progress=False)
+    chunk = sorted(cache.glob("targets-*.pt"))[0]
+    saved = torch.load(chunk, weights_only=True)
+    torch.save({"keys": saved["keys"], "emb": saved["emb"][:, :8]}, chunk)
+    sent = []
+    monkeypatch.setattr(encoding, "world", lambda: (0, 2))
+    monkeypatch.setattr(encoding.dist, "broadcast_object_list", lambda objects, src: sent.append(list(objects)))
+    with pytest.raises(DataError) as err:
+        encoding.encode_gallery(FakeEncoder(), ["/img/a.jpg"], 4, str(cache), progress=False)
+    assert str(err.value).startswith(f"{chunk}: cache chunk holds")
+    assert sent == [[(str(chunk), str(err.value)[len(f"{chunk}: "):])]]
+
+
 def test_a_cache_chunk_is_never_left_half_written(tmp_path, monkeypatch):
     """A run killed while it writes a cache chunk leaves no chunk file behind (the write goes to a temporary name,
     then one rename), so no later run reads half a chunk. The kill is simulated by a torch.save that writes some
