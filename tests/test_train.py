@@ -956,7 +956,8 @@ def test_resume_keeps_best_pt_to_the_run_that_last_pt_continues(tiny_backbone, m
     orphan file, the later best.pt overwritten); a fresh run leaving the other run's last.pt in place (its move
     dropped: no last.orphan.pt); move_aside overwriting a name taken (`while os.path.exists(target)` -> `while False`:
     best.orphan-step1.pt replaced); readable_best letting a cut best.pt's DataError out (`except DataError` ->
-    `except KeyError`), or taking one without a step (the `<= best.keys()` check -> `isinstance(best, dict)`: KeyError)."""
+    `except KeyError`), or taking one without a step (the `<= best.keys()` check -> `isinstance(best, dict)`: KeyError);
+    its note naming the path twice, not the problem (DataError's `self.message = message` -> `= str(path)`)."""
     real_save = train_module.save_atomic
 
     def run(out_dir, scores, resume=False, stop_after=None, die_at=None):
@@ -1015,7 +1016,8 @@ def test_resume_keeps_best_pt_to_the_run_that_last_pt_continues(tiny_backbone, m
             (behind / "best.pt").write_bytes(junk)
         capsys.readouterr()
         run(behind, [1.0], stop_after=1)
-        assert f"{behind / 'best.pt'}: " in capsys.readouterr().out
+        problem = "cannot read the checkpoint" if junk else "no step and best score"
+        assert f"{behind / 'best.pt'}: {problem}" in capsys.readouterr().out
         assert load_checkpoint(behind / "best.pt")["best_score"] == 1.0
     assert (behind / "best.orphan-unreadable.pt").read_bytes() == b"PK\x03\x04 cut"
     assert load_checkpoint(behind / "best.orphan-unreadable-2.pt") == {"model": {}}
