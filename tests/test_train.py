@@ -1325,6 +1325,23 @@ def test_a_checkpoint_written_on_a_gpu_resumes_and_evaluates_on_a_cpu(tiny_backb
     assert_same_state(read_checkpoint(str(path))[1], written[0].trainable_state_dict(), "evaluate")
 
 
+def test_a_checkpoint_written_before_best_step_and_backbone_identity_were_recorded_resumes(tiny_backbone, tmp_path):
+    """A last.pt of an earlier train.py holds neither best_step nor backbone_identity: it resumes, with best step None
+    (settle_best then takes a best.pt of its best score at or before its step), and no backbone is refused.
+    Catches: restore refusing a checkpoint without an identity (`if trained_on is not None and trained_on != here` ->
+    `if trained_on != here`); or reading best_step as a required key (`ckpt.get("best_step")` -> `ckpt["best_step"]`:
+    a KeyError)."""
+    from checkpoints import checkpoint, restore
+    cfg = full_training_config(tiny_backbone)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=cfg.train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train_module.learning_rate_factor(cfg, 10))
+    parts = encoder, optimizer, scheduler, TaskSampler({"a": 10, "b": 20}, cfg.sampler, 4)
+    older = checkpoint(cfg, *parts, 7, 12.5, 5, {"a/r3"})
+    del older["best_step"], older["backbone_identity"]
+    assert restore(older, cfg, *parts, 0, str(tmp_path / "last.pt")) == (7, 12.5, None, {"a/r3"})
+
+
 @pytest.mark.parametrize("launch", ["one node", "two nodes"])
 def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbone, mini_root, tmp_path, launch):
     """torchrun with 2 processes x batch 2 and cross-process negatives must train like 1 process with batch 4:
