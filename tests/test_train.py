@@ -1443,6 +1443,27 @@ def test_resume_ignores_speed_only_settings_and_their_absence_from_older_checkpo
     assert comparable_config(older) != comparable_config(now.to_dict())
 
 
+def test_a_checkpoint_without_a_setting_or_section_that_changes_results_is_refused_naming_it(tmp_path):
+    """A last.pt written before a setting that changes results existed (here model.keep_rope_positions, or the whole
+    sampler section, missing from its config) cannot say it trained with this run's values: restore refuses it
+    naming what differs, before it loads anything.
+    Catches: only the checkpoint's keys compared (`saved.get(section, {}).keys() | now.get(section, {}).keys()` ->
+    `saved.get(section, {}).keys()`), or only the sections both have (`saved.keys() | now.keys()` ->
+    `saved.keys() & now.keys()`): it resumes."""
+    from checkpoints import restore
+    path = str(tmp_path / "last.pt")
+    for section, key, named in (("model", "keep_rope_positions", "model.keep_rope_positions"),
+                                ("sampler", None, "sampler.")):
+        older = Config().to_dict()
+        if key:
+            del older[section][key]
+        else:
+            del older[section]
+        with pytest.raises(plumbing.DataError, match=re.escape(f"{path}: written with another config (differing: "
+                                                               f"{named}")):
+            restore({"config": older}, Config(), None, None, None, None, 0, path)
+
+
 def test_resume_is_decided_by_rank_0_and_reaches_every_rank(tiny_backbone, mini_root, tmp_path):
     """Two processes resume a run whose last.pt only rank 0 can see (rank 1's os.path.exists says no, as on a
     node without the shared output directory): both must resume and end with identical weights.
