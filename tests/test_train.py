@@ -1466,18 +1466,28 @@ def test_a_checkpoint_without_a_setting_or_section_that_changes_results_is_refus
 
 def test_resume_is_decided_by_rank_0_and_reaches_every_rank(tiny_backbone, mini_root, tmp_path):
     """Two processes resume a run whose last.pt only rank 0 can see (rank 1's os.path.exists says no, as on a
-    node without the shared output directory): both must resume and end with identical weights.
+    node without the shared output directory): both must resume and end with identical weights. Only rank 0 touches
+    the run's files: rank 1, to which a log.jsonl always seems there, neither removes it (fresh run) nor cuts it back
+    (resumed run), nor settles best.pt or moves a file aside (each of these raises on rank 1 here).
     Catches: each rank deciding from its own file system (rank 1 starts fresh; the start-up weight check then
-    stops the run, and without that check the ranks' weights differ at the end)."""
+    stops the run, and without that check the ranks' weights differ at the end); the fresh run's clean-up on every
+    rank (`elif rank == 0:` -> `elif True:`: rank 1 removes the log rank 0 removes); settle_best on every rank
+    (`if rank == 0:` -> `if True:`: two ranks moving the same best.pt)."""
     script = tmp_path / "run.py"
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {REPO!r})\n"
         "from config import load_config\nfrom plumbing import setup_distributed\nfrom train import train\n"
+        "import train as train_module\n"
         "setup_distributed()\n"
         "if dist.get_rank() == 1:\n"
-        "    exists = os.path.exists\n"
-        "    os.path.exists = lambda p: False if str(p).endswith('last.pt') else exists(p)\n"
+        "    exists, remove = os.path.exists, os.remove\n"
+        "    os.path.exists = lambda p: (False if str(p).endswith('last.pt') else\n"
+        "                                True if str(p).endswith('log.jsonl') else exists(p))\n"
+        "    def rank_0_only(*args):\n"
+        "        raise RuntimeError(f'rank 1 touched the run files: {args}')\n"
+        "    train_module.settle_best = train_module.keep_log_until = train_module.move_aside = rank_0_only\n"
+        "    os.remove = lambda p: rank_0_only(p) if str(p).endswith('log.jsonl') else remove(p)\n"
         "cfg = load_config(sys.argv[1], sys.argv[4:])\n"
         "encoder, _ = train(cfg, resume=sys.argv[2] == 'resume', stop_after=int(sys.argv[3]))\n"
         "torch.save(encoder.trainable_state_dict(), f'{cfg.train.out_dir}/rank{dist.get_rank()}.pt')\n")
