@@ -2061,6 +2061,26 @@ def test_a_config_not_found_from_another_directory_says_where_it_was_looked_for(
     assert exit_info.value.code == f"evaluate.py: {expected}"
 
 
+def test_a_config_of_other_bytes_than_text_an_empty_one_and_an_override_yaml_cannot_scan(tmp_path):
+    """A config file holding a byte that is not UTF-8 is a DataError naming the file (yaml's reader reports it,
+    reading the bytes); an empty config file is the default config; an override that yaml cannot even scan
+    (`train.lr=a: b: c`) is a TypeError naming the key, as one it cannot parse (`train.lr=[`).
+    Catches: read_yaml opening the file as text (`open(path, "rb")` -> `open(path)`: a UnicodeDecodeError naming no
+    file); read_yaml catching marked errors only (`except yaml.YAMLError` -> `except yaml.MarkedYAMLError`: yaml's
+    ReaderError escapes, a traceback); `read_yaml(path) or {}` -> `read_yaml(path)` (the empty file is refused);
+    _set catching parser errors only (`except yaml.YAMLError` -> `except yaml.parser.ParserError`: a ScannerError
+    naming "<unicode string>")."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"train:\n  lr: \xff\n")
+    with pytest.raises(plumbing.DataError, match=f"^{re.escape(str(latin1))}: not valid YAML \\(unacceptable "
+                                                 f"character #x00ff"):
+        load_config(str(latin1))
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(str(tmp_path / "empty.yaml")).to_dict() == Config().to_dict()
+    with pytest.raises(TypeError, match=re.escape("config train.lr must be float, got 'a: b: c' (not valid YAML)")):
+        load_config(None, ["train.lr=a: b: c"])
+
+
 def test_another_librarys_error_is_given_as_a_single_line():
     """plumbing.one_line turns another library's error into the single line a command prints (train.py's usage
     error, evaluate.py's EvaluationError, search.py's unreadable images), by hand: runs of whitespace and line
