@@ -1235,13 +1235,14 @@ def test_unreadable_cache_file_is_ignored_with_a_warning(tmp_path, capsys):
     assert f"ignoring unreadable cache file {chunk}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["width", "rows", "dtype"])
+@pytest.mark.parametrize("damage", ["width", "rows", "dtype", "none"])
 def test_a_cache_chunk_of_another_width_row_count_or_dtype_is_refused_naming_it(tmp_path, damage):
-    """A cache chunk that reads but holds embeddings of another width (another model's), fewer rows than keys, or
-    another dtype than encode_sharded's float32 was not written for this model: a DataError naming the file, what
-    it holds against what was expected, and the folder to delete. Before, another width ended in torch.stack's or
-    faiss's error and a missing row was re-encoded without a word.
-    Catches: load_cache's shape and dtype check removed (`if not (...)` -> `if False`: no DataError)."""
+    """A cache chunk that reads but holds embeddings of another width (another model's), fewer rows than keys,
+    another dtype than encode_sharded's float32, or no tensor at all was not written for this model: a DataError
+    naming the file, what it holds against what was expected, and the folder to delete. Before, another width ended
+    in torch.stack's or faiss's error and a missing row was re-encoded without a word.
+    Catches: load_cache's shape and dtype check removed (`if not (...)` -> `if False`: no DataError); its tensor
+    check dropped (`isinstance(emb, torch.Tensor) and ` removed: an AttributeError on None's dtype)."""
     sets, cache = make_sets(), tmp_path / "cache"
     evaluate_sets(FakeEncoder(), sets, batch_size=4, cache_dir=str(cache), progress=False)
     chunk = sorted(cache.glob("targets-*.pt"))[0]
@@ -1249,7 +1250,8 @@ def test_a_cache_chunk_of_another_width_row_count_or_dtype_is_refused_naming_it(
     rows = len(saved["keys"])
     emb, found = {"width": (saved["emb"][:, :8], f"torch.float32 [{rows}, 8]"),
                   "rows": (saved["emb"][1:], f"torch.float32 [{rows - 1}, 16]"),
-                  "dtype": (saved["emb"].double(), f"torch.float64 [{rows}, 16]")}[damage]
+                  "dtype": (saved["emb"].double(), f"torch.float64 [{rows}, 16]"),
+                  "none": (None, "NoneType")}[damage]
     torch.save({"keys": saved["keys"], "emb": emb}, chunk)
     with pytest.raises(DataError) as err:
         evaluate_sets(FakeEncoder(), sets, batch_size=4, cache_dir=str(cache), progress=False)
