@@ -477,8 +477,9 @@ def test_a_failed_reindex_leaves_no_finished_marker(setup, tmp_path, monkeypatch
 
 def test_items_out_of_step_with_the_index_are_refused(setup, tmp_path):
     """items.jsonl line i describes vector i: a folder where they disagree in number (changed by hand) is refused; so
-    is an index.faiss of another width than the model's (every query failed in a reshape).
-    Catches: Index.__init__'s items / ntotal comparison removed; its width comparison removed."""
+    is an index.faiss of another width than the model's, narrower or wider (every query failed in a reshape).
+    Catches: Index.__init__'s items / ntotal comparison removed; its width comparison removed, or made one-sided
+    (`self.index.d != model.embed_dim` -> `self.index.d < model.embed_dim`: the 32-wide index is searched)."""
     out = stub_index(tmp_path, setup)
     items = open(os.path.join(out, "items.jsonl")).read().splitlines()
     with open(os.path.join(out, "items.jsonl"), "w") as f:
@@ -487,11 +488,12 @@ def test_items_out_of_step_with_the_index_are_refused(setup, tmp_path):
         search.Index(out, stub_model())
     with open(os.path.join(out, "items.jsonl"), "w") as f:
         f.write("\n".join(items) + "\n")
-    narrow = faiss.IndexFlatIP(8)                   # 9 vectors again, each 8 wide where the model gives 16
-    narrow.add(np.random.default_rng(0).standard_normal((9, 8)).astype(np.float32))
-    faiss.write_index(narrow, os.path.join(out, "index.faiss"))
-    with pytest.raises(SearchError, match="index.faiss holds vectors of width 8, the model gives 16"):
-        search.Index(out, stub_model())
+    for width in (8, 32):                           # 9 vectors again, each narrower or wider than the model's 16
+        other = faiss.IndexFlatIP(width)
+        other.add(np.random.default_rng(0).standard_normal((9, width)).astype(np.float32))
+        faiss.write_index(other, os.path.join(out, "index.faiss"))
+        with pytest.raises(SearchError, match=f"index.faiss holds vectors of width {width}, the model gives 16"):
+            search.Index(out, stub_model())
 
 
 def test_approximate_index_training_sample_is_seeded():
