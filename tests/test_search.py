@@ -456,6 +456,29 @@ def test_a_readable_image_or_query_with_a_non_finite_embedding_stops_the_run(set
         model.encode_queries([make_query(text="red")])
 
 
+def test_a_broken_query_embedding_names_its_own_query(setup):
+    """Of two queries, q1 (finite) and q2 (NaN, then all zeros), the refusal names q2, the one the model broke.
+    Catches: Model.encode_queries naming the first query of the batch (`queries[bad[0]]['id']` ->
+    `queries[0]['id']`)."""
+    class SecondBroken:
+        embed_dim = 16
+
+        def __init__(self, value):
+            self.value = value
+
+        def encode_queries(self, queries, batch_size=32):
+            emb = torch.nn.functional.normalize(torch.ones(len(queries), self.embed_dim), dim=1)
+            emb[1] = self.value
+            return emb
+
+    model = stub_model()
+    queries = [dict(make_query(text="red"), id="q1"), dict(make_query(text="blue"), id="q2")]
+    for value, kind in ((float("nan"), "non-finite"), (0.0, "all-zero")):
+        model.encoder = SecondBroken(value)
+        with pytest.raises(SearchError, match=rf"^{kind} embedding \(.*\) of query q2$"):
+            model.encode_queries(queries)
+
+
 def test_a_failed_reindex_leaves_no_finished_marker(setup, tmp_path, monkeypatch):
     """meta.json marks a finished index: indexing again into a finished folder removes it first, so a run that dies
     while writing index.faiss leaves a folder that Index refuses rather than one whose meta.json describes files of
