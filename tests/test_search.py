@@ -174,6 +174,22 @@ def test_index_of_a_checkpoint_rewritten_since_says_to_index_again(setup, tmp_pa
     assert message.endswith("Index the catalogue again") and "--ckpt" not in message
 
 
+def test_a_checkpoint_on_a_backbone_with_other_weights_is_refused(setup, tmp_path):
+    """A checkpoint records the identity of the backbone weights it was trained on (model.backbone_identity); one that
+    is not the backbone's here (another model of the same architecture at that path) is refused in one line naming
+    the checkpoint and both identities, before anything is searched.
+    Catches: search.Model not handing the checkpoint's identity to load_encoder (`trained_on=trained_on` dropped: the
+    trained state is loaded onto other weights and the query answered)."""
+    ckpt = torch.load(setup["ckpts"][0], weights_only=False)
+    ckpt["backbone_identity"] = "0123456789abcdef"
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        search.main(["query", setup["index"], "--text", "red dress", "--ckpt", str(tmp_path / "other.pt")])
+    message = str(exit_info.value.code)
+    assert f"{tmp_path / 'other.pt'}: trained on a backbone with other weights than" in message
+    assert "backbone identity 0123456789abcdef" in message
+
+
 def test_index_encoded_on_another_device_is_searched_with_a_note(setup, tmp_path, capsys):
     """The same model computed another way (an index a GPU encoded in bf16, queried on this CPU in fp32) differs by
     rounding only: it is searched, not refused, and a note names both arithmetics. The index records its own.
