@@ -829,6 +829,24 @@ def test_a_video_without_a_video_stream_or_a_decodable_frame_is_named_as_such(tm
                              f"(cut short?)"
 
 
+def test_a_fault_while_naming_a_videos_problem_leaves_the_readers_own_message(tmp_path, monkeypatch):
+    """video_problem runs once the reader has failed, only to put the cause in words: a fault of its own (here PyAV's
+    av.open raising a RuntimeError, for the reader and for it alike) leaves load_video's DataError with the reader's
+    message, never a traceback of its own.
+    Catches: video_problem catching PyAV's errors only (`except Exception` -> `except av.error.FFmpegError`: the
+    RuntimeError escapes load_video)."""
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"not a video")
+
+    def broken_open(*args, **kwargs):
+        raise RuntimeError("the library is broken")
+
+    monkeypatch.setattr(av, "open", broken_open)
+    with pytest.raises(DataError) as err:
+        load_video(str(path), record_id="rec-4")
+    assert str(err.value) == f"{path} (record rec-4): cannot read video: the library is broken"
+
+
 def test_encoding_prepares_the_next_batch_while_embedding_this_one(encoder, media, tmp_path):
     """Encoding in batches, the next batch prepared in a thread while this one is embedded, gives each item the
     embedding of a plain loop (prepare, then embed, batch after batch), in order, when the count is not a multiple
