@@ -197,6 +197,21 @@ def test_train_step_evaluation_and_reload_end_to_end(real_backbone, mini_root, t
     torch.testing.assert_close(reloaded.encode_targets(targets), trained.encode_targets(targets), atol=1e-5, rtol=0)
 
 
+def install_flash_attn(tmp_path, monkeypatch, init, transformers_accepts):
+    """A flash_attn package on the path whose __init__ is `init`, and transformers' version check answering
+    `transformers_accepts`: what auto attention meets on a GPU machine."""
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text(init)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    from transformers.utils import import_utils
+    monkeypatch.setattr(import_utils, "is_flash_attn_2_available", lambda *a, **k: transformers_accepts)
+
+
+WORKING_FLASH_ATTN = "def flash_attn_varlen_func(*args, **kwargs):\n    pass\n"
+
+
 @pytest.mark.parametrize("build", ["broken", "working"])
 def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkeypatch, capsys, build):
     """model.attn_implementation=auto on a GPU: a flash-attn whose compiled kernels do not load (built for another
@@ -204,15 +219,8 @@ def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkey
     flash_attention_2. transformers' own check (package metadata and version) passes in both cases, as it does
     for a mismatched build. Catches: choosing by `find_spec("flash_attn")` alone (the broken build is picked and
     from_pretrained fails at load)."""
-    package = tmp_path / "flash_attn"
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n" if build == "broken"
-        else "def flash_attn_varlen_func(*args, **kwargs):\n    pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-    from transformers.utils import import_utils
-    monkeypatch.setattr(import_utils, "is_flash_attn_2_available", lambda *a, **k: True)
+    install_flash_attn(tmp_path, monkeypatch, "raise ImportError('flash_attn_2_cuda.so: undefined symbol: "
+                       "_ZN3c104cuda9SetDeviceEi')\n" if build == "broken" else WORKING_FLASH_ATTN, True)
     kernel = attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cuda"))
     lines = capsys.readouterr().out.splitlines()
     if build == "broken":
@@ -227,13 +235,7 @@ def test_auto_attention_gives_sdpa_in_fp32_even_where_flash_attention_loads(tmp_
     such encoders) and a flash-attn that loads gives sdpa and one line saying why: FlashAttention's kernels are
     fp16/bf16 only, and with autocast off transformers would hand them fp32 tensors. In bf16 the same flash-attn is
     used. Catches: the dtype left out of the choice (`half = True`: flash_attention_2 picked for fp32)."""
-    package = tmp_path / "flash_attn"
-    package.mkdir()
-    (package / "__init__.py").write_text("def flash_attn_varlen_func(*args, **kwargs):\n    pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-    from transformers.utils import import_utils
-    monkeypatch.setattr(import_utils, "is_flash_attn_2_available", lambda *a, **k: True)
+    install_flash_attn(tmp_path, monkeypatch, WORKING_FLASH_ATTN, True)
     cuda = torch.device("cuda")
     assert attention.attention_kernel(ModelConfig(attn_implementation="auto", dtype="float32"), cuda) == "sdpa"
     assert capsys.readouterr().out.splitlines() == [
@@ -247,13 +249,7 @@ def test_auto_attention_gives_sdpa_for_a_flash_attn_that_transformers_does_not_a
     (is_flash_attn_2_available false: a version it does not support) gives sdpa and one line saying why, since
     from_pretrained would refuse flash_attention_2.
     Catches: transformers' check dropped from flash_attention_unavailable (`if False:`: flash_attention_2 picked)."""
-    package = tmp_path / "flash_attn"
-    package.mkdir()
-    (package / "__init__.py").write_text("def flash_attn_varlen_func(*args, **kwargs):\n    pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-    from transformers.utils import import_utils
-    monkeypatch.setattr(import_utils, "is_flash_attn_2_available", lambda *a, **k: False)
+    install_flash_attn(tmp_path, monkeypatch, WORKING_FLASH_ATTN, False)
     assert attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cuda")) == "sdpa"
     assert capsys.readouterr().out.splitlines() == [
         "model.attn_implementation=auto: sdpa, because FlashAttention cannot be used: transformers does not support "
