@@ -825,8 +825,8 @@ def test_lone_surrogate_in_a_caption_is_a_data_error(mini_root, tmp_path, tiny_b
 
 
 def test_a_root_that_is_not_a_directory_is_one_line(tmp_path, monkeypatch):
-    """`prepare_data.py --root` on a path that does not exist (a typo) printed a table of 25 rows with one error each
-    and every annotation file of a tree listed as not found; now one line before any scan.
+    """`prepare_data.py --root` on a path that does not exist (a typo) printed a table of 20 rows with one error each
+    and the first five annotation files it lacks as not found; now one line before any scan.
     Catches: the directory check removed (validate_tree runs: the stand-in fails the test)."""
     monkeypatch.setattr(pd, "validate_tree", lambda *a, **k: pytest.fail("scanned a root that is not there"))
     missing = str(tmp_path / "no-such-root")
