@@ -149,12 +149,10 @@ def restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, path):
                               f"same config")
     # The config names the backbone by path only: a directory replaced in place by another model of the same
     # architecture would load the trainable state without complaint and go on training it on other weights (the
-    # identity is bf16-rounded, so a copy of the same weights in another dtype resumes). None: written before it
-    # was recorded.
-    trained_on, here = ckpt.get("backbone_identity"), encoder.backbone_identity()
-    if trained_on is not None and trained_on != here:
-        raise DataError(path, f"trained on a backbone with other weights than {cfg.model.backbone} (backbone "
-                              f"identity {trained_on}, this one's {here}); resume on the backbone it was trained on")
+    # identity is bf16-rounded, so a copy of the same weights in another dtype resumes).
+    problem = encoder.other_backbone(ckpt.get("backbone_identity"))
+    if problem:
+        raise DataError(path, f"{problem}; resume on the backbone it was trained on")
     encoder.load_trainable_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

@@ -420,12 +420,10 @@ def load_encoder(cfg, state, device, source=None, trained_on=None):
         encoder = build_encoder(cfg.model, cfg.calibrator, device)
     except (OSError, ValueError) as err:   # transformers / open_clip: a directory that holds no (complete) model
         raise EvaluationError(f"backbone {cfg.model.backbone}: cannot load the model: {one_line(err)}") from err
-    if state is not None and trained_on is not None and encoder.backbone_identity() != trained_on:
-        # Same architecture, other weights (an Instruct and a Thinking model): the state would load and be wrong.
-        raise EvaluationError(f"{source or 'trainable state'}: trained on a backbone with other weights than "
-                              f"{cfg.model.backbone} (backbone identity {trained_on}, this one's "
-                              f"{encoder.backbone_identity()}); point --backbone or model.backbone at the one it was "
-                              f"trained on")
+    problem = encoder.other_backbone(trained_on) if state is not None else None
+    if problem:
+        raise EvaluationError(f"{source or 'trainable state'}: {problem}; point --backbone or model.backbone at the one "
+                              f"it was trained on")
     if state is not None:
         try:
             encoder.load_trainable_state_dict(state)

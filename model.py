@@ -135,6 +135,16 @@ class Encoder(nn.Module):
                 digest.update(tensor.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).view(torch.int16).numpy())
         return digest.hexdigest()[:16]
 
+    def other_backbone(self, trained_on):
+        """Why trainable tensors trained on the backbone of identity `trained_on` must not load here, or None: the
+        same architecture with other weights (an Instruct and a Thinking model) would take them and be wrong. None
+        for `trained_on`: a checkpoint written before the identity was recorded."""
+        here = self.backbone_identity()
+        if trained_on is None or trained_on == here:
+            return None
+        return (f"trained on a backbone with other weights than {self.model_cfg.backbone} (backbone identity "
+                f"{trained_on}, this one's {here})")
+
     def load_trainable_state_dict(self, state):
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
