@@ -377,11 +377,12 @@ def read_checkpoint(path):
     return cfg, ckpt["model"], ckpt.get("backbone_identity")
 
 
-def resolve_backbone(model_cfg, override=None, ckpt=None):
+def resolve_backbone(model_cfg, override=None, ckpt=None, how="model.backbone or --backbone at it"):
     """The backbone (model.backbone, or --backbone) with relative local paths resolved against the working
     directory, then the checkpoint's directory. A Qwen3-VL backbone must be a local directory (nothing is
-    downloaded); one that is not there is an EvaluationError naming where it was looked for. For open_clip
-    ("NAME[:WEIGHTS]") the weights file, and NAME when it is a JSON config path, are resolved the same way."""
+    downloaded); one that is not there is an EvaluationError naming where it was looked for and how to set it (`how`:
+    train.py has no --backbone). For open_clip ("NAME[:WEIGHTS]") the weights file, and NAME when it is a JSON
+    config path, are resolved the same way."""
     backbone = override or model_cfg.backbone
     places = [os.getcwd()] + ([os.path.dirname(os.path.abspath(ckpt))] if ckpt else [])
 
@@ -392,7 +393,7 @@ def resolve_backbone(model_cfg, override=None, ckpt=None):
             where = " or ".join(candidates) if not os.path.isabs(path) else path
             tiny = "; python fake_backbones.py make-tiny DIR builds the tiny one" if kind == "local directory" else ""
             raise EvaluationError(f"backbone: {kind} {path!r} not found (looked for {where}); the backbone must be "
-                                  f"local: point model.backbone or --backbone at it{tiny}")
+                                  f"local: point {how}{tiny}")
         return os.path.abspath(found)
 
     if model_cfg.kind == "openclip":
@@ -407,7 +408,7 @@ def resolve_backbone(model_cfg, override=None, ckpt=None):
         weights = find(weights, "open_clip weights file", os.path.isfile) if weights else ""
         return name + colon + weights
     if not backbone:
-        raise EvaluationError("backbone: model.backbone is empty; point it or --backbone at a local directory")
+        raise EvaluationError(f"backbone: model.backbone is empty; the backbone is a local directory: point {how}")
     return find(backbone, "local directory", os.path.isdir)
 
 

@@ -374,7 +374,8 @@ def train(cfg, resume=False, stop_after=None):
     refuse_fp16(cfg.model)
     device = setup_distributed(cfg.train.dist_timeout_s)
     rank, size = world()
-    resolve_backbone(cfg.model)    # a backbone that is not there is named before any data is read or file written
+    # A backbone that is not there is named before any data is read or file written.
+    resolve_backbone(cfg.model, how="model.backbone at it (in the config, or model.backbone=DIR after it)")
     os.makedirs(cfg.train.out_dir, exist_ok=True)
     last_path = os.path.join(cfg.train.out_dir, "last.pt")
     best_path = os.path.join(cfg.train.out_dir, "best.pt")

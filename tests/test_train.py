@@ -2012,8 +2012,8 @@ def test_a_missing_backbone_ends_train_in_one_line_before_anything_is_written(tm
         train_module.main()
     assert str(exit_info.value.code) == (
         f"train.py: backbone: local directory 'no-backbone' not found (looked for {tmp_path / 'no-backbone'}); the "
-        f"backbone must be local: point model.backbone or --backbone at it; python fake_backbones.py make-tiny DIR "
-        f"builds the tiny one")
+        f"backbone must be local: point model.backbone at it (in the config, or model.backbone=DIR after it); python "
+        f"fake_backbones.py make-tiny DIR builds the tiny one")
     assert not run.exists()
 
 
