@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from plumbing import DataError, read_yaml
+from plumbing import DataError, SettingError, read_yaml
 
 
 # ----------------------------------------------------------------------------- a batch's chunks, prepared in threads
@@ -117,7 +117,7 @@ def chunk_sizes_for(cfg, keys, device):
     row, source = {}, f"train.chunk_size={cfg.train.chunk_size}"
     if cfg.train.chunk_table:
         if cfg.calibrator.reg_per_chunk:
-            raise ValueError("train.chunk_table picks chunk sizes by GPU memory, but with calibrator.reg_per_chunk="
+            raise SettingError("train.chunk_table picks chunk sizes by GPU memory, but with calibrator.reg_per_chunk="
                              "true the chunk is part of the objective: set train.chunk_sizes (configs/release.yaml)")
         if device.type == "cuda":
             row, source = chunk_table_row(cfg, torch.cuda.get_device_properties(device).total_memory)

@@ -18,6 +18,11 @@ class DataError(Exception):
         super().__init__(f"{path}{f' (record {record_id})' if record_id is not None else ''}: {message}")
 
 
+class SettingError(ValueError):
+    """A setting, or a combination of settings and data, that this run cannot work with; the message names the
+    config key(s). train.py prints it in one line."""
+
+
 def one_line(err, with_type=False):
     """An exception's message on one line; with_type prefixes its type (for errors raised by other libraries)."""
     text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err     # KeyError quotes its str

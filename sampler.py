@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from config import CHOICES
-from plumbing import all_reduce_mean
+from plumbing import SettingError, all_reduce_mean
 
 MODES, DIFFICULTIES = CHOICES["sampler", "mode"], CHOICES["sampler", "difficulty"]
 
@@ -65,9 +65,9 @@ class TaskSampler:
         if not sizes:
             raise ValueError("TaskSampler needs at least one sub-dataset")
         if batch_size < 1:      # else the per-sub-dataset check below blames the size of the sub-datasets
-            raise ValueError(f"train.batch_size must be at least 1, got {batch_size}")
+            raise SettingError(f"train.batch_size must be at least 1, got {batch_size}")
         if cfg.mode == "ggas" and cfg.floor * len(sizes) >= 1:
-            raise ValueError(f"sampler.floor={cfg.floor} leaves no room for {len(sizes)} sub-datasets "
+            raise SettingError(f"sampler.floor={cfg.floor} leaves no room for {len(sizes)} sub-datasets "
                              f"(floor * K >= 1); use sampler.mode=uniform for uniform sampling")
         self.keys = list(sizes)
         self.sizes = np.array([sizes[k] for k in self.keys], dtype=np.int64)
@@ -76,13 +76,13 @@ class TaskSampler:
         self.batch = np.minimum(batch_size, self.sizes // world_size)
         for key, b in zip(self.keys, self.batch):
             if b < 1:
-                raise ValueError(f"sub-dataset {key} has {sizes[key]} training records, fewer than the "
+                raise SettingError(f"sub-dataset {key} has {sizes[key]} training records, fewer than the "
                                  f"{world_size} ranks: every rank needs at least one record per batch")
         self.batch_size = batch_size
         # An epoch is sum_k floor(N_k / (world_size * batch)) steps (docs/method.md#ggas).
         self.epoch_length = int((self.sizes // (world_size * batch_size)).sum())
         if self.epoch_length == 0:
-            raise ValueError(f"every sub-dataset is smaller than one global batch ({world_size} x {batch_size}); "
+            raise SettingError(f"every sub-dataset is smaller than one global batch ({world_size} x {batch_size}); "
                              f"sizes: {dict(sizes)}; lower train.batch_size")
         # The draws depend only on the step count, G, this generator and the seeded shuffles (_permutation),
         # all identical across ranks.
@@ -184,7 +184,7 @@ class TaskSampler:
                 "batch_size": self.batch_size}
         theirs = {name: state[name] for name in mine}
         if theirs != mine:
-            raise ValueError(f"sampler state does not match this run (an exact resume needs the same sub-datasets, "
+            raise SettingError(f"sampler state does not match this run (an exact resume needs the same sub-datasets, "
                              f"sizes, world size and batch size): saved {theirs}, now {mine}")
         self.seed, self.step = state["seed"], state["step"]
         self.G = np.array(state["G"], dtype=np.float64)

@@ -29,8 +29,8 @@ from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, mov
 from config import load_config
 from evaluate import EvaluationError, evaluate_sets, load_encoder, resolve_backbone, score
 from loader import StepPrefetch, chunk_items, chunk_report, chunk_sizes_for, prepare_chunks
-from plumbing import (DataError, average_gradients, gather_list, one_line, save_atomic, setup_distributed, world,
-                      write_text_atomic)
+from plumbing import (DataError, SettingError, average_gradients, gather_list, one_line, save_atomic,
+                      setup_distributed, world, write_text_atomic)
 from prepare_data import SUB_DATASETS, TrainSet, build_eval_sets
 from sampler import TaskSampler
 
@@ -376,7 +376,6 @@ def train(cfg, resume=False, stop_after=None):
     rank, size = world()
     # A backbone that is not there is named before any data is read or file written.
     resolve_backbone(cfg.model, how="model.backbone at it (in the config, or model.backbone=DIR after it)")
-    os.makedirs(cfg.train.out_dir, exist_ok=True)
     last_path = os.path.join(cfg.train.out_dir, "last.pt")
     best_path = os.path.join(cfg.train.out_dir, "best.pt")
     log_path = os.path.join(cfg.train.out_dir, "log.jsonl")
@@ -401,6 +400,7 @@ def train(cfg, resume=False, stop_after=None):
     # Unreadable training records, as "key/id": shared by every rank, excluded from sampling once found, counted
     # once each against data.max_bad_records, and saved in the checkpoint so a resumed run keeps skipping them.
     step, best_score, best_step, bad_records = 0, -1.0, None, set()
+    os.makedirs(cfg.train.out_dir, exist_ok=True)   # only now: a setting refused above leaves no empty out_dir
     ckpt = checkpoint_to_resume(last_path, resume)
     if ckpt is not None:
         step, best_score, best_step, bad_records = restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank,
@@ -506,7 +506,7 @@ def main():
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
         _, best = train(cfg, resume=args.resume or restarted)
-    except (DataError, EvaluationError) as err:   # names the file, record or backbone: a traceback adds nothing
+    except (DataError, EvaluationError, SettingError) as err:   # each names its file, record, backbone or key
         sys.exit(f"train.py: {err}")
     if world()[0] == 0:
         print(f"best validation score (sum of Recall@1): {best:.2f}; checkpoints in {cfg.train.out_dir}")

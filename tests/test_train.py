@@ -2197,3 +2197,28 @@ def test_command_line_passes_overrides_and_resume_on(tmp_path, monkeypatch, caps
     assert calls[0][0].train.lr == 0.125 and calls[0][0].train.out_dir == str(tmp_path)
     assert calls[1][0].train.lr == 1e-4 and calls[2][0].train.out_dir == "runs/tiny"
     assert f"best validation score (sum of Recall@1): 1.50; checkpoints in {tmp_path}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("sampler.floor=0.2", "sampler.floor=0.2 leaves no room for 18 sub-datasets"),
+    ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
+    ("train.chunk_table=configs/chunk_sizes.yaml", "train.chunk_table picks chunk sizes by GPU memory, but with "
+                                                   "calibrator.reg_per_chunk=true"),
+])
+def test_a_setting_the_run_cannot_work_with_ends_train_in_one_line_before_out_dir_exists(
+        tmp_path, mini_root, tiny_backbone, monkeypatch, setting, message):
+    """`train.py configs/tiny.yaml sampler.floor=0.2` (18 sub-datasets: floor * K >= 1) ended in a ValueError
+    traceback from inside TaskSampler, after train.out_dir was created. Settings refused by the sampler and the chunk
+    table are SettingErrors, printed in one line by main, and out_dir is created only after them.
+    Catches: main not catching SettingError (`except (DataError, EvaluationError)`: a traceback); the sampler's check
+    raising a plain ValueError again; os.makedirs(out_dir) back at the top of train() (an empty out_dir is left)."""
+    run = tmp_path / "run"
+    extra = ["calibrator.reg_per_chunk=true"] if "chunk_table" in setting else []
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["train.py", os.path.join(REPO, "configs", "tiny.yaml"), f"data.root={mini_root}",
+                                      f"train.out_dir={run}", f"model.backbone={tiny_backbone}", setting, *extra])
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert isinstance(exit_info.value.code, str) and "\n" not in exit_info.value.code
+    assert exit_info.value.code.startswith(f"train.py: {message}")
+    assert not run.exists()
