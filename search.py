@@ -19,7 +19,8 @@ string (e.g. IVF4096,PQ64 or HNSW32) for catalogues where exact search no longer
 a seeded random sample of at most --train-size vectors. IVF indexes probe --nprobe lists, HNSW explores
 --ef-search candidates. The index folder holds shards/<fingerprint>-<arithmetic>/, index.faiss, items.jsonl (path
 and metadata of vector i on line i) and meta.json (written last: fingerprint, arithmetic, checkpoint, config,
-factory, counts, skipped).
+factory, counts, skipped). Indexing into a folder that holds another checkpoint's or catalogue's index replaces it,
+with a note (its shards stay).
 
 Query: --task picks the instruction template of a task family (the phrasing of the U-FIRE instructions, verb
 "find"); without it the task follows from the inputs (text alone: t2i; a video: video2img; images and text: cir;
@@ -247,6 +248,8 @@ def index_catalogue(model, catalogue, out_dir, factory="Flat", train_size=TRAIN_
     rank, size = world()
     items = read_catalogue(catalogue)
     paths = [item["path"] for item in items]
+    if rank == 0:
+        note_replaced_index(out_dir, model, catalogue)
     # Shards of another model, or computed another way (bf16 on a GPU, fp32 on a CPU), are never mixed in.
     shards = os.path.join(out_dir, "shards", f"{model.fingerprint}-{model.arithmetic}")
     start = time.time()
@@ -284,6 +287,18 @@ def index_catalogue(model, catalogue, out_dir, factory="Flat", train_size=TRAIN_
     write_text_atomic(meta_path, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     print(f"indexed {index.ntotal} images ({factory}) in {out_dir}")
     return meta
+
+
+def note_replaced_index(out_dir, model, catalogue):
+    """Say so when out_dir holds the finished index of another checkpoint or catalogue, which this run replaces (the
+    other model's embeddings stay in their shards/ folder, so indexing it again encodes nothing)."""
+    try:
+        old = read_meta(out_dir) if os.path.isfile(os.path.join(out_dir, "meta.json")) else None
+    except SearchError:     # damaged: replaced as a failed build would be
+        return
+    if old and (old.get("fingerprint"), old.get("catalogue")) != (model.fingerprint, os.path.abspath(catalogue)):
+        print(f"note: {out_dir} holds the index of checkpoint {old.get('checkpoint')} over {old.get('catalogue')}; "
+              f"this run replaces it (its embeddings stay in {os.path.join(out_dir, 'shards')})")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -704,3 +704,25 @@ def test_a_catalogue_line_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "utf8.jsonl").write_bytes('{"path": "café.jpg", "name": "Crêpe"}\n'.encode())
     assert search.read_catalogue(str(tmp_path / "utf8.jsonl")) == [{"path": str(tmp_path / "café.jpg"),
                                                                     "name": "Crêpe"}]
+
+
+def test_indexing_into_the_index_of_another_checkpoint_or_catalogue_says_it_is_replaced(setup, tmp_path, capsys):
+    """`search.py index` into a folder holding another checkpoint's (or catalogue's) finished index replaced it
+    without a word. It now prints a note naming the index it replaces; indexing the same model and catalogue again
+    (a resume, or a rebuild with other faiss options) prints none.
+    Catches: the note_replaced_index call removed (no note); its comparison made `!=` on the fingerprint alone (no
+    note for another catalogue) or always true (a note on a plain rebuild)."""
+    out = str(tmp_path / "index")
+    model = stub_model()
+    search.index_catalogue(model, setup["catalogue"], out, progress=False)
+    search.index_catalogue(model, setup["catalogue"], out, factory="IVF2,Flat", train_size=4, progress=False)
+    assert "note:" not in capsys.readouterr().out
+    other = stub_model()
+    other.ckpt, other.fingerprint = "other.pt", "other"
+    search.index_catalogue(other, setup["catalogue"], out, progress=False)
+    assert (f"note: {out} holds the index of checkpoint stub.pt over {os.path.abspath(setup['catalogue'])}; this run "
+            f"replaces it (its embeddings stay in {os.path.join(out, 'shards')})") in capsys.readouterr().out
+    smaller = tmp_path / "smaller"
+    shutil.copytree(os.path.join(setup["catalogue"], "shoes"), smaller)
+    search.index_catalogue(other, str(smaller), out, progress=False)
+    assert f"note: {out} holds the index of checkpoint other.pt over {setup['catalogue']}" in capsys.readouterr().out
