@@ -75,7 +75,7 @@ def recall_at_k(query_emb, gallery_emb, ground_truth, ks=KS, exclude=None):
     if len(queries) == 0:
         raise ValueError("recall_at_k: no queries")
     for what, emb in (("query", queries), ("gallery", gallery)):
-        for kind, rows_of in UNUSABLE_ROWS.items():
+        for kind, (rows_of, _) in UNUSABLE.items():
             bad = rows_of(emb)
             if len(bad):    # evaluate_sets names the record first
                 raise ValueError(f"recall_at_k: {len(bad)} {kind} {what} embedding(s), rows {bad[:5].tolist()}")
@@ -122,8 +122,8 @@ def _zero_rows(emb):
 # Embeddings no working model gives, refused rather than scored: faiss ranks a NaN query nowhere (id -1), and an
 # all-zero row scores 0 against everything, i.e. chance. Every embedding the encoders return is F.normalize'd
 # (model.py, baseline.py; the calibrator's outputs too), which is a unit vector unless the readout itself is zero.
-UNUSABLE_ROWS = {"non-finite": _non_finite_rows, "all-zero": _zero_rows}
-UNUSABLE_CAUSE = {"non-finite": "NaN or infinite outputs", "all-zero": "all-zero outputs"}
+# Each kind: (its rows in [N, D], what the model does to give one).
+UNUSABLE = {"non-finite": (_non_finite_rows, "NaN or infinite outputs"), "all-zero": (_zero_rows, "all-zero outputs")}
 
 
 def _member(ranked, id_lists, n_gallery):
@@ -219,15 +219,15 @@ def shown_rankings(query_emb, gallery_emb, exclude, n, k=SHOW_K, seed=0):
 
 
 def _unusable_error(eval_sets, paths, target_emb, query_emb):
-    """The message refusing non-finite or all-zero embeddings (UNUSABLE_ROWS; naming the first gallery image or the
+    """The message refusing non-finite or all-zero embeddings (UNUSABLE; naming the first gallery image or the
     first query of each set that has one), or None: neither must end as a number in the table."""
-    for kind, rows_of in UNUSABLE_ROWS.items():
+    for kind, (rows_of, cause) in UNUSABLE.items():
         bad = rows_of(target_emb)
         if len(bad):
             first = paths[bad[0]]
             owners = [s.name for s in eval_sets if first in s.gallery]
             return (f"{kind} gallery embedding of {first} (gallery of {', '.join(owners)}); {len(bad)} of "
-                    f"{len(paths)} gallery images have one: the model gives {UNUSABLE_CAUSE[kind]}")
+                    f"{len(paths)} gallery images have one: the model gives {cause}")
         bad, start, named = set(rows_of(query_emb).tolist()), 0, []
         for s in eval_sets:
             rows = [i for i in range(len(s.queries)) if start + i in bad]
@@ -236,7 +236,7 @@ def _unusable_error(eval_sets, paths, target_emb, query_emb):
                 more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
                 named.append(f"{s.name}: query {s.queries[rows[0]]['id']}{more}")
         if named:
-            return f"{kind} query embedding ({'; '.join(named)}): the model gives {UNUSABLE_CAUSE[kind]}"
+            return f"{kind} query embedding ({'; '.join(named)}): the model gives {cause}"
     return None
 
 

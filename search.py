@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 from encoding import arithmetic, encode_gallery, fingerprint
-from evaluate import UNUSABLE_CAUSE, UNUSABLE_ROWS, EvaluationError, load_encoder, read_checkpoint, resolve_backbone
+from evaluate import UNUSABLE, EvaluationError, load_encoder, read_checkpoint, resolve_backbone
 from model import resolve_device
 from plumbing import DataError, atomic_write, gather_list, one_line, setup_distributed, world, write_text_atomic
 from ufire_mini import REQUESTS, VERBS
@@ -95,11 +95,10 @@ class Model:
 
     def encode_queries(self, queries, batch_size=None):
         emb = self.encoder.encode_queries(queries, batch_size=batch_size or self.batch_size)
-        for kind, rows_of in UNUSABLE_ROWS.items():
+        for kind, (rows_of, cause) in UNUSABLE.items():
             bad = rows_of(emb)
             if len(bad):
-                raise SearchError(f"{kind} embedding (the model gives {UNUSABLE_CAUSE[kind]}) of query "
-                                  f"{queries[bad[0]]['id']}")
+                raise SearchError(f"{kind} embedding (the model gives {cause}) of query {queries[bad[0]]['id']}")
         return emb
 
     def encode_targets(self, paths, batch_size=None):
@@ -118,10 +117,10 @@ class Model:
             emb = torch.stack(rows)
         self.encoded += sum(p not in self.unreadable for p in paths)      # images/s counts embedded images only
         # A NaN row means "unreadable" to the index; one from a readable image is a broken model, never skipped.
-        for kind, rows_of in UNUSABLE_ROWS.items():
+        for kind, (rows_of, cause) in UNUSABLE.items():
             broken = [paths[i] for i in rows_of(emb) if paths[i] not in self.unreadable]
             if broken:
-                raise SearchError(f"{kind} embedding (the model gives {UNUSABLE_CAUSE[kind]}) of {broken[0]}")
+                raise SearchError(f"{kind} embedding (the model gives {cause}) of {broken[0]}")
         return emb
 
 

@@ -78,7 +78,7 @@ def test_recall_refuses_all_zero_embeddings():
     """An all-zero query scores 0 against every gallery image and an all-zero gallery image 0 against every query:
     recall near chance, in the table as if measured. The encoders' outputs are unit vectors unless the readout is
     zero (F.normalize leaves 0 at 0), so such a row is a broken model, refused like a non-finite one.
-    Catches: UNUSABLE_ROWS without "all-zero" (the zero rows are scored)."""
+    Catches: UNUSABLE without "all-zero" (the zero rows are scored)."""
     gallery = np.eye(6, dtype=np.float32)
     queries = np.stack([ranked_query([0, 1, 2, 3, 4, 5], 6), ranked_query([1, 0, 2, 3, 4, 5], 6)])
     broken = queries.copy()
@@ -339,7 +339,7 @@ def test_non_finite_embeddings_are_refused_naming_set_and_query_or_image():
 
 
 def test_all_zero_embeddings_are_refused_naming_set_and_query_or_image():
-    """Catches: evaluate_sets checking non-finite rows only (UNUSABLE_ROWS without "all-zero": a table comes out)."""
+    """Catches: evaluate_sets checking non-finite rows only (UNUSABLE without "all-zero": a table comes out)."""
     with pytest.raises(EvaluationError, match=r"^all-zero query embedding \(9_asfr_B: query b-3\): the model gives "
                                               r"all-zero outputs$"):
         evaluate_sets(BrokenEncoder(queries=["b-3"], query_value=0.0), make_sets(), batch_size=4, progress=False)

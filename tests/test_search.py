@@ -438,7 +438,7 @@ def test_a_readable_image_or_query_with_a_non_finite_embedding_stops_the_run(set
     """A NaN row means "unreadable" to the index; a readable image that embeds to NaN or to all zeros is a broken model
     and must stop the run, naming the image, never be skipped as unreadable or indexed. The same for a query.
     Catches: Model.encode_targets' broken-model check removed (the image is skipped silently); Model.encode_queries'
-    check removed (a NaN query ranks arbitrarily); evaluate.UNUSABLE_ROWS without "all-zero" (a zero row scores 0
+    check removed (a NaN query ranks arbitrarily); evaluate.UNUSABLE without "all-zero" (a zero row scores 0
     against everything)."""
     class NaNFor(BytesEncoder):
         def __init__(self, bad):
