@@ -9,6 +9,7 @@ from PIL import Image
 from calibrator import QueryCalibrator
 from media import load_image, load_video
 from model import Encoder, instruction_text, resolve_device
+from plumbing import SettingError
 
 
 def tokenizer_markers(tokenizer):
@@ -32,7 +33,7 @@ class OpenClipEncoder(Encoder):
         super().__init__()
         import open_clip  # imported here: it pulls in timm (seconds of start-up) that the Qwen3-VL path never needs
         if model_cfg.trainable != "full":
-            raise ValueError(f"the open_clip baseline trains all its weights: set model.trainable=full "
+            raise SettingError(f"the open_clip baseline trains all its weights: set model.trainable=full "
                              f"(got {model_cfg.trainable!r})")
         self.model_cfg, self.calibrator_cfg = model_cfg, calib_cfg
         name, _, weights = model_cfg.backbone.partition(":")

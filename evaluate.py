@@ -50,7 +50,7 @@ import torch.distributed as dist
 from config import Config, load_config
 from model import build_encoder
 from encoding import cache_key, encode_gallery, encode_sharded
-from plumbing import DataError, load_checkpoint, one_line, setup_distributed, world, write_text_atomic
+from plumbing import DataError, SettingError, load_checkpoint, one_line, setup_distributed, world, write_text_atomic
 from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
 
 KS = (1, 5, 10, 50)
@@ -419,6 +419,8 @@ def load_encoder(cfg, state, device, source=None, trained_on=None):
     torch.manual_seed(cfg.train.seed)      # fresh trainable parts (untrained floor) must be identical on every rank
     try:
         encoder = build_encoder(cfg.model, cfg.calibrator, device)
+    except SettingError as err:         # names its key: the backbone is not to blame
+        raise EvaluationError(str(err)) from err
     except (OSError, ValueError) as err:   # transformers / open_clip: a directory that holds no (complete) model
         raise EvaluationError(f"backbone {cfg.model.backbone}: cannot load the model: {one_line(err)}") from err
     problem = encoder.other_backbone(trained_on) if state is not None else None

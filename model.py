@@ -34,7 +34,7 @@ from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_interpo
 from attention import attention_kernel, packed_vision_attention
 from calibrator import QueryCalibrator
 from media import load_image, load_video, resize_frames, resize_to_budget
-from plumbing import DataError
+from plumbing import DataError, SettingError
 
 QUERY_TOKEN, TARGET_TOKEN = "<|MEAN|>", "<|IMG|>"
 SYSTEM_PROMPT = "You are a fashion expert in processing fashion images."
@@ -194,7 +194,7 @@ class FashionLensEncoder(Encoder):
     def __init__(self, model_cfg, calib_cfg, device=None):
         super().__init__()
         if 0 < model_cfg.eval_image_pixels < model_cfg.image_pixels:
-            raise ValueError(f"model.eval_image_pixels={model_cfg.eval_image_pixels} is below model.image_pixels="
+            raise SettingError(f"model.eval_image_pixels={model_cfg.eval_image_pixels} is below model.image_pixels="
                              f"{model_cfg.image_pixels}: evaluation sizes each image between the two (0: the same)")
         device = resolve_device(device)
         self.model_cfg, self.calibrator_cfg = model_cfg, calib_cfg

@@ -2204,14 +2204,17 @@ def test_command_line_passes_overrides_and_resume_on(tmp_path, monkeypatch, caps
     ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
     ("train.chunk_table=configs/chunk_sizes.yaml", "train.chunk_table picks chunk sizes by GPU memory, but with "
                                                    "calibrator.reg_per_chunk=true"),
+    ("model.eval_image_pixels=1024", "model.eval_image_pixels=1024 is below model.image_pixels="),
 ])
 def test_a_setting_the_run_cannot_work_with_ends_train_in_one_line_before_out_dir_exists(
         tmp_path, mini_root, tiny_backbone, monkeypatch, setting, message):
     """`train.py configs/tiny.yaml sampler.floor=0.2` (18 sub-datasets: floor * K >= 1) ended in a ValueError
-    traceback from inside TaskSampler, after train.out_dir was created. Settings refused by the sampler and the chunk
-    table are SettingErrors, printed in one line by main, and out_dir is created only after them.
+    traceback from inside TaskSampler, after train.out_dir was created. Settings refused by the sampler, the chunk
+    table or the encoder are SettingErrors, printed in one line by main, and out_dir is created only after them; the
+    encoder's no longer blamed on the backbone ("backbone ...: cannot load the model: model.eval_image_pixels=...").
     Catches: main not catching SettingError (`except (DataError, EvaluationError)`: a traceback); the sampler's check
-    raising a plain ValueError again; os.makedirs(out_dir) back at the top of train() (an empty out_dir is left)."""
+    raising a plain ValueError again; os.makedirs(out_dir) back at the top of train() (an empty out_dir is left);
+    load_encoder without its `except SettingError` (the backbone blamed)."""
     run = tmp_path / "run"
     extra = ["calibrator.reg_per_chunk=true"] if "chunk_table" in setting else []
     monkeypatch.chdir(REPO)
