@@ -54,6 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 
 import torch
@@ -186,21 +187,32 @@ def count_host_syncs(fn, device):
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def run_setting(rows, name, cfg, examples, chunks, args, device):
+def run_setting(rows, name, cfg, examples, chunks, args, device, save=lambda rows: None):
+    """Appends one row per chunk size to `rows`, calling save(rows) after each: a run stopped early keeps what it
+    measured. A chunk size that fails (a larger chunk can run out of memory where a smaller fits) is printed and
+    recorded as an error row, and the next one runs."""
     torch.manual_seed(0)  # same LoRA / calibrator initialisation for every setting
     encoder = build_encoder(cfg.model, cfg.calibrator, device)
     peak = peak_tflops(device, args.peak_tflops)
     for chunk in chunks:
-        seconds, phases, before, peak_mib, flops, stats, syncs = measure(encoder, cfg, examples, chunk, args.steps,
-                                                                         device)
-        rows.append({"setting": name, "chunk": chunk, "batch": len(examples), "seconds_per_step": seconds,
-                     "samples_per_s": len(examples) / seconds, "phase_seconds": phases,
-                     "other_seconds": seconds - sum(phases.values()), "tflop_per_step": flops / 1e12,
-                     "achieved_tflops": flops / 1e12 / seconds, "peak_tflops": peak,
-                     "utilisation": flops / 1e12 / seconds / peak if peak else None,
-                     "peak_memory_mib": peak_mib, "memory_before_mib": before, "loss": stats["loss"],
-                     "host_syncs_per_step": syncs})
-        print_row(rows[-1])
+        try:
+            seconds, phases, before, peak_mib, flops, stats, syncs = measure(encoder, cfg, examples, chunk,
+                                                                             args.steps, device)
+        except RuntimeError as err:   # torch.OutOfMemoryError and CUDA errors are RuntimeErrors
+            traceback.print_exc()
+            rows.append({"setting": name, "chunk": chunk, "batch": len(examples),
+                         "error": f"{type(err).__name__}: {next(iter(str(err).splitlines()), '')}"})
+            print(f"| {name:8s} | {chunk:5d} | {len(examples):5d} | failed: {rows[-1]['error']}", flush=True)
+        else:
+            rows.append({"setting": name, "chunk": chunk, "batch": len(examples), "seconds_per_step": seconds,
+                         "samples_per_s": len(examples) / seconds, "phase_seconds": phases,
+                         "other_seconds": seconds - sum(phases.values()), "tflop_per_step": flops / 1e12,
+                         "achieved_tflops": flops / 1e12 / seconds, "peak_tflops": peak,
+                         "utilisation": flops / 1e12 / seconds / peak if peak else None,
+                         "peak_memory_mib": peak_mib, "memory_before_mib": before, "loss": stats["loss"],
+                         "host_syncs_per_step": syncs})
+            print_row(rows[-1])
+        save(rows)
     del encoder
     gc.collect()
 
@@ -224,12 +236,20 @@ def print_row(r):
 
 def print_ratios(rows):
     """Ours against the release at each chunk size, measured in the same process."""
-    ours = {r["chunk"]: r for r in rows if r["setting"] == "ours"}
-    for r in rows:
+    measured = [r for r in rows if "error" not in r]
+    ours = {r["chunk"]: r for r in measured if r["setting"] == "ours"}
+    for r in measured:
         if r["setting"] == "release" and r["chunk"] in ours:
             print(f"chunk {r['chunk']}: ours / release samples/s = "
                   f"{ours[r['chunk']]['samples_per_s'] / r['samples_per_s']:.2f}x, peak memory "
                   f"{ours[r['chunk']]['peak_memory_mib'] / r['peak_memory_mib']:.2f}x")
+
+
+def save_json(args, header, rows):
+    """--json: the setup line and the rows so far."""
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"setup": header, "torch_threads": torch.get_num_threads(),
+                                                 "steps": args.steps, "rows": rows}, indent=2))
 
 
 def tiny_cpu(args, tmp):
@@ -245,8 +265,7 @@ def tiny_cpu(args, tmp):
     print(header + "\n")
     print_header()
     rows = []
-    run_setting(rows, "tiny", cfg, examples, args.chunks, args, device)
-    return header, rows
+    run_setting(rows, "tiny", cfg, examples, args.chunks, args, device, lambda rows: save_json(args, header, rows))
 
 
 def real_arch(args, tmp):
@@ -274,9 +293,9 @@ def real_arch(args, tmp):
     print_header()
     rows = []
     for name, setting_cfg in settings:
-        run_setting(rows, name, setting_cfg, examples, args.chunks, args, device)
+        run_setting(rows, name, setting_cfg, examples, args.chunks, args, device,
+                    lambda rows: save_json(args, header, rows))
     print_ratios(rows)
-    return header, rows
 
 
 def main():
@@ -302,10 +321,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        header, rows = (real_arch if args.real_arch else tiny_cpu)(args, tmp)
-    if args.json:
-        write_text_atomic(args.json, json.dumps({"setup": header, "torch_threads": torch.get_num_threads(),
-                                                 "steps": args.steps, "rows": rows}, indent=2))
+        (real_arch if args.real_arch else tiny_cpu)(args, tmp)
 
 
 if __name__ == "__main__":

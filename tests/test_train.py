@@ -718,6 +718,33 @@ def test_throughput_row_by_hand(monkeypatch, capsys):
     assert cells[5] == "4.0" and cells[13] == "25.0%" and cells[14] == "3.00" and cells[15] == "0.10"
 
 
+def test_throughput_chunk_size_that_fails_is_recorded_and_the_next_one_runs(monkeypatch, capsys):
+    """train_throughput.run_setting: a chunk size whose measurement runs out of memory becomes an error row naming the
+    error's first line, the next chunk size is still measured, save() gets the rows after each chunk size (a run cut
+    short keeps them), and the ratios leave the failed row out.
+    Catches: the error not caught (`except RuntimeError` -> `except ValueError`: nothing after it is measured);
+    save() only at the end (`save(rows)` after the loop); the ratios over error rows (`measured = rows`: KeyError)."""
+    import train_throughput
+
+    def measure(encoder, cfg, examples, chunk, steps, device):
+        if chunk == 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return 2.0, dict.fromkeys(["data", "no-grad", "loss", "replay"], 0.0), 100.0, 200.0, 1e12, {"loss": 1.0}, 0
+    monkeypatch.setattr(train_throughput, "measure", measure)
+    monkeypatch.setattr(train_throughput, "build_encoder", lambda *args: torch.nn.Linear(2, 2))
+    rows, saved = [], []
+    train_throughput.run_setting(rows, "ours", Config(), [{}] * 8, [64, 16], SimpleNamespace(peak_tflops=0, steps=3),
+                                 torch.device("cpu"), lambda rows: saved.append([r["chunk"] for r in rows]))
+    assert saved == [[64], [64, 16]]
+    assert rows[0] == {"setting": "ours", "chunk": 64, "batch": 8,
+                       "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert rows[1]["samples_per_s"] == 4.0
+    capsys.readouterr()
+    train_throughput.print_ratios(rows + [dict(rows[1], setting="release", samples_per_s=1.0),
+                                          dict(rows[0], setting="release")])
+    assert capsys.readouterr().out == "chunk 16: ours / release samples/s = 4.00x, peak memory 1.00x\n"
+
+
 def test_throughput_ratios_are_ours_over_the_release(capsys):
     """Catches: the samples/s or peak-memory ratio inverted, or taken at another chunk size."""
     from train_throughput import print_ratios
