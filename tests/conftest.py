@@ -15,14 +15,15 @@ torch.set_num_threads(1)
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", choices=["cpu", "cuda"],
                      help="where the tests that take the `device` fixture run: `cuda` runs those exactness checks "
-                          "on a GPU, in fp32 (benchmarks/gpu_session.sh does, first)")
+                          "on a GPU (benchmarks/gpu_session.sh does, first)")
 
 
 @pytest.fixture(scope="session")
 def device(request):
     """The device of the exactness checks that also matter on a GPU (the CUDA random state in the gradient-cache
-    replay and in checkpoints, tensors moved to the device). They build their encoder in fp32 (model.dtype, which
-    CPUs always use) and compare at fp32 tolerances, so TF32 convolutions are turned off on a GPU."""
+    replay and in checkpoints, tensors moved to the device). Most build their encoder in fp32 (model.dtype, which
+    CPUs always use) and compare at fp32 tolerances, so TF32 convolutions are turned off on a GPU; those of the GPU's
+    bf16 kernels run in bf16 there (on CPU, bf16 patched in) and compare at bf16 tolerances."""
     name = request.config.getoption("--device")
     if name == "cuda":
         if not torch.cuda.is_available():

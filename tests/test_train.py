@@ -25,6 +25,7 @@ import train as train_module
 from config import CHOICES, Config, load_config
 from launch import launch_two_nodes, torchrun
 from loader import StepPrefetch, prepare_chunks
+import model
 from model import build_encoder
 from plumbing import load_checkpoint
 from prepare_data import SUB_DATASETS, TrainSet
@@ -228,6 +229,54 @@ def test_chunk_size_does_not_change_loss_or_gradients(tiny_backbone, tmp_path, d
         assert gate_mean == pytest.approx(results[0][2], abs=1e-6)
         for name in g:
             torch.testing.assert_close(g[name], results[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def relative_error(value, reference):
+    """‖value − reference‖ / ‖reference‖, in float64."""
+    value, reference = value.detach().double().cpu(), reference.detach().double().cpu()
+    return float((value - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("trainable, dropout", [("lora", 0.3), ("full", 0.0)])
+def test_cached_gradients_equal_uncached_in_bf16_with_the_packed_vision_attention(tiny_backbone, tmp_path, device,
+                                                                                 monkeypatch, trainable, dropout):
+    """The gradient-cache equality above in bf16, as a GPU trains (model.dtype bfloat16: bf16 frozen weights, bf16
+    autocast; on CPU the dtype is patched in, as tests/test_model.py does), with the packed vision attention: a cached
+    step of 7 views in chunks of 2 and one uncached forward and backward of the same chunks from the same random state
+    give the same loss and gradients. Both see the same bf16 values, so on CPU they agree to the order of the fp32
+    sums (1e-7); the bound is bf16's (1e-2: on a GPU an attention backward may sum in another order each run, and
+    a bf16 result then moves by a unit in its last place), far under what a breakage gives (0.08 to 1.3).
+    LoRA with dropout: the frozen tower's output reused by the replay; trained in full: the tower runs again in the
+    replay and the gradients go through the packed attention's backward (torch's varlen kernel: CUDA only, with
+    --device cuda; tests/test_fast_paths.py checks its values against float64).
+    Catches: the replay's random state not restored (`set_torch_rng_state(state)` dropped: dropout masks differ);
+    the frozen tower's features of another chunk of the same shapes handed to the replay (`outs[1:2] + outs[:1] +
+    outs[2:]` in replay_with_graph); the replay's cached gradients not advanced per chunk (`start += n` dropped)."""
+    if device.type == "cpu":
+        monkeypatch.setattr(model, "compute_dtype", lambda model_cfg, device: torch.bfloat16)
+    cfg = lora_dropout_config(tiny_backbone)
+    cfg.model.trainable, cfg.model.lora_dropout, cfg.model.dtype = trainable, dropout, "bfloat16"
+    cfg.model.vision_attention = "packed"
+    encoder = build_encoder(cfg.model, cfg.calibrator, device).train()
+    assert encoder.vision_attention_packed and encoder.lm.model.visual.dtype == (
+        torch.float32 if trainable == "full" else torch.bfloat16)
+    perturb(encoder)
+    examples = make_examples(tmp_path, 7)
+
+    torch.manual_seed(123)
+    stats, bad = cached_step(encoder, examples, cfg, 2)
+    cached = grads(encoder)
+    encoder.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    reference_loss = uncached_reference(encoder, examples, cfg, 2)
+    reference = grads(encoder)
+
+    assert bad == []
+    assert stats["loss"] == pytest.approx(reference_loss, rel=1e-3)
+    assert cached.keys() == reference.keys() and len(cached) > 10
+    assert any(".visual." in n for n in reference) == (trainable == "full")
+    errors = {name: relative_error(cached[name], reference[name]) for name in reference}
+    assert max(errors.values()) < 1e-2, sorted(errors.items(), key=lambda item: -item[1])[:5]
 
 
 @pytest.mark.parametrize("broken", ["target", "hard negative", "text"])
