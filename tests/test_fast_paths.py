@@ -1,11 +1,13 @@
 """Fast paths of the encoder's forward that must not change a number: the frozen vision tower's output reused by the
-gradient-cache replay, and positions computed when the batch is prepared."""
+gradient-cache replay, positions computed when the batch is prepared, and the packed vision attention (bf16, as on a
+GPU)."""
 import pytest
 import torch
 from PIL import Image
 
 from config import Config
 from model import build_encoder
+from test_train import relative_error
 from train import cached_step
 
 
@@ -96,3 +98,61 @@ def test_the_replay_reads_nothing_back_per_chunk(tiny_backbone, tmp_path, monkey
     read_backs = [where for syncs in counted for where in syncs
                   if "train.py" in where and where.startswith(("aten._local_scalar_dense", "Tensor.tolist"))]
     assert not read_backs, counted
+
+
+def vision_attention_in_float64(attn, x, cu_seqlens, cos, sin):
+    """Qwen3-VL's vision attention written out from its formulas in float64 on the CPU, with the module's weights:
+    q, k, v from the fused projection, the rotary embedding on q and k (rotate-half form), softmax attention within
+    each image's segment, the output projection. Returns (output, float64 leaves: x and the weights by name)."""
+    x = x.detach().double().cpu().requires_grad_()
+    w = {n: p.detach().double().cpu().requires_grad_() for n, p in attn.named_parameters()}
+    cos, sin = cos.double().cpu()[:, None], sin.double().cpu()[:, None]
+    q, k, v = (x @ w["qkv.weight"].T + w["qkv.bias"]).reshape(len(x), 3, attn.num_heads, -1).unbind(1)
+
+    def rotary(t):
+        first, second = t.chunk(2, dim=-1)
+        return t * cos + torch.cat([-second, first], dim=-1) * sin
+    q, k = rotary(q), rotary(k)
+    bounds = cu_seqlens.tolist()
+    out = [torch.einsum("hqk,khd->qhd", (torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling).softmax(-1),
+                        v[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(out).reshape(len(x), -1) @ w["proj.weight"].T + w["proj.bias"], {"x": x, **w}
+
+
+def test_packed_vision_attention_matches_float64_in_bf16(tiny_backbone, device):
+    """attention.packed_vision_attention on one vision block in bf16 (as a GPU runs the tower: on CUDA torch's varlen
+    FlashAttention kernel, on CPU one sdpa call per image), four images of 16 to 64 patches: its output and its
+    gradients (input, qkv and output projections: the tower trained in full) are within bf16 rounding of the same
+    attention computed in float64 from the formulas, as close as transformers' own per-image attention gets.
+    Catches (on CPU and CUDA): q, k, v taken from the wrong axis of the qkv output (`reshape(tokens, self.num_heads,
+    3, -1).unbind(2)`); the rotary embedding left out; every image as one segment (`cu_seqlens[[0, -1]]` to the
+    kernel). Only CUDA reaches the varlen kernel's call (argument order, scale, max_seqlen, cu_seqlens on the device),
+    with --device cuda (benchmarks/gpu_session.sh)."""
+    from transformers import Qwen3VLForConditionalGeneration
+    from attention import packed_vision_attention
+    lm = Qwen3VLForConditionalGeneration.from_pretrained(tiny_backbone, dtype=torch.bfloat16,
+                                                         attn_implementation="sdpa")
+    attn = lm.model.visual.blocks[0].attn.to(device)
+    generator = torch.Generator().manual_seed(3)
+    lengths = [16, 36, 64, 4]
+    tokens, head_dim = sum(lengths), attn.head_dim
+    cu_seqlens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    x = torch.randn(tokens, attn.dim, generator=generator).bfloat16()
+    angles = 8 * torch.rand(tokens, head_dim // 2, generator=generator)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    mix = torch.randn(tokens, attn.dim, generator=generator)    # a loss that weighs every output
+    reference, leaves = vision_attention_in_float64(attn, x, cu_seqlens, cos, sin)
+    (reference * mix.double()).sum().backward()
+    errors = {}
+    for name, forward in [("packed", lambda *args: packed_vision_attention(attn, *args, max_seqlen=max(lengths))),
+                          ("transformers", attn)]:
+        attn.zero_grad(set_to_none=True)
+        xs = x.to(device, copy=True).requires_grad_()
+        out = forward(xs, cu_seqlens.to(device), (cos.to(device), sin.to(device)))
+        (out.float() * mix.to(device)).sum().backward()
+        got = {"output": out, "x": xs.grad, **{n: p.grad for n, p in attn.named_parameters()}}
+        expected = {"output": reference, **{n: t.grad for n, t in leaves.items()}}
+        errors[name] = {k: relative_error(got[k], expected[k]) for k in expected}
+    for k, error in errors["packed"].items():
+        # bf16 keeps 8 significant bits (relative rounding 2^-9 per value): errors of a few 1e-3
+        assert error < 2e-2 and error < 2 * errors["transformers"][k] + 2e-3, (k, errors)
