@@ -1,10 +1,12 @@
 """Fast paths of the encoder's forward that must not change a number: the frozen vision tower's output reused by the
-gradient-cache replay, positions computed when the batch is prepared, and the packed vision attention (bf16, as on a
-GPU)."""
+gradient-cache replay, positions computed when the batch is prepared, the packed vision attention and the attention
+kernels of the backbone (bf16, as on a GPU)."""
 import pytest
 import torch
 from PIL import Image
 
+import model
+from attention import flash_attention_unavailable
 from config import Config
 from model import build_encoder
 from test_train import relative_error
@@ -156,3 +158,37 @@ def test_packed_vision_attention_matches_float64_in_bf16(tiny_backbone, device):
     for k, error in errors["packed"].items():
         # bf16 keeps 8 significant bits (relative rounding 2^-9 per value): errors of a few 1e-3
         assert error < 2e-2 and error < 2 * errors["transformers"][k] + 2e-3, (k, errors)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "flash_attention_2"])
+def test_attention_kernels_give_the_same_readouts_on_a_padded_batch(tiny_backbone, tmp_path, device, monkeypatch,
+                                                                    kernel):
+    """model.attn_implementation: eager attention, and FlashAttention where it loads (CUDA with flash-attn installed;
+    skipped elsewhere, saying why: flash-attn is a source build that many GPU machines lack), embed a padded batch
+    (two image queries and a shorter text-only one) in bf16 as sdpa does, to bf16 rounding. Each reads the mask
+    index_work prepared for its kernel (4-D for eager and sdpa; for FlashAttention the padding mask, by which it drops
+    the padding), and transformers' FlashAttention runs the vision tower where the other two use the packed vision
+    attention. On CPU bf16 is patched in, as tests/test_model.py does.
+    Catches: the causal mask left out (`"causal_mask": None` in index_work: sdpa still attends causally, eager then
+    lets the readout token see the tokens after it)."""
+    if kernel == "flash_attention_2":
+        reason = "FlashAttention runs on CUDA only" if device.type != "cuda" else flash_attention_unavailable()
+        if reason:
+            pytest.skip(f"flash_attention_2: {reason}")
+    if device.type == "cpu":
+        monkeypatch.setattr(model, "compute_dtype", lambda model_cfg, device: torch.bfloat16)
+    examples = make_examples(tmp_path, 3)
+    embeddings = {}
+    for implementation in ("sdpa", kernel):
+        cfg = Config()
+        cfg.model.backbone, cfg.model.image_pixels = tiny_backbone, 64 * 64
+        cfg.model.attn_implementation = implementation
+        torch.manual_seed(0)
+        encoder = build_encoder(cfg.model, cfg.calibrator, device).eval()
+        assert encoder.lm.config.text_config._attn_implementation == implementation
+        inputs = encoder.prepare_queries(examples, train=False)
+        assert len(set(inputs["attention_mask"].sum(1).tolist())) == 2    # padded: the text-only query is shorter
+        with torch.no_grad():
+            embeddings[implementation] = encoder(inputs, "query")["emb"]
+    errors = [relative_error(a, b) for a, b in zip(embeddings[kernel], embeddings["sdpa"])]
+    assert max(errors) < 5e-2, errors    # bf16 rounding: about 8e-3 (eager, CPU); the breakage below: 0.27 to 0.57
