@@ -212,19 +212,26 @@ def install_flash_attn(tmp_path, monkeypatch, init, transformers_accepts):
 WORKING_FLASH_ATTN = "def flash_attn_varlen_func(*args, **kwargs):\n    pass\n"
 
 
-@pytest.mark.parametrize("build", ["broken", "working"])
+BROKEN_FLASH_ATTN = {"broken": "raise ImportError('flash_attn_2_cuda.so: undefined symbol: "
+                               "_ZN3c104cuda9SetDeviceEi')\n",
+                     "faulting": "raise RuntimeError('CUDA error: no kernel image is available for execution on the "
+                                 "device')\n"}
+
+
+@pytest.mark.parametrize("build", ["broken", "faulting", "working"])
 def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkeypatch, capsys, build):
     """model.attn_implementation=auto on a GPU: a flash-attn whose compiled kernels do not load (built for another
-    torch: ImportError "undefined symbol") gives sdpa and one line saying why; one that imports gives
-    flash_attention_2. transformers' own check (package metadata and version) passes in both cases, as it does
-    for a mismatched build. Catches: choosing by `find_spec("flash_attn")` alone (the broken build is picked and
-    from_pretrained fails at load)."""
-    install_flash_attn(tmp_path, monkeypatch, "raise ImportError('flash_attn_2_cuda.so: undefined symbol: "
-                       "_ZN3c104cuda9SetDeviceEi')\n" if build == "broken" else WORKING_FLASH_ATTN, True)
+    torch: ImportError "undefined symbol"; built for another GPU architecture: a RuntimeError from CUDA while it
+    imports) gives sdpa and one line saying why; one that imports gives flash_attention_2. transformers' own check
+    (package metadata and version) passes in every case, as it does for a mismatched build. Catches: choosing by
+    `find_spec("flash_attn")` alone (the broken build is picked and from_pretrained fails at load); the import
+    guarded by `except ImportError` only (the faulting build's RuntimeError escapes attention_kernel)."""
+    install_flash_attn(tmp_path, monkeypatch, BROKEN_FLASH_ATTN.get(build, WORKING_FLASH_ATTN), True)
     kernel = attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cuda"))
     lines = capsys.readouterr().out.splitlines()
-    if build == "broken":
-        assert kernel == "sdpa" and len(lines) == 1 and "undefined symbol" in lines[0], lines
+    if build != "working":
+        assert kernel == "sdpa" and len(lines) == 1, lines
+        assert ("undefined symbol" if build == "broken" else "RuntimeError: CUDA error") in lines[0], lines
     else:
         assert kernel == "flash_attention_2" and lines == []
     assert attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cpu")) == "sdpa"
@@ -233,15 +240,20 @@ def test_auto_attention_uses_flash_attention_only_when_it_loads(tmp_path, monkey
 def test_auto_attention_gives_sdpa_in_fp32_even_where_flash_attention_loads(tmp_path, monkeypatch, capsys):
     """model.attn_implementation=auto on a GPU with model.dtype=float32 (the `--device cuda` exactness checks build
     such encoders) and a flash-attn that loads gives sdpa and one line saying why: FlashAttention's kernels are
-    fp16/bf16 only, and with autocast off transformers would hand them fp32 tensors. In bf16 the same flash-attn is
-    used. Catches: the dtype left out of the choice (`half = True`: flash_attention_2 picked for fp32)."""
+    fp16/bf16 only, and with autocast off transformers would hand them fp32 tensors. In bf16 and in fp16 (which
+    evaluates, though it does not train) the same flash-attn is used. Catches: the dtype left out of the choice
+    (`half = True`: flash_attention_2 picked for fp32); fp16 left out of the half dtypes (`half = model_cfg.dtype in
+    ("bfloat16",)`: sdpa for fp16, with a line saying its kernels are fp16/bf16 only)."""
     install_flash_attn(tmp_path, monkeypatch, WORKING_FLASH_ATTN, True)
     cuda = torch.device("cuda")
     assert attention.attention_kernel(ModelConfig(attn_implementation="auto", dtype="float32"), cuda) == "sdpa"
     assert capsys.readouterr().out.splitlines() == [
         "model.attn_implementation=auto: sdpa, because FlashAttention cannot be used: model.dtype=float32 (its "
         "kernels are fp16/bf16 only)"]
-    assert attention.attention_kernel(ModelConfig(attn_implementation="auto"), cuda) == "flash_attention_2"
+    for half in ("bfloat16", "float16"):
+        assert attention.attention_kernel(ModelConfig(attn_implementation="auto", dtype=half), cuda) == \
+            "flash_attention_2"
+    assert capsys.readouterr().out == ""
 
 
 def test_auto_attention_gives_sdpa_for_a_flash_attn_that_transformers_does_not_accept(tmp_path, monkeypatch, capsys):
