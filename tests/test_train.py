@@ -566,13 +566,16 @@ def step_script(tmp_path, tiny_backbone, body):
     return script
 
 
-def test_two_processes_average_bf16_and_fp32_gradients_each_in_its_parameters_dtype(tmp_path):
+def test_three_processes_average_bf16_and_fp32_gradients_each_in_its_parameters_dtype(tmp_path):
     """model.fp32_trainable=false (configs/release.yaml) on a GPU keeps the token vectors and the calibrator in bf16
-    beside the fp32 LoRA adapters. Two gloo processes hold a bf16 and an fp32 parameter with gradients that differ
+    beside the fp32 LoRA adapters. Three gloo processes hold a bf16 and an fp32 parameter with gradients that differ
     by rank (rank 1's bf16 parameter has none: a step that did not use it); after average_gradients each parameter's
-    gradient has its parameter's dtype and is the two ranks' mean, worked out here from the same seeded values.
+    gradient has its parameter's dtype and is the ranks' mean, worked out here from the same seeded values. A list of
+    bf16 parameters alone (trainable=full with fp32_trainable=false) is averaged in fp32 too and rounded once: the mean
+    of three bf16 gradients, summed and divided in bf16, would be rounded up to three times.
     Catches: the average assigned in the fp32 buffer's dtype (`.to(p.dtype, copy=True)` -> `.clone()`: torch refuses
-    an fp32 gradient for a bf16 parameter, and release.yaml stopped at its first step on 2 or more GPUs)."""
+    an fp32 gradient for a bf16 parameter, and release.yaml stopped at its first step on 2 or more GPUs); the buffer
+    left in the gradients' dtype (`.float()` dropped from the torch.cat: the bf16-only list averaged in bf16)."""
     script = tmp_path / "average.py"
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
@@ -580,21 +583,29 @@ def test_two_processes_average_bf16_and_fp32_gradients_each_in_its_parameters_dt
         "from plumbing import average_gradients, setup_distributed\n"
         "setup_distributed()\nrank = dist.get_rank()\n"
         "params = [torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.bfloat16)), torch.nn.Parameter(torch.zeros(5))]\n"
-        "torch.manual_seed(rank)\n"
-        "params[0].grad = torch.randn(4, 3).bfloat16() if rank == 0 else None\n"
-        "params[1].grad = torch.randn(5)\n"
+        "alone = [torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))]\n"
+        "g = torch.Generator().manual_seed(rank)\n"
+        "a, b, c = torch.randn(4, 3, generator=g), torch.randn(5, generator=g), torch.randn(64, generator=g)\n"
+        "params[0].grad = a.bfloat16() if rank != 1 else None\n"
+        "params[1].grad, alone[0].grad = b, c.bfloat16()\n"
         "average_gradients(params)\n"
-        f"torch.save([p.grad for p in params], f'{tmp_path}/rank{{rank}}.pt')\n")
-    torchrun(script)
-    torch.manual_seed(0)
-    bf16_0, fp32_0 = torch.randn(4, 3).bfloat16(), torch.randn(5)
-    torch.manual_seed(1)
-    fp32_1 = torch.randn(5)
-    expected = [(bf16_0.double() / 2).bfloat16(), ((fp32_0.double() + fp32_1.double()) / 2).float()]
-    for rank in (0, 1):
+        "average_gradients(alone)\n"
+        f"torch.save([p.grad for p in params + alone], f'{tmp_path}/rank{{rank}}.pt')\n")
+    torchrun(script, nproc=3)
+    drawn = []
+    for rank in range(3):
+        g = torch.Generator().manual_seed(rank)
+        drawn.append([torch.randn(4, 3, generator=g).bfloat16(), torch.randn(5, generator=g),
+                      torch.randn(64, generator=g).bfloat16()])
+    # Each mean worked out in float64 (the bf16 sums are exact there), then rounded to fp32 and to the dtype.
+    expected = [((drawn[0][0].double() + drawn[2][0].double()) / 3).float().bfloat16(),
+                (sum(d[1].double() for d in drawn) / 3).float(),
+                (sum(d[2].double() for d in drawn) / 3).float().bfloat16()]
+    for rank in range(3):
         grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32]
-        assert torch.equal(grads[0], expected[0]) and torch.allclose(grads[1], expected[1], rtol=0, atol=1e-7)
+        assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.bfloat16]
+        assert torch.equal(grads[0], expected[0]) and torch.equal(grads[2], expected[2])
+        assert torch.allclose(grads[1], expected[1], rtol=1e-6, atol=0)
 
 
 def test_a_steps_logged_statistics_over_ranks_by_hand():
