@@ -1116,14 +1116,16 @@ def test_settle_best_keeps_moves_or_writes_best_pt_by_hand(tmp_path):
     moves aside one at step 7 (ahead of it) or one of score 1.0 (another run's), writing none in its place. A last.pt
     whose best step (3) is not its own step (5) writes no best.pt where there is none. A best.pt at last.pt's own
     step and best step (5) is kept as it is, nothing moved; one of the same score at another step (3) is moved aside
-    and last.pt written in its place. A best.pt with a step but no best score is moved aside as unreadable.
+    and last.pt written in its place. A best.pt with a step but no best score, or holding a list (not train.py's), is
+    moved aside as unreadable.
     Catches: the score comparison dropped (`best["best_score"] == last["best_score"]` -> `True`: the score 1.0
     best.pt kept); the step comparison dropped (`best["step"] <= last["step"]` -> `True`: the step 7 best.pt kept);
     a missing best_step taken as None (`last.get("best_step", best["step"])` -> `last.get("best_step")`: the step 3
     best.pt moved aside); last.pt written as best.pt whatever its best step (`if last is not None:`); `<=` -> `<`
     (the step 5 best.pt moved to best.orphan-step5.pt and written again); the best step comparison dropped
     (`best["step"] == last.get("best_step", best["step"])` -> `True`: the step 3 best.pt kept); readable_best
-    taking a checkpoint with a step only (`{"step", "best_score"} <= best.keys()` -> `"step" in best`: a KeyError)."""
+    taking a checkpoint with a step only (`{"step", "best_score"} <= best.keys()` -> `"step" in best`: a KeyError), or
+    asking a list for its keys (`isinstance(best, dict) and` dropped: an AttributeError stops the run)."""
     from checkpoints import settle_best
     older = {"step": 5, "best_score": 2.0}
     for name, best, kept in (("behind", {"step": 3, "best_score": 2.0}, True),
@@ -1149,10 +1151,11 @@ def test_settle_best_keeps_moves_or_writes_best_pt_by_hand(tmp_path):
     settle_best(own, str(tmp_path / "same-score" / "best.pt"))
     assert sorted(os.listdir(tmp_path / "same-score")) == ["best.orphan-step3.pt", "best.pt"]
     assert_same_state(load_checkpoint(tmp_path / "same-score" / "best.pt"), own)
-    (tmp_path / "unscored").mkdir()
-    torch.save({"step": 4}, tmp_path / "unscored" / "best.pt")
-    settle_best(None, str(tmp_path / "unscored" / "best.pt"))
-    assert os.listdir(tmp_path / "unscored") == ["best.orphan-unreadable.pt"]
+    for name, content in (("unscored", {"step": 4}), ("list", [4, 2.0])):
+        (tmp_path / name).mkdir()
+        torch.save(content, tmp_path / name / "best.pt")
+        settle_best(None, str(tmp_path / name / "best.pt"))
+        assert os.listdir(tmp_path / name) == ["best.orphan-unreadable.pt"], name
 
 
 def test_best_pt_written_on_resume_is_never_half_written_and_files_moved_aside_are_numbered(tmp_path, monkeypatch):
