@@ -14,7 +14,7 @@ from checkpoints import comparable_config
 from config import Config, load_config
 from plumbing import DataError
 from prepare_data import SUB_DATASETS
-from loader import chunk_sizes_for
+from loader import chunk_report, chunk_sizes_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -65,18 +65,26 @@ def test_explicit_chunk_sizes_win_over_the_table(tmp_path, monkeypatch):
 
 def test_without_a_gpu_or_a_table_chunks_are_chunk_size_and_chunk_sizes(tmp_path, monkeypatch):
     """Today's behaviour on CPU (the table is not even read) and on a GPU without a table: train.chunk_size (5 here,
-    not the default 16) for every sub-dataset without a train.chunk_sizes entry.
+    not the default 16) for every sub-dataset without a train.chunk_sizes entry. The report train.py prints says
+    where the chunks came from and lists them largest first, written out here.
     Catches: the device check dropped (the CPU would read the GPU's memory: the mock raises); train.chunk_size
-    ignored (the default 16 in its place)."""
+    ignored (the default 16 in its place); the report's "is for GPUs" or "train.chunk_sizes first" dropped, or its
+    chunks listed smallest first (`sorted(..., reverse=True)` -> `sorted(...)`)."""
     def no_gpu(device):
         raise AssertionError("a CPU run must not ask for GPU properties")
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_gpu)
     cfg = table_config(tmp_path, chunk_sizes={"7_cir_Shoes": 2})
     cfg.train.chunk_size = 5
     expected = {"1_t2i_Shoes": 5, "6_video2img_MovingFashion": 5, "7_cir_Shoes": 2}
-    assert chunk_sizes_for(cfg, KEYS, torch.device("cpu"))[0] == expected
+    table = cfg.train.chunk_table
+    chunks, source = chunk_sizes_for(cfg, KEYS, torch.device("cpu"))
+    assert chunks == expected
+    assert chunk_report(chunks, source) == (
+        f"gradient-cache chunk per sub-dataset (train.chunk_size=5; {table} is for GPUs, train.chunk_sizes first): "
+        f"5: 1_t2i_Shoes, 6_video2img_MovingFashion; 2: 7_cir_Shoes")
     cfg.train.chunk_table = ""
-    assert chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))[0] == expected
+    assert chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9)) == (expected,
+                                                                     "train.chunk_size=5, train.chunk_sizes first")
 
 
 def test_a_chunk_table_with_per_chunk_regularisers_is_refused(tmp_path, monkeypatch):

@@ -1715,11 +1715,14 @@ def test_prepare_workers_give_the_serial_inputs_and_drop_the_same_record(tiny_ba
     equal a plain loop's over the batch without its unreadable record, which both name the same way. The record
     (r5's target) is in the second target chunk, so with threads pass 1 has run on four chunks when it is found.
     The 64 x 64 images are prepared for training at model.image_pixels (32 x 32), not at model.eval_image_pixels.
+    A batch of the unreadable record alone leaves no chunk to prepare, serially and with threads.
     Catches: a worker's DataError swallowed (`yield future.result()` only for futures without an exception: the
     record is neither named nor dropped); the random state not restored before the retry (dropout masks shift);
     chunks prepared at the evaluation budget (`train=True` -> `train=False` in prepare_chunks, serially or for the
     first chunk with a pool, or in StepPrefetch.prepare: the chunks of the kept records prepared a step ahead are
-    compared too)."""
+    compared too); a pool given work without checking there is any (`if pool is None or not jobs` -> `if pool is
+    None`: an IndexError when a batch whose only record is the unreadable one, a rank's whole batch, is prepared
+    again without it with 2 threads)."""
     cfg = lora_dropout_config(tiny_backbone)
     cfg.model.image_pixels, cfg.model.eval_image_pixels = 32 * 32, 64 * 64
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
@@ -1742,6 +1745,8 @@ def test_prepare_workers_give_the_serial_inputs_and_drop_the_same_record(tiny_ba
         torch.manual_seed(7)
         with ThreadPoolExecutor(workers) if workers else contextlib.nullcontext() as pool:
             got, _, q, t, bad = train_module.prepare_and_embed(encoder, examples, 3, pool)
+            alone = train_module.prepare_and_embed(encoder, [examples[5]], 3, pool)
+        assert alone[0] == [] and alone[2][0] == alone[3][0] == [] and alone[4][0][0] == ["r5"], (workers, alone)
         assert [e["id"] for e in got] == [e["id"] for e in kept], workers
         assert len(bad) == 1 and bad[0][0] == ["r5"] and "broken.png" in bad[0][1], (workers, bad)
         chunks, outs = q[0] + t[0], q[1] + t[1]
@@ -1786,6 +1791,34 @@ def test_prepared_chunks_come_back_in_submission_order():
         chunks = list(prepare_chunks(encoder, [["a"], ["b"], ["c"]], [["d"]], pool))
     assert encoder.waited, "chunk ['b'] did not run alongside chunk ['c']: the order was not put to the test"
     assert [c["items"] for c in chunks] == [["a"], ["b"], ["c"], ["d"]]
+
+
+def test_chunks_a_step_will_not_use_are_cancelled():
+    """Work that no step will use is cancelled, not left to hold the prepare threads while the step waits for its
+    own chunks: the chunks after one that holds an unreadable record (the batch is prepared again without it), and
+    a guessed batch that is not the step's. One thread, held by the guess's first chunk, leaves the others queued.
+    Catches: in_submission_order without its cancelling `finally` (the chunk after the DataError left queued);
+    StepPrefetch.take keeping a missed guess's futures (its `future.cancel()` loop dropped)."""
+    from concurrent.futures import Future
+    from loader import in_submission_order
+    failed, queued = Future(), Future()
+    failed.set_exception(plumbing.DataError("x.png", "cannot decode"))
+    with pytest.raises(plumbing.DataError, match="x.png: cannot decode"):
+        list(in_submission_order([failed, queued], [{"items": ["a"]}]))
+    assert queued.cancelled()
+
+    release = threading.Event()
+    encoder = SimpleNamespace(prepare_queries=lambda items, train: release.wait(timeout=60) and items,
+                              prepare_targets=lambda items, train: items)
+    views = [{"id": f"r{i}", "target_image": f"r{i}.png", "negative_image": []} for i in range(2)]
+    with StepPrefetch(1, encoder) as prefetch:
+        try:
+            prefetch.prepare(("k", views, 1))       # 2 query chunks, then 2 target chunks
+            futures = prefetch.futures
+            assert prefetch.take(("j", views, 1)) is None
+            assert len(futures) == 4 and all(f.cancelled() for f in futures[1:])
+        finally:
+            release.set()                           # else the pool's shutdown waits for the first chunk
 
 
 def test_step_guess_is_used_only_when_it_is_exactly_the_steps_batch():
