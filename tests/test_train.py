@@ -2012,14 +2012,24 @@ def test_overrides_take_each_fields_type_and_refuse_others():
 def test_a_word_that_is_not_one_of_a_keys_choices_is_refused_where_the_config_is_read(tmp_path, monkeypatch, capsys):
     """model.dtype=bf16 passed every CPU check (a CPU computes in fp32 and never reads it) and ended on a GPU in
     "AttributeError: module 'torch' has no attribute 'bf16'" after the data had loaded; sampler.mode=GGAS or
-    train.schedule=cos in a ValueError traceback from inside train(). Each key of config.CHOICES is refused as a YAML
-    value or an override, in one line naming the key; every config shipped in configs/ loads.
-    Catches: the CHOICES check removed from _set; a key missing from CHOICES (model.dtype dropped)."""
-    for (section, key), words in CHOICES.items():
-        assert load_config(None, [f"{section}.{key}={words[-1]}"]).to_dict()[section][key] == words[-1]
-        with pytest.raises(ValueError, match=f"config {section}.{key} must be one of .*, got 'typo'"):
-            load_config(None, [f"{section}.{key}=typo"])
-    assert ("model", "dtype") in CHOICES
+    train.schedule=cos in a ValueError traceback from inside train(). Each key that takes one of a few words takes
+    every word config.py's comments name for it (written out here) as an override and is refused another, in one
+    line naming the key; a misspelt word in a YAML file is refused the same way; every config shipped in configs/
+    loads. Catches: the CHOICES check removed from _set; a key missing from CHOICES (model.dtype dropped); a word
+    missing from a key's CHOICES (calibrator.gate without "fixed", model.trainable without "none", model.kind
+    without "openclip": the fixed-gate ablation, the frozen floor and the baseline's checkpoints refused)."""
+    documented = {"model.kind": "qwen3vl openclip", "model.trainable": "lora full none",
+                  "model.dtype": "bfloat16 float32 float16", "model.vision_attention": "auto packed transformers",
+                  "calibrator.mode": "slerp lerp none", "calibrator.gate": "learned fixed",
+                  "sampler.mode": "ggas uniform size size_pow", "sampler.difficulty": "joint sum",
+                  "train.schedule": "constant cosine"}
+    assert {f"{section}.{key}" for section, key in CHOICES} == documented.keys()
+    for name, words in documented.items():
+        section, key = name.split(".")
+        for word in words.split():
+            assert load_config(None, [f"{name}={word}"]).to_dict()[section][key] == word
+        with pytest.raises(ValueError, match=f"config {name} must be one of .*, got 'typo'"):
+            load_config(None, [f"{name}=typo"])
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  dtype: bf16\n")
     with pytest.raises(ValueError, match="config model.dtype must be one of bfloat16, float32, float16, got 'bf16'"):
