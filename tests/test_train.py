@@ -2179,9 +2179,11 @@ def test_malformed_yaml_ends_each_command_in_one_line_naming_the_file_and_line(t
 def test_a_config_not_found_from_another_directory_says_where_it_was_looked_for(tmp_path, monkeypatch, capsys):
     """`python /path/to/train.py configs/tiny.yaml` outside the repository ended in "[Errno 2] No such file or
     directory: 'configs/tiny.yaml'"; read_yaml now names the file and the working directory a relative path is
-    read from, and train.py and evaluate.py print it in one line.
+    read from, and train.py and evaluate.py print it in one line. A directory given as the config is "not a file".
     Catches: read_yaml without its existence check (`if not os.path.isfile(path)` -> `if False`: open's
-    FileNotFoundError, whose message names no working directory)."""
+    FileNotFoundError, whose message names no working directory); a directory called missing (`'not a file' if
+    os.path.exists(path) else 'no such file'` -> `'no such file'`) or let through (`os.path.isfile` ->
+    `os.path.exists`: open's IsADirectoryError)."""
     import evaluate
     monkeypatch.chdir(tmp_path)
     expected = f"configs/tiny.yaml: no such file (a relative path is read from the working directory {os.getcwd()})"
@@ -2192,6 +2194,10 @@ def test_a_config_not_found_from_another_directory_says_where_it_was_looked_for(
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--untrained", "--config", "configs/tiny.yaml"])
     assert exit_info.value.code == f"evaluate.py: {expected}"
+    os.mkdir("configs")
+    with pytest.raises(plumbing.DataError) as error:
+        load_config("configs")
+    assert str(error.value) == f"configs: not a file (a relative path is read from the working directory {os.getcwd()})"
 
 
 def test_a_config_of_other_bytes_than_text_an_empty_one_and_an_override_yaml_cannot_scan(tmp_path):
