@@ -469,6 +469,24 @@ def test_check_media_names_a_frameless_or_cut_video_as_training_does(tmp_path):
     assert str(err.value) == f"{cut} (record rec-5): the file ends before its first frame (cut short?)"
 
 
+def test_check_media_decodes_every_frame_of_a_video(tmp_path):
+    """An .mp4 of 12 frames whose middle bytes are overwritten decodes its first frame (so media.video_problem finds
+    nothing wrong) and fails further on ("Invalid data found when processing input"): check_media, which decodes a
+    video frame by frame, names it. Catches: check_media stopping after video_problem (the decode loop dropped: the
+    clip passes the validator and fails when training samples a later frame)."""
+    from test_model import write_mp4
+    path = write_mp4(tmp_path / "damaged.mp4", frames=12, seed=0)
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = np.random.default_rng(0).bytes(2000)
+    with open(path, "wb") as f:
+        f.write(data)
+    with av.open(path) as container:
+        assert next(container.decode(video=0), None) is not None
+    with pytest.raises(DataError, match=r"\(record rec-6\): cannot decode: .*Invalid data found"):
+        check_media(path, "rec-6")
+
+
 def test_missing_and_corrupt_files_are_named_with_their_record(mini_root, tmp_path):
     root = copy_tree(mini_root, tmp_path)
     rec = load_records(root, "4_street2shop_DeepFashion2", "test")[0]     # its street photo is its own
