@@ -107,19 +107,23 @@ def test_cli_out_writes_the_pngs_there(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_ends_a_missing_or_empty_log_in_one_line_naming_it(tmp_path, monkeypatch):
-    """`plot.py LOG` before training (no log yet) or on a log without training lines ends in one line naming the
-    file and, for a missing one, where train.py writes it; nothing is written.
+    """`plot.py LOG` before training (no log yet), on the run's folder instead of its log, or on a log without
+    training lines ends in one line naming the file and, for a missing one, where train.py writes it; nothing is
+    written.
     Catches: main letting the DataError through (its `except DataError` removed: a traceback); read_log without its
-    existence check (`if not os.path.isfile(path)` -> `if False`: open's FileNotFoundError traceback)."""
-    missing, empty = tmp_path / "run" / "log.jsonl", tmp_path / "log.jsonl"
+    existence check (`if not os.path.isfile(path)` -> `if False`: open's FileNotFoundError traceback), or checking
+    only that the path exists (`os.path.isfile` -> `os.path.exists`: open's IsADirectoryError traceback)."""
+    missing, folder, empty = tmp_path / "run" / "log.jsonl", tmp_path / "other-run", tmp_path / "log.jsonl"
     empty.write_text("\n")
+    folder.mkdir()
     for log, message in ((missing, "no such log; train.py writes log.jsonl into its train.out_dir"),
+                         (folder, "no such log; train.py writes log.jsonl into its train.out_dir"),
                          (empty, "no training lines to plot")):
         monkeypatch.setattr(sys, "argv", ["plot.py", str(log)])
         with pytest.raises(SystemExit) as exit_info:
             plot.main()
         assert str(exit_info.value.code).startswith(f"plot.py: {log}: {message}")
-    assert sorted(os.listdir(tmp_path)) == ["log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "other-run"] and not os.listdir(folder)
 
 
 def test_gate_validation_and_difficulty_curves_are_the_logged_values(tmp_path, monkeypatch):
