@@ -34,7 +34,7 @@ class OpenClipEncoder(Encoder):
         import open_clip  # imported here: it pulls in timm (seconds of start-up) that the Qwen3-VL path never needs
         if model_cfg.trainable != "full":
             raise SettingError(f"the open_clip baseline trains all its weights: set model.trainable=full "
-                             f"(got {model_cfg.trainable!r})")
+                               f"(got {model_cfg.trainable!r})")
         self.model_cfg, self.calibrator_cfg = model_cfg, calib_cfg
         name, _, weights = model_cfg.backbone.partition(":")
         if name.endswith(".json"):

@@ -118,7 +118,7 @@ def chunk_sizes_for(cfg, keys, device):
     if cfg.train.chunk_table:
         if cfg.calibrator.reg_per_chunk:
             raise SettingError("train.chunk_table picks chunk sizes by GPU memory, but with calibrator.reg_per_chunk="
-                             "true the chunk is part of the objective: set train.chunk_sizes (configs/release.yaml)")
+                               "true the chunk is part of the objective: set train.chunk_sizes (configs/release.yaml)")
         if device.type == "cuda":
             row, source = chunk_table_row(cfg, torch.cuda.get_device_properties(device).total_memory)
         else:

@@ -195,7 +195,7 @@ class FashionLensEncoder(Encoder):
         super().__init__()
         if 0 < model_cfg.eval_image_pixels < model_cfg.image_pixels:
             raise SettingError(f"model.eval_image_pixels={model_cfg.eval_image_pixels} is below model.image_pixels="
-                             f"{model_cfg.image_pixels}: evaluation sizes each image between the two (0: the same)")
+                               f"{model_cfg.image_pixels}: evaluation sizes each image between the two (0: the same)")
         device = resolve_device(device)
         self.model_cfg, self.calibrator_cfg = model_cfg, calib_cfg
         # transformers 5 loads in the checkpoint's dtype unless given one; bf16 is slow on CPUs, so CPU runs fp32.

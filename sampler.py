@@ -68,7 +68,7 @@ class TaskSampler:
             raise SettingError(f"train.batch_size must be at least 1, got {batch_size}")
         if cfg.mode == "ggas" and cfg.floor * len(sizes) >= 1:
             raise SettingError(f"sampler.floor={cfg.floor} leaves no room for {len(sizes)} sub-datasets "
-                             f"(floor * K >= 1); use sampler.mode=uniform for uniform sampling")
+                               f"(floor * K >= 1); use sampler.mode=uniform for uniform sampling")
         self.keys = list(sizes)
         self.sizes = np.array([sizes[k] for k in self.keys], dtype=np.int64)
         self.cfg, self.world_size, self.rank, self.seed = cfg, world_size, rank, seed
@@ -77,13 +77,13 @@ class TaskSampler:
         for key, b in zip(self.keys, self.batch):
             if b < 1:
                 raise SettingError(f"sub-dataset {key} has {sizes[key]} training records, fewer than the "
-                                 f"{world_size} ranks: every rank needs at least one record per batch")
+                                   f"{world_size} ranks: every rank needs at least one record per batch")
         self.batch_size = batch_size
         # An epoch is sum_k floor(N_k / (world_size * batch)) steps (docs/method.md#ggas).
         self.epoch_length = int((self.sizes // (world_size * batch_size)).sum())
         if self.epoch_length == 0:
             raise SettingError(f"every sub-dataset is smaller than one global batch ({world_size} x {batch_size}); "
-                             f"sizes: {dict(sizes)}; lower train.batch_size")
+                               f"sizes: {dict(sizes)}; lower train.batch_size")
         # The draws depend only on the step count, G, this generator and the seeded shuffles (_permutation),
         # all identical across ranks.
         self.task_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0])))
@@ -185,7 +185,7 @@ class TaskSampler:
         theirs = {name: state[name] for name in mine}
         if theirs != mine:
             raise SettingError(f"sampler state does not match this run (an exact resume needs the same sub-datasets, "
-                             f"sizes, world size and batch size): saved {theirs}, now {mine}")
+                               f"sizes, world size and batch size): saved {theirs}, now {mine}")
         self.seed, self.step = state["seed"], state["step"]
         self.G = np.array(state["G"], dtype=np.float64)
         self.P = np.array(state["P"], dtype=np.float64)
