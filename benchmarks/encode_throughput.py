@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -132,19 +133,35 @@ def real_arch(args, tmp):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = median_seconds(fn, args.repeats)
-            memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:9.1f}" if device.type == "cuda"
-                      else f"{'-':>9s}")
-            with FlopCounterMode(display=False) as counter:  # a separate run: counting slows it down
-                fn()
-            encoder.zero_grad(set_to_none=True)
+            try:
+                seconds = median_seconds(fn, args.repeats)
+                memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:9.1f}" if device.type == "cuda"
+                          else f"{'-':>9s}")
+                with FlopCounterMode(display=False) as counter:  # a separate run: counting slows it down
+                    fn()
+            except RuntimeError as err:     # a kernel's first run on this GPU, out of memory: the others still run
+                traceback.print_exc()
+                print(f"  {setting:8s} {work:28s} failed: {failure(err)}")
+                continue
+            finally:
+                encoder.zero_grad(set_to_none=True)
             tflops = counter.get_total_flops() / 1e12 / seconds
             mfu = f"{100 * tflops / peak:5.1f}%" if peak else f"{'-':>6s}"
             rate[setting, work] = n / seconds
             print(f"  {setting:8s} {work:28s} {n / seconds:9.1f} {tflops:8.2f} {mfu} {memory}")
     for work in dict.fromkeys(w for _, w in rate):
-        print(f"  {work}: ours / release images/s = {rate['ours', work] / rate['release', work]:.2f}x")
-    compare_vision_attention(encoder, model_cfg, encode_inputs, args.repeats)
+        if ("ours", work) in rate and ("release", work) in rate:
+            print(f"  {work}: ours / release images/s = {rate['ours', work] / rate['release', work]:.2f}x")
+    try:
+        compare_vision_attention(encoder, model_cfg, encode_inputs, args.repeats)
+    except RuntimeError as err:
+        traceback.print_exc()
+        print(f"  vision attention, encode: failed: {failure(err)}")
+
+
+def failure(err):
+    """An error as one line, its type and the first line of its message (CUDA's messages run on for lines)."""
+    return f"{type(err).__name__}: {next(iter(str(err).splitlines()), '')}"
 
 
 def compare_vision_attention(encoder, model_cfg, inputs, repeats):

@@ -859,6 +859,50 @@ def test_encode_benchmark_rates_utilisation_and_ratios_by_hand(tiny_backbone, mo
     assert [line.split()[-1] for line in lines if "ours / release" in line] == ["4.00x", "2.50x"]
 
 
+def test_encode_benchmark_measures_the_rest_after_one_measurement_fails(tiny_backbone, monkeypatch, tmp_path, capsys):
+    """encode_throughput --real-arch where ours' encoding fails (as the packed attention's varlen kernel could on its
+    first run on a GPU, or a batch out of memory): that row says "failed" with the error's first line, the other
+    three are measured, only training gets an ours / release ratio, and a failing packed-vs-transformers comparison
+    is one more "failed" line, not the end of the run (the GPU session's encoding stage then still reports the
+    release's rows). Catches: the measurement's `except RuntimeError` removed (the run ends at the first row); the
+    ratio printed without both rates (a KeyError); compare_vision_attention's failure not caught."""
+    import encode_throughput
+
+    class Counter(contextlib.nullcontext):
+        def __init__(self, display):
+            super().__init__(self)
+
+        def get_total_flops(self):
+            return 6e12
+
+    def seconds(fn, repeats, timings=iter([None, 4.0, 8.0, 10.0])):
+        timing = next(timings)
+        if timing is None:
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore detail")
+        return timing
+
+    def compare(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    monkeypatch.setattr(encode_throughput, "random_qwen3vl_4b", lambda out, *args: shutil.copytree(tiny_backbone, out))
+    monkeypatch.setattr(encode_throughput, "median_seconds", seconds)
+    monkeypatch.setattr(encode_throughput, "FlopCounterMode", Counter)
+    monkeypatch.setattr(encode_throughput, "compare_vision_attention", compare)
+    args = SimpleNamespace(device="cpu", text_layers=None, vision_depth=None, pixels=4096, batch_size=4, train_chunk=2,
+                           repeats=1, peak_tflops=10.0)
+    encode_throughput.real_arch(args, str(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split(maxsplit=1) for line in lines if line.split()[0] in ("ours", "release")]
+    assert [setting for setting, _ in rows] == ["ours", "ours", "release", "release"]
+    work, error = rows[0][1].split(" failed: ")
+    assert work.strip() == "encode, batch 4"
+    assert error == "RuntimeError: CUDA error: no kernel image is available for execution on the device"
+    assert [row.split()[-4] for _, row in rows[1:]] == ["0.5", "0.5", "0.2"]
+    assert [line.strip() for line in lines if "ours / release" in line] == [
+        "train fwd+bwd, chunk 2: ours / release images/s = 2.50x"]
+    assert lines[-1] == ("  vision attention, encode: failed: OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                         "2.00 GiB")
+
+
 # ----------------------------------------------------------------------------- whole runs on U-FIRE-mini
 
 def run_overrides(tiny_backbone, mini_root, out_dir, *extra):
