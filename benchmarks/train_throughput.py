@@ -64,7 +64,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from config import load_config  # noqa: E402
-from encode_throughput import peak_tflops, write_images  # noqa: E402
+from encode_throughput import failure, peak_tflops, write_images  # noqa: E402
 from fake_backbones import make_tiny_backbone, random_qwen3vl_4b  # noqa: E402
 from loader import StepPrefetch  # noqa: E402
 from model import build_encoder  # noqa: E402
@@ -201,7 +201,7 @@ def run_setting(rows, name, cfg, examples, chunks, args, device, save=lambda row
         except RuntimeError as err:   # torch.OutOfMemoryError and CUDA errors are RuntimeErrors
             traceback.print_exc()
             rows.append({"setting": name, "chunk": chunk, "batch": len(examples),
-                         "error": f"{type(err).__name__}: {next(iter(str(err).splitlines()), '')}"})
+                         "error": failure(err)})
             print(f"| {name:8s} | {chunk:5d} | {len(examples):5d} | failed: {rows[-1]['error']}", flush=True)
         else:
             rows.append({"setting": name, "chunk": chunk, "batch": len(examples), "seconds_per_step": seconds,
