@@ -319,7 +319,11 @@ def read_meta(index_dir):
     if not os.path.isfile(path):
         raise SearchError(f"{index_dir}: no meta.json: not an index, or its build did not finish (run search.py "
                           f"index again: it resumes)")
-    return read_index_file(path, lambda p: json.loads(pathlib.Path(p).read_text(encoding="utf-8")))
+    meta = read_index_file(path, lambda p: json.loads(pathlib.Path(p).read_text(encoding="utf-8")))
+    if not (isinstance(meta, dict) and {"fingerprint", "checkpoint"} <= meta.keys()):
+        raise SearchError(f"{path}: not the meta.json search.py writes (a JSON object with 'fingerprint' and "
+                          f"'checkpoint'); the folder was changed by hand; index the catalogue again")
+    return meta
 
 
 class Index:

@@ -244,6 +244,24 @@ def test_a_damaged_index_file_is_named(setup, tmp_path, capsys):
         assert f"{damaged / name}: cannot read this index file" in str(exit_info.value.code)
 
 
+def test_a_meta_json_of_another_shape_is_named_and_indexing_over_it_replaces_it(setup, tmp_path, capsys):
+    """A meta.json that parses but is not the object search.py writes (a JSON list, an object without its
+    fingerprint) stops a query with a SearchError naming it, not an AttributeError or KeyError traceback; indexing
+    into that folder replaces it like a failed build.
+    Catches: read_meta without its shape check (the query ends in a TypeError/KeyError, indexing in an
+    AttributeError in note_replaced_index)."""
+    for name, meta in (("list", [1, 2]), ("no-fingerprint", {"checkpoint": "stub.pt"})):
+        folder = tmp_path / name
+        shutil.copytree(setup["index"], folder)
+        (folder / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(SystemExit) as exit_info:
+            search.main(["query", str(folder), "--text", "red dress"])
+        assert f"{folder / 'meta.json'}: not the meta.json search.py writes" in str(exit_info.value.code)
+        search.index_catalogue(stub_model(), setup["catalogue"], str(folder), progress=False)
+        assert "note:" not in capsys.readouterr().out
+        assert json.loads((folder / "meta.json").read_text())["checkpoint"] == "stub.pt"
+
+
 def test_a_missing_index_file_is_named_and_faiss_errors_without_their_source_location(setup, tmp_path):
     """An index folder whose items.jsonl or index.faiss was deleted after indexing (meta.json still there) stops
     with a SearchError naming the missing file, not a FileNotFoundError traceback; a damaged index.faiss is named
