@@ -5,8 +5,8 @@ Sharding: under torch.distributed rank r encodes items r, r+W, r+2W, ... and ran
 Cache (evaluate.py --cache DIR): one sub-directory per model fingerprint (the model and calibrator config, the size
 and mtime of every backbone file, the library versions, the source of model.py, of the module of the encoder's class
 and of the repository modules they import, the trainable weights) and the device's arithmetic (its compute dtype
-and attention kernels); in it, entries are keyed by image path, size and mtime, so an image regenerated at the same
-path is encoded again.
+and attention kernels); in it, entries are keyed by image path, size, mtime and ctime, so an image regenerated or
+replaced at the same path is encoded again.
 """
 import ast
 import dataclasses
@@ -66,8 +66,8 @@ def encode_gallery(encoder, paths, batch_size, cache_dir, progress):
     """Gallery embeddings [len(paths), D] on rank 0. With cache_dir, embeddings found there are reused and every new
     chunk is written there as soon as it is encoded, so a killed run loses at most one chunk per rank.
 
-    Cache entries are keyed by the image file's identity (path, size, mtime in ns; see file_key), so an image
-    regenerated or replaced at the same path is encoded again; the directory itself is specific to the model
+    Cache entries are keyed by the image file's identity (path, size, mtime and ctime in ns; see file_key), so an
+    image regenerated or replaced at the same path is encoded again; the directory itself is specific to the model
     (fingerprint)."""
     if cache_dir is None:
         return encode_sharded(encoder.encode_targets, paths, batch_size, progress, "gallery")
@@ -98,18 +98,21 @@ def encode_gallery(encoder, paths, batch_size, cache_dir, progress):
 
 
 def file_key(path):
-    """Cache key of a gallery image: (path, size in bytes, mtime in ns). A file that cannot be stat'ed keys as
-    (path, -1, -1); encoding it reports the missing file."""
+    """Cache key of a gallery image: (path, size in bytes, mtime in ns, ctime in ns). The ctime is there because
+    copying tools set the mtime back (cp -p, rsync -a, tar): a replaced image of the same size would keep its key.
+    The kernel sets the ctime on every write and it cannot be set back; the price is that data copied to another
+    disk (or chmod-ed) is encoded once more. A file that cannot be stat'ed keys as (path, -1, -1, -1); encoding it
+    reports the missing file."""
     try:
         stat = os.stat(path)
     except OSError:
-        return (path, -1, -1)
-    return (path, stat.st_size, stat.st_mtime_ns)
+        return (path, -1, -1, -1)
+    return (path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def load_cache(cache_dir, dim):
-    """{file_key: embedding} of every readable chunk file. A chunk file without file identities (written before
-    they were part of the key) or one that cannot be read is skipped with a warning: it is only a cache. A chunk
+    """{file_key: embedding} of every readable chunk file. A chunk file without file identities of file_key's form
+    (written by an earlier version) or one that cannot be read is skipped with a warning: it is only a cache. A chunk
     that reads but does not hold one float32 row of the model's width `dim` per key was not written for this model
     (save_cache_chunk writes encode_sharded's fp32 rows): a DataError naming it, as its rows would reach faiss."""
     cached = {}
@@ -120,8 +123,9 @@ def load_cache(cache_dir, dim):
             print(f"embedding cache: ignoring unreadable cache file {path}: {one_line(err, with_type=True)}",
                   file=sys.stderr)
             continue
-        if not isinstance(chunk, dict) or "keys" not in chunk:
-            print(f"embedding cache: ignoring cache file {path}: no file identities (an older format)", file=sys.stderr)
+        if not isinstance(chunk, dict) or "keys" not in chunk or any(len(key) != 4 for key in chunk["keys"]):
+            print(f"embedding cache: ignoring cache file {path}: an older format (its file identities lack the ctime, "
+                  f"or are absent); its images are encoded again", file=sys.stderr)
             continue
         emb, expected = chunk.get("emb"), (len(chunk["keys"]), dim)
         if not (isinstance(emb, torch.Tensor) and emb.dtype == torch.float32 and emb.shape == expected):

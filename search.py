@@ -10,8 +10,8 @@ with text, images, sketches or a video, as training builds queries for each task
 Catalogue: a folder (every image file under it, recursively) or a JSONL file, one {"path": ..., any metadata} per
 line (relative paths are relative to the JSONL file). Each distinct image is embedded once. Unreadable images are
 reported, skipped and counted (listed in meta.json). Shards of embeddings are written atomically as they are
-encoded (encoding.py's cache format, keyed by file path, size and mtime, in a folder per model fingerprint and
-device arithmetic), so a killed or extended run encodes only what is missing. Under torchrun the ranks split the
+encoded (encoding.py's cache format, keyed by file path, size, mtime and ctime, in a folder per model fingerprint
+and device arithmetic), so a killed or extended run encodes only what is missing. Under torchrun the ranks split the
 catalogue.
 
 Index: faiss exact inner product over L2-normalised embeddings (cosine) by default; --index takes a faiss factory

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections import Counter
 
 import numpy as np
@@ -303,7 +304,18 @@ def test_cache_reencodes_an_image_rewritten_at_the_same_path(tmp_path):
     cached = evaluate_sets(again, sets, batch_size=4, cache_dir=cache, progress=False)
     assert again.targets == [changed]
     assert cached == evaluate_sets(ContentEncoder(), sets, batch_size=4, progress=False)
-    assert file_key(changed) == (changed, size, stat.st_mtime_ns + 1_000_000_000)
+    stat = os.stat(changed)
+    assert file_key(changed) == (changed, size, stat.st_mtime_ns, stat.st_ctime_ns)
+    # Same size, other bytes, the mtime set back (cp -p, rsync -a and tar do): re-encoded too, by its new ctime.
+    # Catches: file_key without st_ctime_ns (the old embedding is served for the new image).
+    time.sleep(0.05)                # the kernel's file timestamps tick in jiffies: let the ctime move on
+    with open(changed, "wb") as f:
+        f.write(b"y" * size)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    restored = ContentEncoder()
+    cached = evaluate_sets(restored, sets, batch_size=4, cache_dir=cache, progress=False)
+    assert restored.targets == [changed]
+    assert cached == evaluate_sets(ContentEncoder(), sets, batch_size=4, progress=False)
 
 
 class BrokenEncoder(FakeEncoder):
@@ -1152,18 +1164,23 @@ def test_a_gallery_cached_in_fp32_is_not_served_to_a_bf16_encoder(tiny_backbone,
 
 
 def test_cache_file_of_an_older_format_is_ignored_with_a_warning(tmp_path, capsys):
-    """A cache chunk without file identities (written before they were part of the key) is skipped with a warning
-    and its images encoded afresh; the results equal an uncached run.
-    Catches: load_cache reading such a file (KeyError on its missing 'keys')."""
+    """A cache chunk without file identities (written before they were part of the key), or with identities of
+    (path, size, mtime) only (before the ctime was), is skipped with a warning and its images encoded afresh; the
+    results equal an uncached run.
+    Catches: load_cache reading such a file (KeyError on its missing 'keys'); load_cache without its check of the
+    keys' length (the second file is read without a word, and its images are encoded again unexplained)."""
     sets, cache = make_sets(), tmp_path / "cache"
     cache.mkdir()
     old = sorted({p for s in sets for p in s.gallery})[:4]
     torch.save({"paths": old, "emb": torch.zeros(4, 16)}, cache / "targets-old.pt")
+    torch.save({"keys": [[p, 10, 20] for p in old], "emb": torch.zeros(4, 16)}, cache / "targets-mtime.pt")
     encoder = FakeEncoder()
     assert evaluate_sets(encoder, sets, batch_size=4, cache_dir=str(cache), progress=False) == \
         evaluate_sets(FakeEncoder(), sets, batch_size=4, progress=False)
     assert set(old) <= set(encoder.targets)
-    assert "ignoring cache file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for name in ("targets-old.pt", "targets-mtime.pt"):
+        assert f"ignoring cache file {cache / name}: an older format" in err
 
 
 def test_encoding_sharded_over_three_ranks_pads_and_restores_the_order(monkeypatch):
