@@ -212,8 +212,8 @@ def refuse_fp16(model_cfg):
     gradients under fp16's smallest subnormal (6e-8) would flush to zero and their updates be lost, silently. bf16
     has fp32's range and needs none. Refused wherever it runs (a CPU computes in fp32 and would not show it)."""
     if model_cfg.dtype == "float16":
-        raise ValueError("model.dtype=float16 cannot train: fp16 gradients need loss scaling, which train.py does not "
-                         "do (small ones would vanish); use bfloat16, or float32 on a GPU without bf16")
+        raise SettingError("model.dtype=float16 cannot train: fp16 gradients need loss scaling, which train.py does "
+                           "not do (small ones would vanish); use bfloat16, or float32 on a GPU without bf16")
 
 
 def learning_rate_factor(cfg, total_steps):
@@ -498,7 +498,6 @@ def main():
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides)
-        refuse_fp16(cfg.model)
     except (OSError, DataError, KeyError, TypeError, ValueError) as err:    # each names its file or key
         parser.error(one_line(err))
     # torchrun --max-restarts=N starts every worker again after one dies, with TORCHELASTIC_RESTART_COUNT > 0:

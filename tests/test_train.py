@@ -2158,15 +2158,17 @@ def test_command_line_errors_end_in_one_line_naming_the_key_or_file(tmp_path, mi
 
 def test_float16_does_not_train_from_the_command_line_or_from_train(tmp_path, monkeypatch, capsys):
     """model.dtype=float16 on a GPU would train under an fp16 autocast without loss scaling: gradients under 6e-8
-    flush to zero, silently. train.py refuses it (usage status 2, one line naming the key), and so does train()
-    before it writes anything, on any device (a CPU computes in fp32 and would not show it); bfloat16 and float32
-    pass. Catches: the refusal dropped (`if model_cfg.dtype == "float16"` -> `if False`)."""
+    flush to zero, silently. train() refuses it before it writes anything, on any device (a CPU computes in fp32
+    and would not show it), and train.py says so in one line naming the key; bfloat16 and float32 pass.
+    Catches: the refusal dropped (`if model_cfg.dtype == "float16"` -> `if False`); refuse_fp16 raising a plain
+    ValueError again (train.py's traceback)."""
     config = os.path.join(REPO, "configs", "tiny.yaml")
     out = f"train.out_dir={tmp_path / 'run'}"
     monkeypatch.setattr(sys, "argv", ["train.py", config, "model.dtype=float16", out])
     with pytest.raises(SystemExit) as exit_info:
         train_module.main()
-    assert exit_info.value.code == 2 and "model.dtype=float16 cannot train" in capsys.readouterr().err
+    assert str(exit_info.value.code).startswith("train.py: model.dtype=float16 cannot train: fp16 gradients need "
+                                                "loss scaling")
     with pytest.raises(ValueError, match="model.dtype=float16 cannot train: fp16 gradients need loss scaling"):
         train(load_config(config, ["model.dtype=float16", out]))
     assert not (tmp_path / "run").exists()
