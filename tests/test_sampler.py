@@ -89,10 +89,33 @@ def test_epoch_length_and_small_sub_dataset_batches():
 
 
 def test_deterministic_per_seed():
+    """The same seed gives the same steps; another seed changes both the choice of sub-datasets and the record
+    order.
+    Catches: the task generator seeded without the seed (`SeedSequence([0, 0])`: every seed draws the same
+    sub-datasets, only the records differ)."""
     run = lambda seed: draw(TaskSampler(SIZES, cfg(warmup_epochs=0), 8, seed=seed), 100,
                             difficulty=lambda key, step: len(key) % 3 + step % 5)
     assert run(3) == run(3)
     assert run(3) != run(4)
+    assert [key for key, _ in run(3)] != [key for key, _ in run(4)]
+
+
+def test_record_order_is_seeded_per_seed_and_per_sub_dataset():
+    """docs/method.md#ggas: a shuffle is seeded by (seed, sub-dataset, pass). Two sub-datasets of the same size are
+    read in different orders, and another seed reads a sub-dataset in another order. A batch of 40 reads a whole
+    40-record pass, so each draw shows a whole shuffle.
+    Catches: the permutation seeded without the sub-dataset (`[self.seed, 1, 0, pass]`: equal-sized sub-datasets
+    read in lockstep) or without the seed (`[0, 1, i, pass]`: every seed reads the records in the same order)."""
+    def first_pass(seed):
+        s = TaskSampler({"a": 40, "b": 40}, cfg(mode="uniform"), 40, seed=seed)
+        orders = {}
+        while len(orders) < 2:
+            key, idx = s.next_batch()
+            orders.setdefault(key, idx)
+        assert sorted(orders["a"]) == sorted(orders["b"]) == list(range(40))
+        return orders
+    assert first_pass(0)["a"] != first_pass(0)["b"]
+    assert first_pass(0)["a"] != first_pass(1)["a"]
 
 
 def test_no_record_twice_in_a_global_batch_across_ranks():
@@ -211,6 +234,29 @@ def test_unknown_difficulty_is_refused():
         TaskSampler(SIZES, cfg(difficulty="Joint"), 8)
 
 
+def test_no_sub_datasets_and_an_unknown_key_are_named():
+    """An empty sub-dataset list is refused as such, not as "every sub-dataset is smaller than one global batch"
+    (which blames the batch size); update() with a key the sampler does not hold names it and the known keys.
+    Catches: the `if not sizes` check removed, and the `key not in self.keys` check removed (a bare "'x' is not in
+    list" ValueError from list.index)."""
+    with pytest.raises(ValueError, match="needs at least one sub-dataset"):
+        TaskSampler({}, cfg(), 8)
+    with pytest.raises(KeyError, match="unknown sub-dataset '7_cir_Dress'; known: .*7_cir_Shoes"):
+        TaskSampler(SIZES, cfg(), 8).update("7_cir_Dress", 1.0)
+
+
+def test_a_draw_at_the_top_of_the_unit_interval_picks_the_last_sub_dataset():
+    """The inverse-CDF draw compares u in [0, 1) with cumsum(P), whose last entry can round below 1: seven uniform
+    sub-datasets sum to 0.9999999999999998, under the largest u the generator can return (1 - 2**-53). That u
+    belongs to the last sub-dataset.
+    Catches: the index clamp dropped (`min(..., len(self.keys))`: index 7, an IndexError)."""
+    s = TaskSampler({f"k{i}": 16 for i in range(7)}, cfg(mode="uniform"), 8)
+    top = np.nextafter(1.0, 0.0)
+    assert np.cumsum(s.P)[-1] < top
+    s.task_rng = type("TopDraw", (), {"random": lambda self: top})()
+    assert s.next_batch()[0] == "k6"
+
+
 def test_state_dict_round_trip_continues_identically(tmp_path):
     def difficulty(key, step):
         return (step * 7 % 13) / 3 + len(key) % 2
@@ -263,10 +309,15 @@ def _gloo_worker(rank, world_size, init_file, out_dir, steps):
 
 
 def local_difficulty(rank, key, step):
-    return (8.0 if rank == 0 else 0.0) * (key == "9_asfr_DARN") + rank * 6.0 * (key == "7_cir_Shoes") + step % 3
+    # step / 997 puts digits in every difficulty that a low-precision reduction would round away.
+    return (8.0 if rank == 0 else 0.0) * (key == "9_asfr_DARN") + rank * 6.0 * (key == "7_cir_Shoes") + step % 3 \
+        + step / 997
 
 
 def test_two_gloo_ranks_draw_identical_sub_datasets(tmp_path):
+    """Two processes choose the same sub-dataset at every step and keep the same G: the G of one process fed the
+    mean of their difficulties, to float64 precision.
+    Catches: the difficulty averaged in float16 (`dtype=torch.float16`: the keys may still agree, G does not)."""
     steps, world = 150, 2
     mp.spawn(_gloo_worker, args=(world, str(tmp_path / "init"), str(tmp_path), steps), nprocs=world, join=True)
     runs = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
@@ -279,6 +330,7 @@ def test_two_gloo_ranks_draw_identical_sub_datasets(tmp_path):
     mean = lambda key, step: sum(local_difficulty(r, key, step) for r in range(world)) / world
     single = TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 8, world_size=world, rank=0, seed=2)
     assert [k for k, _ in draw(single, steps, mean)] == keys[0]
+    assert runs[0]["G"] == pytest.approx(single.G.tolist(), rel=1e-12)
     # ... while local difficulties alone would have made the ranks disagree.
     local = [[k for k, _ in draw(TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 8, world, r, seed=2),
                                  steps, lambda key, step, r=r: local_difficulty(r, key, step))] for r in range(world)]
@@ -337,10 +389,14 @@ def test_non_finite_difficulty_is_refused_and_g_kept():
 def test_a_floor_that_leaves_no_room_is_refused():
     """sampler.floor * K >= 1 leaves GGAS no mass to share: at equality every P_k is the floor (uniform sampling in
     disguise), so it is refused with the advice to use sampler.mode=uniform; just below it is accepted.
-    Catches: the check as floor * K > 1."""
+    Catches: the check as floor * K > 1, and the check applied to every mode (`if cfg.floor * len(sizes) >= 1`:
+    the advised sampler.mode=uniform refused too)."""
     with pytest.raises(ValueError, match="floor \\* K >= 1"):
         TaskSampler(SIZES, cfg(floor=0.25), 8)
     TaskSampler(SIZES, cfg(floor=0.24), 8)
+    # The ablation modes apply no floor, so the same setting is fine there (the error's own advice works).
+    for mode in ("uniform", "size", "size_pow"):
+        TaskSampler(SIZES, cfg(mode=mode, floor=0.25), 8)
 
 
 def test_a_batch_size_below_1_is_named_as_such():
