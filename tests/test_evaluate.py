@@ -46,8 +46,11 @@ def test_recall_hand_computed_small_gallery_and_multi_target():
                                                                "R@50": 100.0})
     assert recall_at_k(queries, gallery, gt, ks=(1, 2, 4, 6)) == pytest.approx(
         {"R@1": 25.0, "R@2": 50.0, "R@4": 75.0, "R@6": 100.0})
-    # Torch input gives the same answer.
+    # Torch input gives the same answer; so do bf16 tensors (an encoder's autocast output), as their fp32 values.
+    # Catches: _as_f32 without `.float()` (numpy cannot take a bf16 tensor: a TypeError).
     assert recall_at_k(torch.from_numpy(queries), torch.from_numpy(gallery), gt) == recall_at_k(queries, gallery, gt)
+    low_q, low_g = torch.from_numpy(queries).bfloat16(), torch.from_numpy(gallery).bfloat16()
+    assert recall_at_k(low_q, low_g, gt) == recall_at_k(low_q.float().numpy(), low_g.float().numpy(), gt)
 
 
 def test_recall_exclusion_shifts_ranks_and_excluded_ground_truth_is_a_miss():
@@ -73,6 +76,13 @@ def test_recall_refuses_non_finite_embeddings():
     broken[4, 0] = np.inf
     with pytest.raises(ValueError, match=r"non-finite gallery embedding.*rows \[4\]"):
         recall_at_k(queries, broken, [[0], [1]])
+
+
+def test_recall_refuses_an_empty_query_list():
+    """Recall divides by the number of queries: none is refused, not a NaN table row.
+    Catches: the `len(queries) == 0` check in recall_at_k removed (every R@K NaN, with a numpy warning)."""
+    with pytest.raises(ValueError, match="recall_at_k: no queries"):
+        recall_at_k(np.zeros((0, 6), dtype=np.float32), np.eye(6, dtype=np.float32), [])
 
 
 def test_recall_refuses_all_zero_embeddings():
@@ -116,6 +126,12 @@ def test_recall_never_counts_faiss_no_result_as_a_hit(monkeypatch):
     queries = np.stack([ranked_query([2, 0, 1], 3), ranked_query([0, 1, 2], 3)])
     monkeypatch.setattr(evaluate.faiss, "IndexFlatIP", NoResultForQuery1)
     assert recall_at_k(queries, gallery, [[2], [0]]) == {"R@1": 50.0, "R@5": 50.0, "R@10": 50.0, "R@50": 50.0}
+    # The -1 stays -1 through the tie-breaking reorder, and the --show pages list no result for query 1.
+    # Catches: exact_search mapping every id through the order (`order[ids]`: -1 becomes the last shuffled image),
+    # and shown_rankings keeping -1 ids (`if j >= 0` dropped).
+    assert evaluate.exact_search(queries, gallery, 3, [[], []])[1][1].tolist() == [-1, -1, -1]
+    shown = evaluate.shown_rankings(queries, gallery, [[], []], n=2)
+    assert [s["ranked"] for s in shown] == [[2, 0, 1], []]
 
 
 def test_recall_search_depth_covers_excluded_results():
@@ -473,6 +489,14 @@ def test_format_table_means_unseen_section_and_chance_marker():
     assert any("Street+Modification Text 2 Shop" in line for line in lines[unseen_at:])
     assert not any("Street+Modification" in line for line in lines[:unseen_at])
     assert "| cir | 7_cir_Shoes | 10 | 100 | 20.0 (0.1) | 30.0 (0.5) | 40.0 (1.0) | 50.0 (5.0) |" in lines
+    # An unseen task near chance is marked and explained too, though no trained sub-dataset is.
+    # Catches: the footnote decided over the trained sub-datasets only (`for r in trained.values()`).
+    results = fake_results()
+    results["sets"]["1_t2i_Shoes"]["near_chance"] = False
+    results["sets"]["Street+Modification Text 2 Shop"]["near_chance"] = True
+    lines = format_table(results).splitlines()
+    assert any(line.startswith("| unseen | Street+Modification Text 2 Shop ⚠ |") for line in lines)
+    assert lines[-1] == "⚠ near chance: recall below twice the random-ranking level at every K."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -787,6 +811,10 @@ def test_relative_backbone_looked_for_in_working_dir_then_checkpoint_dir(tmp_pat
         resolve_backbone(ModelConfig(backbone="nope"), ckpt=ckpt)
     with pytest.raises(EvaluationError, match=r"local directory 'nope' not found \(looked for [^ ]*work/nope\)"):
         resolve_backbone(ModelConfig(backbone="nope"))
+    # An empty model.backbone names itself, rather than resolving to the working directory (os.path.join(cwd, "")).
+    # Catches: the `if not backbone` check removed (the working directory is returned as the backbone).
+    with pytest.raises(EvaluationError, match="model.backbone is empty"):
+        resolve_backbone(ModelConfig(backbone=""), ckpt=ckpt)
     gone = str(tmp_path / "gone")
     with pytest.raises(EvaluationError, match=rf"local directory '{gone}' not found \(looked for {gone}\)"):
         resolve_backbone(ModelConfig(backbone=gone), ckpt=ckpt)
@@ -961,7 +989,8 @@ def test_set_results_carry_chance_with_exclusion_and_the_near_chance_flag():
     single-target queries in a gallery of G' images score min(K, G') / G' (Unseen C: 11 images less 2 own ones);
     "near_chance" holds only when recall is below twice chance at EVERY K: a perfect model on a 20-image gallery
     (R@1 = 100 against 5) is not near chance, though at K = 50 its 100 is below twice the chance level of 100.
-    Catches: evaluate_sets' chance computed without the exclusion; near_chance with any() instead of all()."""
+    Catches: evaluate_sets' chance computed without the exclusion; near_chance with any() instead of all(), or with
+    <= instead of < (below)."""
     sets = make_sets()
     results = evaluate_sets(FakeEncoder(), sets, batch_size=4, progress=False)["sets"]
     assert results["Unseen C"]["chance"] == pytest.approx({"R@1": 100 / 9, "R@5": 500 / 9, "R@10": 100.0,
@@ -977,6 +1006,16 @@ def test_set_results_carry_chance_with_exclusion_and_the_near_chance_flag():
     perfect = EvalSet("1_t2i_P", "t2i", queries, gallery, [[(3 * i) % 20] for i in range(6)], [[] for _ in range(6)])
     found = evaluate_sets(PerfectEncoder(), [perfect], batch_size=4, progress=False)["sets"]["1_t2i_P"]
     assert found["recall"]["R@1"] == 100.0 and found["chance"]["R@1"] == pytest.approx(5.0)
+    assert found["near_chance"] is False
+    # Exactly twice chance is not below it: a 4-image gallery, one of two queries first (R@1 50 = 2 x 25), every K
+    # >= 4 at 100 (chance 100). Catches: near_chance with `<=` (the boundary flagged).
+    gallery = gallery[:4]
+    queries = [{"id": f"h-{i}", "instruction_text": "find it", "query_image": [], "query_video": [],
+                "truth": gallery[0]} for i in range(2)]
+    half = EvalSet("1_t2i_H", "t2i", queries, gallery, [[0], [1]], [[], []])
+    found = evaluate_sets(PerfectEncoder(), [half], batch_size=4, progress=False)["sets"]["1_t2i_H"]
+    assert found["recall"] == {"R@1": 50.0, "R@5": 100.0, "R@10": 100.0, "R@50": 100.0}
+    assert found["chance"] == pytest.approx({"R@1": 25.0, "R@5": 100.0, "R@10": 100.0, "R@50": 100.0})
     assert found["near_chance"] is False
 
 
@@ -994,6 +1033,21 @@ def test_shown_rankings_scores_are_the_cosines_of_the_shown_images():
         order = [int(j) for j in np.argsort(-cosines) if int(j) not in exclude[i]][:10]
         assert shown["ranked"] == order
         np.testing.assert_allclose(shown["scores"], cosines[order], atol=1e-6)
+
+
+def test_shown_queries_are_a_seeded_sample_in_query_order():
+    """--show N pages show a seeded sample of N queries, in query order, the same on every run; not the first N (a
+    file's first queries are often alike: the same product, the same annotator), and every query when N is larger.
+    Catches: shown_rankings taking the first n queries (`picks = list(range(n))`)."""
+    rng = np.random.default_rng(2)
+    gallery = F.normalize(torch.from_numpy(rng.standard_normal((12, 8)).astype(np.float32)), dim=1).numpy()
+    queries = F.normalize(torch.from_numpy(rng.standard_normal((30, 8)).astype(np.float32)), dim=1).numpy()
+    exclude = [[] for _ in range(30)]
+    picked = [s["query"] for s in evaluate.shown_rankings(queries, gallery, exclude, n=4)]
+    assert picked == [s["query"] for s in evaluate.shown_rankings(queries, gallery, exclude, n=4)]
+    assert picked == sorted(set(picked)) and len(picked) == 4 and all(0 <= i < 30 for i in picked)
+    assert picked != [0, 1, 2, 3]
+    assert [s["query"] for s in evaluate.shown_rankings(queries[:3], gallery, exclude, n=4)] == [0, 1, 2]
 
 
 def test_checkpoint_model_with_non_tensor_entries_is_refused(tmp_path):
@@ -1070,6 +1124,15 @@ def test_untrained_floor_is_the_same_whatever_random_numbers_came_before(tiny_ba
     for name in first:
         assert torch.equal(first[name], second[name]), name
     assert any(t.abs().sum() > 0 for t in first.values())
+    # The floor of a run seeded otherwise is another draw; and the encoder is in eval mode (no LoRA dropout in the
+    # embeddings that are scored).
+    # Catches: load_encoder seeding a constant (`torch.manual_seed(0)`), and returning the encoder in train mode
+    # (`.eval()` dropped).
+    cfg.train.seed = 1
+    encoder = evaluate.load_encoder(cfg, None, "cpu")
+    other = encoder.trainable_state_dict()
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+    assert not any(m.training for m in encoder.modules())
 
 
 def test_fingerprint_follows_the_model_config(tiny_backbone):
@@ -1394,6 +1457,41 @@ def test_cli_baseline_is_zero_shot_open_clip_labelled_as_given(tmp_path, mini_ro
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["model"] == spec and list(results["sets"]) == ["1_t2i_Shoes"]
     assert f"U-FIRE val, {spec}" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give a checkpoint, --baseline or --untrained"),
+    (["--baseline", "openclip:ViT-B-32", "best.pt"], "--baseline takes no checkpoint and no --untrained"),
+    (["--baseline", "openclip:ViT-B-32", "--untrained"], "--baseline takes no checkpoint and no --untrained"),
+    (["--baseline", "open_clip:ViT-B-32"], "--baseline must look like openclip:MODEL[:WEIGHTS], got 'open_clip:"),
+    (["--baseline", "openclip:"], "--baseline must look like openclip:MODEL[:WEIGHTS], got 'openclip:'"),
+    (["best.pt", "--config", "configs/tiny.yaml"], "--config is only for runs without a checkpoint"),
+    (["best.pt", "--show", "-1"], "--show takes a number of queries per sub-dataset, got -1")])
+def test_contradictory_or_malformed_arguments_are_usage_errors(argv, message, capsys):
+    """Each combination parse_args refuses ends in argparse's usage error (status 2) with its reason, before any data
+    or model is read.
+    Catches: each check in parse_args removed or weakened: --baseline with --untrained accepted (`args.ckpt` alone),
+    an empty model name accepted (`len(...) == len("openclip:")` dropped), --config beside a checkpoint silently
+    ignored, --show -1 accepted (`< -1`)."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_tasks_and_unseen_tasks_off_the_test_split_are_named(tmp_path):
+    """--tasks with a name that is neither a sub-dataset nor an evaluation-only task is refused listing the known
+    ones; an evaluation-only task on --split val (they have test data only) is refused as such. Both before any file
+    is read (the root here does not exist).
+    Catches: the unknown-task check removed (`unknown = []`: nothing evaluated, an empty table) and the split check
+    removed (the val run looks for the task's files and fails on a missing file instead)."""
+    from config import Config
+    cfg = Config()
+    cfg.data.root = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match=r"unknown task\(s\) \['7_cir_Boots'\]; known: \['1_t2i_FashionGen'"):
+        evaluate.build_sets(evaluate.parse_args(["--untrained", "--tasks", "7_cir_Shoes", "7_cir_Boots"]), cfg)
+    with pytest.raises(SystemExit, match=r"the evaluation-only tasks \['Street\+Modification Text 2 Shop'\] exist "
+                                         r"for --split test only"):
+        evaluate.build_sets(evaluate.parse_args(["--untrained", "--tasks", "Street+Modification Text 2 Shop"]), cfg)
 
 
 def test_batch_size_below_1_is_a_usage_error(capsys):
