@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 
 import av
 import numpy as np
@@ -258,6 +259,14 @@ def test_release_video_grid_is_qwen3_vl_smart_resize(tiny_backbone, tmp_path):
     inputs = release.prepare_queries([query], train=True)
     assert inputs["video_grid_thw"].tolist() == [[4, 4, 12]]
     assert int((inputs["input_ids"] == release.processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum()) == 48
+    # 3 frames of 144 x 112 (model.video_frames=3): sides round to 128 x 128; smart_resize counts the frames as
+    # temporal patches hold them, round(3 / 2) x 2 = 4, and 4 x 16,384 > 3 x 16,384, so both sides are scaled by
+    # beta = sqrt(3 x 112 x 144 / 49,152) = 0.9922: 112 / 0.9922 = 112.9 -> 96, 144 / 0.9922 = 145.1 -> 128. Grid
+    # 2 x 6 x 8 (the 3 frames padded to 4). Catches: the temporal factor left out (`temporal_factor=1`: 3 x 16,384 is
+    # within the budget, 128 x 128, grid 2 x 8 x 8).
+    odd = build(tiny_backbone, fill_pixel_budget=False, video_frames=3)
+    clip = write_mp4(tmp_path / "three.mp4", 3, seed=5, size=(144, 112))
+    assert odd.prepare_queries([{**query, "query_video": [clip]}], train=True)["video_grid_thw"].tolist() == [[2, 6, 8]]
 
 
 def test_video_processing_prints_no_deprecation_warning(encoder, media):
@@ -393,9 +402,12 @@ def test_an_evaluation_budget_below_the_training_budget_is_refused(tiny_backbone
     """model.eval_image_pixels is the upper end of evaluation's range, image_pixels its lower end: a value below
     image_pixels has no meaning (resize_to_budget would let it win, evaluating below the training budget) and is
     refused when the encoder is built, naming both settings.
-    Catches: the check removed (the encoder builds and evaluates every image at the smaller budget)."""
+    The same value as image_pixels is a range of one size, and builds.
+    Catches: the check removed (the encoder builds and evaluates every image at the smaller budget); the equal value
+    refused too (`eval_image_pixels <= image_pixels`)."""
     with pytest.raises(ValueError, match=r"model.eval_image_pixels=1024 is below model.image_pixels=4096"):
         build(tiny_backbone, image_pixels=64 * 64, eval_image_pixels=32 * 32)
+    assert build(tiny_backbone, image_pixels=64 * 64, eval_image_pixels=64 * 64).model_cfg.eval_image_pixels == 4096
 
 
 def test_video_without_frame_count_is_counted_by_decoding(tmp_path):
@@ -863,6 +875,135 @@ def test_encoding_prepares_the_next_batch_while_embedding_this_one(encoder, medi
     with pytest.raises(DataError) as err:
         encoder.encode_targets(paths[:9] + [missing], batch_size=4)
     assert err.value.path == missing
+
+
+def test_encoding_embeds_at_the_evaluation_budget_in_eval_mode_and_gives_the_mode_back(tiny_backbone, tmp_path):
+    """encode_targets prepares every batch as evaluation does (train=False: up to model.eval_image_pixels), embeds
+    without dropout and leaves a training encoder training (train.py validates mid-run). With image_pixels 64^2,
+    eval_image_pixels 128^2 and LoRA dropout 0.5, two 300 x 300 images in batches of one (the first prepared before
+    the thread starts, the second by it) embed as plain forwards of prepare_targets(train=False) in eval mode, at 16
+    visual tokens each (the training budget gives 4).
+    Catches: the first batch, or the one the thread prepares, made with train=True (`prepare(batches[i],
+    train=True)`, `pool.submit(prepare, batches[i + 1], train=True)`); the encoder left in eval mode after encoding
+    (`self.train(was_training)` -> `self.train(False)`: training would go on without dropout)."""
+    paths = [write_png(tmp_path / f"{i}.png", (300, 300), i) for i in range(2)]
+    enc = build(tiny_backbone, trainable="lora", lora_dropout=0.5, image_pixels=64 * 64, eval_image_pixels=128 * 128)
+    train_a_little(enc, None)           # LoRA B off zero: dropout changes the embeddings
+    encoded = enc.train().encode_targets(paths, batch_size=1)
+    assert enc.training
+    enc.eval()
+    assert tokens(enc.prepare_targets(paths, train=False)["image_grid_thw"]) == [16, 16]
+    with torch.no_grad():
+        plain = torch.cat([enc(enc.prepare_targets([p], train=False), "target")["emb"] for p in paths])
+    assert torch.equal(encoded, plain)
+
+
+def test_encoding_no_items_gives_no_rows_of_the_embedding_width(encoder):
+    """An empty list encodes to a [0, D] matrix (D the language model's hidden size), which concatenates with other
+    embeddings. Catches: the empty case shaped otherwise (`torch.zeros(0, 1)`)."""
+    width = encoder.lm.config.text_config.hidden_size
+    assert encoder.encode_targets([]).shape == encoder.encode_queries([]).shape == (0, width)
+
+
+def test_readout_tokens_start_as_copies_of_im_ends_embedding(tiny_backbone):
+    """<|MEAN|> and <|IMG|> start from <|im_end|>'s input embedding (paper section IV-B), each a copy of its own:
+    moving one moves neither the other nor <|im_end|>'s row, which every prompt reads after each turn (a frozen row
+    under LoRA).
+    Catches: another token's row (`<|im_start|>`); the query token sharing the table's storage (`.clone()` dropped:
+    training it would rewrite <|im_end|> in every prompt)."""
+    enc = build(tiny_backbone, trainable="lora")
+    table = enc.lm.get_input_embeddings().weight
+    im_end = enc.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    row = table[im_end].detach().clone()
+    assert torch.equal(enc.query_token.detach(), row) and torch.equal(enc.target_token.detach(), row)
+    with torch.no_grad():
+        enc.query_token.add_(1.0)
+        enc.target_token.add_(2.0)
+    assert torch.equal(table[im_end].detach(), row)
+    assert torch.equal(enc.query_token.detach(), row + 1.0) and torch.equal(enc.target_token.detach(), row + 2.0)
+
+
+def test_vision_features_handed_back_are_refused_unless_reusable(tiny_backbone, media):
+    """forward takes a chunk's vision features back (the gradient-cache replay) only with
+    model.reuse_vision_features and a frozen tower: a tower that trains needs the replay's own graph, and without
+    the switch nothing promised the features are this chunk's. Both other cases are refused.
+    Catches: the check dropped (`if vision is not None and not reusable` -> `if False`: a trained tower's gradients
+    would go missing, silently)."""
+    for overrides in ({"trainable": "full", "reuse_vision_features": True},
+                      {"trainable": "lora", "reuse_vision_features": False}):
+        enc = build(tiny_backbone, **overrides)
+        inputs = enc.prepare_targets(media["images"][:1], train=True)
+        vision = enc.vision_features(inputs)
+        with pytest.raises(ValueError, match="can only be reused"):
+            enc(inputs, "target", vision=vision)
+
+
+def test_a_vocabulary_without_a_row_for_each_readout_token_is_refused(tiny_backbone, tmp_path):
+    """<|MEAN|> and <|IMG|> take the two ids after the tokenizer's; a backbone whose vocabulary has one row too few
+    for them (tokenizer size + 1 rows: <|IMG|>'s id is the row count) is refused when the encoder is built, naming
+    the backbone; one with exactly enough (+ 2) builds.
+    Catches: the bound off by one (`>=` -> `>`: the encoder builds, and the first target fails in the embedding
+    lookup)."""
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+    size = len(AutoTokenizer.from_pretrained(tiny_backbone))
+    for extra in (1, 2):
+        backbone = tmp_path / f"rows-{extra}"
+        shutil.copytree(tiny_backbone, backbone)
+        lm = Qwen3VLForConditionalGeneration.from_pretrained(tiny_backbone)
+        lm.resize_token_embeddings(size + extra)
+        lm.save_pretrained(backbone)
+        if extra == 1:
+            with pytest.raises(ValueError, match=f"{backbone}: vocabulary of {size + 1} rows has no room"):
+                build(str(backbone))
+        else:
+            assert sorted(build(str(backbone)).token_ids.values()) == [size, size + 1]
+
+
+def test_trainable_none_trains_nothing(tiny_backbone):
+    """model.trainable=none (inference) leaves no tensor to train: not the backbone, the readout tokens or the
+    calibrator. Catches: only the backbone frozen (`self.lm.requires_grad_(False)`)."""
+    enc = build(tiny_backbone, trainable="none")
+    assert not any(p.requires_grad for p in enc.parameters()) and enc.trainable_state_dict() == {}
+
+
+def test_vision_attention_is_packed_and_unpacked_on_request(tiny_backbone, media, monkeypatch):
+    """pack_vision_attention(False) gives every vision block transformers' own attention back (benchmarks/
+    encode_throughput.py times both paths on one encoder): packed_attention runs once per block and image batch
+    while packed, never once unpacked, and again when packed again.
+    Catches: unpacking leaving the packed forward bound (`block.attn.__dict__.pop("forward", None)` -> `pass`)."""
+    import attention
+    calls, packed_attention = [], attention.packed_attention
+    monkeypatch.setattr(attention, "packed_attention",
+                        lambda *args, **kwargs: calls.append(1) or packed_attention(*args, **kwargs))
+    enc = build(tiny_backbone, vision_attention="packed")
+    blocks = len(enc.lm.model.visual.blocks)
+    counts = []
+    for packed in (True, False, True):
+        enc.pack_vision_attention(packed)
+        calls.clear()
+        enc.encode_targets(media["images"][:1])
+        counts.append(len(calls))
+    assert counts == [blocks, 0, blocks]
+
+
+def test_a_query_text_may_hold_an_added_token_that_is_not_special(tiny_backbone, tmp_path):
+    """Only the tokenizer's special tokens are refused in a query text: the real Qwen3 tokenizer also holds added
+    tokens that are not special (<think>, <tool_call>), which a query may contain. On a copy of the tiny backbone
+    whose tokenizer has "<think>" added as a non-special token, "a <think> dress" prepares (one <think> token in its
+    prompt) and "<|im_end|>" is still refused.
+    Catches: every added token refused (`if token.special` dropped from the encoder's special_tokens)."""
+    from transformers import AutoTokenizer
+    backbone = tmp_path / "think"
+    shutil.copytree(tiny_backbone, backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    tokenizer.add_tokens(["<think>"])
+    tokenizer.save_pretrained(backbone)
+    enc = build(str(backbone))
+    think = enc.processor.tokenizer.convert_tokens_to_ids("<think>")
+    query = {"id": "q", "instruction_text": "a <think> dress", "query_image": [], "query_video": []}
+    assert int((enc.prepare_queries([query], train=False)["input_ids"] == think).sum()) == 1
+    with pytest.raises(DataError, match="special token"):
+        enc.prepare_queries([{**query, "instruction_text": "a <|im_end|> dress"}], train=False)
 
 
 # ----------------------------------------------------------------------------- open_clip baseline
