@@ -647,6 +647,10 @@ def test_cli_excludes_own_images_by_default(tmp_path, mini_root, monkeypatch):
 # The cache key; bad checkpoints and backbones
 
 def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone):
+    """The fingerprint changes with a training step, a backbone file edited in place, a file added in a subdirectory
+    and other weights; a hidden folder or file in the backbone directory (a download tool's .cache, a hub
+    snapshot's .gitattributes) leaves it as it is.
+    Catches: hidden files hashed (`if not n.startswith(".")` dropped from backbone_files)."""
     import shutil
     from PIL import Image
     from config import Config
@@ -687,6 +691,7 @@ def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone)
     assert nested != edited
     (backbone / ".cache").mkdir()
     (backbone / ".cache" / "lock").write_text("")
+    (backbone / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     assert fingerprint(cfg, encoder) == nested
     make_tiny_backbone(str(backbone), seed=1)
     assert fingerprint(cfg, encoder) not in (before, stepped, edited, nested)
@@ -1297,6 +1302,30 @@ def test_encoding_goes_chunk_by_chunk_over_every_item_once_in_order():
     out = encoding.encode_sharded(encode, items, 2, False, "test", on_chunk=lambda part, emb: handed.append(len(emb)))
     assert encoding.CHUNK_BATCHES == 16 and encoded == handed == [32, 8]
     assert out[:, 0].tolist() == list(range(40))
+
+
+def test_the_gallery_cache_encodes_an_image_listed_twice_once_and_stores_fp32(tmp_path):
+    """encode_gallery with a cache: an image listed twice (a and b, then a again) is encoded once and both of its
+    rows get its embedding; an encoder that gives bf16 rows is handed on, and cached, as fp32 (the values of its bf16
+    rows), so the next run reads the cache back (load_cache takes fp32 chunks only) and encodes nothing.
+    Catches: the images to encode not deduplicated (`dict.fromkeys` dropped: a encoded twice); encode_sharded handing
+    on the encoder's dtype (`.float()` dropped: the next run refuses its own cache chunk)."""
+    from encoding import encode_gallery
+
+    class Bf16Encoder(FakeEncoder):
+        def encode_targets(self, paths, batch_size=32, progress=False):
+            return super().encode_targets(paths, batch_size).to(torch.bfloat16)
+
+    paths = [str(tmp_path / f"{name}.jpg") for name in ("a", "b", "a")]
+    for path in paths[:2]:
+        with open(path, "wb") as f:
+            f.write(path.encode())
+    expected = torch.stack([unit_vector(p) for p in paths]).to(torch.bfloat16).float()
+    for run in range(2):
+        encoder = Bf16Encoder()
+        emb = encode_gallery(encoder, paths, 4, str(tmp_path / "cache"), progress=False)
+        assert emb.dtype == torch.float32 and torch.equal(emb, expected)
+        assert encoder.targets == ([paths[0], paths[1]] if run == 0 else [])
 
 
 def test_unreadable_cache_file_is_ignored_with_a_warning(tmp_path, capsys):
