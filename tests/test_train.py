@@ -351,7 +351,7 @@ def test_step_loss_follows_the_temperature_and_the_penalty_weights(tiny_backbone
     forward (three views with distinct labels: nothing masked), and the regulariser term the batch mean of
     0.5 |A|+|B| + 0.25 |A^T A - I| from the same forward's per-query norms.
     Catches: the loss at the default temperature (`contrastive_loss(..., 0.07)`); either regulariser weight fixed at
-    its default; the two weights swapped."""
+    its default; the two weights swapped; the logged loss without the regulariser (`"loss": contrastive`)."""
     cfg = full_training_config(tiny_backbone)
     cfg.train.temperature, cfg.calibrator.fro_weight, cfg.calibrator.orth_weight = 0.5, 0.5, 0.25
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
@@ -367,6 +367,7 @@ def test_step_loss_follows_the_temperature_and_the_penalty_weights(tiny_backbone
     stats, _ = cached_step(encoder, examples, cfg, 2)
     assert stats["contrastive"] == pytest.approx(contrastive, rel=1e-5)
     assert stats["reg"] == pytest.approx(reg, rel=1e-5)
+    assert stats["loss"] == pytest.approx(contrastive + reg, rel=1e-5)
 
 
 # The release's gradient-cache chunk per sub-dataset (its training script), at batch 64 per GPU.
@@ -426,8 +427,10 @@ def test_optimizer_step_reads_the_difficulty_then_clips_steps_and_schedules(tiny
     """Given gradients of total norm far above train.grad_clip=0.5: the returned GGAS difficulty is the unclipped
     token gradients' joint norm or sum of norms (sampler.difficulty), every parameter moves by the clipped gradient
     times the step's learning rate (plain SGD at lr 1, cosine warm-up 4: factor 0.25 at step 0), the scheduler moves
-    to step 1 (factor 0.5) and the gradients are cleared. Catches: joint and summed swapped; the difficulty read after
-    clipping; clipping off (`grad_clip > 0` -> `< 0`); the scheduler not stepped."""
+    to step 1 (factor 0.5) and the gradients are cleared. Then train.grad_clip=0 (release: no clipping) moves every
+    parameter by its whole gradient times 0.5. Catches: joint and summed swapped; the difficulty read after
+    clipping; clipping off (`grad_clip > 0` -> `< 0`); the scheduler not stepped; clipping at 0 (`grad_clip >= 0`:
+    every gradient scaled to zero, nothing learns)."""
     cfg = full_training_config(tiny_backbone)
     cfg.train.grad_clip, cfg.sampler.difficulty = 0.5, difficulty
     cfg.train.schedule, cfg.train.warmup_steps = "cosine", 4
@@ -451,6 +454,14 @@ def test_optimizer_step_reads_the_difficulty_then_clips_steps_and_schedules(tiny
         torch.testing.assert_close(start - p.detach(), scale * g, atol=1e-7, rtol=1e-4)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
     assert all(p.grad is None for p in params)
+    cfg.train.grad_clip = 0.0
+    for p in params:
+        p.grad = torch.randn_like(p)
+    given = [p.grad.clone() for p in params]
+    before = [p.detach().clone() for p in params]
+    train_module.optimizer_step(encoder, params, optimizer, scheduler, cfg, "step 2")
+    for p, g, start in zip(params, given, before):
+        torch.testing.assert_close(start - p.detach(), 0.5 * g, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("poisoned, value", [("lm.model.language_model.layers.0.mlp.up_proj.weight", float("inf")),
