@@ -193,9 +193,15 @@ def _set(cfg, section, key, value):
         raise TypeError(f"config {section}.{key} must be {type(default).__name__}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):   # "nan", ".inf" parse; no setting means them
         raise ValueError(f"config {section}.{key} must be a finite number, got {value!r}")
+    check_choice(section, key, value)
+    setattr(sub, key, value)
+
+
+def check_choice(section, key, value):
+    """A key of CHOICES holds one of its words. Called where a config is read (_set) and again where a setting is
+    used, for configs built in Python, which skip _set."""
     if value not in CHOICES.get((section, key), (value,)):
         raise ValueError(f"config {section}.{key} must be one of {', '.join(CHOICES[section, key])}, got {value!r}")
-    setattr(sub, key, value)
 
 
 def load_config(path=None, overrides=()):

@@ -17,10 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import CHOICES
+from config import check_choice
 from plumbing import SettingError, all_reduce_mean
-
-MODES, DIFFICULTIES = CHOICES["sampler", "mode"], CHOICES["sampler", "difficulty"]
 
 
 def softmax(x):
@@ -58,10 +56,8 @@ class TaskSampler:
     """
 
     def __init__(self, sizes, cfg, batch_size, world_size=1, rank=0, seed=0):
-        if cfg.mode not in MODES:
-            raise ValueError(f"sampler.mode must be one of {MODES}, got {cfg.mode!r}")
-        if cfg.difficulty not in DIFFICULTIES:
-            raise ValueError(f"sampler.difficulty must be one of {DIFFICULTIES}, got {cfg.difficulty!r}")
+        check_choice("sampler", "mode", cfg.mode)
+        check_choice("sampler", "difficulty", cfg.difficulty)
         if not sizes:
             raise ValueError("TaskSampler needs at least one sub-dataset")
         if batch_size < 1:      # else the per-sub-dataset check below blames the size of the sub-datasets

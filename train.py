@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import check_ranks_agree, checkpoint, checkpoint_to_resume, move_aside, restore, settle_best
-from config import load_config
+from config import check_choice, load_config
 from evaluate import EvaluationError, evaluate_sets, load_encoder, resolve_backbone, score
 from loader import StepPrefetch, chunk_items, chunk_report, chunk_sizes_for, prepare_chunks
 from plumbing import (DataError, SettingError, average_gradients, gather_list, one_line, save_atomic,
@@ -225,8 +225,7 @@ def learning_rate_factor(cfg, total_steps):
             return 1.0
         progress = (step - cfg.train.warmup_steps) / max(1, total_steps - cfg.train.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if cfg.train.schedule not in ("constant", "cosine"):
-        raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {cfg.train.schedule!r}")
+    check_choice("train", "schedule", cfg.train.schedule)
     return factor
 
 
