@@ -62,6 +62,8 @@ class QueryCalibrator(nn.Module):
 
     def __init__(self, dim, cfg):
         super().__init__()
+        # config.CHOICES' words, spelt out: config.py imported here would join the gallery-cache fingerprint
+        # (encoding.embedding_sources), and every edit of it would encode the galleries again.
         if cfg.mode not in ("slerp", "lerp", "none") or cfg.gate not in ("learned", "fixed"):
             raise ValueError(f"calibrator mode {cfg.mode!r} / gate {cfg.gate!r}: expected slerp|lerp|none, "
                              f"learned|fixed")

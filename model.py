@@ -166,7 +166,7 @@ def uses_packed_vision_attention(model_cfg, device, attn_implementation):
     runs the tower (transformers packs the images itself then); on CPU transformers' per-image loop is as fast and
     keeps the numbers bit for bit."""
     choice = model_cfg.vision_attention
-    if choice not in ("auto", "packed", "transformers"):
+    if choice not in ("auto", "packed", "transformers"):    # spelt out, not config.check_choice: see calibrator.py
         raise ValueError(f"model.vision_attention must be 'auto', 'packed' or 'transformers', got {choice!r}")
     if choice == "auto":
         half = compute_dtype(model_cfg, device) in (torch.float16, torch.bfloat16)   # never on CPU (fp32 there)
