@@ -438,12 +438,22 @@ def test_a_clip_shorter_than_the_frame_count_repeats_frames_with_their_own_indic
     assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
 
 
-def test_a_clips_frame_rate_reaches_the_video_metadata(tmp_path):
+def test_a_clips_frame_rate_reaches_the_video_metadata(tmp_path, monkeypatch):
     """Qwen3-VL's video prompt stamps each frame with its time, index / fps, so the fps must be the clip's own (4 here);
     load_video falls back to 24, the processor's default, only for a container that states none.
-    Catches: the container's rate replaced by the default (`meta.fps = 24.0`: a 4 fps clip's times 6x too small)."""
+    Catches: the container's rate replaced by the default (`meta.fps = 24.0`: a 4 fps clip's times 6x too small); the
+    fallback dropped (a reader that finds no rate stands in here: fps None, and the processor's timestamps fail)."""
+    import media
     path = write_mp4(tmp_path / "slow.mp4", 12, seed=4, rate=4)
     assert load_video(path, 8)[1].fps == 4
+    read = media.video_utils.load_video
+
+    def no_rate(*args, **kwargs):
+        frames, meta = read(*args, **kwargs)
+        meta.fps = None
+        return frames, meta
+    monkeypatch.setattr(media.video_utils, "load_video", no_rate)
+    assert load_video(path, 8)[1].fps == 24.0
 
 
 def test_video_frames_are_resized_as_the_video_processor_resizes_them(tiny_backbone):
