@@ -129,6 +129,15 @@ def test_export_loads_without_warnings_and_keeps_the_vocabulary(trained, exporte
     assert torch.equal(lm.get_input_embeddings().weight[trained.token_ids["query"]], trained.query_token)
 
 
+def test_export_leaves_the_encoders_embedding_table_as_the_backbone_file_holds_it(trained, exported, tiny_backbone):
+    """export writes the learnt <|MEAN|>/<|IMG|> vectors into the saved vocabulary, a copy: after exporting, the
+    encoder's own (frozen, fp32 on a CPU: no dtype cast copies it) embedding table still equals the backbone file's.
+    Catches: the vocabulary not copied (`.float().clone()` -> `.float()`: the export rewrites the encoder's rows)."""
+    with safe_open(os.path.join(tiny_backbone, "model.safetensors"), "pt") as f:
+        table = f.get_tensor("model.language_model.embed_tokens.weight")
+    assert torch.equal(trained.lm.get_input_embeddings().weight.detach(), table)
+
+
 @pytest.mark.parametrize("mode,gate", [("slerp", "learned"), ("lerp", "learned"), ("slerp", "fixed"),
                                        ("none", "learned")])
 def test_standalone_calibrator_equals_calibrator_py(exported, mode, gate):
@@ -203,17 +212,23 @@ def test_exported_settings_are_the_encoders_calibrator_and_dtype(trained, tmp_pa
     the encoder's own config, with a non-default fixed gate), and a bf16 export's config.json says bfloat16 (what
     from_pretrained(dtype="auto") loads), while the encoder's own config keeps its dtype.
     The calibrator is saved as the encoder holds it (fp32) whatever the export dtype: bf16 would round its weights.
+    The media settings are the encoder's too, with an evaluation budget (40,000 pixels) above the training one.
     Catches: fixed_gate left out of the exported settings (the standalone code would use its default); the saved
-    config's dtype not set to the export dtype; calibrator.safetensors cast to the export dtype."""
+    config's dtype not set to the export dtype; calibrator.safetensors cast to the export dtype; the training budget
+    exported as the evaluation one (`"eval_image_pixels": cfg.image_pixels`)."""
     import json
-    cal = trained.calibrator_cfg
+    cal, cfg = trained.calibrator_cfg, trained.model_cfg
     saved_gate, cal.fixed_gate = cal.fixed_gate, 0.37
+    saved_eval, cfg.eval_image_pixels = cfg.eval_image_pixels, 40_000
     try:
         hf_export.export(trained, str(tmp_path / "bf16"), dtype="bfloat16")
     finally:
-        cal.fixed_gate = saved_gate
-    settings = json.loads((tmp_path / "bf16" / "fashionlens.json").read_text())["calibrator"]
+        cal.fixed_gate, cfg.eval_image_pixels = saved_gate, saved_eval
+    exported = json.loads((tmp_path / "bf16" / "fashionlens.json").read_text())
+    settings = exported["calibrator"]
     assert settings == {"mode": cal.mode, "gate": cal.gate, "fixed_gate": 0.37, "rank": cal.rank}
+    assert [exported[k] for k in ("image_pixels", "eval_image_pixels", "video_frames")] == [
+        cfg.image_pixels, 40_000, cfg.video_frames]
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     assert trained.lm.config.dtype != torch.bfloat16
@@ -228,10 +243,14 @@ def test_a_bf16_export_loads_in_bf16_with_dtype_auto_in_both_towers(trained, tmp
     the weights saved), and from_pretrained(dtype="auto") loads every weight of both towers in bf16.
     Fails when only the top-level dtype is set: the sub-configs then claim the training model's float32 for bf16
     weights. (The transformers installed here loads by the top-level dtype, so the load itself still gives bf16
-    under that mutation; the sub-config assertion is what catches it.)"""
+    under that mutation; the sub-config assertion is what catches it.) The file holds bf16 weights, not fp32 ones
+    that the load casts: catches the state saved in fp32 whatever the dtype (`.to(target)` -> `.to(torch.float32)`).
+    """
     import json
     out = tmp_path / "bf16"
     hf_export.export(trained, str(out), dtype="bfloat16")
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     config = json.loads((out / "config.json").read_text())
     assert [config[k].get("dtype") for k in ("text_config", "vision_config")] == ["bfloat16", "bfloat16"]
     lm = Qwen3VLForConditionalGeneration.from_pretrained(str(out), dtype="auto")
@@ -252,6 +271,15 @@ def test_export_refuses_the_release_switches_it_cannot_reproduce(trained, tmp_pa
             hf_export.export(trained, str(tmp_path / "out"))
     finally:
         setattr(trained.model_cfg, switch, saved)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_dtype_other_than_fp32_or_bf16(trained, tmp_path):
+    """export() saves float32 or bfloat16 (what the command line offers and the card's rounding figure measures):
+    float16 through the Python API is refused, naming it, before anything is written.
+    Catches: the dtype check removed (an fp16 export, written without a word)."""
+    with pytest.raises(ValueError, match="export: dtype must be float32 or bfloat16, got 'float16'"):
+        hf_export.export(trained, str(tmp_path / "out"), dtype="float16")
     assert not (tmp_path / "out").exists()
 
 
