@@ -138,6 +138,16 @@ def test_export_leaves_the_encoders_embedding_table_as_the_backbone_file_holds_i
     assert torch.equal(trained.lm.get_input_embeddings().weight.detach(), table)
 
 
+def test_an_fp32_exports_card_says_its_merged_weights_are_kept_exactly(exported):
+    """export measures the effect of the dtype it saves: the card of an fp32 export (of merged LoRA layers) says they
+    are kept exactly and gives no bf16 figure.
+    Catches: the bf16 effect measured whatever the dtype (`dtype_effect(encoder, state, merged, torch.bfloat16)`)."""
+    with open(os.path.join(exported, "README.md")) as f:
+        card = f.read()
+    assert "weights saved in **float32**. Fp32 keeps the merged weights exactly." in card
+    assert "bf16 rounding" not in card
+
+
 @pytest.mark.parametrize("mode,gate", [("slerp", "learned"), ("lerp", "learned"), ("slerp", "fixed"),
                                        ("none", "learned")])
 def test_standalone_calibrator_equals_calibrator_py(exported, mode, gate):
@@ -371,6 +381,9 @@ def test_the_cards_bf16_figure_is_the_rounding_error_over_the_lora_delta(trained
     # Full training merges no LoRA layer: a bf16 export is not exact.
     assert hf_export.dtype_effect(trained, state, [], torch.bfloat16).startswith("bf16 rounds every weight")
     assert hf_export.dtype_effect(trained, state, [], torch.float32) == "fp32 keeps the weights exactly"
+    # An fp32 export of merged LoRA layers keeps them exactly: no bf16 figure in its card. Catches: the fp32 case
+    # of merged layers dropped (the card of an fp32 export then states "bf16 rounding ... is 0.0%").
+    assert hf_export.dtype_effect(trained, state, merged, torch.float32) == "fp32 keeps the merged weights exactly"
 
 
 def test_standalone_refuses_a_query_text_holding_a_special_token(exported):
