@@ -296,6 +296,10 @@ def test_catalogue_jsonl_metadata_and_bad_lines(setup, tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"path": rel}) + "\n" + '{"sku": "B2"}\n')
     with pytest.raises(search.DataError, match=r"bad.jsonl:2.*path"):
         search.read_catalogue(str(tmp_path / "bad.jsonl"))
+    # An empty path would name the JSONL's folder as an image. Catches: `or not item["path"]` dropped.
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"path": rel}) + "\n" + '{"path": ""}\n')
+    with pytest.raises(search.DataError, match=r"empty.jsonl:2.*non-empty"):
+        search.read_catalogue(str(tmp_path / "empty.jsonl"))
 
 
 def test_query_instruction_follows_the_task_template():
@@ -312,6 +316,18 @@ def test_query_instruction_follows_the_task_template():
         make_query(images=["a.jpg"], task="asfr")
     with pytest.raises(SearchError, match="takes no text"):
         make_query(text="red", images=["a.jpg"], task="sketch2i")
+    # The Python API has no --task choices: an unknown task is named. An empty --text is no text. A video alone,
+    # with an empty --instruction, is a query. Image and video paths are absolute (the query is printed and drawn).
+    # Catches: the task check dropped (a KeyError); `if not values[name]` -> `if values[name] is None` (t2i of "");
+    # the video left out of the empty-query check; relative image paths kept.
+    with pytest.raises(SearchError, match="unknown task 'nope'"):
+        make_query(text="red", task="nope")
+    with pytest.raises(SearchError, match="needs --text"):
+        make_query(text="")
+    query = make_query(images=["a.jpg"], video="v.mp4", instruction="")
+    assert query["query_image"] == [os.path.join(os.getcwd(), "a.jpg")]
+    assert query["query_video"] == [os.path.join(os.getcwd(), "v.mp4")]
+    assert make_query(video="v.mp4", instruction="")["instruction_text"] == ""
 
 
 def test_approximate_indexes_build_and_search_like_exact_when_exhaustive(setup, tmp_path):
@@ -611,6 +627,56 @@ def test_catalogue_folder_lists_images_whatever_the_case_of_their_extension(tmp_
         str(tmp_path / name) for name in ("B.JPG", "a.jpg", "c.Png", "d.jpeg")]
 
 
+def test_catalogue_folder_order_is_the_sorted_paths_whatever_order_the_filesystem_lists(tmp_path, monkeypatch):
+    """A catalogue folder is read in the order of its sorted paths, which every rank and every machine agree on, not
+    in the order the filesystem lists folders (on ext4 a hash order; stood in for here by os.walk listing them in
+    reverse order). A folder without images is refused, naming it.
+    Catches: read_catalogue walking in the filesystem's order (`sorted(os.walk(...))` -> `os.walk(...)`); the
+    empty-catalogue check dropped (an index of nothing)."""
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.jpg").write_bytes(b"x")
+    walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda top: sorted(walk(top), reverse=True))
+    assert [item["path"] for item in search.read_catalogue(str(tmp_path))] == [
+        str(tmp_path / folder / "x.jpg") for folder in ("a", "b", "c")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(search.DataError, match="no images in the catalogue") as err:
+        search.read_catalogue(str(tmp_path / "empty"))
+    assert err.value.path == str(tmp_path / "empty")
+
+
+def test_only_embedded_images_are_counted_and_a_catalogue_of_none_is_refused(setup, tmp_path):
+    """Model.encoded (the count behind "encoded N images (... images/s)") counts the images embedded: a batch of a
+    readable image and the truncated JPEG adds 1 and records the JPEG as unreadable. A catalogue whose every image
+    is unreadable is a SearchError naming it, and no finished index is written.
+    Catches: every path counted (`self.encoded += len(paths)`); the no-readable-image check dropped (an index of
+    no vectors, marked finished)."""
+    model = stub_model()
+    emb = model.encode_targets([setup["paths"][0], setup["broken"]])
+    assert model.encoded == 1 and list(model.unreadable) == [setup["broken"]]
+    assert torch.isfinite(emb[0]).all() and torch.isnan(emb[1]).all()
+    catalogue, out = tmp_path / "broken-only", str(tmp_path / "index")
+    catalogue.mkdir()
+    shutil.copy(setup["broken"], catalogue)
+    with pytest.raises(SearchError, match=f"{catalogue}: no readable image in the catalogue"):
+        search.index_catalogue(stub_model(), str(catalogue), out, progress=False)
+    assert not os.path.exists(os.path.join(out, "meta.json"))
+
+
+def test_an_index_file_of_another_width_is_refused_naming_both(setup, tmp_path):
+    """An index.faiss replaced by hand with one of other vectors (32 wide, as many as items.jsonl lists) is refused
+    when opened, naming both widths, instead of failing in every query's reshape.
+    Catches: Index's width check dropped (`if self.index.d != model.embed_dim` -> `if False`)."""
+    out = stub_index(tmp_path, setup)
+    model = stub_model()
+    wide = faiss.IndexFlatIP(32)
+    wide.add(np.zeros((search.Index(out, model).index.ntotal, 32), dtype=np.float32))
+    faiss.write_index(wide, os.path.join(out, "index.faiss"))
+    with pytest.raises(SearchError, match="index.faiss holds vectors of width 32, the model gives 16"):
+        search.Index(out, model)
+
+
 def test_ef_search_reaches_an_hnsw_coarse_quantizer():
     """An IVF index with an HNSW coarse quantizer (IVF..._HNSW.., the large-catalogue setting) explores ef_search
     candidates when it picks the lists to probe, as --ef-search says; read back from faiss.
@@ -711,6 +777,12 @@ def test_k_and_batch_size_below_1_are_usage_errors(capsys):
             search.parse_args(argv)
         assert e.value.code == 2 and f"{option} must be at least 1" in capsys.readouterr().err
     assert search.parse_args(["query", "idx", "-k", "1", "--batch-size", "1"]).k == 1
+    # --instruction is the whole instruction: with --task (whose template it replaces) it is a usage error too.
+    # Catches: only --text checked (`args.instruction and args.text`: the --task is dropped without a word).
+    for extra in (["--text", "red"], ["--task", "t2i"]):
+        with pytest.raises(SystemExit) as e:
+            search.parse_args(["query", "idx", "--instruction", "find a red dress", *extra])
+        assert e.value.code == 2 and "give it without --text and --task" in capsys.readouterr().err
 
 
 def test_a_catalogue_line_that_is_not_utf8_is_named(tmp_path):
@@ -724,7 +796,8 @@ def test_a_catalogue_line_that_is_not_utf8_is_named(tmp_path):
                                                                     "name": "Crêpe"}]
 
 
-def test_indexing_into_the_index_of_another_checkpoint_or_catalogue_says_it_is_replaced(setup, tmp_path, capsys):
+def test_indexing_into_the_index_of_another_checkpoint_or_catalogue_says_it_is_replaced(setup, tmp_path, capsys,
+                                                                                       monkeypatch):
     """`search.py index` into a folder holding another checkpoint's (or catalogue's) finished index replaced it
     without a word. It now prints a note naming the index it replaces; indexing the same model and catalogue again
     (a resume, or a rebuild with other faiss options) prints none.
@@ -744,3 +817,14 @@ def test_indexing_into_the_index_of_another_checkpoint_or_catalogue_says_it_is_r
     shutil.copytree(os.path.join(setup["catalogue"], "shoes"), smaller)
     search.index_catalogue(other, str(smaller), out, progress=False)
     assert f"note: {out} holds the index of checkpoint other.pt over {setup['catalogue']}" in capsys.readouterr().out
+    # The same catalogue named by a relative path is the same catalogue: no note. A damaged meta.json is replaced as
+    # a failed build's would be. Catches: the catalogue compared as given (`os.path.abspath` dropped: a note on a
+    # plain rebuild); note_replaced_index letting read_meta's SearchError through (`except SearchError` ->
+    # `except ValueError`: the rebuild stops).
+    monkeypatch.chdir(tmp_path)
+    search.index_catalogue(other, "smaller", out, progress=False)
+    assert "note:" not in capsys.readouterr().out
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        f.write("{not json")
+    meta = search.index_catalogue(other, "smaller", out, progress=False)
+    assert meta["vectors"] == len(search.read_catalogue(str(smaller))) and "note:" not in capsys.readouterr().out
