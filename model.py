@@ -202,6 +202,12 @@ class FashionLensEncoder(Encoder):
         dtype = compute_dtype(model_cfg, device)
         heads_dtype = torch.float32 if model_cfg.fp32_trainable else dtype  # token vectors and calibrator
         self.processor = AutoProcessor.from_pretrained(model_cfg.backbone, local_files_only=True)
+        temporal_patch = self.processor.video_processor.temporal_patch_size
+        if not model_cfg.fill_pixel_budget and model_cfg.video_frames < temporal_patch:
+            # Qwen3-VL's smart_resize, which sizes the release's videos, refuses a clip shorter than one temporal
+            # patch ("t:1 must be larger than temporal_factor:2", at the first video, naming no setting).
+            raise SettingError(f"model.video_frames={model_cfg.video_frames} with model.fill_pixel_budget=false: the "
+                               f"release's video sizing needs at least {temporal_patch} frames (one temporal patch)")
         self.padding_side = "right"  # a tokenizer attribute would not be saved with it; the readout ignores it
         tokenizer = self.processor.tokenizer
         tokenizer.add_tokens([QUERY_TOKEN, TARGET_TOKEN], special_tokens=True)

@@ -20,7 +20,7 @@ from media import load_image, load_video, resize_frames
 import model
 from benchmarks.host_syncs import AsOnGpu, SyncCounter
 from config import CalibratorConfig, ModelConfig
-from plumbing import DataError
+from plumbing import DataError, SettingError
 
 PIXELS = 128 * 128  # small budget: 16 visual tokens per image keeps every test fast
 
@@ -267,6 +267,23 @@ def test_release_video_grid_is_qwen3_vl_smart_resize(tiny_backbone, tmp_path):
     odd = build(tiny_backbone, fill_pixel_budget=False, video_frames=3)
     clip = write_mp4(tmp_path / "three.mp4", 3, seed=5, size=(144, 112))
     assert odd.prepare_queries([{**query, "query_video": [clip]}], train=True)["video_grid_thw"].tolist() == [[2, 6, 8]]
+
+
+def test_one_frame_per_video_is_refused_by_name_with_the_release_sizing_and_encodes_with_ours(tiny_backbone, tmp_path):
+    """model.video_frames=1 under the release's video sizing (fill_pixel_budget=false) ended at the first video in
+    transformers' "t:1 must be larger than temporal_factor:2", naming no setting: Qwen3-VL's smart_resize needs one
+    temporal patch (2 frames). The encoder now refuses it when built, naming both settings; with our sizing the
+    processor pads the frame to a temporal patch and the clip encodes, and 2 frames build under the release's.
+    Catches: the check removed (the build passes and the first video query raises the ValueError above); the check
+    as `video_frames <= temporal_patch` (2 frames, which smart_resize takes, refused)."""
+    with pytest.raises(SettingError, match="model.video_frames=1 with model.fill_pixel_budget=false: the release's "
+                                           "video sizing needs at least 2 frames"):
+        build(tiny_backbone, fill_pixel_budget=False, video_frames=1)
+    clip = write_mp4(tmp_path / "clip.mp4", 4, seed=1)
+    query = {"id": "v", "instruction_text": "Find the item.", "query_image": [], "query_video": [clip]}
+    assert build(tiny_backbone, video_frames=1).encode_queries([query]).shape[0] == 1
+    assert build(tiny_backbone, fill_pixel_budget=False, video_frames=2).prepare_queries(
+        [query], train=True)["video_grid_thw"].tolist()[0][0] == 1
 
 
 def test_video_processing_prints_no_deprecation_warning(encoder, media):
