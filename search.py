@@ -292,11 +292,11 @@ def note_replaced_index(out_dir, model, catalogue):
     """Say so when out_dir holds the finished index of another checkpoint or catalogue, which this run replaces (the
     other model's embeddings stay in their shards/ folder, so indexing it again encodes nothing)."""
     try:
-        old = read_meta(out_dir) if os.path.isfile(os.path.join(out_dir, "meta.json")) else None
-    except SearchError:     # damaged: replaced as a failed build would be
+        old = read_meta(out_dir)
+    except SearchError:     # no finished index there, or a damaged one: replaced as a failed build would be
         return
-    if old and (old.get("fingerprint"), old.get("catalogue")) != (model.fingerprint, os.path.abspath(catalogue)):
-        print(f"note: {out_dir} holds the index of checkpoint {old.get('checkpoint')} over {old.get('catalogue')}; "
+    if (old["fingerprint"], old.get("catalogue")) != (model.fingerprint, os.path.abspath(catalogue)):
+        print(f"note: {out_dir} holds the index of checkpoint {old['checkpoint']} over {old.get('catalogue')}; "
               f"this run replaces it (its embeddings stay in {os.path.join(out_dir, 'shards')})")
 
 
