@@ -301,6 +301,81 @@ def test_unreadable_record_is_skipped_and_named(tiny_backbone, tmp_path, broken)
     assert bad[0][0] == ["r2"]
     assert ("broken.png" in bad[0][1]) if broken != "text" else ("9_asfr_DARN (record r2)" in bad[0][1])
 
+@pytest.mark.parametrize("kind", ["query_image", "query_video"])
+def test_a_query_file_two_records_share_drops_both_at_the_first_retry(tiny_backbone, tmp_path, kind):
+    """Records r1 and r3 of a batch share one unreadable query image (or video), as records built on the same
+    reference image do. The error names r1 (the first to load it) and the file: both records are matched to it at
+    once, by id and by path, so the batch is prepared again once, without both, and the report names them together.
+    Catches: query images (or videos) left out of the culprit search (`e["query_image"] + ` or `e["query_video"] + `
+    dropped in prepare_and_embed: r3 is found only at a second retry, reported apart)."""
+    cfg = full_training_config(tiny_backbone)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    examples = make_examples(tmp_path, 4)
+    broken = tmp_path / ("broken.png" if kind == "query_image" else "broken.mp4")
+    broken.write_bytes(b"neither an image nor a video")
+    for e in examples[1], examples[3]:
+        e[kind] = [str(broken)]
+    stats, bad = cached_step(encoder, examples, cfg, 2)
+    assert stats["samples"] == 2
+    assert len(bad) == 1 and bad[0][0] == ["r1", "r3"] and "(record r1)" in bad[0][1] and broken.name in bad[0][1]
+
+
+def test_an_unreadable_file_of_no_record_in_the_batch_stops_the_step(tiny_backbone, tmp_path, monkeypatch):
+    """A DataError that names no record of the batch and none of its files cannot be cured by leaving a record out:
+    the step stops with it. Preparing the batch again would meet it again, for ever (here a second preparation fails
+    the test instead).
+    Catches: the retry without its check that some record was at fault (`if not culprits: raise` -> `if False:`)."""
+    cfg = full_training_config(tiny_backbone)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    calls = []
+
+    def failing(paths, train):
+        calls.append(paths)
+        assert len(calls) == 1, "the batch was prepared again though no record of it holds the file"
+        raise plumbing.DataError("elsewhere.png", "cannot read image")
+
+    monkeypatch.setattr(encoder, "prepare_targets", failing)
+    with pytest.raises(plumbing.DataError, match=r"^elsewhere.png: cannot read image$"):
+        cached_step(encoder, make_examples(tmp_path, 2), cfg, 2)
+
+
+def test_pass_one_keeps_no_graph_unless_the_batch_is_one_chunk_of_each(tiny_backbone, tmp_path):
+    """Gradient caching saves memory because pass 1 embeds every chunk without a graph (docs/method.md#gradient-
+    caching); only a batch that is one query chunk and one target chunk keeps its graph, and is not replayed. Two
+    views with one hard negative each: chunks of 2 give one query chunk and two target chunks (no graph anywhere);
+    chunks of 4 give one of each (graphs kept).
+    Catches: a graph kept for the query or target chunks of a batch of several chunks (`keep_graph=single` ->
+    `keep_graph=True` for either role: every chunk's activations held through pass 2); one chunk of queries taken for
+    a batch that needs no replay (`single = ... and ...` -> `... or ...` in prepare_and_embed: the two target chunks
+    keep their graphs)."""
+    cfg = full_training_config(tiny_backbone)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    examples = add_hard_negatives(tmp_path, make_examples(tmp_path, 2), 1)
+    for chunk_size, chunks, graph in ((2, [1, 2], False), (4, [1, 1], True)):
+        _, _, q, t, _ = train_module.prepare_and_embed(encoder, examples, chunk_size)
+        assert [len(q[1]), len(t[1])] == chunks, chunk_size
+        assert [out["emb"].requires_grad for out in q[1] + t[1]] == [graph] * sum(chunks), chunk_size
+
+
+def test_a_step_that_kept_no_record_starts_no_preparation_of_the_next(tiny_backbone, tmp_path):
+    """StepPrefetch's guess is prepared by the pool's threads at once, which is safe only once this thread has
+    tokenized (the tokenizer sets its padding state on its first call: two threads doing that together fail, "Already
+    borrowed"; loader.prepare_chunks). A step whose only record has an unreadable query image fails before its text
+    is tokenized and keeps nothing: it must not start the next step's preparation. A step that kept a record starts it
+    once.
+    Catches: prepare_next called whatever the step kept (`if prepare_next is not None and examples` ->
+    `if prepare_next is not None` in cached_step)."""
+    cfg = full_training_config(tiny_backbone)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    examples = make_examples(tmp_path, 2)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    examples[1]["query_image"] = [str(tmp_path / "broken.png")]
+    started = []
+    for batch, calls in (([examples[1]], 0), (examples, 1)):
+        stats, bad = cached_step(encoder, batch, cfg, 2, prepare_next=lambda: started.append(len(batch)))
+        assert bad[0][0] == ["r1"] and len(started) == calls, (len(batch), stats, started)
+
+
 
 def test_hard_negative_with_another_querys_label_is_masked(tiny_backbone, tmp_path):
     cfg = full_training_config(tiny_backbone)
