@@ -362,9 +362,10 @@ def test_a_step_that_kept_no_record_starts_no_preparation_of_the_next(tiny_backb
     tokenized (the tokenizer sets its padding state on its first call: two threads doing that together fail, "Already
     borrowed"; loader.prepare_chunks). A step whose only record has an unreadable query image fails before its text
     is tokenized and keeps nothing: it must not start the next step's preparation. A step that kept a record starts it
-    once.
+    once. The step that kept nothing returns no statistics (a single process then logs no loss for it).
     Catches: prepare_next called whatever the step kept (`if prepare_next is not None and examples` ->
-    `if prepare_next is not None` in cached_step)."""
+    `if prepare_next is not None` in cached_step); statistics of zeros returned for a step that learnt nothing
+    (`return None, bad` -> a dict of zero loss and samples: a loss of 0 logged)."""
     cfg = full_training_config(tiny_backbone)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
     examples = make_examples(tmp_path, 2)
@@ -374,6 +375,7 @@ def test_a_step_that_kept_no_record_starts_no_preparation_of_the_next(tiny_backb
     for batch, calls in (([examples[1]], 0), (examples, 1)):
         stats, bad = cached_step(encoder, batch, cfg, 2, prepare_next=lambda: started.append(len(batch)))
         assert bad[0][0] == ["r1"] and len(started) == calls, (len(batch), stats, started)
+        assert (stats is None) == (calls == 0)          # nothing learnt: no statistics to log
 
 
 
@@ -1010,14 +1012,23 @@ def logged_steps(out_dir):
 def test_the_log_gives_each_step_the_learning_rate_it_trained_with(tiny_backbone, mini_root, tmp_path):
     """Cosine schedule, warm-up 2 of 4 steps, train.lr 3e-4 (not tiny.yaml's 1e-4): the steps train at 3e-4 x 0.5, 1,
     1, 0.5 (learning_rate_factor of steps 0-3, by hand), and log.jsonl's step 1-4 records (the optimizer's rate, as
-    the scheduler set it) say so.
+    the scheduler set it) say so. Their peak_mem_mb is the process's peak resident memory in MiB: over 100 (torch is
+    loaded) and at most the peak the kernel reports after the run (/proc/self/status VmHWM, in KiB).
     Catches: the rate read after optimizer_step (each step logged the next one's: 1, 1, 0.5, 0); AdamW built with
-    the default rate, not train.lr (`lr=1e-4`)."""
+    the default rate, not train.lr (`lr=1e-4`); train.val_every=0 validating every step (`cfg.train.val_every and
+    step % cfg.train.val_every == 0` -> `step % (cfg.train.val_every or 1) == 0`); ru_maxrss (KiB on Linux) read as bytes (`/ 1024` -> `/ 2**20` in
+    peak_memory_mb) or divided by 1000."""
     cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=4", "train.schedule=cosine",
                      "train.warmup_steps=2", "train.val_every=0", "train.lr=3e-4")
     train(cfg)
-    logged = [r["lr"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "loss" in r]
-    assert logged == pytest.approx([3e-4 * f for f in (0.5, 1.0, 1.0, 0.5)])
+    log = list(map(json.loads, open(tmp_path / "run" / "log.jsonl")))
+    assert [r["step"] for r in log if "val" in r] == [4]                  # train.val_every=0: at the end only
+    records = [r for r in log if "loss" in r]
+    assert [r["lr"] for r in records] == pytest.approx([3e-4 * f for f in (0.5, 1.0, 1.0, 0.5)])
+    # peak_mem_mb on a CPU: this process's peak resident memory in MiB, at most the kernel's count read afterwards.
+    peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+    assert all(100 < r["peak_mem_mb"] <= peak_kib / 1024 for r in records), ([r["peak_mem_mb"] for r in records],
+                                                                              peak_kib)
 
 
 def test_best_checkpoint_holds_the_best_validation_and_the_last_step_is_logged(tiny_backbone, mini_root, tmp_path,
@@ -1094,12 +1105,16 @@ def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, caps
     assert changed > len(fresh) // 2
 
 
-def test_a_log_line_that_is_not_a_record_stops_the_resume_naming_the_log_and_line(tmp_path):
+def test_a_log_line_that_is_not_a_record_stops_the_resume_naming_the_log_and_line(tmp_path, capsys):
     """Cutting log.jsonl back to the resumed step reads every line: one that is not a record of train.py (not JSON, no
     step) is a DataError naming the file and line, and the log is left as it was; lines up to the step are kept.
     Catches: the parse errors not caught (`except (ValueError, KeyError, TypeError)` -> `except KeyError`: a raw
     JSONDecodeError traceback from train.py; `-> except (ValueError, KeyError)`: the TypeError of a line that is a
-    JSON list); the comparison off by one (`<= step` -> `< step`)."""
+    JSON list); the comparison off by one (`<= step` -> `< step`). A log with nothing after the step is left as it was
+    and no line is said to be dropped; a run resumed before its first logged step has no log, and resumes.
+    Catches: the log rewritten whatever it held (`if len(kept) < len(lines)` -> `if True`: "dropped 0 line(s)"); a
+    missing log read (the `if not os.path.exists(path): return` guard dropped: FileNotFoundError, the run cannot
+    resume)."""
     log = tmp_path / "log.jsonl"
     for bad in ("not json", '{"loss": 1.0}', "[3]"):
         text = f'{{"step": 1}}\n{bad}\n{{"step": 3}}\n'
@@ -1111,6 +1126,11 @@ def test_a_log_line_that_is_not_a_record_stops_the_resume_naming_the_log_and_lin
     log.write_text('{"step": 1}\n{"step": 2, "val_score": 3.0}\n{"step": 3}\n')
     train_module.keep_log_until(str(log), 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2, "val_score": 3.0}\n'
+    capsys.readouterr()
+    train_module.keep_log_until(str(log), 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2, "val_score": 3.0}\n' and capsys.readouterr().out == ""
+    train_module.keep_log_until(str(tmp_path / "none.jsonl"), 2)
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 def test_cutting_the_log_back_is_never_left_half_done(tmp_path, monkeypatch):
