@@ -143,10 +143,14 @@ def test_a_file_that_is_not_a_chunk_table_is_a_data_error_naming_it(tmp_path, mo
         chunk_sizes_for(cfg, KEYS, on_gpu(monkeypatch, 85e9))
 
 
-def test_full_config_table_covers_every_sub_dataset_and_fits_its_settings(monkeypatch):
+def test_full_config_table_covers_every_sub_dataset_and_fits_its_settings(monkeypatch, tmp_path):
     """configs/chunk_sizes.yaml, as full.yaml uses it: every sub-dataset in every row, chunks dividing the batch,
-    never smaller on a larger GPU, and made for full.yaml's settings (else training on a GPU stops).
-    Catches: a table regenerated for other settings or fewer sub-datasets; full.yaml without the table."""
+    never smaller on a larger GPU, and made for full.yaml's settings (else training on a GPU stops). The table's
+    path is the repository's, found from any working directory (here another one).
+    Catches: a table regenerated for other settings or fewer sub-datasets; full.yaml without the table; the table
+    looked up from the working directory (`os.path.join(os.path.dirname(os.path.abspath(__file__)),
+    cfg.train.chunk_table)` -> `cfg.train.chunk_table` in chunk_table_row: "no such file")."""
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(os.path.join(REPO, "configs", "full.yaml"))
     assert cfg.train.chunk_table == "configs/chunk_sizes.yaml" and not cfg.train.chunk_sizes
     with open(os.path.join(REPO, cfg.train.chunk_table)) as f:

@@ -1943,6 +1943,24 @@ def test_prepared_chunks_come_back_in_submission_order():
     assert [c["items"] for c in chunks] == [["a"], ["b"], ["c"], ["d"]]
 
 
+def test_a_batchs_first_chunk_is_prepared_by_the_calling_thread_before_the_pool_starts():
+    """With a pool, prepare_chunks prepares the first chunk itself and only then submits the others: the tokenizer
+    sets its padding state on its first call, and two threads doing that at once fail ("Already borrowed"), so the
+    pool's threads must never be the first to tokenize.
+    Catches: every chunk submitted to the pool (`jobs[1:]` -> `jobs`, no chunk prepared by the calling thread)."""
+    calls = []
+
+    def prepare(items, train):
+        calls.append((items, threading.current_thread() is threading.main_thread()))
+        return items
+
+    encoder = SimpleNamespace(prepare_queries=prepare, prepare_targets=prepare)
+    with ThreadPoolExecutor(2) as pool:
+        chunks = list(prepare_chunks(encoder, [["a"], ["b"]], [["c"], ["d"]], pool))
+    assert chunks == [["a"], ["b"], ["c"], ["d"]]
+    assert calls[0] == (["a"], True) and sorted(calls[1:]) == [(["b"], False), (["c"], False), (["d"], False)]
+
+
 def test_chunks_a_step_will_not_use_are_cancelled():
     """Work that no step will use is cancelled, not left to hold the prepare threads while the step waits for its
     own chunks: the chunks after one that holds an unreadable record (the batch is prepared again without it), and
@@ -1976,7 +1994,10 @@ def test_step_guess_is_used_only_when_it_is_exactly_the_steps_batch():
     step's batch in all three parts: key, training views and chunk size. A guess with the same key but another
     record, or the same records in other chunks, is a miss and the step prepares its own batch.
     Catches: the guess compared by its key alone (`guess == batch` -> `guess[0] == batch[0]`: the step trains on
-    the guessed records) or without its chunk size (`guess[:2] == batch[:2]`: chunks of the guessed size)."""
+    the guessed records) or without its chunk size (`guess[:2] == batch[:2]`: chunks of the guessed size); a guess
+    kept after it was taken (`guess, futures, self.guess, self.futures = self.guess, self.futures, None, []` ->
+    `guess, futures = self.guess, self.futures`: a step after one that prepared no guess takes the old one again,
+    counted as a second hit)."""
     def views(ids):
         return [{"id": i, "target_image": f"{i}.png", "negative_image": []} for i in ids]
 
@@ -1991,6 +2012,8 @@ def test_step_guess_is_used_only_when_it_is_exactly_the_steps_batch():
         futures = prefetch.take(("k", views(["r0", "r1", "r2", "r3"]), 2))     # equal to the guess, not the same
         assert [f.result() for f in futures] == [["r0", "r1"], ["r2", "r3"], ["r0.png", "r1.png"],
                                                  ["r2.png", "r3.png"]]
+        # The step after, which its step (keeping no record) gave no guess: nothing is guessed, nothing counted.
+        assert prefetch.take(guess) is None
     assert (prefetch.hits, prefetch.misses) == (1, 3)
 
 
