@@ -1494,6 +1494,28 @@ def test_a_failed_checkpoint_save_keeps_the_last_one_and_leaves_no_temporary(tmp
     assert load_checkpoint(path) == {"step": 3}
 
 
+def test_a_reader_of_a_file_being_replaced_reads_the_old_file_whole(tmp_path):
+    """save_atomic and write_text_atomic put the new file in place with one rename: a reader that opened last.pt (or
+    log.jsonl) before the write, as an evaluation reading a checkpoint while training saves it, reads the old file
+    whole, never the new one half written.
+    Catches: the new file copied onto the old one (`os.replace(temp, path)` -> `shutil.copy(temp, path)` in
+    atomic_write: the old file is cut and rewritten under the reader)."""
+    from plumbing import save_atomic, write_text_atomic
+    path = tmp_path / "last.pt"
+    save_atomic({"step": 3, "w": torch.zeros(1000)}, path)
+    old = path.read_bytes()
+    with open(path, "rb") as reader:
+        save_atomic({"step": 4, "w": torch.ones(1000)}, path)
+        assert reader.read() == old
+    assert load_checkpoint(path)["step"] == 4
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n')
+    with open(log) as reader:
+        write_text_atomic(log, '{"step": 1}\n')
+        assert reader.read() == '{"step": 1}\n{"step": 2}\n'
+    assert log.read_text() == '{"step": 1}\n'
+
+
 def test_checkpoint_restores_step_best_score_unreadable_records_and_random_states(tiny_backbone, tmp_path, device):
     """A checkpoint written at step 7 with best validation score 12.5 (reached at step 5) and one unreadable record,
     saved and loaded, restored into a fresh encoder, optimizer, scheduler and sampler: the step, the best score and its
@@ -1744,7 +1766,8 @@ def test_resume_is_decided_by_rank_0_and_reaches_every_rank(tiny_backbone, mini_
 
 def test_ranks_starting_from_different_weights_stop_with_a_clear_error(tiny_backbone, tmp_path):
     """Data parallel training keeps ranks equal only if they start equal: a rank whose weights differ from rank
-    0's is named and the run stops. Catches: the start-up checksum comparison skipped."""
+    0's is named and the run stops, on every rank. Catches: the start-up checksum comparison skipped; each rank
+    comparing with its own checksums (`every[r] != every[0]` -> `every[r] != every[rank]`: rank 1 names rank 0)."""
     script = step_script(tmp_path, tiny_backbone,
         "from checkpoints import check_ranks_agree\n"
         "torch.manual_seed(0)\nencoder = build_encoder(cfg.model, cfg.calibrator, 'cpu')\n"
@@ -1753,7 +1776,9 @@ def test_ranks_starting_from_different_weights_stop_with_a_clear_error(tiny_back
         "check_ranks_agree(encoder, 'at start')\n")
     proc = torchrun(script, check=False)
     assert proc.returncode != 0
-    assert "at start: the trainable weights of rank(s) [1] differ from rank 0's" in proc.stderr
+    for rank in (0, 1):         # every rank stops, naming the same rank
+        assert f"[rank{rank}]: RuntimeError: at start: the trainable weights of rank(s) [1] differ from rank 0's" \
+            in proc.stderr, rank
 
 
 def test_batch_report_states_global_batch_negatives_and_small_sub_datasets():
