@@ -591,16 +591,20 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_finite_check
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
-def test_unreadable_records_beyond_the_limit_stop_the_run():
-    """data.max_bad_records=2: two distinct records pass, one of them found again by a later step; a third record
-    (the same id in another sub-dataset is another record) stops the run with a DataError counting 3.
-    Catches: the limit off by one either way (`>` -> `>=`, or `> max_bad_records + 1`)."""
+def test_unreadable_records_beyond_the_limit_stop_the_run(capsys):
+    """data.max_bad_records=2: two distinct records pass, one of them found again by a later step (reported once: the
+    later step names only the new one); a third record (the same id in another sub-dataset is another record) stops
+    the run with a DataError counting 3.
+    Catches: the limit off by one either way (`>` -> `>=`, or `> max_bad_records + 1`); a record found again reported
+    again (`if f"{key}/{i}" not in bad_records` dropped from `new`)."""
     cfg = Config()
     cfg.data.max_bad_records = 2
     found = set()
     train_module.record_bad_records(found, "1_t2i_Shoes", [(["r1"], "cannot read")], 0, cfg)
+    capsys.readouterr()
     train_module.record_bad_records(found, "1_t2i_Shoes", [(["r1", "r2"], "cannot read")], 0, cfg)
     assert found == {"1_t2i_Shoes/r1", "1_t2i_Shoes/r2"}
+    assert capsys.readouterr().err == "skipped record(s) 1_t2i_Shoes/r2 from now on: cannot read\n"
     with pytest.raises(plumbing.DataError, match=r"3 unreadable training records \(limit data.max_bad_records=2\)"):
         train_module.record_bad_records(found, "9_asfr_DARN", [(["r1"], "cannot read")], 0, cfg)
 
