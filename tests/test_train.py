@@ -301,6 +301,7 @@ def test_unreadable_record_is_skipped_and_named(tiny_backbone, tmp_path, broken)
     assert bad[0][0] == ["r2"]
     assert ("broken.png" in bad[0][1]) if broken != "text" else ("9_asfr_DARN (record r2)" in bad[0][1])
 
+
 @pytest.mark.parametrize("kind", ["query_image", "query_video"])
 def test_a_query_file_two_records_share_drops_both_at_the_first_retry(tiny_backbone, tmp_path, kind):
     """Records r1 and r3 of a batch share one unreadable query image (or video), as records built on the same
@@ -376,7 +377,6 @@ def test_a_step_that_kept_no_record_starts_no_preparation_of_the_next(tiny_backb
         stats, bad = cached_step(encoder, batch, cfg, 2, prepare_next=lambda: started.append(len(batch)))
         assert bad[0][0] == ["r1"] and len(started) == calls, (len(batch), stats, started)
         assert (stats is None) == (calls == 0)          # nothing learnt: no statistics to log
-
 
 
 def test_hard_negative_with_another_querys_label_is_masked(tiny_backbone, tmp_path):
@@ -1020,8 +1020,8 @@ def test_the_log_gives_each_step_the_learning_rate_it_trained_with(tiny_backbone
     loaded) and at most the peak the kernel reports after the run (/proc/self/status VmHWM, in KiB).
     Catches: the rate read after optimizer_step (each step logged the next one's: 1, 1, 0.5, 0); AdamW built with
     the default rate, not train.lr (`lr=1e-4`); train.val_every=0 validating every step (`cfg.train.val_every and
-    step % cfg.train.val_every == 0` -> `step % (cfg.train.val_every or 1) == 0`); ru_maxrss (KiB on Linux) read as bytes (`/ 1024` -> `/ 2**20` in
-    peak_memory_mb) or divided by 1000."""
+    step % cfg.train.val_every == 0` -> `step % (cfg.train.val_every or 1) == 0`); ru_maxrss (KiB on Linux) read as
+    bytes (`/ 1024` -> `/ 2**20` in peak_memory_mb) or divided by 1000."""
     cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=4", "train.schedule=cosine",
                      "train.warmup_steps=2", "train.val_every=0", "train.lr=3e-4")
     train(cfg)
