@@ -1035,6 +1035,17 @@ def test_the_log_gives_each_step_the_learning_rate_it_trained_with(tiny_backbone
                                                                               peak_kib)
 
 
+
+@pytest.mark.parametrize("platform, ru_maxrss", [("linux", 3 * 2**20), ("darwin", 3 * 2**30)])
+def test_peak_memory_on_a_cpu_is_in_mib_on_linux_and_macos(monkeypatch, platform, ru_maxrss):
+    """log.jsonl's peak_mem_mb on a CPU comes from getrusage's ru_maxrss, which Linux gives in KiB and macOS in
+    bytes: a peak of 3 GiB (3 x 2^20 KiB, or 3 x 2^30 bytes) is 3072 MiB on both.
+    Catches: ru_maxrss read as KiB on macOS too (`unit = 1 if sys.platform == "darwin" else 1024` -> `unit = 1024`:
+    a Mac's log says 3 TiB)."""
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(train_module.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=ru_maxrss))
+    assert train_module.peak_memory_mb(torch.device("cpu")) == 3072
+
 def test_best_checkpoint_holds_the_best_validation_and_the_last_step_is_logged(tiny_backbone, mini_root, tmp_path,
                                                                                monkeypatch):
     """Three steps validated after each with scores 4, 9, 9 (scripted), log_every=2: best.pt is step 2's with best
