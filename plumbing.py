@@ -50,11 +50,15 @@ def read_yaml(path):
 
 @contextlib.contextmanager
 def atomic_write(path):
-    """A temporary name beside `path` for the block to write; then one rename onto `path`. Nobody ever reads half a
-    file, and a failed write leaves nothing behind."""
+    """A temporary name beside `path` for the block to write (and close); then one rename onto `path`. Nobody ever
+    reads half a file, and a failed write leaves nothing behind. The new bytes reach the disk before the rename: else,
+    after a power cut, the file system may keep the rename but not the data, and `path` (last.pt, say) comes back
+    empty instead of old or new."""
     temp = f"{path}.tmp{os.getpid()}"
     try:
         yield temp
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temp, path)
     finally:
         if os.path.exists(temp):

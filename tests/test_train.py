@@ -1509,6 +1509,29 @@ def test_a_failed_checkpoint_save_keeps_the_last_one_and_leaves_no_temporary(tmp
     assert load_checkpoint(path) == {"step": 3}
 
 
+
+def test_a_file_is_on_disk_whole_before_its_rename(tmp_path, monkeypatch):
+    """A power cut may keep a rename but lose data still in the page cache: last.pt (or log.jsonl) would come back
+    empty. atomic_write therefore flushes the temporary file to disk (fsync) before it renames it onto the path, for
+    the checkpoint and the text writers alike. Each fsync is recorded with the file's size on disk at that moment.
+    Catches: the fsync dropped from atomic_write; done after the rename (a rename that can outlive the data)."""
+    from plumbing import save_atomic, write_text_atomic
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recording_fsync(fd):
+        fsync(fd)
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+
+    monkeypatch.setattr(plumbing.os, "fsync", recording_fsync)
+    monkeypatch.setattr(plumbing.os, "replace", lambda src, dst: (events.append(("replace", str(src))),
+                                                                  replace(src, dst)))
+    save_atomic({"w": torch.ones(1000)}, tmp_path / "last.pt")
+    write_text_atomic(tmp_path / "log.jsonl", '{"step": 1}\n')
+    temps = [f"{tmp_path}/last.pt.tmp{os.getpid()}", f"{tmp_path}/log.jsonl.tmp{os.getpid()}"]
+    sizes = [(tmp_path / "last.pt").stat().st_size, len('{"step": 1}\n')]
+    assert events == [("fsync", temps[0], sizes[0]), ("replace", temps[0]),
+                      ("fsync", temps[1], sizes[1]), ("replace", temps[1])]
+
 def test_a_reader_of_a_file_being_replaced_reads_the_old_file_whole(tmp_path):
     """save_atomic and write_text_atomic put the new file in place with one rename: a reader that opened last.pt (or
     log.jsonl) before the write, as an evaluation reading a checkpoint while training saves it, reads the old file
