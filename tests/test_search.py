@@ -585,6 +585,32 @@ def test_approximate_index_training_sample_is_seeded():
     assert not np.allclose(centroids(0), centroids(1))
 
 
+def test_approximate_index_trains_on_a_sample_of_distinct_vectors(monkeypatch):
+    """--train-size caps the vectors an approximate index is trained on: over the cap, k-means gets train_size
+    distinct catalogue vectors (a sample without repeats, as faiss subsamples a k-means training set itself); at or
+    under it, every vector once. A sample with repeats would train on fewer points than asked and weigh the repeated
+    ones twice. The sample handed to train() is read back and matched to the catalogue's rows by hand.
+    Catches: the sample drawn with replacement (`replace=False` -> `replace=True`: about 54 repeats among 200 draws
+    of 300); the cap ignored (`len(x) > train_size` -> `False`: all 300 trained on)."""
+    class Recorder:        # stands in for the faiss index: keeps what build_index trains it on
+        is_trained = False
+
+        def train(self, x):
+            self.sample = x.copy()
+
+        def add(self, x):
+            self.added = x.copy()
+
+    monkeypatch.setattr(search, "new_index", lambda dim, factory: Recorder())
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    row_of = {row.tobytes(): i for i, row in enumerate(x)}
+    for n, train_size, expected in ((300, 200, 200), (300, 300, 300), (120, 200, 120)):
+        index = build_index(x[:n], "IVF4,Flat", train_size=train_size)
+        rows = [row_of[row.tobytes()] for row in index.sample]
+        assert len(rows) == len(set(rows)) == expected and max(rows) < n, (n, train_size)
+        np.testing.assert_array_equal(index.added, x[:n])
+
+
 def test_index_catalogue_trains_on_the_sample_its_seed_draws(setup, tmp_path):
     """`search.py index --seed S` (meta.json records it): the IVF index written has the coarse centroids of
     build_index trained on the sample seed S draws from the same vectors, not seed 0's.
