@@ -611,6 +611,23 @@ def test_approximate_index_trains_on_a_sample_of_distinct_vectors(monkeypatch):
         np.testing.assert_array_equal(index.added, x[:n])
 
 
+def test_printed_results_show_rank_score_path_and_the_items_metadata(capsys):
+    """What `search.py query` prints without --json, written out by hand: the query (instruction, then its media),
+    then per hit its rank, score to 4 places, path, and the catalogue's metadata for it as JSON, its characters as
+    written in the catalogue (a JSONL's "Robe d'été", not "Robe d'\\u00e9t\\u00e9"); a hit without metadata ends at its
+    path. Catches: the metadata left out, or holding rank, score or path again; non-ASCII metadata printed as
+    escapes (json.dumps' default ensure_ascii); the media left off the query line."""
+    query = {"id": "query", "instruction_text": "find dress images matching the text modifications of the given "
+             "image: is red", "query_image": ["/shop/ref.jpg"], "query_video": []}
+    results = [{"rank": 1, "score": 0.912345, "path": "/shop/a.jpg", "sku": "A1", "name": "Robe d'été"},
+               {"rank": 2, "score": 0.5, "path": "/shop/b.jpg"}]
+    search.print_results(query, results, as_json=False)
+    assert capsys.readouterr().out == (
+        "query: 'find dress images matching the text modifications of the given image: is red' + /shop/ref.jpg\n"
+        "   1  0.9123  /shop/a.jpg  {\"sku\": \"A1\", \"name\": \"Robe d'été\"}\n"
+        "   2  0.5000  /shop/b.jpg\n")
+
+
 def test_index_catalogue_trains_on_the_sample_its_seed_draws(setup, tmp_path):
     """`search.py index --seed S` (meta.json records it): the IVF index written has the coarse centroids of
     build_index trained on the sample seed S draws from the same vectors, not seed 0's.
