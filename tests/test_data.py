@@ -87,6 +87,23 @@ def test_every_referenced_file_exists_and_decodes(mini_root):
     for name, row in report["rows"].items():
         assert not (row["errors"] or row["missing"] or row["unreadable"]), (name, row)
         assert row["gallery"] > 0 and row["records"]["test"] > 0
+    # The table's numbers, counted from the files by hand: records per split, distinct test gallery images, and over
+    # the sub-datasets' test galleries their sum and the distinct images. Catches: the record count kept for the
+    # test split alone (`row["records"]["test"] = len(records)`); the evaluation-only galleries added to the sum;
+    # the two numbers swapped.
+    galleries = []
+    for key in SUB_DATASETS:
+        with open(pd.candidate_path(mini_root, key, "test")) as f:
+            listed = json.load(f)
+        listed = set(next(v for k, v in listed.items() if k.endswith("_candidate")) if isinstance(listed, dict)
+                     else listed)
+        records = {}
+        for split in pd.SPLITS:
+            with open(pd.triplet_path(mini_root, key, split)) as f:
+                records[split] = len(json.load(f))
+        assert report["rows"][key]["records"] == records and report["rows"][key]["gallery"] == len(listed), key
+        galleries.append(listed)
+    assert report["test_gallery_images"] == [sum(map(len, galleries)), len(set.union(*galleries))]
     folder = os.path.join(mini_root, "MovingFashion_videos")
     videos = [os.path.join(folder, v) for v in sorted(os.listdir(folder))]
     for video in videos:
@@ -117,6 +134,10 @@ def test_eval_sets_follow_the_protocol(mini_root):
     with open(os.path.join(mini_root, "0_test_candidates", "3_inshop_DeepFashion_test_candidates.json")) as f:
         listed = json.load(f)
     assert len(build_eval_set(mini_root, "3_inshop_DeepFashion", "test").gallery) == len(set(listed)) < len(listed)
+    # The training split is no evaluation split. Catches: build_eval_set's split check removed (a gallery of the
+    # training targets, evaluated without a word).
+    with pytest.raises(ValueError, match="evaluation split must be 'val' or 'test', got 'train'"):
+        build_eval_set(mini_root, "7_cir_Shoes", "train")
 
 
 def test_asfr_ground_truth_is_every_image_with_the_label(mini_root):
@@ -188,6 +209,13 @@ def test_train_set_draws_one_target_and_at_most_max_sketches(mini_root):
         assert len(ex["query_image"]) == min(2, len(rec["query_image"]))
         assert set(ex["query_image"]) <= set(rec["query_image"])
         assert ex["target_image"] in rec["target_image"] and draw(sketches, i) == draw(sketches, i)
+    # The kept sketches are drawn, not the first ones: over 20 draws of a record of more than 2 sketches, more than
+    # one pair is kept and every sketch is kept some time. Catches: `rng.sample(query_image, k)` ->
+    # `query_image[:k]` (the other sketches never seen in training).
+    i = next(i for i, r in enumerate(sketches.records) if len(r["query_image"]) > 2)
+    drawn = [sketches.example(i, random.Random(s))["query_image"] for s in range(20)]
+    assert len({tuple(sorted(d)) for d in drawn}) > 1
+    assert set(sketches.records[i]["query_image"]) == {p for d in drawn for p in d}
     multi_target = pd.TrainSet(mini_root, "1_t2i_FashionGen")
     i = next(i for i, r in enumerate(multi_target.records) if len(r["target_image"]) > 1)
     assert len({multi_target.example(i, random.Random(s))["target_image"] for s in range(20)}) > 1
@@ -487,7 +515,7 @@ def test_check_media_decodes_every_frame_of_a_video(tmp_path):
         check_media(path, "rec-6")
 
 
-def test_missing_and_corrupt_files_are_named_with_their_record(mini_root, tmp_path):
+def test_missing_and_corrupt_files_are_named_with_their_record(mini_root, tmp_path, capsys):
     root = copy_tree(mini_root, tmp_path)
     rec = load_records(root, "4_street2shop_DeepFashion2", "test")[0]     # its street photo is its own
     missing, truncated = rec["query_image"][0], rec["target_image"][0]
@@ -500,10 +528,27 @@ def test_missing_and_corrupt_files_are_named_with_their_record(mini_root, tmp_pa
         f.truncate(os.path.getsize(truncated) // 2)
     with open(video, "wb") as f:
         f.write(b"\x00" * 100)
+    # A hard negative that no other record or gallery names is checked too. Catches: the validator collecting the
+    # media of the query and target fields only (MEDIA_FIELDS[:3]).
+    darn = pd.triplet_path(root, "9_asfr_DARN", "train")
+    with open(darn) as f:
+        raw = json.load(f)
+    raw[0]["negative_image"].append("DARN_images/gone-negative.jpg")
+    pd.write_json(darn, raw)
+    # So is a gallery image that no record names (a distractor); it is no record's fault. Catches: the validator
+    # not checking gallery images; a gallery image's missing record id (None) listed among the bad records.
+    shoes = pd.candidate_path(root, "7_cir_Shoes", "test")
+    with open(shoes) as f:
+        pd.write_json(shoes, json.load(f) + ["Shoes_images/gone-distractor.jpg"])
     for path in (missing, corrupt, truncated, video):
         with pytest.raises(DataError) as e:
             check_media(path, "rec-7")
         assert path in str(e.value) and "rec-7" in str(e.value) and e.value.record_id == "rec-7"
+    # A missing file is said to be missing, not undecodable. Catches: check_media's isfile check removed (PIL's
+    # "cannot decode: [Errno 2] No such file or directory").
+    with pytest.raises(DataError) as e:
+        check_media(missing, "rec-7")
+    assert str(e.value) == f"{missing} (record rec-7): file not found"
     report_path = tmp_path / "report.json"
     with pytest.raises(SystemExit) as e:
         pd.main(["--root", root, "--report", str(report_path)])
@@ -512,8 +557,19 @@ def test_missing_and_corrupt_files_are_named_with_their_record(mini_root, tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["copy", "report.json"]
     row = report["rows"]["4_street2shop_DeepFashion2"]
     assert any(missing in m and rec["id"] in m for m in row["missing"]) and rec["id"] in row["bad_records"]["test"]
-    assert len(sum((r["missing"] + r["unreadable"] for r in report["rows"].values()), [])) == 4
+    assert report["rows"]["9_asfr_DARN"]["missing"] == [
+        f"{os.path.join(root, 'DARN_images', 'gone-negative.jpg')} (record {raw[0]['id']}): file not found"]
+    assert report["rows"]["9_asfr_DARN"]["bad_records"] == {"train": [raw[0]["id"]]}
+    assert report["rows"]["7_cir_Shoes"]["missing"] == [
+        f"{os.path.join(root, 'Shoes_images', 'gone-distractor.jpg')}: file not found"]
+    assert report["rows"]["7_cir_Shoes"]["bad_records"] == {}
+    assert len(sum((r["missing"] + r["unreadable"] for r in report["rows"].values()), [])) == 6
+    capsys.readouterr()
     assert pd.main(["--root", root, "--allow-missing"]) == 0
+    # --allow-missing says how many files it let through, under the table. Catches: "all files present and
+    # readable" printed whatever was found; the table not printed.
+    out = capsys.readouterr().out
+    assert out.startswith("sub-dataset / task") and out.endswith("\n6 missing or unreadable files (--allow-missing)\n")
 
 
 def test_malformed_json_bad_schema_and_unknown_names(mini_root, tmp_path):
@@ -525,9 +581,12 @@ def test_malformed_json_bad_schema_and_unknown_names(mini_root, tmp_path):
         load_records(root, "1_t2i_Shoes", "train")
     assert e.value.path == path
     good = load_records(mini_root, "9_asfr_DARN", "train")[0]
+    # An asfr record needs its attribute too (benchmarks/asfr_probe.py groups queries by it). Catches: load_records
+    # requiring ("target_label",) alone of asfr records.
     for broken, field in (({k: v for k, v in good.items() if k != "target_image"}, "target_image"),
                           ({**good, "target_image": []}, "target_image"),
                           ({k: v for k, v in good.items() if k != "target_label"}, "target_label"),
+                          ({k: v for k, v in good.items() if k != "attribute"}, "attribute"),
                           ({**good, "query_image": "one.jpg"}, "query_image")):
         pd.write_json(pd.triplet_path(root, "9_asfr_DARN", "train"), [broken])
         with pytest.raises(DataError, match=field) as e:
@@ -769,7 +828,10 @@ def test_paths_leaving_the_root_are_refused(mini_root, tmp_path):
     with pytest.raises(DataError, match="outside the data root") as e:
         build_eval_set(root, "1_t2i_Shoes", "test")
     assert e.value.path == candidates
-    assert any(candidates in err for err in validate_tree(root, progress=False)["rows"]["1_t2i_Shoes"]["errors"])
+    # The validator reports the bad gallery file once: the eval set it cannot build is not tried again.
+    # Catches: validate_tree building the test set after its gallery failed (the same error twice).
+    assert validate_tree(root, progress=False)["rows"]["1_t2i_Shoes"]["errors"] == [
+        f"{candidates}: '../outside.jpg' is outside the data root {root}"]
     task_dir = os.path.join(root, "evaluation_only_tasks", UNSEEN_TASKS[0])
     with open(os.path.join(task_dir, "triplet_data.json")) as f:
         first = json.load(f)[0]
@@ -779,14 +841,41 @@ def test_paths_leaving_the_root_are_refused(mini_root, tmp_path):
     assert e.value.record_id == first["id"]
 
 
+def png_chunk(kind, data):
+    import struct
+    import zlib
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_header(width, height):
     """A PNG that declares width x height and holds no pixels: a decompression bomb in 45 bytes."""
     import struct
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + png_chunk(b"IEND", b""))
+
+
+def test_images_pil_fails_on_with_a_syntax_or_value_error_are_named(tmp_path):
+    """PIL reports some damage outside OSError: a PNG whose second IDAT chunk has a damaged type raises SyntaxError
+    ("broken PNG file") when its pixels are read, a BMP whose compression field says RLE8 for 24-bit pixels raises
+    ValueError ("unknown raw mode"). Both are unreadable files of their record, not a traceback out of the validator.
+    Catches: SyntaxError, or ValueError, dropped from check_media's except tuple."""
+    import struct
     import zlib
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
-                                + struct.pack(">I", zlib.crc32(kind + data)))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IEND", b""))
+    pixels = zlib.compress(b"".join(b"\x00" + bytes(range(48)) for _ in range(16)))     # 16 x 16 RGB rows
+    png = tmp_path / "two-idat.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0))
+                    + png_chunk(b"IDAT", pixels[:len(pixels) // 2]) + png_chunk(b"I#AT", pixels[len(pixels) // 2:])
+                    + png_chunk(b"IEND", b""))
+    bmp = tmp_path / "rle.bmp"
+    from PIL import Image
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(bmp)
+    data = bytearray(bmp.read_bytes())
+    data[30] = 1            # biCompression: BI_RLE8
+    bmp.write_bytes(bytes(data))
+    for path, reason in ((png, "broken PNG file"), (bmp, "unknown raw mode")):
+        with pytest.raises(DataError) as e:
+            check_media(str(path), "rec-8")
+        assert str(e.value).startswith(f"{path} (record rec-8): cannot decode: {reason}")
 
 
 def test_decompression_bomb_is_named_without_a_traceback(mini_root, tmp_path):
@@ -862,6 +951,10 @@ def test_report_writer_is_safe(mini_root, tmp_path, monkeypatch):
     monkeypatch.setattr(pd, "validate_tree", lambda *a, **k: pytest.fail("scanned before checking --report"))
     with pytest.raises(SystemExit, match="cannot write the report"):
         pd.main(["--root", mini_root, "--report", str(blocker / "report.json")])
+    # A folder given as the report is refused before the scan too. Catches: main's isdir check removed (the scan
+    # runs, then the write fails on the folder).
+    with pytest.raises(SystemExit, match=f"cannot write the report {tmp_path}: {tmp_path} is a directory"):
+        pd.main(["--root", mini_root, "--report", str(tmp_path)])
     report = tmp_path / "out" / "report.json"
     pd.write_json(str(report), {"missing": ["images/\udce9t\u00e9.jpg"]})
     assert json.loads(report.read_text()) == {"missing": ["images/\udce9t\u00e9.jpg"]}
@@ -905,6 +998,14 @@ def test_unknown_sub_dataset_names_are_warned(mini_root, tmp_path, capsys):
     report = validate_tree(root, progress=False)
     assert report["warnings"] == [f"{p}: not a sub-dataset or task name; ignored" for p in extra]
     assert pd.main(["--root", root]) == 0 and all(f"warning: {p}" in capsys.readouterr().out for p in extra[:1])
+    # With --gallery-dir, the test candidate files read are that folder's, so its names are the ones checked.
+    # Catches: unknown_names looking in <root>/0_test_candidates whatever the gallery folder.
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for name in ("7_cir_Shoes_test_candidates.json", "7_cir_Shos_test_candidates.json"):
+        (gallery / name).write_text("[]")
+    assert pd.unknown_names(str(tmp_path / "elsewhere"), str(gallery)) == [
+        str(gallery / "7_cir_Shos_test_candidates.json")]
 
 
 def test_a_sibling_folder_sharing_the_roots_name_prefix_is_outside_the_root(tmp_path):
@@ -916,6 +1017,10 @@ def test_a_sibling_folder_sharing_the_roots_name_prefix_is_outside_the_root(tmp_
         pd.in_root(root, "../ufire-private/a.jpg", "file.json", "rec-1")
     assert e.value.path == "file.json" and e.value.record_id == "rec-1"
     assert pd.in_root(root, "imgs/../a.jpg", "file.json") == os.path.join(root, "a.jpg")
+    # An absolute path is refused even where it points inside the root: a data file names its tree's files
+    # relative to the root, so the tree can move. Catches: the os.path.isabs test dropped from in_root.
+    with pytest.raises(DataError, match="outside the data root"):
+        pd.in_root(root, os.path.join(root, "imgs", "a.jpg"), "file.json")
 
 
 def test_asfr_candidate_files_need_one_pool_and_one_label_per_image(tmp_path):
@@ -946,6 +1051,44 @@ def test_an_empty_path_in_a_media_list_is_named_as_such():
     with pytest.raises(DataError, match="'query_image' must be a list of non-empty path strings") as e:
         pd.check_records([record], "file.json", ("instruction_text", "target_image"))
     assert e.value.record_id == "r1"
+    # A gallery file's list likewise: an empty path, or one path where a list belongs, is named as such, not as
+    # "outside the data root" or a gallery of the path's characters. Catches: path_list without its non-empty
+    # test, or without its list test (a string's characters pass `all(isinstance(p, str) and p ...)`).
+    for entries in (["a.jpg", ""], "a.jpg"):
+        with pytest.raises(DataError) as e:
+            pd.path_list(entries, "gallery.json")
+        assert str(e.value) == "gallery.json: gallery: expected a list of non-empty path strings"
+
+
+def test_a_missing_triplet_or_candidate_file_is_a_data_error_naming_it(tmp_path):
+    """A tree whose 0_triplet_files/ lacks one split's file (or a gallery file) is a DataError naming that file, so
+    the validator reports it on its row and evaluation prints one line, not a FileNotFoundError traceback (the
+    validator's per-file `attempt` catches DataErrors only).
+    Catches: read_json's isfile check removed (open's FileNotFoundError escapes)."""
+    root = str(tmp_path)
+    pd.write_json(pd.triplet_path(root, "7_cir_Shoes", "train"), [
+        {"id": "q0", "instruction_text": "is red", "query_image": ["a.jpg"], "target_image": ["b.jpg"]}])
+    val = pd.triplet_path(root, "7_cir_Shoes", "val")
+    with pytest.raises(DataError) as e:
+        load_records(root, "7_cir_Shoes", "val")
+    assert str(e.value) == f"{val}: file not found" and e.value.path == val
+    gallery = pd.candidate_path(root, "7_cir_Shoes", "test")
+    with pytest.raises(DataError) as e:
+        load_candidates(gallery, root)
+    assert str(e.value) == f"{gallery}: file not found"
+
+
+@pytest.mark.parametrize("record", ["q0", ["q0"], {"id": 7}, {"id": None}, {"instruction_text": "is red"}])
+def test_a_record_that_is_not_an_object_with_a_string_id_is_named(record):
+    """A record that is not a JSON object (a bare string or list), or whose id is a number, null or absent, is a
+    DataError naming the file and the record's position, as for a duplicate id; a number id would otherwise pass
+    and meet string ids later (the checkpoint's sorted bad records, "key/id" names).
+    Catches: check_records calling rec.get on a record that is not an object (an AttributeError); the id's type
+    check reduced to `rid is None` (7 accepted)."""
+    good = {"id": "q1", "instruction_text": "is red", "query_image": ["a.jpg"], "target_image": ["b.jpg"]}
+    with pytest.raises(DataError) as e:
+        pd.check_records([good, record], "file.json", ("instruction_text", "target_image"))
+    assert e.value.path == "file.json" and "record #1 needs an object with a unique string 'id'" in str(e.value)
 
 
 def test_unseen_names_of_one_file_are_one_gallery_image(tmp_path):
@@ -961,7 +1104,91 @@ def test_unseen_names_of_one_file_are_one_gallery_image(tmp_path):
     ev = build_unseen_eval_set(str(tmp_path), UNSEEN_TASKS[0], street2shop_images="DF2/train+image+{id}")
     assert ev.gallery == [str(tmp_path / "DF2" / "train+image+1.jpg"), str(tmp_path / "DF2" / "train+image+2.jpg")]
     assert ev.ground_truth == [[1]] and ev.exclude == [[0]]
+    # ".." is no bare name (it names a folder), and a record without query_image is named, not a KeyError.
+    # Catches: resolve's `name in (".", "..")` test dropped; query_image not required of an unseen task's records.
+    pd.write_json(str(task_dir / "triplet_data.json"), [{**query, "target_image": [".."]}])
+    with pytest.raises(DataError, match="'..' is not a bare file name") as e:
+        build_unseen_eval_set(str(tmp_path), UNSEEN_TASKS[0])
+    assert e.value.record_id == "q0"
+    pd.write_json(str(task_dir / "triplet_data.json"), [{k: v for k, v in query.items() if k != "query_image"}])
+    with pytest.raises(DataError, match="missing field 'query_image'") as e:
+        build_unseen_eval_set(str(tmp_path), UNSEEN_TASKS[0])
+    assert e.value.record_id == "q0" and e.value.path == str(task_dir / "triplet_data.json")
 
+
+
+def test_the_validator_refuses_an_evaluation_only_query_without_its_target(tmp_path):
+    """The validator builds the evaluation-only tasks strictly, as it does the sub-datasets: a query whose target is
+    not among the task's candidates is an error on the task's row, naming the file and the record (evaluation would
+    count it as a miss). A tree of the released annotations alone (no 0_triplet_files/), written by hand.
+    Catches: validate_tree building the evaluation-only tasks with strict=False."""
+    task_dir = tmp_path / "evaluation_only_tasks" / UNSEEN_TASKS[1]
+    task_dir.mkdir(parents=True)
+    pd.write_json(str(task_dir / "candidate_images.json"), ["a.jpg", "b.jpg"])
+    pd.write_json(str(task_dir / "triplet_data.json"), [
+        {"id": "q0", "instruction_text": "find it", "query_image": ["a.jpg"], "target_image": ["b.jpg"]},
+        {"id": "q1", "instruction_text": "find it", "query_image": ["a.jpg"], "target_image": ["c.jpg"]}])
+    row = validate_tree(str(tmp_path), progress=False)["rows"][UNSEEN_TASKS[1]]
+    assert row["errors"] == [f"{task_dir / 'triplet_data.json'} (record q1): no ground-truth image in the gallery "
+                             f"(strict)"]
+
+
+def test_the_validator_builds_test_sets_from_the_gallery_folder_given(tmp_path):
+    """`prepare_data.py --root R --gallery-dir G` (the release ships its test galleries in gallery/): the validator
+    checks each test set against G's candidate file, as evaluation with --gallery-dir builds it. A hand-made 7_cir_Shoes
+    whose test gallery lies in G only, the query's target among it: no error on its row (its images are absent, so
+    they are reported missing, which is not what this checks).
+    Catches: validate_tree building the test sets with gallery_dir=None (<root>/0_test_candidates: file not found)."""
+    root, gallery = str(tmp_path / "ufire"), tmp_path / "gallery"
+    record = {"id": "q0", "instruction_text": "is red", "query_image": ["Shoes/r.jpg"], "target_image": ["Shoes/a.jpg"]}
+    for split in pd.SPLITS:
+        pd.write_json(pd.triplet_path(root, "7_cir_Shoes", split), [record])
+    pd.write_json(pd.candidate_path(root, "7_cir_Shoes", "test", str(gallery)), ["Shoes/b.jpg", "Shoes/a.jpg"])
+    row = validate_tree(root, str(gallery), progress=False)["rows"]["7_cir_Shoes"]
+    assert row["errors"] == [] and row["gallery"] == 2
+
+
+def test_a_missing_file_named_by_two_sub_datasets_marks_the_records_of_both(tmp_path):
+    """A file named by records of two sub-datasets is reported once, under the first row naming it, and every record
+    naming it lands in its own row's bad_records (validate_tree's docstring). Hand-made: Shoes/a.jpg, missing, is a
+    1_t2i_Shoes target and a 7_cir_Shoes query in every split; Shoes/b.jpg exists.
+    Catches: bad_records filled under the reporting row for every record (7_cir_Shoes' record lost)."""
+    from PIL import Image
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, "Shoes"))
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(os.path.join(root, "Shoes", "b.jpg"))
+    for split in pd.SPLITS:
+        pd.write_json(pd.triplet_path(root, "1_t2i_Shoes", split), [
+            {"id": "t0", "instruction_text": "red shoes", "target_image": ["Shoes/a.jpg"]}])
+        pd.write_json(pd.triplet_path(root, "7_cir_Shoes", split), [
+            {"id": "c0", "instruction_text": "is red", "query_image": ["Shoes/a.jpg"],
+             "target_image": ["Shoes/b.jpg"]}])
+    rows = validate_tree(root, progress=False)["rows"]
+    assert rows["1_t2i_Shoes"]["missing"] == [f"{os.path.join(root, 'Shoes', 'a.jpg')} (record t0): file not found"]
+    assert rows["7_cir_Shoes"]["missing"] == []
+    assert rows["1_t2i_Shoes"]["bad_records"] == {split: ["t0"] for split in pd.SPLITS}
+    assert rows["7_cir_Shoes"]["bad_records"] == {split: ["c0"] for split in pd.SPLITS}
+
+
+def test_the_validators_table_shows_each_rows_counts_in_its_column():
+    """format_report's table, from a report written by hand: per row the records of train, val and test ("-" for a
+    split it has none of: the evaluation-only tasks), the test gallery ("-" when none was read), then the numbers of
+    missing files, unreadable files and errors, each in its column, every line as wide as the header.
+    Catches: a split without records, or a row without a gallery, shown as 0; the missing and unreadable counts
+    swapped."""
+    row = lambda records, gallery, missing, unreadable, errors: {
+        "records": records, "gallery": gallery, "missing": ["m"] * missing, "unreadable": ["u"] * unreadable,
+        "errors": ["e"] * errors}
+    report = {"rows": {"1_t2i_Shoes": row({"train": 12, "val": 3, "test": 4}, 40, 1, 0, 2),
+                       "9_asfr_DARN": row({"train": 7}, None, 0, 3, 1),
+                       UNSEEN_TASKS[0]: row({"test": 5}, 9, 0, 0, 0)}}
+    lines = pd.format_report(report).split("\n")
+    assert [line.split() for line in lines] == [
+        ["sub-dataset", "/", "task", "train", "val", "test", "gallery", "missing", "unreadable", "errors"],
+        ["1_t2i_Shoes", "12", "3", "4", "40", "1", "0", "2"],
+        ["9_asfr_DARN", "7", "-", "-", "-", "0", "3", "1"],
+        UNSEEN_TASKS[0].split() + ["-", "-", "5", "9", "0", "0", "0"]]
+    assert {len(line) for line in lines} == {len(lines[0])}
 
 def test_a_json_file_that_is_not_utf8_is_a_data_error_naming_it(tmp_path):
     """A data file in another encoding (Latin-1 captions) is refused as malformed JSON naming the file, like any
@@ -1017,6 +1244,17 @@ def test_generation_command_line_passes_out_seed_scale_and_image_size_on(tmp_pat
         with open(os.path.join(out, rel), "rb") as fa, open(os.path.join(ref, rel), "rb") as fb:
             assert fa.read() == fb.read(), rel
 
+
+
+def test_generation_defaults_write_the_tree_the_configs_and_docs_read(monkeypatch, capsys):
+    """`python prepare_data.py` alone writes U-FIRE-mini where data.root points by default (config.DataConfig),
+    at full scale, with seed 0 and the 96 x 96 images docs/results.md measured on.
+    Catches: a changed default for --out, --seed, --scale or --image-size (another tree than the one documented)."""
+    from config import DataConfig
+    calls = []
+    monkeypatch.setattr(ufire_mini, "generate", lambda *args: calls.append(args) or "the-tree")
+    assert pd.main([]) == 0
+    assert calls == [(DataConfig().root, 0, 1.0, 96)] and capsys.readouterr().out == "wrote the-tree\n"
 
 def test_validator_looks_for_street_images_where_the_command_line_says(mini_root, tmp_path, capsys):
     """`prepare_data.py --root R --street2shop-images PATTERN`: Street+Modification's names that its own images/
