@@ -311,6 +311,25 @@ def test_model_card_states_the_encoders_pixel_budget_frames_and_token_ids(traine
     assert f"({cfg.image_pixels} pixels each, every video frame too; 5 frames per video)" in plain_card
     ids = trained.processor.tokenizer.convert_tokens_to_ids(["<|MEAN|>", "<|IMG|>"])
     assert f"(ids {ids[0]} and {ids[1]})" in card
+    # The rest of the card's header, from the arguments and the encoder's calibrator config: the source, the effect
+    # as a sentence, the calibrator variant, and what stands in for a missing source or numbers. Catches: the
+    # calibrator's rank left out, or "mode none" described as a calibrator; the placeholders for an empty source or
+    # numbers dropped; the effect not made a sentence.
+    cal = trained.calibrator_cfg
+    assert "from `ckpt.pt`." in card and "**float32**. Fp32 keeps the merged weights exactly.\n" in card
+    assert f"(the PGSQC hypernetwork, mode {cal.mode}, gate {cal.gate}, rank {cal.rank})" in card
+    assert card.endswith("## Numbers of this checkpoint\n\nNone given at export.\n")
+    saved_mode, cal.mode = cal.mode, "none"
+    try:
+        bare = hf_export.model_card(trained, "", "float32", "fp32 keeps the merged weights exactly", "")
+    finally:
+        cal.mode = saved_mode
+    assert "from `a FashionLens encoder`." in bare
+    assert "(the PGSQC hypernetwork, mode none: the query is only normalised)" in bare
+    # A query's example prompt is U-FIRE's instruction (verb "find") then the release's query suffix, in one user turn.
+    # Catches: the instruction without its verb; the query suffix left out of the examples.
+    assert ("<|im_start|>user\nfind images using the description text: {text}Summarize the semantic feature of the "
+            "target fashion image in one word.<|im_end|>") in card
 
 
 def test_card_numbers_keep_a_best_score_of_zero(tmp_path):
@@ -321,11 +340,30 @@ def test_card_numbers_keep_a_best_score_of_zero(tmp_path):
     path = tmp_path / "best.pt"
     torch.save({"config": Config().to_dict(), "best_score": 0.0, "step": 5}, path)
     assert "**0.00**" in hf_export.card_numbers(str(path)) and "step 5" in hf_export.card_numbers(str(path))
-    torch.save({"config": Config().to_dict(), "best_score": 12.5, "step": 9, "best_step": 6}, path)
+    config = Config()
+    config.data.root = "/data/u-fire"
+    torch.save({"config": config.to_dict(), "best_score": 12.5, "step": 9, "best_step": 6}, path)
     assert "up to step 9: **12.50** (reached at step 6)," in hf_export.card_numbers(str(path))
+    # the data the score was measured on. Catches: another config field named as the val split's root.
+    assert "of the val split of `/data/u-fire` (train.py's model selection" in hf_export.card_numbers(str(path))
     torch.save({"config": Config().to_dict(), "best_score": -1.0, "step": 5}, path)
     assert "holds no validation score" in hf_export.card_numbers(str(path))
 
+
+
+def test_card_numbers_name_a_results_file_that_evaluate_py_did_not_write(tmp_path):
+    """--results with a file that is not evaluate.py's results.json (missing, not JSON, a list, an object without
+    its keys, a set that is not an object) is a ValueError naming the file, which main prints in one line.
+    Catches: OSError, ValueError, KeyError, TypeError or AttributeError dropped from card_numbers' except tuple
+    (the error escapes as a traceback)."""
+    path = tmp_path / "results.json"
+    for text in (None, "{", "[1]", "{}", '{"ks": [1], "sets": {"1_t2i_Shoes": 5}}'):
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(text)
+        with pytest.raises(ValueError, match=f"^{path}: not a results.json written by evaluate.py"):
+            hf_export.card_numbers(str(tmp_path / "best.pt"), str(path))
 
 def test_publish_dir_moves_config_json_last(tmp_path, monkeypatch):
     """An export (or make-tiny) is published file by file; config.json last, so an interrupted publish never leaves
@@ -577,13 +615,14 @@ def test_cli_export_refuses_a_checkpoint_on_a_backbone_with_other_weights(traine
     assert (tmp_path / "out" / "config.json").is_file()
 
 
-def test_cli_export_takes_the_cards_numbers_from_results_and_the_backbone_from_the_option(trained, tmp_path):
+def test_cli_export_takes_the_cards_numbers_from_results_and_the_backbone_from_the_option(trained, tmp_path, capsys):
     """`model.py export CKPT OUT --results results.json --backbone DIR` on a checkpoint whose saved backbone is gone:
     the backbone --backbone names is exported, and the card holds evaluate.py's table of that results.json (its
     title, a set's row as written out here), not the checkpoint's own best score.
     Catches: main not passing --results on (the card states the checkpoint's score instead of the table);
     --backbone not passed on (the export stops: backbone not found)."""
     import json
+    import re
     cfg = Config()
     cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = str(tmp_path / "moved-away"), "lora", 0.0
     cfg.model.image_pixels = PIXELS
@@ -600,4 +639,17 @@ def test_cli_export_takes_the_cards_numbers_from_results_and_the_backbone_from_t
                     "--backbone", trained.model_cfg.backbone])
     card = (tmp_path / "out" / "README.md").read_text()
     assert "From `results.json` (evaluate.py)" in card and "U-FIRE test split of /data/u-fire" in card
+    # The card names the checkpoint file, not the path it was read from, and the command says what it wrote.
+    # Catches: the card's source given as the full path; the closing line not printed.
+    assert "from `best.pt`." in card and str(tmp_path) not in card
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'out'} (fp32: fp32 keeps the merged weights exactly)\n"
+    # A results file that is not evaluate.py's, or an output folder that cannot be made, is one line, and nothing
+    # is written. Catches: main's except without ValueError, or without OSError (a traceback).
+    (tmp_path / "bad.json").write_text("[1]")
+    (tmp_path / "file").write_text("")
+    for extra, out, message in ((["--results", str(tmp_path / "bad.json")], tmp_path / "refused", "not a results.json"),
+                                ([], tmp_path / "file" / "out", re.escape(str(tmp_path / "file")))):
+        with pytest.raises(SystemExit, match=f"^model.py export: .*{message}"):
+            hf_export.main(["export", str(ckpt), str(out), "--backbone", trained.model_cfg.backbone, *extra])
+        assert not out.exists()
     assert "| cir | 7_cir_Shoes | 10 | 100 | 41.5 (1.0) | 80.0 (5.0) |" in card and "123.46" not in card
