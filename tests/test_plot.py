@@ -46,6 +46,18 @@ def test_read_log_keeps_last_line_per_step_and_skips_cut_lines(tmp_path, capsys)
     assert "log.jsonl:12: skipping" in capsys.readouterr().err
 
 
+
+def test_a_logged_step_without_a_loss_is_left_out_of_the_curves(tmp_path):
+    """train.py logs a step whose records were all unreadable without a loss (its stats are None, so the line lacks
+    loss, reg and gate_mean): read_log leaves it out of the training lines, and the plots draw the other steps. Catches: read_log taking every line without val_score as a training line (`elif "loss" in record`
+    -> `else`: plot_log's KeyError on "loss")."""
+    skipped = {k: v for k, v in train_line(1).items() if k not in ("loss", "reg", "gate_mean")}
+    path = str(tmp_path / "log.jsonl")
+    write_log(path, [train_line(0), skipped, train_line(2)])
+    train, _ = read_log(path)
+    assert [line["step"] for line in train] == [0, 2]
+    assert len(plot_log(path, str(tmp_path / "plots"))) == 4
+
 def test_plot_log_writes_valid_pngs(tmp_path):
     log = str(tmp_path / "log.jsonl")
     write_log(log, [train_line(s) for s in range(120)] + [{"step": 60, "val": {}, "val_score": 1.2}])
