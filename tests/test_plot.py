@@ -192,6 +192,9 @@ def test_eighteen_sub_datasets_get_eighteen_colours(tmp_path, monkeypatch):
     plot_log(log, str(tmp_path))
     curves = figures["probabilities.png"].axes[0].lines
     assert len({tuple(c.get_color()) for c in curves}) == 18
+    # In key order, so a sub-dataset keeps its colour from run to run. Catches: the keys taken in set order
+    # (string hashing differs per process).
+    assert [c.get_label() for c in curves] == keys
     assert [c.get_linestyle() for c in curves] == ["-"] * 10 + ["--"] * 8
     for fig in figures.values():
         plt.close(fig)
@@ -225,6 +228,13 @@ def test_contact_sheets_first_row_is_the_querys_media_then_its_text(tmp_path):
     assert first_row(many)[0] == [f"query image {i}" for i in range(1, 5)]
     assert first_row({"instruction_text": "a red coat", "query_image": [], "query_video": []}) == ([], ["a red coat"])
     assert first_row({"instruction_text": "", "query_image": [], "query_video": []}) == ([], ["(no text)"])
+    # A result is titled with its rank and score (3 places) and labelled with its file name; the sheet's title is
+    # drawn. Catches: the score, the file name or the sheet's title left off.
+    fig = plot.draw_contact_sheet(mixed, [{"rank": 1, "score": 0.48765, "path": photos[2]}], title="7_cir_Shoes, q3")
+    result = next(ax for ax in fig.axes if ax.get_title().startswith("#"))
+    assert (result.get_title(), result.get_xlabel(), fig.get_suptitle()) == ("#1  0.488", "p2.png",
+                                                                                    "7_cir_Shoes, q3")
+    plt.close(fig)
 
 
 def test_show_pages_state_each_querys_verdict(tmp_path):
