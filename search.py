@@ -377,7 +377,8 @@ def print_results(query, results, as_json):
                                                           query["query_video"]))
     for hit in results:
         extra = {k: v for k, v in hit.items() if k not in ("rank", "score", "path")}
-        print(f"{hit['rank']:>4}  {hit['score']:.4f}  {hit['path']}" + (f"  {json.dumps(extra, ensure_ascii=False)}" if extra else ""))
+        metadata = f"  {json.dumps(extra, ensure_ascii=False)}" if extra else ""
+        print(f"{hit['rank']:>4}  {hit['score']:.4f}  {hit['path']}{metadata}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

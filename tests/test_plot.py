@@ -49,8 +49,9 @@ def test_read_log_keeps_last_line_per_step_and_skips_cut_lines(tmp_path, capsys)
 
 def test_a_logged_step_without_a_loss_is_left_out_of_the_curves(tmp_path):
     """train.py logs a step whose records were all unreadable without a loss (its stats are None, so the line lacks
-    loss, reg and gate_mean): read_log leaves it out of the training lines, and the plots draw the other steps. Catches: read_log taking every line without val_score as a training line (`elif "loss" in record`
-    -> `else`: plot_log's KeyError on "loss")."""
+    loss, reg and gate_mean): read_log leaves it out of the training lines, and the plots draw the other steps.
+    Catches: read_log taking every line without val_score as a training line (`elif "loss" in record` -> `else`:
+    plot_log's KeyError on "loss")."""
     skipped = {k: v for k, v in train_line(1).items() if k not in ("loss", "reg", "gate_mean")}
     path = str(tmp_path / "log.jsonl")
     write_log(path, [train_line(0), skipped, train_line(2)])
