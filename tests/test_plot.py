@@ -266,3 +266,27 @@ def test_show_pages_state_each_querys_verdict(tmp_path):
     assert titles == [f"1_t2i_Shoes, query q{i}: {v}" for i, v in enumerate(verdicts)]
     page = open(index).read()
     assert all(f"query q{i}</a>: {v}" in page for i, v in enumerate(verdicts))
+
+
+def test_show_pages_escape_names_and_link_the_sheets_they_wrote(tmp_path):
+    """index.html shows a set's name, a query id and the page title as text even when they hold HTML's own
+    characters (an unseen task is named "Image(s)+Text 2 Compatible Item"; ids come from the data files), and each
+    sheet's file name is the set's name with every run of other characters than [A-Za-z0-9_.-] made one "-", so the
+    links on the page are the files in the folder. Expected page fragments and file names written out by hand.
+    Catches: the query id, set name or title put on the page unescaped (`html.escape(...)` dropped: "<b>" becomes a
+    tag); the set name used as the file name as it is (`re.sub(...)` dropped: a file "Image(s)+Text 2 ...png")."""
+    from types import SimpleNamespace
+    gallery = str(tmp_path / "g0.png")
+    Image.new("RGB", (20, 20), (200, 0, 0)).save(gallery)
+    query = {"id": 'q<1>&"x"', "instruction_text": "find it", "query_image": [], "query_video": []}
+    s = SimpleNamespace(name="Image(s)+Text <2>", family="unseen", queries=[query], gallery=[gallery],
+                        ground_truth=[[0]])
+    out = tmp_path / "show"
+    index = plot.write_show_pages([s], {s.name: [{"query": 0, "ranked": [0], "scores": [0.9]}]}, str(out),
+                                  "run <b> & co", 1)
+    assert sorted(os.listdir(out)) == ["Image-s-Text-2--01.png", "index.html"]
+    page = open(index).read()
+    assert "<title>run &lt;b&gt; &amp; co</title>" in page and "<h1>run &lt;b&gt; &amp; co</h1>" in page
+    assert "<h2>Image(s)+Text &lt;2&gt; (unseen, 1 queries, gallery 1)</h2>" in page
+    assert '<a href="Image-s-Text-2--01.png">query q&lt;1&gt;&amp;&quot;x&quot;</a>: hits at rank 1' in page
+    assert '<img src="Image-s-Text-2--01.png"' in page
