@@ -290,3 +290,24 @@ def test_show_pages_escape_names_and_link_the_sheets_they_wrote(tmp_path):
     assert "<h2>Image(s)+Text &lt;2&gt; (unseen, 1 queries, gallery 1)</h2>" in page
     assert '<a href="Image-s-Text-2--01.png">query q&lt;1&gt;&amp;&quot;x&quot;</a>: hits at rank 1' in page
     assert '<img src="Image-s-Text-2--01.png"' in page
+
+
+def test_thumbnails_are_small_and_an_unreadable_image_is_none(tmp_path):
+    """A contact sheet draws each image as a thumbnail of at most 256 px a side, aspect kept (a 600 x 300 photo ->
+    256 x 128); an image it cannot read, whether deleted since indexing, not an image, or a decompression bomb (a
+    PNG header declaring 20000 x 20000), is None, drawn as "unreadable", not an error that loses the whole page.
+    Catches: the thumbnail left full size (`image.thumbnail(...)` dropped); PIL's DecompressionBombError or the
+    ValueError of a damaged file left out of thumbnail's except tuple."""
+    from test_data import png_header
+    photo = tmp_path / "wide.png"
+    Image.new("RGB", (600, 300), (10, 20, 30)).save(photo)
+    assert plot.thumbnail(str(photo)).size == (256, 128)
+    bomb, bmp, text = tmp_path / "bomb.png", tmp_path / "rle.bmp", tmp_path / "text.jpg"
+    bomb.write_bytes(png_header(20000, 20000))
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(bmp)
+    data = bytearray(bmp.read_bytes())
+    data[30] = 1            # biCompression: BI_RLE8 for 24-bit pixels, which PIL refuses with a ValueError
+    bmp.write_bytes(bytes(data))
+    text.write_text("not an image")
+    for path in (tmp_path / "gone.png", text, bomb, bmp):
+        assert plot.thumbnail(str(path)) is None, path
