@@ -311,3 +311,16 @@ def test_thumbnails_are_small_and_an_unreadable_image_is_none(tmp_path):
     text.write_text("not an image")
     for path in (tmp_path / "gone.png", text, bomb, bmp):
         assert plot.thumbnail(str(path)) is None, path
+
+
+def test_an_unreadable_query_video_is_one_tile_named_by_its_file(tmp_path):
+    """A query video that cannot be decoded (deleted, or not a video) takes one tile of the sheet's first row,
+    titled with its file name and drawn as unreadable; the sheet is still written.
+    Catches: load_video's error let out of query_media (`except Exception` narrowed, here to ImportError: the whole
+    --show page lost for one clip)."""
+    broken = tmp_path / "clip.mp4"
+    broken.write_bytes(b"\x00" * 100)
+    query = {"id": "q0", "instruction_text": "this look", "query_image": [], "query_video": [str(broken)]}
+    assert plot.query_media(query) == [("clip.mp4", None)]
+    plot.contact_sheet(query, [], str(tmp_path / "sheet.png"))
+    assert Image.open(tmp_path / "sheet.png").size[0] > 0
