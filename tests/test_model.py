@@ -1130,11 +1130,13 @@ def test_open_clip_trains_and_round_trips(clip, media):
         model.build_encoder(ModelConfig(kind="openclip", backbone=enc.model_cfg.backbone), CalibratorConfig())
 
 
-def test_open_clip_video_frames_join_the_query_images(clip, media, tmp_path):
+def test_open_clip_video_frames_join_the_query_images(clip, media, tmp_path, monkeypatch):
     """A query with an image and a video: the text embedding plus the normalised mean of the normalised embeddings of
     the image and every decoded frame (docs/method.md#embedding), recomputed from the text-only query and from the
-    frames embedded as gallery images (saved as PNG, which keeps their pixels). Catches: the frames replacing the
-    query's images (`images = [...]` for `images += [...]`); one frame per video (`load_video(...)[0][:1]`)."""
+    frames embedded as gallery images (saved as PNG, which keeps their pixels), at model.video_frames 3 (not the
+    default 8). Catches: the frames replacing the query's images (`images = [...]` for `images += [...]`); one frame
+    per video (`load_video(...)[0][:1]`); model.video_frames ignored (`load_video(path, 8, ...)`)."""
+    monkeypatch.setattr(clip.model_cfg, "video_frames", 3)
     text = {"id": "t", "instruction_text": "a red dress", "query_image": [], "query_video": []}
     mixed = dict(text, id="m", query_image=media["images"][1:2], query_video=[media["short_video"]])
     frames = load_video(media["short_video"], clip.model_cfg.video_frames)[0]
@@ -1144,7 +1146,7 @@ def test_open_clip_video_frames_join_the_query_images(clip, media, tmp_path):
     images = clip.encode_targets(media["images"][1:2] + paths)
     q = clip.encode_queries([text, mixed])
     expected = F.normalize(q[0] + F.normalize(images.sum(0), dim=0), dim=0)
-    assert len(frames) > 1 and torch.allclose(q[1], expected, atol=1e-5)
+    assert len(frames) == 3 and torch.allclose(q[1], expected, atol=1e-5)
 
 
 def test_open_clip_difficulty_is_the_two_projections_gradient_norms(clip):
@@ -1230,6 +1232,62 @@ def test_open_clip_query_of_one_image_alone_in_its_batch_is_fused(clip, media):
     expected = F.normalize(clip.encode_queries([text])[0] + clip.encode_targets(media["images"][:1])[0], dim=0)
     assert torch.allclose(alone[0], expected, atol=1e-5)
     assert torch.allclose(clip.encode_queries([text, one])[1], expected, atol=1e-5)
+
+
+def test_open_clip_queries_pass_through_the_configured_calibrator(clip, media):
+    """The baseline's fused query goes through PGSQC built from the calibrator config (here the train.py ablation's
+    lerp with a fixed gate of 1: the output is the proposal p = normalize(q + q A B)). The hypernetwork's last layer
+    set by hand to write A = e_0 (rank 1) and B = 2 e_1 for every query: p = normalize(q + 2 q_0 e_1), with q the
+    normalised sum of the text-only query's and the gallery image's embeddings (same CLIP weights as the fixture).
+    Catches: the calibrator built without the config (`QueryCalibrator(dim, CalibratorConfig(mode="none"))`: no
+    hypernetwork to set) or skipped in forward (`emb = F.normalize(fused)`: the query comes back as q)."""
+    torch.manual_seed(0)
+    enc = model.build_encoder(clip.model_cfg, CalibratorConfig(mode="lerp", gate="fixed", fixed_gate=1.0, rank=1),
+                              device="cpu").eval()
+    enc.clip.load_state_dict(clip.clip.state_dict())
+    d, last = enc.embed_dim, enc.calibrator.hyper[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[0], last.bias[d + 1] = 1.0, 2.0      # A [d, 1]: A[0, 0]; B [1, d]: B[0, 1]
+    text = {"id": "t", "instruction_text": "a red dress", "query_image": [], "query_video": []}
+    one = dict(text, id="i", query_image=media["images"][:1])
+    q = F.normalize(clip.encode_queries([text])[0] + clip.encode_targets(media["images"][:1])[0], dim=0)
+    expected = q.clone()
+    expected[1] += 2 * q[0]
+    assert torch.allclose(enc.encode_queries([one])[0], F.normalize(expected, dim=0), atol=1e-5)
+
+
+def test_open_clip_refuses_a_role_it_does_not_know(clip):
+    """forward's role is "query" or "target"; any other word (a typo, "targets") is refused, not embedded as a query.
+    Catches: the role check removed (a query batch under role "targets" comes back as query embeddings)."""
+    inputs = clip.prepare_queries([{"id": "t", "instruction_text": "a red dress", "query_image": [],
+                                    "query_video": []}], train=False)
+    with pytest.raises(ValueError, match="role must be 'query' or 'target', got 'targets'"):
+        clip(inputs, "targets")
+
+
+def test_open_clip_trains_every_clip_weight(clip):
+    """trainable "full" (the only setting the baseline takes): every parameter of the open_clip model, both towers
+    and the logit scale, is in the trainable state, listed here from open_clip's own module; with calibrator mode
+    none there is nothing else.
+    Catches: a tower left frozen (`self.clip.visual.requires_grad_(False)` in __init__): the round-trip test still
+    passes, since the text tower moves the queries."""
+    assert set(clip.trainable_state_dict()) == {f"clip.{n}" for n, _ in clip.clip.named_parameters()}
+    assert any(n.startswith("visual.") for n, _ in clip.clip.named_parameters())
+
+
+def test_open_clip_unreadable_query_media_names_the_query(clip, media, tmp_path):
+    """A query image or video that cannot be read: one DataError naming the file and the query's id (the record to
+    fix), as for the Qwen3-VL encoder.
+    Catches: the query's id not passed on (`load_image(p)` or `load_video(path, frames)`: record_id None)."""
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    base = {"id": "q-9", "instruction_text": "a red dress", "query_image": [], "query_video": []}
+    for query in (dict(base, query_image=[str(bad)]), dict(base, query_video=[str(tmp_path / "missing.mp4")])):
+        with pytest.raises(DataError) as e:
+            clip.prepare_queries([dict(base, id="q-1"), query], train=False)
+        assert e.value.record_id == "q-9" and e.value.path in (str(bad), str(tmp_path / "missing.mp4"))
 
 
 def test_lora_layers_add_alpha_over_r_times_b_a_of_the_dropped_out_input(tiny_backbone):
