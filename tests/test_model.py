@@ -1221,6 +1221,21 @@ def test_open_clip_difficulty_takes_the_euclidean_norm_of_each_projections_gradi
         clip.zero_grad(set_to_none=True)
 
 
+def test_open_clip_difficulty_counts_a_projection_without_a_gradient_as_zero(clip):
+    """A projection with no gradient (none yet, or set to None by zero_grad) counts as norm 0: the image projection's
+    gradient of norm 3 alone gives (3, 3), by hand, and no gradient at all (0, 0).
+    Catches: the `p.grad is not None` guard removed (an AttributeError on None)."""
+    image = clip.clip.visual.proj
+    clip.zero_grad(set_to_none=True)
+    try:
+        assert clip.token_grad_norms() == (0.0, 0.0)
+        image.grad = torch.zeros_like(image)
+        image.grad[0, 0] = 3.0
+        assert clip.token_grad_norms() == pytest.approx((3.0, 3.0))
+    finally:
+        clip.zero_grad(set_to_none=True)
+
+
 def test_open_clip_query_of_one_image_alone_in_its_batch_is_fused(clip, media):
     """A batch holding a single query image in all (search.py query --text ... --image ONE): that query is the
     normalised sum of its text's embedding and its image's, recomputed from a text-only query and the image encoded
