@@ -842,16 +842,32 @@ def test_paths_leaving_the_root_are_refused(mini_root, tmp_path):
 
 
 def png_chunk(kind, data):
+    """One PNG chunk: its length, type, data and CRC, as the format frames them."""
     import struct
     import zlib
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def png_bytes(width, height, chunks=()):
+    """An 8-bit RGB PNG of width x height with the given (type, data) chunks between its header and its end."""
+    import struct
+    chunks = [(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)), *chunks, (b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(png_chunk(kind, data) for kind, data in chunks)
+
+
 def png_header(width, height):
     """A PNG that declares width x height and holds no pixels: a decompression bomb in 45 bytes."""
-    import struct
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + png_chunk(b"IEND", b""))
+    return png_bytes(width, height)
+
+
+def write_rle8_bmp(path):
+    """A BMP whose compression field says RLE8 for its 24-bit pixels: PIL refuses it with a ValueError ("unknown raw
+    mode"), not an OSError."""
+    from PIL import Image
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(path)
+    data = bytearray(path.read_bytes())
+    data[30] = 1            # biCompression: BI_RLE8
+    path.write_bytes(bytes(data))
 
 
 def test_images_pil_fails_on_with_a_syntax_or_value_error_are_named(tmp_path):
@@ -859,19 +875,12 @@ def test_images_pil_fails_on_with_a_syntax_or_value_error_are_named(tmp_path):
     ("broken PNG file") when its pixels are read, a BMP whose compression field says RLE8 for 24-bit pixels raises
     ValueError ("unknown raw mode"). Both are unreadable files of their record, not a traceback out of the validator.
     Catches: SyntaxError, or ValueError, dropped from check_media's except tuple."""
-    import struct
     import zlib
     pixels = zlib.compress(b"".join(b"\x00" + bytes(range(48)) for _ in range(16)))     # 16 x 16 RGB rows
     png = tmp_path / "two-idat.png"
-    png.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0))
-                    + png_chunk(b"IDAT", pixels[:len(pixels) // 2]) + png_chunk(b"I#AT", pixels[len(pixels) // 2:])
-                    + png_chunk(b"IEND", b""))
+    png.write_bytes(png_bytes(16, 16, [(b"IDAT", pixels[:len(pixels) // 2]), (b"I#AT", pixels[len(pixels) // 2:])]))
     bmp = tmp_path / "rle.bmp"
-    from PIL import Image
-    Image.new("RGB", (8, 6), (200, 10, 10)).save(bmp)
-    data = bytearray(bmp.read_bytes())
-    data[30] = 1            # biCompression: BI_RLE8
-    bmp.write_bytes(bytes(data))
+    write_rle8_bmp(bmp)
     for path, reason in ((png, "broken PNG file"), (bmp, "unknown raw mode")):
         with pytest.raises(DataError) as e:
             check_media(str(path), "rec-8")

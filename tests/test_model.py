@@ -392,16 +392,13 @@ def test_an_image_pil_refuses_with_a_value_error_is_a_data_error_naming_it(tmp_p
     """PIL raises ValueError, not OSError, for some files it cannot read: here a 4 x 4 PNG whose zTXt text chunk
     decompresses past PIL's MAX_TEXT_CHUNK. load_image names the file and the record, as for any unreadable image.
     Catches: ValueError left out of load_image's except (PIL's own error, naming no record)."""
-    import struct
     import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    from test_data import png_chunk
     write_png(tmp_path / "plain.png", (4, 4), 0)
     png = (tmp_path / "plain.png").read_bytes()
     at = png.index(b"IDAT") - 4              # the text chunk goes before the pixels, where PIL reads it on open
     path = tmp_path / "text-bomb.png"
-    path.write_bytes(png[:at] + chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"a" * (2 << 20))) + png[at:])
+    path.write_bytes(png[:at] + png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"a" * (2 << 20))) + png[at:])
     with pytest.raises(DataError, match="cannot read image: Decompressed data too large") as err:
         load_image(str(path), "rec-5")
     assert err.value.path == str(path) and err.value.record_id == "rec-5"

@@ -298,16 +298,13 @@ def test_thumbnails_are_small_and_an_unreadable_image_is_none(tmp_path):
     PNG header declaring 20000 x 20000), is None, drawn as "unreadable", not an error that loses the whole page.
     Catches: the thumbnail left full size (`image.thumbnail(...)` dropped); PIL's DecompressionBombError or the
     ValueError of a damaged file left out of thumbnail's except tuple."""
-    from test_data import png_header
+    from test_data import png_header, write_rle8_bmp
     photo = tmp_path / "wide.png"
     Image.new("RGB", (600, 300), (10, 20, 30)).save(photo)
     assert plot.thumbnail(str(photo)).size == (256, 128)
     bomb, bmp, text = tmp_path / "bomb.png", tmp_path / "rle.bmp", tmp_path / "text.jpg"
     bomb.write_bytes(png_header(20000, 20000))
-    Image.new("RGB", (8, 6), (200, 10, 10)).save(bmp)
-    data = bytearray(bmp.read_bytes())
-    data[30] = 1            # biCompression: BI_RLE8 for 24-bit pixels, which PIL refuses with a ValueError
-    bmp.write_bytes(bytes(data))
+    write_rle8_bmp(bmp)
     text.write_text("not an image")
     for path in (tmp_path / "gone.png", text, bomb, bmp):
         assert plot.thumbnail(str(path)) is None, path
