@@ -448,7 +448,7 @@ def train(cfg, resume=False, stop_after=None):
             step += 1
 
             samples, elapsed = (stats or {}).get("samples", 0), time.time() - started
-            record = {"step": step, "epoch": sampler.epoch, "key": key, **(stats or {}),
+            record = {"step": step, "epoch": (step - 1) // sampler.epoch_length, "key": key, **(stats or {}),
                       "lr": lr, "probs": sampler.probabilities(),
                       "difficulty": sampler.difficulties(), "samples_per_s": samples * size / elapsed,
                       "peak_mem_mb": peak_memory_mb(device)}

@@ -1035,6 +1035,18 @@ def test_the_log_gives_each_step_the_learning_rate_it_trained_with(tiny_backbone
                                                                               peak_kib)
 
 
+def test_the_log_gives_each_step_the_epoch_it_belongs_to(tiny_backbone, mini_root, tmp_path):
+    """2_sketch2i_ClothesV1 alone (24 records) at batch 8 is an epoch of 24 // 8 = 3 steps: of 4 steps, steps 1-3
+    are epoch 0 and step 4 is epoch 1.
+    Catches: the epoch read from the sampler after the step (`sampler.epoch`: the epochs completed, so step 3, the
+    last of epoch 0, logged as epoch 1)."""
+    cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "data.sub_datasets=[2_sketch2i_ClothesV1]",
+                     "train.batch_size=8", "train.max_steps=4", "train.log_every=1", "train.val_every=0")
+    train(cfg)
+    log = [r for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "loss" in r]
+    assert [(r["step"], r["epoch"]) for r in log] == [(1, 0), (2, 0), (3, 0), (4, 1)]
+
+
 
 @pytest.mark.parametrize("platform, ru_maxrss", [("linux", 3 * 2**20), ("darwin", 3 * 2**30)])
 def test_peak_memory_on_a_cpu_is_in_mib_on_linux_and_macos(monkeypatch, platform, ru_maxrss):
