@@ -1,5 +1,6 @@
 """calibrator.py: slerp / lerp against their closed forms and limits, finite gradients at the singular points,
 the identity-like initialisation, and the full PGSQC forward (proposal, gate, regularisers) for known A, B."""
+import copy
 import math
 
 import pytest
@@ -110,11 +111,14 @@ def test_hidden_width_and_initial_gate_follow_the_config():
     """calibrator.hidden sets the hypernetwork's width and calibrator.gate_bias_init its first gate, both off their
     defaults here (hidden 24, bias -1): Linear(D, 24), LayerNorm(24), Linear(24, 2 D r + 1) hold D * 24 + 24 +
     2 * 24 + (24 + 1) (2 D r + 1) parameters, and with A, B ~ 0 every query's gate is sigmoid(-1) = 1 / (1 + e).
-    Catches: the width fixed at the default 512, or the gate bias fixed at the default -3."""
+    The last layer's bias is 0 for the 2 D r entries of A, B and the gate bias for the gate logit alone.
+    Catches: the width fixed at the default 512, or the gate bias fixed at the default -3; the gate bias written into
+    B's last entry too (`last.bias[-2:]`: at init_std 1e-6 the outputs move by 1e-6 only)."""
     d, r, hidden = 8, 2, 24
     torch.manual_seed(0)
     cal = QueryCalibrator(d, small_cfg(hidden=hidden, rank=r, gate_bias_init=-1.0))
     assert sum(p.numel() for p in cal.parameters()) == d * hidden + hidden + 2 * hidden + (hidden + 1) * (2 * d * r + 1)
+    assert torch.equal(cal.hyper[-1].bias.detach(), torch.tensor([0.0] * (2 * d * r) + [-1.0]))
     _, gate, _, _ = cal(torch.randn(5, d))
     assert torch.allclose(gate, torch.full((5,), 1 / (1 + math.e)), atol=1e-5)
 
@@ -184,7 +188,22 @@ def test_a_callers_autocast_leaves_the_calibrator_in_fp32():
         assert g.dtype == torch.float32 and torch.equal(g, e), name
 
 
+def test_readouts_of_either_dtype_give_the_calibrators_own_dtype_result():
+    """H reads h in its parameters' dtype whatever the readout's: a bf16 calibrator (model.fp32_trainable=false) given
+    fp32 readouts and an fp32 one given bf16 readouts (a bf16 backbone's) give exactly what they give for the same
+    values in their own dtype (h holds bf16 values, which fp32 holds exactly).
+    Catches: h handed to H as it is (`self.hyper(h)`: "mat1 and mat2 must have the same dtype")."""
+    torch.manual_seed(0)
+    cal = QueryCalibrator(6, small_cfg(rank=3, init_std=0.3))
+    h = torch.randn(5, 6).bfloat16()
+    for calibrator, own, other in ((cal, h.float(), h), (copy.deepcopy(cal).bfloat16(), h, h.float())):
+        for name, expected, got in zip(("out", "gate", "fro", "orth"), calibrator(own), calibrator(other)):
+            assert torch.equal(got, expected), name
+
+
 def test_fixed_gate_lerp_and_none_variants():
+    """A fixed gate, mode lerp at lambda 0.5 and mode none, on known A, B; an unknown mode or gate is refused.
+    Catches: the gate left unchecked (`or cfg.gate not in ...` dropped: "sigmoid" ran as a fixed gate of 0.5)."""
     d, r = 4, 2
     a, b = torch.randn(d, r), torch.randn(r, d)
     h = torch.randn(3, d)
@@ -209,6 +228,8 @@ def test_fixed_gate_lerp_and_none_variants():
 
     with pytest.raises(ValueError, match="mode"):
         QueryCalibrator(d, small_cfg(mode="cosine"))
+    with pytest.raises(ValueError, match="gate 'sigmoid'"):
+        QueryCalibrator(d, small_cfg(gate="sigmoid"))
 
 
 def test_lerp_mode_interpolates_linearly_off_the_midpoint():
@@ -231,13 +252,17 @@ def test_lerp_mode_interpolates_linearly_off_the_midpoint():
     assert (slerp_closed_form(q, p, torch.full((2,), 0.2)) - want).abs().max() > 1e-2
 
 
-def test_slerp_of_bf16_inputs_is_slerp_of_their_renormalised_values():
-    """bf16 rounding moves a unit vector's norm by up to ~1e-3; slerp renormalises after the fp32 cast, so its output
-    is the float64 closed form on the renormalised inputs (unit_fp32).
-    Catches: unit_fp32 without its F.normalize (the angle is then taken between vectors of norm 1 +- 1e-3)."""
+@pytest.mark.parametrize("interpolate", [slerp, lerp])
+def test_slerp_and_lerp_of_bf16_inputs_interpolate_their_renormalised_values(interpolate):
+    """bf16 rounding moves a unit vector's norm by up to ~1e-3; slerp and lerp renormalise after the fp32 cast, so
+    their outputs are the float64 closed forms on the renormalised inputs (unit_fp32).
+    Catches: unit_fp32 without its F.normalize (the angle is then taken between vectors of norm 1 +- 1e-3); lerp
+    weighting the inputs as given (`q.float(), p.float()` for unit_fp32 in lerp: off by 3e-4 here)."""
     q = unit(64, 32, seed=10, dtype=torch.bfloat16)
     p = unit(64, 32, seed=11, dtype=torch.bfloat16)
     assert (q.double().norm(dim=-1) - 1).abs().max() > 5e-4                    # the rounding this is about
     lam = torch.rand(64, generator=torch.Generator().manual_seed(12))
-    want = slerp_closed_form(F.normalize(q.double(), dim=-1), F.normalize(p.double(), dim=-1), lam)
-    assert torch.allclose(slerp(q, p, lam).double(), want, atol=1e-5)
+    q64, p64 = F.normalize(q.double(), dim=-1), F.normalize(p.double(), dim=-1)
+    want = (slerp_closed_form(q64, p64, lam) if interpolate is slerp else
+            F.normalize((1 - lam.double()[:, None]) * q64 + lam.double()[:, None] * p64, dim=-1))
+    assert torch.allclose(interpolate(q, p, lam).double(), want, atol=1e-5)
