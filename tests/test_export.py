@@ -2,6 +2,7 @@
 (not this repository), gives the training encoder's embeddings for every query kind and for gallery images; it
 loads without warnings; its calibrator equals calibrator.py's; its model card's snippet runs as written."""
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -152,25 +153,33 @@ def test_an_fp32_exports_card_says_its_merged_weights_are_kept_exactly(exported)
                                        ("none", "learned")])
 def test_standalone_calibrator_equals_calibrator_py(exported, mode, gate):
     """fashionlens_embed.calibrate against calibrator.QueryCalibrator, per variant, on random readouts and on
-    readouts whose proposal is parallel to them (A, B = 0: the slerp fallback). Catches: the parallel fallback
-    dropped (`torch.where(parallel, linear, spherical)` -> `spherical`: NaN), lerp computed as slerp, the fixed gate
-    read from the gate logit."""
+    readouts whose proposal is parallel to them (A, B = 0: the slerp fallback), with fp32 weights and with bf16 ones
+    (model.fp32_trainable=false: the hypernetwork then runs in bf16 on the fp32 readouts). In the random case every
+    weight is random, the LayerNorm's too (its initial weight 1 and bias 0 would hide it being left out).
+    Catches: the parallel fallback dropped (`torch.where(parallel, linear, spherical)` -> `spherical`: NaN), lerp
+    computed as slerp, the fixed gate read from the gate logit; the LayerNorm's weight or bias left out; the readout
+    cast to fp32 instead of the weights' dtype (`h.float()`: bf16 weights fail on fp32 readouts)."""
     fl = load_standalone(exported)
     torch.manual_seed(0)
     cfg = CalibratorConfig(mode=mode, gate=gate, fixed_gate=0.3, hidden=16, rank=4)
     settings = {"calibrator": {"mode": mode, "gate": gate, "fixed_gate": 0.3, "rank": 4}}
     h = 3 * torch.randn(6, 32)
-    for scale in (0.3, 0.0):       # random A, B; then a zero last layer: A = B = 0, p = q (the parallel fallback)
-        reference = QueryCalibrator(32, cfg)
-        if mode != "none":
+    for dtype in (torch.float32, torch.bfloat16):
+        for scale in (0.3, 0.0):   # random weights; then a zero last layer: A = B = 0, p = q (the parallel fallback)
+            reference = QueryCalibrator(32, cfg)
             with torch.no_grad():
-                reference.hyper[-1].weight.normal_(0, scale) if scale else reference.hyper[-1].weight.zero_()
-        head = {"settings": settings, "calibrator": reference.state_dict()}
-        with torch.no_grad():
-            ours, expected = fl.calibrate(h, head), reference(h)[0]
-        assert torch.isfinite(ours).all() and torch.allclose(ours, expected, atol=1e-6), (scale, ours - expected)
-        if not scale:
-            assert torch.allclose(ours, F.normalize(h, dim=-1), atol=1e-6)
+                for p in reference.parameters() if scale else []:
+                    p.normal_(0, scale)
+                if mode != "none" and not scale:
+                    reference.hyper[-1].weight.zero_()
+            reference.to(dtype)
+            head = {"settings": settings, "calibrator": reference.state_dict()}
+            with torch.no_grad():
+                ours, expected = fl.calibrate(h, head), reference(h)[0]
+            assert torch.isfinite(ours).all() and torch.allclose(ours, expected, atol=1e-6), (dtype, scale,
+                                                                                              ours - expected)
+            if not scale:
+                assert torch.allclose(ours, F.normalize(h, dim=-1), atol=1e-6)
 
 
 def test_cli_export_of_a_checkpoint_and_its_model_card_snippet(trained, media, tmp_path):
@@ -500,27 +509,37 @@ def test_standalone_fill_size_of_extreme_and_tied_aspect_ratios():
         1568, 32)
 
 
-def test_standalone_reads_a_short_clip_with_the_indices_of_the_frames_it_returns(tmp_path):
-    """fashionlens_embed.read_video on a 3-frame clip read as 8 frames: frames round(linspace(0, 2, 8)) = 0 0 1 1 1 1
-    2 2 (by hand), each equal to the frame PyAV decodes at its index, and that index in the metadata (the video
-    prompt's timestamps), as media.load_video does for training.
-    Catches: read_video mapping the picks onto the sampled indices as listed (np.unique dropped): 0 0 0 0 0 0 1 1."""
+@pytest.mark.parametrize("name, length, indices", [("short.mp4", 3, [0, 0, 1, 1, 1, 1, 2, 2]),
+                                                    ("clip.mkv", 12, [0, 2, 3, 5, 6, 8, 9, 11])])
+def test_standalone_reads_a_clip_with_the_indices_of_the_frames_it_returns(tmp_path, name, length, indices):
+    """fashionlens_embed.read_video on clips read as 8 frames, as media.load_video does for training: a 3-frame clip
+    gives frames round(linspace(0, 2, 8)) = 0 0 1 1 1 1 2 2, a 12-frame .mkv (a container that stores no frame
+    count: counted by decoding) round(linspace(0, 11, 8)) = 0 2 3 5 6 8 9 11 (both by hand), each equal to the frame
+    PyAV decodes at its index, and that index in the metadata (the video prompt's timestamps).
+    Catches: read_video mapping the picks onto the sampled indices as listed (np.unique dropped): 0 0 0 0 0 0 1 1;
+    the frame count of an .mkv taken as stored (`== 0` -> `< 0`: 8 copies of frame 0)."""
     import av
     fl = load_standalone(os.path.join(os.path.dirname(hf_export.__file__), "export"))
-    path = write_mp4(tmp_path / "short.mp4", 3, seed=3)
+    path = write_mp4(tmp_path / name, length, seed=3)
     with av.open(path) as container:
+        assert container.streams.video[0].frames == (0 if name.endswith(".mkv") else length)   # the case under test
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     frames, meta = fl.read_video(path, 8)
-    assert meta.frames_indices == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert meta.frames_indices == indices
     assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
 
 
-@pytest.mark.parametrize("offset", [0.0, 1e-3])
-def test_standalone_calibrator_equals_the_training_one_where_p_opposes_q(offset):
+@pytest.mark.parametrize("offset, gate_logit", [(0.0, -0.85), (1e-3, -0.85), (0.0, 0.0), (3e-2, -0.85)])
+def test_standalone_calibrator_equals_the_training_one_where_p_opposes_q(offset, gate_logit):
     """The export's calibrate against calibrator.QueryCalibrator with the same weights, where the hypernetwork's
     A, B (set through the last layer's bias) send p to -q exactly (offset 0) or to within 1e-3 of it: both must take
     the normalised-lerp fallback, which at gate sigmoid(-0.85) < 0.5 gives q (by hand), not the ill-conditioned
-    great circle through q and -q. Catches: the standalone's fallback test without `.abs()` (cosine with q -0.99)."""
+    great circle through q and -q; at gate 0.5 exactly the lerp of q and -q vanishes and the output is q (by hand).
+    At offset 3e-2 (|q.p| = 1 - 4.5e-4, clear of the fallback's 1 - 1e-6) both take the great circle: the output is
+    lambda (pi - atan(0.03)) from q (by hand).
+    Catches: the standalone's fallback test without `.abs()` (cosine with q -0.99); the vanishing lerp replaced by p
+    instead of q (-q at gate 0.5); the fallback threshold at 1 - 1e-3 (at offset 3e-2 the lerp's 0.02 rad from q
+    instead of 0.93)."""
     fl = load_standalone(os.path.join(os.path.dirname(hf_export.__file__), "export"))
     d, cfg = 16, CalibratorConfig()
     calibrator = QueryCalibrator(d, cfg)
@@ -530,14 +549,15 @@ def test_standalone_calibrator_equals_the_training_one_where_p_opposes_q(offset)
     a[:, 0], b[0] = q, -2 * q + offset * other                      # q A B = -2 q + offset * other
     with torch.no_grad():
         calibrator.hyper[-1].weight.zero_()
-        calibrator.hyper[-1].bias.copy_(torch.cat([a.reshape(-1), b.reshape(-1), torch.tensor([-0.85])]))
+        calibrator.hyper[-1].bias.copy_(torch.cat([a.reshape(-1), b.reshape(-1), torch.tensor([gate_logit])]))
     head = {"settings": {"calibrator": {"mode": cfg.mode, "gate": cfg.gate, "fixed_gate": cfg.fixed_gate,
                                         "rank": cfg.rank}},
             "calibrator": calibrator.state_dict()}
     h = 2.5 * q[None]
     with torch.no_grad():
         expected = calibrator(h)[0]
-    assert torch.allclose(expected[0], q, atol=1e-3)
+    angle = torch.sigmoid(torch.tensor(gate_logit)) * (math.pi - math.atan(offset)) if offset > 1e-2 else 0.0
+    assert torch.acos((expected[0] @ q).clamp(-1, 1)).item() == pytest.approx(float(angle), abs=1e-3)
     assert torch.allclose(fl.calibrate(h, head), expected, atol=1e-5)
 
 
