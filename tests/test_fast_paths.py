@@ -1,12 +1,16 @@
 """Fast paths of the encoder's forward that must not change a number: the frozen vision tower's output reused by the
 gradient-cache replay, positions computed when the batch is prepared, the packed vision attention and the attention
 kernels of the backbone (bf16, as on a GPU)."""
+import contextlib
+
 import pytest
 import torch
 from PIL import Image
 
+import attention
 import model
 from attention import flash_attention_unavailable
+from benchmarks.host_syncs import AsOnGpu
 from config import Config
 from model import build_encoder
 from test_train import relative_error
@@ -158,6 +162,46 @@ def test_packed_vision_attention_matches_float64_in_bf16(tiny_backbone, device):
     for k, error in errors["packed"].items():
         # bf16 keeps 8 significant bits (relative rounding 2^-9 per value): errors of a few 1e-3
         assert error < 2e-2 and error < 2 * errors["transformers"][k] + 2e-3, (k, errors)
+
+
+@pytest.mark.parametrize("branch", ["per_segment", "varlen"])
+def test_packed_attention_is_attention_within_each_segment_at_the_given_scale(branch):
+    """attention.packed_attention on segments of 5, 1 and 9 tokens (2 heads of 8 dims) at scale 0.2: softmax(scale
+    q k^T) v within each segment, in float64 by hand. Qwen3-VL's own scaling is sdpa's default 1 / sqrt(head_dim), so
+    the tower's tests cannot see the scale dropped. "varlen" is the GPU branch, with benchmarks/host_syncs.AsOnGpu's
+    dense masked stand-in for torch's varlen kernel.
+    Catches: the scale not handed on (`scale=scale` dropped from the sdpa call, or from the varlen call)."""
+    q, k, v = torch.randn(3, 15, 2, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    with AsOnGpu() if branch == "varlen" else contextlib.nullcontext():
+        out = attention.packed_attention(q, k, v, torch.tensor([0, 5, 6, 15], dtype=torch.int32), 9, 0.2)
+    q, k, v = q.double(), k.double(), v.double()
+    expected = torch.cat([torch.einsum("hqk,khd->qhd", (0.2 * torch.einsum("qhd,khd->hqk", q[a:b], k[a:b])).softmax(-1),
+                                       v[a:b]) for a, b in ((0, 5), (5, 6), (6, 15))])
+    torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=0)
+
+
+def test_packed_vision_attention_reads_the_longest_segment_back_when_not_given(tiny_backbone):
+    """attention.packed_vision_attention called without max_seqlen (the encoder hands it over with vision_index; any
+    other caller of the tower does not) on its GPU branch (AsOnGpu): the varlen kernel gets the longest of segments of
+    16, 36, 64 and 4 patches, 64 (by hand), and the output is the float64 attention of the formulas.
+    Catches: the shortest segment read back (`.max()` -> `.min()`: the real kernel would leave rows out)."""
+    from transformers import Qwen3VLForConditionalGeneration
+    lm = Qwen3VLForConditionalGeneration.from_pretrained(tiny_backbone, dtype=torch.float32)
+    attn = lm.model.visual.blocks[0].attn
+    generator = torch.Generator().manual_seed(4)
+    lengths = [16, 36, 64, 4]
+    cu_seqlens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    x = torch.randn(sum(lengths), attn.dim, generator=generator)
+    angles = 8 * torch.rand(sum(lengths), attn.head_dim // 2, generator=generator)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    seen = []
+    with AsOnGpu(), torch.no_grad():
+        kernel = attention.varlen_attn      # the stand-in; AsOnGpu puts torch's kernel back on exit
+        attention.varlen_attn = lambda *args, **kwargs: seen.append(args[5:7]) or kernel(*args, **kwargs)
+        out = attention.packed_vision_attention(attn, x, cu_seqlens, (cos, sin))
+    assert seen == [(64, 64)]
+    reference, _ = vision_attention_in_float64(attn, x, cu_seqlens, cos, sin)
+    torch.testing.assert_close(out.double(), reference.detach(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "flash_attention_2"])

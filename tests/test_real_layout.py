@@ -268,6 +268,18 @@ def test_auto_attention_gives_sdpa_for_a_flash_attn_that_transformers_does_not_a
         "the installed flash-attn version"]
 
 
+def test_auto_attention_says_flash_attn_is_not_installed_where_it_is_not(monkeypatch, capsys):
+    """model.attn_implementation=auto on a GPU without the flash-attn package (most GPU machines: it is a source
+    build) gives sdpa and the line naming that cause, not an import failure.
+    Catches: the package check dropped (`if False:` for `find_spec(...) is None`: the line then says "importing
+    flash_attn failed (ModuleNotFoundError ...)", as for a broken build)."""
+    monkeypatch.setitem(sys.modules, "flash_attn", None)      # what find_spec and import see when it is missing
+    assert attention.attention_kernel(ModelConfig(attn_implementation="auto"), torch.device("cuda")) == "sdpa"
+    assert capsys.readouterr().out.splitlines() == [
+        "model.attn_implementation=auto: sdpa, because FlashAttention cannot be used: the flash-attn package is not "
+        "installed"]
+
+
 def test_tiny_backbone_with_the_real_tokenizer(tmp_path, media):
     """fake_backbones.py make-tiny --real-tokenizer: tiny widths (hidden 128) with the real tokenizer's files byte
     for byte, Qwen3-VL's template and the real 151,936 rows, so <|MEAN|>/<|IMG|> are 151669/151670 and the target
