@@ -66,9 +66,10 @@ def read_video(path, num_frames):
                 metadata.total_num_frames = sum(1 for _ in container.decode(video=0))
         return np.linspace(0, max(metadata.total_num_frames - 1, 0), num_frames).round().astype(int)
 
-    frames, meta = video_utils.load_video(path, backend="pyav", sample_indices_fn=uniform)
-    if len(frames) == 0:
-        raise ValueError(f"{path}: video has no decodable frames")
+    try:  # the reader names no file: a stream with no decodable frame fails with "need at least one array to stack"
+        frames, meta = video_utils.load_video(path, backend="pyav", sample_indices_fn=uniform)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read video ({type(err).__name__}: {err})") from err
     decoded = np.unique(meta.frames_indices)[:len(frames)]
     pick = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
     meta.frames_indices = decoded[pick].tolist()

@@ -4,6 +4,7 @@ loads without warnings; its calibrator equals calibrator.py's; its model card's 
 import importlib.util
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import hf_export
 import model
 from calibrator import QueryCalibrator
 from config import CalibratorConfig, Config
-from test_model import PIXELS, build, write_mp4, write_png
+from test_model import PIXELS, build, write_audio_only, write_mp4, write_png, write_undecodable_video
 
 
 def perturbed(encoder):
@@ -527,6 +528,19 @@ def test_standalone_reads_a_clip_with_the_indices_of_the_frames_it_returns(tmp_p
     frames, meta = fl.read_video(path, 8)
     assert meta.frames_indices == indices
     assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
+
+
+def test_standalone_names_a_video_it_cannot_read(tmp_path):
+    """fashionlens_embed.read_video on a video stream with no decodable frame (.mp4, which stores a frame count, and
+    .mkv, which does not) and on an audio-only file: a ValueError naming the file, with the reader's own error. The
+    reader (transformers' load_video) fails on such files with "need at least one array to stack", "[Errno 1]
+    Operation not permitted" or "tuple index out of range", naming no file: embed_queries then did not say which of
+    its queries' videos is at fault (its own "no decodable frames" check came after the reader and never ran)."""
+    fl = load_standalone(os.path.join(os.path.dirname(hf_export.__file__), "export"))
+    for path in (write_undecodable_video(tmp_path / "junk.mp4"), write_undecodable_video(tmp_path / "junk.mkv"),
+                 write_audio_only(tmp_path / "audio.mp4")):
+        with pytest.raises(ValueError, match=f"^{re.escape(path)}: cannot read video "):
+            fl.read_video(path, 4)
 
 
 @pytest.mark.parametrize("offset, gate_logit", [(0.0, -0.85), (1e-3, -0.85), (0.0, 0.0), (3e-2, -0.85)])
