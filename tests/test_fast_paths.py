@@ -106,6 +106,39 @@ def test_the_replay_reads_nothing_back_per_chunk(tiny_backbone, tmp_path, monkey
     assert not read_backs, counted
 
 
+def test_sync_counter_counts_each_operation_a_gpu_would_wait_for():
+    """benchmarks/host_syncs.SyncCounter, one line per operation, each named with this test's file and function:
+    .item(), nonzero, a boolean-mask index, masked_select, repeat_interleave with a tensor of repeats, unique and
+    tolist count once each; an integer index, arithmetic and repeat_interleave given its output_size do not; tolist
+    and varlen attention are torch's and attention's own again after the blocks. Catches: an operation missing from
+    SYNCING (nothing counted: the tests that expect no sync pass whatever the code reads back); the boolean-index or
+    output_size checks inverted; the outermost frame named instead of the innermost; Tensor.tolist, or AsOnGpu's
+    stand-in kernel, left in place after the block."""
+    import attention
+    from benchmarks.host_syncs import AsOnGpu, SyncCounter
+    x, mask, repeats = torch.tensor([0.0, 2.0, 3.0]), torch.tensor([False, True, True]), torch.tensor([1, 2, 0])
+    tolist, kernel = torch.Tensor.tolist, (attention.has_varlen_kernel, attention.varlen_attn)
+    with AsOnGpu(), SyncCounter() as counter:
+        x.sum().item()
+        x.nonzero()
+        x[mask]
+        torch.masked_select(x, mask)
+        torch.repeat_interleave(x, repeats)
+        torch.unique(x)
+        x.tolist()
+    with SyncCounter() as quiet:
+        x[torch.tensor([0, 2])] + 1
+        torch.repeat_interleave(x, repeats, output_size=3)
+    assert not quiet.by_caller, quiet.by_caller
+    assert torch.Tensor.tolist is tolist and (attention.has_varlen_kernel, attention.varlen_attn) == kernel
+    where = "tests/test_fast_paths.py"
+    assert all(key.endswith(" test_sync_counter_counts_each_operation_a_gpu_would_wait_for") and where in key
+               for key in counter.by_caller), counter.by_caller
+    assert sorted(key.split()[0] for key in counter.by_caller) == sorted(
+        ["aten._local_scalar_dense", "aten.nonzero", "aten.index", "aten.masked_select", "aten.repeat_interleave",
+         "aten._unique2", "Tensor.tolist"]) and sum(counter.by_caller.values()) == 7
+
+
 def vision_attention_in_float64(attn, x, cu_seqlens, cos, sin):
     """Qwen3-VL's vision attention written out from its formulas in float64 on the CPU, with the module's weights:
     q, k, v from the fused projection, the rotary embedding on q and k (rotate-half form), softmax attention within
