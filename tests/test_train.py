@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -898,17 +899,21 @@ def test_throughput_chunk_size_that_fails_is_recorded_and_the_next_one_runs(monk
 
 
 def test_throughput_ratios_are_ours_over_the_release(capsys):
-    """Catches: the samples/s or peak-memory ratio inverted, or taken at another chunk size."""
+    """A chunk size only the release measured (ours ran out of memory there) has no ratio.
+    Catches: the samples/s or peak-memory ratio inverted, or taken at another chunk size; a ratio looked up for a
+    chunk size ours lacks (KeyError: the run ends without its ratios)."""
     from train_throughput import print_ratios
     rows = [{"setting": s, "chunk": c, "samples_per_s": v, "peak_memory_mib": m}
-            for s, c, v, m in [("ours", 8, 30, 1000), ("ours", 16, 90, 1), ("release", 8, 20, 4000)]]
+            for s, c, v, m in [("ours", 8, 30, 1000), ("ours", 16, 90, 1), ("release", 8, 20, 4000),
+                               ("release", 64, 10, 9000)]]
     print_ratios(rows)
     assert capsys.readouterr().out == "chunk 8: ours / release samples/s = 1.50x, peak memory 0.25x\n"
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
                                           ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
-                                          ("NVIDIA H800 PCIe", 756),
+                                          ("NVIDIA H800 PCIe", 756), ("NVIDIA H800", 989),
+                                          ("NVIDIA A800-SXM4-80GB", 312),
                                           ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA L40S", 362), ("NVIDIA L40", 181),
                                           ("NVIDIA L4", 121), ("NVIDIA A10", 125), ("NVIDIA GeForce RTX 4090", 165),
                                           ("Tesla T4", None)])
@@ -994,6 +999,262 @@ def test_encode_benchmark_measures_the_rest_after_one_measurement_fails(tiny_bac
     assert lines[-1] == ("  vision attention, encode: failed: OutOfMemoryError: CUDA out of memory. Tried to allocate "
                          "2.00 GiB")
 
+
+class QueuedGpu:
+    """A clock and a GPU stream as the benchmarks see them: queue(s) returns at once, the work runs only when the
+    host synchronises (the clock then advances by everything queued)."""
+
+    def __init__(self):
+        self.now, self.queued = 0.0, 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def queue(self, seconds):
+        self.queued += seconds
+
+    def synchronize(self, device=None):
+        self.now, self.queued = self.now + self.queued, 0.0
+
+
+def test_throughput_phase_timer_charges_a_phase_only_its_own_queued_work(monkeypatch):
+    """On a GPU a phase returns before its kernels run: 2 s of the step queued before the no-grad pass, 0.5 s queued
+    by it, 1 s after it: the phase took 0.5 s. After the block (also one left by an error, as a chunk size out of
+    memory is) train.py's functions are its own again. Catches: no synchronisation at the phase's start (the 2 s
+    before it charged to it) or at its end (0 s); the originals not put back."""
+    import train_throughput
+    gpu, originals = QueuedGpu(), {name: getattr(train_module, name) for name in train_throughput.PHASES}
+    monkeypatch.setattr(train_throughput, "time", gpu)
+    monkeypatch.setattr(train_throughput, "synchronize", gpu.synchronize)
+    monkeypatch.setattr(train_module, "embed_without_graph", lambda: gpu.queue(0.5))
+    seconds = dict.fromkeys(train_throughput.PHASES.values(), 0.0)
+    originals["embed_without_graph"] = train_module.embed_without_graph
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with train_throughput.phase_timers(torch.device("cuda"), seconds):
+            gpu.queue(2.0)
+            train_module.embed_without_graph()
+            gpu.queue(1.0)
+            raise RuntimeError("CUDA out of memory")
+    assert seconds == {"data": 0.0, "no-grad": 0.5, "loss": 0.0, "replay": 0.0}
+    assert {name: getattr(train_module, name) for name in train_throughput.PHASES} == originals
+
+
+def test_throughput_on_a_gpu_by_hand(monkeypatch):
+    """run_setting on a (simulated) GPU whose step only queues its work: warm-up 10 s, then steps of 1, 5, 2 s (median
+    2 s; a step fewer would give 3 s), each running pass 1 twice (queries, then targets) for 2 x 0.2, 2 x 0.05, 2 x
+    0.15 s (median 0.3 s; the warm-up's 2 x 2 s would make it 0.4 s), on a batch of 8 on an "NVIDIA H200" (989
+    TFLOP/s by its name). Memory: the peak counter reset, then read for "before", then after the timed steps. Host
+    syncs: the step makes 3 "synchronizing" warnings from one line (and one other warning) while the sync debug mode
+    is "warn", which is set back to "default". Catches: the step's time read before the GPU finished (no
+    synchronisation at its end); a step fewer timed; a phase's time replaced, not added, by its second call; the
+    warm-up in the phases' medians; the peak taken from --peak-tflops only; the peak counter not reset before
+    "before" is read; warnings of one line counted once, or every warning counted; the debug mode left on."""
+    import train_throughput
+    gpu, events, modes = QueuedGpu(), [], []
+    durations, no_grad = iter([10.0, 1.0, 5.0, 2.0, 0.0, 0.0]), iter([2.0, 0.2, 0.05, 0.15, 0.0, 0.0])
+
+    def step(encoder, cfg, examples, chunk, params, optimizer, scheduler, prefetch=None):
+        events.append("step")
+        seconds = next(no_grad)
+        for _ in range(2):
+            train_module.embed_without_graph(seconds)
+        gpu.queue(next(durations) - 2 * seconds)
+        for message in ["called a synchronizing CUDA operation"] * 3 + ["something else"]:
+            if modes[-1:] == ["warn"]:
+                warnings.warn(message)
+        return {"loss": 1.0}
+    monkeypatch.setattr(train_throughput, "time", gpu)
+    monkeypatch.setattr(train_throughput, "synchronize", gpu.synchronize)
+    monkeypatch.setattr(train_module, "embed_without_graph", gpu.queue)
+    monkeypatch.setattr(train_throughput, "step", step)
+    monkeypatch.setattr(train_throughput, "build_encoder", lambda *args: torch.nn.Linear(2, 2))
+    monkeypatch.setattr(train_throughput, "reset_peak_memory", lambda device: events.append("reset"))
+    monkeypatch.setattr(train_throughput, "peak_memory_mb", lambda device: events.append("read") or 1024.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    rows = []
+    train_throughput.run_setting(rows, "ours", Config(), [{}] * 8, [4], SimpleNamespace(peak_tflops=0.0, steps=3),
+                                 torch.device("cuda"))
+    row = rows[0]
+    assert (row["seconds_per_step"], row["samples_per_s"], row["peak_tflops"]) == pytest.approx((2.0, 4.0, 989.0))
+    assert row["phase_seconds"]["no-grad"] == pytest.approx(0.3)
+    assert events == ["reset", "read"] + ["step"] * 4 + ["read"] + ["step"] * 2
+    assert row["host_syncs_per_step"] == 3 and modes == ["warn", "default"]
+
+
+def test_throughput_row_without_a_known_peak_printed_and_saved(monkeypatch, capsys, tmp_path):
+    """Two settings measured as given (4 s a step, phases 0.125, 0.25, 0.5, 1 s, 8e12 FLOPs, 2048 MiB before and
+    5120 MiB at the peak, no host-sync count) on a CPU with no --peak-tflops: every cell of the printed row by hand,
+    utilisation None (no MFU, "-"), both settings starting from the same initial weights, and --json holding the
+    setup line, the steps and every row so far. Catches: a phase printed in another's column; "before" in units of
+    1000; utilisation 0 (or a number) without a peak; the seed not reset per setting; the last row left out of the
+    JSON, or the JSON not written."""
+    import train_throughput
+    weights = []
+
+    def measure(encoder, cfg, examples, chunk, steps, device):
+        weights.append(encoder.weight.detach().clone())
+        phases = {"data": 0.125, "no-grad": 0.25, "loss": 0.5, "replay": 1.0}
+        return 4.0, phases, 2048.0, 5120.0, 8e12, {"loss": 1.0}, None
+    monkeypatch.setattr(train_throughput, "measure", measure)
+    monkeypatch.setattr(train_throughput, "build_encoder", lambda *args: torch.nn.Linear(2, 2))
+    args = SimpleNamespace(peak_tflops=0.0, steps=3, json=str(tmp_path / "out.json"))
+    rows = []
+    for name in ("ours", "release"):
+        torch.rand(3)                                  # the random state moves on between the settings
+        train_throughput.run_setting(rows, name, Config(), [{}] * 8, [16], args, torch.device("cpu"),
+                                     lambda rows: train_throughput.save_json(args, "the setup", rows))
+    cells = [c.strip() for c in capsys.readouterr().out.splitlines()[0].split("|")[1:-1]]
+    assert cells == ["ours", "16", "8", "4.000", "2.0", "0.125", "0.250", "0.500", "1.000", "2.125", "8.000", "2.00",
+                     "-", "5.00", "2.00", "-"]
+    assert rows[0]["utilisation"] is None and torch.equal(weights[0], weights[1])
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert (saved["setup"], saved["steps"]) == ("the setup", 3)
+    assert [r["setting"] for r in saved["rows"]] == ["ours", "release"]
+    assert saved["rows"][1]["utilisation"] is None and saved["rows"][1]["achieved_tflops"] == 2.0
+
+
+def test_throughput_step_trains_and_uses_the_prefetched_batch(tiny_backbone, tmp_path):
+    """train_throughput.step on the tiny backbone with one prefetch thread, two steps: the second step's batch was
+    prepared during the first (a hit), and every step changes the trainable weights (AdamW ran) and returns the
+    loss. Catches: the optimizer step left out of the timed step (its time, and AdamW's state in the peak memory,
+    missing); no guess of the next batch (every chunk prepared in the step: "data" measured for a path training
+    does not take)."""
+    import train_throughput
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), [f"model.backbone={tiny_backbone}",
+                                                                   "model.image_pixels=4096"])
+    examples = train_throughput.synthetic_batch(str(tmp_path), 4)
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu").train()
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with StepPrefetch(1, encoder) as prefetch:
+        for _ in range(2):
+            before = [p.detach().clone() for p in params]
+            stats = train_throughput.step(encoder, cfg, examples, 2, params, optimizer, scheduler, prefetch)
+            assert stats["loss"] > 0 and any(not torch.equal(a, p) for a, p in zip(before, params))
+    assert (prefetch.hits, prefetch.misses) == (1, 0)
+
+
+def test_throughput_real_arch_runs_ours_then_the_release_and_prints_their_ratio(tiny_backbone, monkeypatch, capsys,
+                                                                               tmp_path):
+    """train_throughput --real-arch (the 4B build replaced by the tiny backbone, each setting's measurement by rows
+    whose samples/s and peak memory are given): "ours" is configs/full.yaml (normed readout, no per-chunk
+    regulariser), "release" configs/release.yaml (neither), in that order, on one synthetic batch of
+    train.batch_size, and the run ends with ours / release at each chunk size: 3 / 2 samples/s, 10 / 40 GiB.
+    Catches: the two configs swapped (every ratio inverted); the ratio lines not printed."""
+    import train_throughput
+    seen = []
+
+    def run_setting(rows, name, cfg, examples, chunks, args, device, save):
+        seen.append((name, cfg.model.normed_readout, cfg.calibrator.reg_per_chunk, len(examples)))
+        for chunk in chunks:
+            rows.append({"setting": name, "chunk": chunk, "samples_per_s": 3.0 if name == "ours" else 2.0,
+                         "peak_memory_mib": 10240.0 if name == "ours" else 40960.0})
+    monkeypatch.setattr(train_throughput, "random_qwen3vl_4b", lambda out, *args: shutil.copytree(tiny_backbone, out)
+                        and 5e6)
+    monkeypatch.setattr(train_throughput, "run_setting", run_setting)
+    args = SimpleNamespace(device="cpu", text_layers=None, vision_depth=None, peak_tflops=0.0, steps=1, chunks=[2, 4],
+                           overrides=["train.batch_size=4"], json="")
+    train_throughput.real_arch(args, str(tmp_path))
+    assert seen == [("ours", True, False, 4), ("release", False, True, 4)]
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "chunk 2: ours / release samples/s = 1.50x, peak memory 0.25x",
+        "chunk 4: ours / release samples/s = 1.50x, peak memory 0.25x"]
+
+
+def test_encode_median_seconds_waits_for_the_gpu_and_leaves_out_the_warm_up(monkeypatch):
+    """encode_throughput.median_seconds on a (simulated) GPU whose work only queues: runs of 10 s (the warm-up),
+    then 1, 5, 2 s: 2 s. Catches: no warm-up run (10 s timed: 5 s), a repeat fewer (3 s), the mean (2.67 s), the time
+    read before the GPU finished (0 s)."""
+    import encode_throughput
+    gpu, durations = QueuedGpu(), iter([10.0, 1.0, 5.0, 2.0])
+    monkeypatch.setattr(encode_throughput, "time", gpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", gpu.synchronize)
+    assert encode_throughput.median_seconds(lambda: gpu.queue(next(durations)), 3) == 2.0
+
+
+def test_encode_benchmark_measures_each_readout_with_its_own_attention_and_mode(tiny_backbone, monkeypatch, tmp_path):
+    """encode_throughput --real-arch where the vision attention is packed (as model.vision_attention=auto on a GPU):
+    each measurement's readout, attention and train/eval mode, in order: ours (normed readout, packed attention)
+    encoding in eval mode and a training chunk in train mode, then the release's (pre-norm readout, transformers'
+    attention) likewise, then the attention comparison with our readout, packed and not, in eval mode.
+    Catches: the release measured with the packed attention, or with our readout; encoding timed in train mode
+    (dropout); the comparison run with the release's readout (the last one set)."""
+    import encode_throughput
+    seen = []
+
+    class Encoder(encode_throughput.FashionLensEncoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pack_vision_attention(True)
+            seen.append(self)
+
+    class Counter(contextlib.nullcontext):
+        def __init__(self, display):
+            super().__init__(self)
+
+        def get_total_flops(self):
+            return 0
+
+    def median_seconds(fn, repeats):
+        encoder = seen[0]
+        seen.append((encoder.model_cfg.normed_readout, encoder.vision_attention_packed, encoder.training))
+        fn()
+        return 1.0
+    monkeypatch.setattr(encode_throughput, "random_qwen3vl_4b", lambda out, *args: shutil.copytree(tiny_backbone, out))
+    monkeypatch.setattr(encode_throughput, "FashionLensEncoder", Encoder)
+    monkeypatch.setattr(encode_throughput, "median_seconds", median_seconds)
+    monkeypatch.setattr(encode_throughput, "FlopCounterMode", Counter)
+    args = SimpleNamespace(device="cpu", text_layers=None, vision_depth=None, pixels=4096, batch_size=2, train_chunk=2,
+                           repeats=1, peak_tflops=0.0)
+    encode_throughput.real_arch(args, str(tmp_path))
+    assert seen[1:] == [(True, True, False), (True, True, True), (False, False, False), (False, False, True),
+                        (True, True, False), (True, False, False)]
+
+
+def test_encode_vision_attention_comparison_by_hand(monkeypatch, capsys):
+    """compare_vision_attention with an encoder whose embeddings are given: 6 images encoded in 2 s packed and 4 s
+    with transformers' attention: 3.0 and 1.5 images/s, 2.00x; embeddings [1, 0], [0.6, 0.8] packed against [0.6,
+    0.8] twice: cosines 0.6 and 1, minimum 0.6. Catches: the images counted along the wrong axis of input_ids; the
+    ratio inverted; an embedding compared with itself (cosine 1 whatever the attention); the maximum reported."""
+    import encode_throughput
+    emb = {True: torch.tensor([[1.0, 0.0], [0.6, 0.8]]), False: torch.tensor([[0.6, 0.8], [0.6, 0.8]])}
+
+    class Encoder:
+        def pack_vision_attention(self, packed):
+            self.packed = packed
+
+        def eval(self):
+            pass
+
+        def __call__(self, inputs, role):
+            return {"emb": emb[self.packed]}
+    seconds = iter([2.0, 4.0])
+    monkeypatch.setattr(encode_throughput, "median_seconds", lambda fn, repeats: (fn(), next(seconds))[1])
+    encode_throughput.compare_vision_attention(Encoder(), None, {"input_ids": torch.zeros(6, 3)}, 1)
+    assert capsys.readouterr().out == ("  vision attention, encode: packed 3.0 images/s, transformers' 1.5 images/s "
+                                       "(2.00x); embeddings' cosine packed vs transformers' min 0.600000\n")
+
+
+def test_throughput_peak_memory_is_reset_per_setting(monkeypatch):
+    """reset_peak_memory: on CPU the peak resident set falls back to what is resident (300 MB allocated and freed
+    before it no longer count); on a GPU the allocator's cache is emptied and the peak counter of that device reset.
+    Catches: another value written to /proc/self/clear_refs (4 clears soft-dirty bits, not the peak); the CUDA peak
+    counter not reset (a setting's peak would include the previous setting's)."""
+    import train_throughput
+    block = np.ones(300 * 2 ** 20 // 8)
+    del block
+    high = train_module.peak_memory_mb(torch.device("cpu"))
+    train_throughput.reset_peak_memory(torch.device("cpu"))
+    assert train_module.peak_memory_mb(torch.device("cpu")) < high - 200
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(device))
+    train_throughput.reset_peak_memory(torch.device("cuda", 1))
+    assert calls == ["empty", torch.device("cuda", 1)]
 
 # ----------------------------------------------------------------------------- whole runs on U-FIRE-mini
 
