@@ -1,6 +1,7 @@
 """Gradient-cache chunk sizes by GPU memory: loader.chunk_sizes_for / chunk_table_row reading a table,
 benchmarks/chunk_memory.py writing one (the bytes autograd saves, the fit, the choice per memory size), and resuming
 with other chunks (checkpoints.comparable_config)."""
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import yaml
 from checkpoints import comparable_config
 from config import Config, load_config
 from plumbing import DataError
-from prepare_data import SUB_DATASETS
+from prepare_data import SKETCH_SETS, SUB_DATASETS
 from loader import chunk_report, chunk_sizes_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,15 +201,17 @@ def test_estimate_is_linear_in_depth_and_chunk(tiny_backbone, tmp_path):
     3 text layers, chunk 3, counted directly; the vision features kept per record, by hand. Catches: an
     extrapolation off by a layer (full_depth - 1 or + 1), intercept and slope swapped, the chunk fit evaluated at
     the wrong depth; the kept features not divided by the chunk, or the deepstack levels counted without the merged
-    tokens."""
+    tokens; the trainable parameters or the frozen weights' bytes not extrapolated to the full depth."""
     cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), ["model.image_pixels=4096", "model.video_frames=2"])
     media = chunk_memory.Media(str(tmp_path), 12, 0)
-    fits, _, _, _ = chunk_memory.estimate(cfg, ["image"], media, [1, 2], (1, 2), 3, True, str(tmp_path))
+    fits, trainable, frozen, _ = chunk_memory.estimate(cfg, ["image"], media, [1, 2], (1, 2), 3, True, str(tmp_path))
     with chunk_memory.as_on_a_gpu():
         backbone = chunk_memory.build_cut(str(tmp_path), 3, tiny=True)
         encoder = chunk_memory.model.build_encoder(chunk_memory.cfg_with(cfg, backbone).model, cfg.calibrator, "cpu")
         saved, _ = chunk_memory.replay_bytes(encoder.train(), *media.inputs(encoder, "image", 3), 1)
     assert fits["image"]["graph_fixed_bytes"] + 3 * fits["image"]["per_record_bytes"] == pytest.approx(saved, rel=1e-4)
+    assert trainable == pytest.approx(sum(p.numel() for p in encoder.parameters() if p.requires_grad))
+    assert frozen == pytest.approx(sum(p.nbytes for p in encoder.parameters() if not p.requires_grad))
     # a 4096-pixel image: 4 merged tokens of 128 bf16 values, and the tiny tower's one deepstack level as large
     assert fits["image"]["kept_vision_per_record_bytes"] == 2 * 4 * 128 * 2
 
@@ -274,16 +277,22 @@ def test_cuda_fit_takes_the_batchs_kept_vision_features_out_of_the_peak(tmp_path
     chunk record: a step of 2 chunks keeps, per record, a query image's and a target image's vision features
     (4096 pixels: 4 merged tokens x 128 values, fp32 on CPU, and one deepstack level as large: 4096 bytes each), so
     the fit is fixed 10 GiB, per record 1 GiB - 2 x 8192 bytes. Catches: the kept features of one chunk taken out
-    instead of the batch's (two chunks), or the target's left in."""
+    instead of the batch's (two chunks), or the target's left in; a step on one chunk's records."""
     import train_throughput
     cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), ["model.image_pixels=4096"])
     from fake_backbones import make_tiny_backbone
     monkeypatch.setattr(chunk_memory, "random_qwen3vl_4b", lambda backbone, tmp, device: make_tiny_backbone(backbone))
     chunk_of_step = []
-    monkeypatch.setattr(train_throughput, "step", lambda encoder, cfg, examples, chunk, *_: chunk_of_step.append(chunk))
+    batches = []
+
+    def step(encoder, cfg, examples, chunk, *_):
+        chunk_of_step.append(chunk)
+        batches.append(len(examples))
+    monkeypatch.setattr(train_throughput, "step", step)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: (10 + chunk_of_step[-1]) * 2 ** 30)
     media = chunk_memory.Media(str(tmp_path), 32, 0)
     fits, _ = chunk_memory.measure_cuda(cfg, ["image"], media, {"image": [2, 8]}, str(tmp_path), torch.device("cpu"))
+    assert batches == [2, 4, 16]                    # the warm-up step, then two chunks at each size
     assert fits["image"]["kept"] == 4096
     assert fits["image"]["fixed"] == pytest.approx(10 * 2 ** 30, abs=1)
     assert fits["image"]["per_record"] == pytest.approx(2 ** 30 - 2 * 8192, abs=1e-3)
@@ -304,6 +313,62 @@ def test_calibration_corrects_unmeasured_kinds_by_the_median_measured_ratio_and_
     assert fits["images3"] == {"fixed": 16 * gib, "per_record": 10 * gib, "kept": 6.0}
 
 
+def test_calibration_without_an_estimate_and_its_predicted_vs_measured_lines(capsys):
+    """calibrated with no --estimate keeps the measurement as it is (ratio 1, difference 0: the table header's
+    "per record x 1.000, fixed +0.00 GiB"); with one, it prints per measured chunk the estimate's prediction (fixed
+    10 GiB + chunk x 1 GiB: 14 and 26 GiB at chunks 4 and 16) next to the measurement (20 and 44 GiB).
+    Catches: a measured kind missing from the estimate not skipped (KeyError: no table from a run without
+    --estimate); ratio 0 without an estimate; the chunk's records left out of the prediction."""
+    gib = 2 ** 30
+    measured = {"image": {"fixed": 12 * gib, "per_record": 2 * gib, "kept": 6.0,
+                          "points": [(4, 20 * gib), (16, 44 * gib)]}}
+    assert chunk_memory.calibrated({}, measured) == ({"image": {"fixed": 12 * gib, "per_record": 2 * gib,
+                                                                "kept": 6.0}}, 1.0, 0.0)
+    capsys.readouterr()
+    chunk_memory.calibrated({"image": {"fixed": 10 * gib, "per_record": gib, "kept": 5.0}}, measured)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["image", "estimated", "vs", "measured:", "fixed", "10.00", "vs", "12.00", "GiB,",
+                                "per", "record", "1024.0", "vs", "2048.0", "MiB"]
+    assert [line.split()[3:7] for line in lines[1:]] == [["14.00", "GiB,", "measured", "20.00"],
+                                                         ["26.00", "GiB,", "measured", "44.00"]]
+
+
+def test_cuda_chunk_sizes_per_kind_and_enough_media_for_them(tmp_path, monkeypatch):
+    """cuda_measurement: --chunks 4,5 would give video and five-image queries a quarter of them, 1 and 1, one size:
+    refused before anything is built. --chunks 2,8: three-image queries at 2 and 8, five-image and video queries at
+    1 and 2, and the random media suffice for each of them in a batch of two chunks (8 x 2 records of 1 + 3 images).
+    Catches: the two-sizes check off by one (a fit over one point divides by zero after the GPU run); a quarter of
+    a chunk rounded down to 0; media counted for two images a record."""
+    measured = []
+
+    def measure_cuda(cfg, kinds, media, chunks, tmp, device):
+        measured.append(chunks)
+        for kind in kinds:
+            for chunk in chunks[kind]:
+                assert len(media.examples(kind, 2 * chunk)) == 2 * chunk
+        return {k: {"fixed": 1.0, "per_record": 1.0, "kept": 1.0, "points": []} for k in kinds}, []
+    monkeypatch.setattr(chunk_memory, "measure_cuda", measure_cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stub GPU")
+    with pytest.raises(ValueError, match="two chunk sizes"):
+        chunk_memory.cuda_measurement(SimpleNamespace(chunks="4,5", device="cpu", estimate=""), Config(),
+                                      ["image", "video"], str(tmp_path), "test")
+    chunk_memory.cuda_measurement(SimpleNamespace(chunks="2,8", device="cpu", estimate=""), Config(),
+                                  ["images3", "images5", "video"], str(tmp_path), "test")
+    assert measured == [{"images3": [2, 8], "images5": [1, 2], "video": [1, 2]}]
+
+
+def test_a_table_needs_the_target_kind(monkeypatch, capsys):
+    """chunk_memory.py --kinds image on CPU estimates no target: the table (which weighs each sub-dataset's target
+    chunk) is refused, naming the kind missing. Catches: the target kind left out of the check (a KeyError after
+    the estimate's minutes)."""
+    fits = {k: {"fixed": 0.0, "per_record": 0.0, "kept": 0.0} for k in chunk_memory.KINDS if k != "target"}
+    monkeypatch.setattr(chunk_memory, "cpu_estimate", lambda *args: (fits, [], []))
+    monkeypatch.setattr(sys, "argv", ["chunk_memory.py", "--tiny", "--kinds", "image"])
+    with pytest.raises(SystemExit):
+        chunk_memory.main()
+    assert "kinds ['target'] are needed for the table" in capsys.readouterr().err
+
+
 def test_table_file_gives_back_the_fits_it_was_written_with(tmp_path):
     """write_table stores the fit in GiB and MiB; read_estimate (cuda --estimate) reads it back in bytes. Values
     that the rounding keeps exactly come back exactly. Catches: GB or MB (10^9, 10^6) on either side."""
@@ -316,18 +381,27 @@ def test_table_file_gives_back_the_fits_it_was_written_with(tmp_path):
 def test_query_kinds_are_u_fire_minis_heaviest_queries(mini_root):
     """QUERY_KINDS, the kinds the table is sized for, against the heaviest training query of each sub-dataset of
     U-FIRE-mini (which has U-FIRE's shapes), as --root counts them. Catches: a sub-dataset given a lighter kind
-    (QMUL-Shoe-V2's up to 5 sketches as one image: a chunk that does not fit)."""
+    (QMUL-Shoe-V2's up to 5 sketches as one image: a chunk that does not fit); the sketch sets' queries not cut to
+    data.max_query_images (3 here: three-image queries)."""
     cfg = load_config(os.path.join(REPO, "configs", "full.yaml"))
     assert chunk_memory.query_kinds_of(mini_root, cfg) == chunk_memory.QUERY_KINDS
+    cfg.data.max_query_images = 3
+    assert chunk_memory.query_kinds_of(mini_root, cfg) == dict(chunk_memory.QUERY_KINDS, **{
+        key: "images3" for key in SKETCH_SETS})
 
 
 def test_script_cpu_path_writes_a_table_training_reads(tmp_path, monkeypatch):
     """benchmarks/chunk_memory.py --tiny end to end (about 15 s): the table it writes is one train.chunk_table reads
-    for configs/full.yaml's settings, with every sub-dataset. Catches: writer and reader disagreeing on the layout
-    (keys, the 'assumes' names, GB rows)."""
+    for configs/full.yaml's settings, with every sub-dataset, and --json holds the fits, the raw counts (one per
+    kind, depth and chunk) and the rows. Catches: writer and reader disagreeing on the layout (keys, the 'assumes'
+    names, GB rows); the rows written as the raw counts."""
     out = tmp_path / "chunks.yaml"
     subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "chunk_memory.py"), "--tiny", "--table",
-                    str(out)], check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                    str(out), "--json", str(tmp_path / "raw.json")], check=True, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    assert len(raw["raw"]) == len(chunk_memory.KINDS) * 2 * 2 and set(raw["fits"]) == set(chunk_memory.KINDS)
+    assert raw["rows"] == {str(gb): row for gb, row in yaml.safe_load(out.read_text())["chunk_sizes"].items()}
     assert out.read_text().startswith("# Made by: python benchmarks/chunk_memory.py --tiny")
     cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), [f"train.chunk_table={out}"])
     chunks, source = chunk_sizes_for(cfg, list(SUB_DATASETS), on_gpu(monkeypatch, 85e9))
@@ -337,26 +411,29 @@ def test_script_cpu_path_writes_a_table_training_reads(tmp_path, monkeypatch):
 
 def test_the_cuda_measurement_path_runs(tmp_path, monkeypatch):
     """What gpu_session.sh runs on the GPU (`chunk_memory.py --device cuda --kinds image,video --estimate ...`), run
-    here on CPU with the tiny backbone for the 4B and torch.cuda's name and peak counter stubbed (the peak grows by
-    1 GiB per chunk record over 10 GiB): it trains, fits, calibrates the estimate's other kinds and gives a table
-    for every sub-dataset. A GPU session is short and rare; a call that fails only there wastes it.
-    Catches: a training step called with another signature than train_throughput.step's (the merge that made its
-    `prefetch` argument required: TypeError)."""
+    here on CPU with the tiny backbone for the 4B and torch.cuda's name and peak counter stubbed (the peak since the
+    counter's reset grows by 1 GiB per chunk record over 10 GiB): it trains, fits, calibrates the estimate's other
+    kinds and gives a table for every sub-dataset. A GPU session is short and rare; a call that fails only there
+    wastes it. Catches: a training step called with another signature than train_throughput.step's (the merge that
+    made its `prefetch` argument required: TypeError); the peak counter not reset before each measurement (the
+    video steps' peaks would be the image steps' 18 GiB)."""
     cfg = load_config(os.path.join(REPO, "configs", "full.yaml"), ["model.image_pixels=4096"])
     from fake_backbones import make_tiny_backbone
     monkeypatch.setattr(chunk_memory, "random_qwen3vl_4b", lambda backbone, tmp, device: make_tiny_backbone(backbone))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stub GPU")
-    chunk_of_step = []
+    peak = [0]
     import train_throughput
     real_step = train_throughput.step
 
     def counted_step(encoder, cfg, examples, chunk, *args, **kwargs):
-        chunk_of_step.append(chunk)
+        peak[0] = max(peak[0], (10 + chunk) * 2 ** 30)
         return real_step(encoder, cfg, examples, chunk, *args, **kwargs)
     monkeypatch.setattr(train_throughput, "step", counted_step)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: (10 + chunk_of_step[-1]) * 2 ** 30)
+    monkeypatch.setattr(train_throughput, "reset_peak_memory", lambda device: peak.__setitem__(0, 0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak[0])
     args = SimpleNamespace(chunks="2,8", device="cpu", estimate=os.path.join(REPO, "configs", "chunk_sizes.yaml"))
     fits, raw, how = chunk_memory.cuda_measurement(args, cfg, ["image", "video"], str(tmp_path), "test")
-    assert [r["chunk"] for r in raw] == [2, 8, 1, 2] and fits["image"]["per_record"] > 0
+    assert [(r["kind"], r["chunk"], r["peak_bytes"] / 2 ** 30) for r in raw] == [
+        ("image", 2, 12), ("image", 8, 18), ("video", 1, 11), ("video", 2, 12)]
     rows, _ = chunk_memory.table(fits, chunk_memory.QUERY_KINDS, cfg, 0.8)
     assert set(rows[141]) == set(SUB_DATASETS)
