@@ -484,7 +484,8 @@ def main():
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to --config")
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "full.yaml"))
     parser.add_argument("--device", default="cpu", help="cpu: estimate (default); cuda: measure")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="record kinds to measure (cuda: a few)")
+    parser.add_argument("--kinds", default="", help="record kinds to estimate or measure (default: every kind on "
+                                                    "cpu; image,video on cuda)")
     parser.add_argument("--chunks", default=None, help="chunk sizes per kind (default cpu 1,2; cuda 4,16; "
                                                        "video and images5 a quarter of them on cuda)")
     parser.add_argument("--headroom", type=float, default=0.8, help="fraction of the memory a predicted peak may use")
@@ -496,11 +497,20 @@ def main():
     parser.add_argument("--json", default="", help="write the raw numbers (JSON) here")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    kinds = args.kinds.split(",")
+    kinds = (args.kinds or (",".join(KINDS) if args.device == "cpu" else "image,video")).split(",")
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         parser.error(f"unknown kinds {unknown}; known: {list(KINDS)}")
+    if args.device != "cpu" and "target" in kinds:
+        parser.error("--kinds target: on a GPU a gallery image is measured inside every training step, not on its "
+                     "own; its fit comes from --estimate, corrected by the measured kinds")
     query_kinds = query_kinds_of(args.root, cfg) if args.root else QUERY_KINDS
+    # Checked before the minutes of estimating or measuring: the kinds the table weighs that nothing will give.
+    given = set(kinds) | (set(read_estimate(args.estimate)) if args.device != "cpu" and args.estimate else set())
+    missing = sorted((set(query_kinds.values()) | {"target"}) - given)
+    if missing:
+        hint = "; on a GPU, give --estimate (a table this script wrote on CPU)" if args.device != "cpu" else ""
+        parser.error(f"kinds {missing} are needed for the table but would be neither measured nor estimated{hint}")
     torch.manual_seed(0)
     started = time.perf_counter()
     command = f"python benchmarks/chunk_memory.py {' '.join(sys.argv[1:])}"
@@ -509,9 +519,6 @@ def main():
             fits, raw, how = cpu_estimate(args, cfg, kinds, tmp, command)
         else:
             fits, raw, how = cuda_measurement(args, cfg, kinds, tmp, command)
-        missing = sorted((set(query_kinds.values()) | {"target"}) - set(fits))
-        if missing:
-            parser.error(f"kinds {missing} are needed for the table but were neither measured nor estimated")
         rows, misfits = table(fits, query_kinds, cfg, args.headroom)
         print_table(rows, fits)
         if misfits:

@@ -358,15 +358,40 @@ def test_cuda_chunk_sizes_per_kind_and_enough_media_for_them(tmp_path, monkeypat
 
 
 def test_a_table_needs_the_target_kind(monkeypatch, capsys):
-    """chunk_memory.py --kinds image on CPU estimates no target: the table (which weighs each sub-dataset's target
-    chunk) is refused, naming the kind missing. Catches: the target kind left out of the check (a KeyError after
-    the estimate's minutes)."""
-    fits = {k: {"fixed": 0.0, "per_record": 0.0, "kept": 0.0} for k in chunk_memory.KINDS if k != "target"}
-    monkeypatch.setattr(chunk_memory, "cpu_estimate", lambda *args: (fits, [], []))
-    monkeypatch.setattr(sys, "argv", ["chunk_memory.py", "--tiny", "--kinds", "image"])
+    """chunk_memory.py --kinds image,images3,images5,text,video on CPU would estimate no target: the table (which
+    weighs each sub-dataset's target chunk) is refused before the estimate runs, naming the kind missing.
+    Catches: the target kind left out of the check (a KeyError after the estimate's minutes)."""
+    monkeypatch.setattr(chunk_memory, "cpu_estimate", lambda *args: pytest.fail("the estimate ran"))
+    monkeypatch.setattr(sys, "argv", ["chunk_memory.py", "--tiny", "--kinds", "image,images3,images5,text,video"])
     with pytest.raises(SystemExit):
         chunk_memory.main()
     assert "kinds ['target'] are needed for the table" in capsys.readouterr().err
+
+
+def test_a_gpu_measurement_is_checked_before_it_runs(tmp_path, monkeypatch, capsys):
+    """chunk_memory.py --device cuda: by default it measures image and video records (a gallery image alone is no
+    training step: measuring "target" is refused), and without --estimate the table's other kinds would come from
+    nowhere: refused before anything is built, naming them and --estimate. With --estimate, the measurement runs.
+    Catches: every kind measured by default on a GPU ("target" among them: a TypeError after building the 4B model);
+    the table's kinds checked only after the measurement (the GPU minutes spent, then the error)."""
+    ran = []
+
+    def cuda_measurement(args, cfg, kinds, tmp, command):
+        ran.append(kinds)
+        return chunk_memory.read_estimate(args.estimate), [], []
+    monkeypatch.setattr(chunk_memory, "cuda_measurement", cuda_measurement)
+    estimate = os.path.join(REPO, "configs", "chunk_sizes.yaml")
+    for argv, refusal in [([], "kinds ['images3', 'images5', 'target', 'text'] are needed for the table but would "
+                                "be neither measured nor estimated; on a GPU, give --estimate"),
+                          (["--kinds", "image,target", "--estimate", estimate], "--kinds target: on a GPU")]:
+        monkeypatch.setattr(sys, "argv", ["chunk_memory.py", "--device", "cuda", *argv])
+        with pytest.raises(SystemExit):
+            chunk_memory.main()
+        assert refusal in capsys.readouterr().err
+    assert ran == []
+    monkeypatch.setattr(sys, "argv", ["chunk_memory.py", "--device", "cuda", "--estimate", estimate])
+    chunk_memory.main()
+    assert ran == [["image", "video"]]
 
 
 def test_table_file_gives_back_the_fits_it_was_written_with(tmp_path):
