@@ -90,7 +90,7 @@ def load_video(path, num_frames=8, record_id=None):
     except Exception as err:  # PyAV raises its own error family (and IndexError, ValueError, ...) on bad files
         raise DataError(path, f"cannot read video: {video_problem(path) or err}", record_id) from err
     # PyAV yields each index once and none past the decoded end; map the frames we got back to their indices.
-    decoded = np.unique(meta.frames_indices)[:len(frames)]
+    decoded = np.unique(meta.frames_indices)
     pick = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
     meta.frames_indices = decoded[pick].tolist()
     meta.fps = meta.fps or 24.0  # the timestamps in Qwen3-VL's video prompt divide by it; 24 is the processor's default

@@ -70,7 +70,7 @@ def read_video(path, num_frames):
         frames, meta = video_utils.load_video(path, backend="pyav", sample_indices_fn=uniform)
     except Exception as err:
         raise ValueError(f"{path}: cannot read video ({type(err).__name__}: {err})") from err
-    decoded = np.unique(meta.frames_indices)[:len(frames)]
+    decoded = np.unique(meta.frames_indices)
     pick = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
     meta.frames_indices = decoded[pick].tolist()
     meta.fps = meta.fps or 24.0
