@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import ablations  # noqa: E402
 from ablations import markdown, summarise, train_and_evaluate  # noqa: E402
 
 
@@ -74,3 +75,74 @@ def test_finished_run_is_reused_only_with_the_same_overrides(tmp_path):
     (out / "overrides.json").write_text(json.dumps(overrides[:-1]))
     with pytest.raises(RuntimeError, match="not"):
         train_and_evaluate("uniform sampling", 0, args, clip_config=None)
+
+
+def test_each_variant_runs_its_own_overlay():
+    """The overrides behind each row, written out from configs/ablation_*.yaml. Catches: two overlays swapped
+    between rows (size-proportional sampling reporting the scale-prior runs)."""
+    assert ablations.VARIANTS["FashionLens"] == []
+    assert ablations.VARIANTS["no calibrator"] == ["calibrator.mode=none"]
+    assert ablations.VARIANTS["lerp instead of slerp"] == ["calibrator.mode=lerp"]
+    for name, mode in (("uniform sampling", "uniform"), ("size-proportional sampling", "size"),
+                       ("scale-prior sampling", "size_pow")):
+        assert ablations.VARIANTS[name] == [f"sampler.mode={mode}", "sampler.warmup_all_modes=true"]
+    assert ablations.VARIANTS["open_clip dual encoder"] == ["model.kind=openclip", "model.trainable=full",
+                                                         "calibrator.mode=none"]
+
+
+def test_a_run_trains_with_its_seed_and_evaluates_its_own_checkpoint(tmp_path, monkeypatch):
+    """The two commands of a fresh run, with the training and evaluation replaced by a recorder. Catches: the seed
+    not reaching train.py (every seed trains seed 0), the open_clip variant trained without its backbone, seeds of
+    one variant sharing an output directory."""
+    commands = []
+
+    def fake_run(cmd, log_path):
+        commands.append(cmd)
+        if cmd[1] == "evaluate.py":
+            os.makedirs(os.path.join(os.path.dirname(cmd[2]), "eval_test"))
+            with open(os.path.join(os.path.dirname(cmd[2]), "eval_test", "results.json"), "w") as f:
+                json.dump(fake_results(len(commands)), f)
+
+    monkeypatch.setattr(ablations, "run", fake_run)
+    args = SimpleNamespace(out=str(tmp_path), overrides=["train.epochs=2"], config="configs/tiny.yaml")
+    assert train_and_evaluate("open_clip dual encoder", 1, args, clip_config="CLIP") == fake_results(2)
+    out = str(tmp_path / "open_clip_dual_encoder-seed1")
+    assert commands[0][1:] == ["train.py", "configs/tiny.yaml", f"train.out_dir={out}", "train.seed=1",
+                               "model.kind=openclip", "model.trainable=full", "calibrator.mode=none",
+                               "train.epochs=2", "model.backbone=CLIP"]
+    assert commands[1][1:] == ["evaluate.py", os.path.join(out, "best.pt"), "--split", "test"]
+    assert train_and_evaluate("open_clip dual encoder", 2, args, clip_config="CLIP") == fake_results(4)
+    assert commands[2][3:5] == [f"train.out_dir={tmp_path / 'open_clip_dual_encoder-seed2'}", "train.seed=2"]
+
+
+def test_main_writes_each_variant_and_seed_to_its_row(tmp_path, monkeypatch, capsys):
+    """The whole script with each run's results given: FashionLens seeds 0, 1 at x = 10, 20 and uniform sampling at
+    x = 13, 21 (fake_results). By hand: overall R@1 12, 22 -> 17.0 ± 7.1 and 15, 23 -> 19.0 ± 5.7, paired +3, +1 ->
+    +2.0 ± 1.4; t2i R@1 11, 21 -> 16.0 ± 7.1 and 14, 22 -> 18.0 ± 5.7, paired +2.0 ± 1.4 (every column of
+    fake_results moves with x).
+    Catches: every row given FashionLens' runs, the reference not run when --variants leaves it out, variants not
+    asked for put in the tables, the per-family tables reduced to the headline columns or the Δ table showing
+    absolute values, a positive Δ printed without its sign, the seeds named wrongly, the overrides left out of the
+    JSON."""
+    given = {("FashionLens", 0): 10, ("FashionLens", 1): 20, ("uniform sampling", 0): 13, ("uniform sampling", 1): 21}
+    monkeypatch.setattr(ablations, "train_and_evaluate", lambda name, seed, args, clip: fake_results(given[name, seed]))
+    monkeypatch.setattr(ablations, "make_tiny_openclip_config", lambda out: None)
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--seeds", "0", "1", "--variants", "uniform sampling",
+                                      "--out", str(tmp_path), "train.epochs=2"])
+    ablations.main()
+    written = json.loads((tmp_path / "ablations.json").read_text())
+    assert written["overrides"] == ["train.epochs=2"] and written["seeds"] == [0, 1]
+    assert written["runs"] == {f"{name}/seed{seed}": fake_results(x) for (name, seed), x in given.items()}
+    lines = (tmp_path / "ablations.md").read_text().splitlines()
+    assert "over seeds 0, 1." in lines[0]
+    assert lines[4] == ("| FashionLens | 17.0 ± 7.1 | — | 67.0 ± 7.1 | — | 15.0 ± 7.1 | — |")
+    assert lines[5] == ("| uniform sampling | 19.0 ± 5.7 | +2.0 ± 1.4 | 69.0 ± 5.7 | +2.0 ± 1.4 | 17.0 ± 5.7 | "
+                        "+2.0 ± 1.4 |")
+    every, delta = lines.index("Every column:"), lines.index("Every column, Δ from FashionLens:")
+    assert lines[every + 2].split(" | ")[1:3] == ["t2i R@1", "t2i R@10"]
+    assert lines[every + 4].startswith("| FashionLens | 16.0 ± 7.1 | 66.0 ± 7.1 | 19.0 ± 7.1 |")
+    assert lines[every + 5].startswith("| uniform sampling | 18.0 ± 5.7 | 68.0 ± 5.7 | 21.0 ± 5.7 |")
+    assert lines[delta + 4].startswith("| FashionLens | — | — | — |")
+    assert lines[delta + 5].startswith("| uniform sampling | +2.0 ± 1.4 | +2.0 ± 1.4 | +2.0 ± 1.4 |")
+    assert len(lines) == delta + 6          # no row for a variant not asked for
+    assert capsys.readouterr().out.startswith(lines[0])
