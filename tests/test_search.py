@@ -1,6 +1,7 @@
 """search.py: a catalogue indexed with a checkpoint and queried gives the brute-force cosine ranking of the same
 model; killed runs resume; unreadable images are skipped and counted; another checkpoint is refused; approximate
 faiss indexes build and search; two torchrun processes index like one."""
+import argparse
 import json
 import os
 import re
@@ -13,9 +14,11 @@ import torch
 from PIL import Image
 
 import encoding
+import evaluate
 import search
+from benchmarks import ann_search
 from search import SearchError, build_index, make_query, set_search_params
-from test_evaluate import perturb
+from test_evaluate import perturb, ranked_query
 
 
 @pytest.fixture(scope="module")
@@ -871,3 +874,226 @@ def test_indexing_into_the_index_of_another_checkpoint_or_catalogue_says_it_is_r
         f.write("{not json")
     meta = search.index_catalogue(other, "smaller", out, progress=False)
     assert meta["vectors"] == len(search.read_catalogue(str(smaller))) and "note:" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- benchmarks/ann_search.py
+
+def test_ann_overlap_recall_is_the_fraction_of_the_exact_top_k_found():
+    """Two queries of an exact top 4: the first finds 2 of its 4 (and a faiss "no result" -1), the second all 4 in
+    another order: 3 of 4 on average. Catches: hits summed instead of averaged over queries, the count not divided
+    by K (2 of 4 -> 2.0)."""
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert ann_search.overlap_recall(np.array([[4, 3, 9, -1], [8, 7, 6, 5]]), exact) == 0.75
+    assert ann_search.overlap_recall(np.array([[4, 3, 9, -1]]), exact[:1]) == 0.5
+
+
+def test_ann_timed_search_gives_queries_per_cpu_second_of_the_median_search(monkeypatch):
+    """A search of 100 queries taking 0.5, 0.9, 0.2 CPU s is timed three times: median 0.5 s, 200 queries/s; one
+    taking 2 CPU s is timed once: 50 queries/s. Catches: the mean (1.6 / 3 s) or the fastest search instead of the
+    median, the search repeated when it takes over a second, the rate of one query instead of the batch."""
+    clock = [0.0]
+    monkeypatch.setattr(ann_search.time, "process_time", lambda: clock[0])
+
+    class Index:
+        def __init__(self, durations):
+            self.durations, self.calls = list(durations), 0
+
+        def search(self, queries, k):
+            clock[0] += self.durations[self.calls]
+            self.calls += 1
+            return None, np.zeros((len(queries), k), dtype=np.int64)
+
+    queries = np.zeros((100, 4), dtype=np.float32)
+    index = Index([0.5, 0.9, 0.2])
+    ids, qps = ann_search.timed_search(index, queries)
+    assert ids.shape == (100, ann_search.K) and qps == pytest.approx(200) and index.calls == 3
+    index = Index([2.0])
+    assert ann_search.timed_search(index, queries)[1] == pytest.approx(50) and index.calls == 1
+
+
+def test_ann_index_types_follow_the_documented_size_rules():
+    """nlist = round(4 sqrt(N)), trained on min(N, 39 nlist) rows, one PQ code per 4 dimensions, 8 bits unless the
+    training sample is under 256 rows (then floor(log2 rows)), by hand; the factories docs/ann_search.md lists
+    (IVF1265 at 100k, IVF4000 at 1M, PQ32x6 and PQ32 on U-FIRE-mini galleries of 80 and 394).
+    Catches: nlist truncated (IVF1264), the training sample not capped at N, bits rounded (PQ32x7 at 100 rows),
+    8-bit codes given to a sample under 256 rows, codes per 8 dimensions."""
+    def factories(n, dim):
+        return {name: (factory, train) for name, (factory, train, _) in ann_search.index_types(n, dim).items()}
+    assert factories(100_000, 256) == {"Flat": ("Flat", None), "IVF-Flat": ("IVF1265,Flat", 49_335),
+                                       "IVF-PQ": ("IVF1265,PQ64", 49_335), "HNSW32": ("HNSW32", None)}
+    assert factories(1_000_000, 256)["IVF-PQ"] == ("IVF4000,PQ64", 156_000)
+    assert factories(80, 128)["IVF-PQ"] == ("IVF36,PQ32x6", 80)
+    assert factories(100, 128)["IVF-PQ"] == ("IVF40,PQ32x6", 100)     # log2(100) = 6.64
+    assert factories(200, 128)["IVF-PQ"] == ("IVF57,PQ32x7", 200)
+    assert factories(394, 128)["IVF-PQ"] == ("IVF79,PQ32", 394)
+    assert [p for _, _, p in ann_search.index_types(1000, 16).values()] == [None, "nprobe", "nprobe", "efSearch"]
+
+
+def test_ann_local_intrinsic_dimension_of_points_on_a_line():
+    """Points at 1, 2, ..., 100 on a line in the plane; three queries whose 20 nearest distances are known: at 0
+    (1, 2, ..., 20), at 50.25 (0.25, 0.75, 1.25, ...) and 10 off the line at 0 (sqrt(100 + t^2)). Each estimate is
+    1 / mean over j < 20 of log(d_20 / d_j), by hand; the result is their median.
+    Catches: squared distances (faiss's L2 returns them) used as distances, the 20th neighbour's own log(1) = 0
+    averaged in, the mean of the three estimates instead of the median, the sign."""
+    x = np.array([[t, 0.0] for t in range(1, 101)], dtype=np.float32)
+    queries = np.array([[0.0, 0.0], [50.25, 0.0], [0.0, 10.0]], dtype=np.float32)
+    distances = [[float(t) for t in range(1, 21)], [0.25 + 0.5 * i for i in range(20)],
+                 [(100.0 + t * t) ** 0.5 for t in range(1, 21)]]
+    estimates = sorted(1 / (sum(np.log(d[-1] / dj) for dj in d[:-1]) / 19) for d in distances)
+    assert estimates[0] < estimates[1] < estimates[2]
+    assert ann_search.local_intrinsic_dimension(x, queries) == pytest.approx(estimates[1], rel=1e-4)
+
+
+def test_ann_catalogue_draws_unit_vectors_in_chunks():
+    """Catches: the last chunk drawn at full size (250 rows in chunks of 100), the rows left unnormalised, the
+    cluster weights not summing to 1; the same seed drawing other rows."""
+    mix = ann_search.mixture(16, seed=0, categories=5, styles=3)
+    x = ann_search.draw(mix, 250, np.random.default_rng([0, 1]), chunk=100)
+    assert x.shape == (250, 16) and x.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(x, ann_search.draw(ann_search.mixture(16, seed=0, categories=5, styles=3), 250,
+                                                     np.random.default_rng([0, 1]), chunk=100))
+
+
+def test_ann_catalogue_rows_measure_each_setting_against_exact_search(monkeypatch):
+    """measure_catalogue on 1,024 generated 16-d vectors with every CPU timing given (train 3 s, add 5 s, any search
+    8 s): each setting's recall is checked against numpy brute force and plain sets here, the nprobe sweep stops at
+    nlist (128: 1 to 128, the last exhaustive), the defaults (nprobe 32, efSearch 256) are the only ones marked,
+    Flat stores 4 bytes per dimension. Catches: the recall measured against another ranking than exact search, the
+    sweep cut below nlist or going past it, the default mark on other settings, training and adding times swapped,
+    bytes per vector divided by the width instead of N, the training sample drawn with repeats, the queries drawn
+    from the catalogue's own random stream."""
+    timings = {"train": 3.0, "add": 5.0, "search": 8.0}
+    trained_on = []
+
+    def fake_timed(fn, *args):
+        name = fn.__name__.removeprefix("replacement_")          # faiss's Python wrappers of its methods
+        if name == "train":
+            trained_on.append(args[0])
+        return fn(*args), timings[name]
+
+    found = []
+    real_timed_search = ann_search.timed_search
+    monkeypatch.setattr(ann_search, "cpu_timed", fake_timed)
+    monkeypatch.setattr(ann_search, "timed_search", lambda index, q: found.append(real_timed_search(index, q)[0])
+                        or (found[-1], len(q) / 8.0))
+    args = argparse.Namespace(dim=16, seed=0, queries=50, types=["Flat", "IVF-Flat", "HNSW32"], build_threads=1,
+                              ef_construction=40)
+    result = {}
+    ann_search.measure_catalogue(args, 1024, result, save=lambda: None)
+    mix = ann_search.mixture(16, 0)
+    x = ann_search.draw(mix, 1024, np.random.default_rng([0, 1]))
+    queries = ann_search.draw(mix, 50, np.random.default_rng([0, 2]))
+    exact = np.argsort(-(queries @ x.T), axis=1)[:, :10].tolist()
+    settings = [s for e in result["indexes"] for s in e["settings"]]
+    assert len(settings) == len(found) == 1 + 6 + 6
+    for s, ids in zip(settings, found):
+        assert s["recall"] == pytest.approx(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(ids.tolist(), exact)]))
+        assert s["qps"] == 50 / 8.0
+    flat, ivf, hnsw = result["indexes"]
+    assert flat["settings"][0]["recall"] == 1.0
+    assert ivf["settings"][-1]["recall"] == 1.0 > ivf["settings"][0]["recall"]
+    assert [(s["value"], s["default"]) for s in ivf["settings"]] == [(1, False), (4, False), (16, False), (32, True),
+                                                                    (64, False), (128, False)]
+    assert [s["value"] for s in hnsw["settings"] if s["default"]] == [256]
+    assert (ivf["factory"], ivf["train_size"], ivf["train_cpu_s"], ivf["add_cpu_s"]) == ("IVF128,Flat", 1024, 3.0, 5.0)
+    assert (flat["train_cpu_s"], flat["add_cpu_s"], result["exact_cpu_s"]) == (0.0, 5.0, 8.0)
+    assert 64 <= flat["bytes_per_vector"] < 64.2
+    assert len(trained_on) == 1 and len(np.unique(trained_on[0], axis=0)) == 1024
+
+
+def test_ann_task_recall_follows_evaluates_protocol():
+    """Recall@10 from an index's ranking, one-hot gallery of 14, by hand: q0 finds its ground truth first after its
+    own image; q1's only ground truth is its own image (a miss); q2's ground truth is 11th with one own image
+    before it (10th once removed: a hit); q3's is 11th, none removed (a miss); q4's 10th (a hit): 60%, as
+    evaluate.recall_at_k gives. Catches: an excluded ground truth counted as a hit, ranks counted before removing
+    the own images, a search only K deep, the 11th result counted."""
+    gallery = np.eye(14, dtype=np.float32)
+    rest = lambda first: first + [i for i in range(14) if i not in first]
+    queries = np.stack([ranked_query(rest(order), 14) for order in
+                        ([3, 0], [5], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0],
+                         [1, 2, 3, 4, 5, 6, 7, 8, 9, 0])])
+    ground_truth, exclude = [[0], [5], [0], [0], [0]], [[3], [5], [4], [], []]
+    index = build_index(gallery, "Flat")
+    assert ann_search.task_recall(index, queries, ground_truth, exclude, 14) == pytest.approx(60.0)
+    assert evaluate.recall_at_k(queries, gallery, ground_truth, ks=(10,), exclude=exclude)["R@10"] == pytest.approx(60)
+
+
+def test_ann_ufire_sets_take_their_own_queries_and_gallery_rows(monkeypatch):
+    """measure_ufire with the checkpoint's encoding given: one-hot embeddings of 65 gallery images, set A (t2i) over
+    images 0-39, set B (unseen, its queries' own images excluded) over images 64 down to 20, queries ranking the
+    gallery as written. By hand: A's ground truth 1st, 13th and 10th -> 66.7; B's 11th behind its own image (a hit)
+    and 16th -> 50.0. IVF-Flat at the default nprobe 32 probes all of its 25 or 27 lists: exact search's recall and
+    its whole top 10. Then HNSW32 replaced by an index that drops each query's exact first result (9 of the exact
+    top 10 found): A 33.3 (only the 10th moves into the top 10), B 50.0 (B's first dropped is its own image).
+    Catches: every set taking the first set's queries, a set's gallery taken as the first rows of the encoded
+    images, the default nprobe or efSearch not set, the own images not excluded from "exact", the fraction of the
+    exact top 10 taken against the index's own ranking."""
+    rest = lambda first: ranked_query(first + [i for i in range(65) if i not in first], 65)
+    sets = [argparse.Namespace(name="A", family="t2i", gallery=[f"p{i}" for i in range(40)], ground_truth=[[0]] * 3,
+                               exclude=[[], [], []],
+                               queries=[rest([0]), rest(list(range(28, 40)) + [0]), rest(list(range(30, 39)) + [0])]),
+            argparse.Namespace(name="B", family="unseen", gallery=[f"p{i}" for i in range(64, 19, -1)],
+                               ground_truth=[[64 - 40], [64 - 21]], exclude=[[64 - 30], []],
+                               queries=[rest([30] + list(range(50, 59)) + [40]), rest(list(range(41, 56)) + [21])])]
+    cfg = argparse.Namespace(train=argparse.Namespace(eval_batch_size=8))
+    monkeypatch.setattr(evaluate, "resolve_config", lambda cli: (cfg, None, None))
+    monkeypatch.setattr(evaluate, "build_sets", lambda cli, cfg: sets)
+    monkeypatch.setattr(evaluate, "load_encoder", lambda *a, **k: argparse.Namespace(encode_queries=None))
+    monkeypatch.setattr(encoding, "encode_gallery",
+                        lambda encoder, paths, *a: torch.eye(65)[[int(p[1:]) for p in paths]])
+    monkeypatch.setattr(encoding, "encode_sharded", lambda fn, queries, *a: torch.from_numpy(np.stack(queries)))
+    args = argparse.Namespace(ufire="ckpt.pt", split="test", types=["Flat", "IVF-Flat"], seed=0)
+    out = ann_search.measure_ufire(args)
+    assert [(k, e["family"], e["queries"], e["gallery"]) for k, e in out.items()] == [("A", "t2i", 3, 40),
+                                                                                   ("B", "unseen", 2, 45)]
+    for name, recall in (("A", 200 / 3), ("B", 50.0)):
+        assert out[name]["exact"] == pytest.approx(recall)
+        assert out[name]["indexes"]["Flat"] == {"factory": "Flat", "recall": pytest.approx(recall), "overlap": 1.0}
+        assert out[name]["indexes"]["IVF-Flat"]["recall"] == pytest.approx(recall)
+        assert out[name]["indexes"]["IVF-Flat"]["overlap"] == 1.0
+
+    class DropFirst:
+        def __init__(self, gallery):
+            self.flat = build_index(gallery, "Flat")
+
+        def search(self, queries, k):
+            return None, self.flat.search(queries, k + 1)[1][:, 1:]
+
+    monkeypatch.setattr(ann_search, "build_index", lambda gallery, factory, *a: DropFirst(gallery)
+                        if factory == "HNSW32" else build_index(gallery, factory, *a))
+    settings = []
+    monkeypatch.setattr(ann_search, "set_param", lambda index, param, value: settings.append((param, value)))
+    out = ann_search.measure_ufire(argparse.Namespace(ufire="ckpt.pt", split="test", types=["HNSW32"], seed=0))
+    assert settings == [("efSearch", 256)] * 2
+    assert [(e["indexes"]["HNSW32"]["recall"], e["indexes"]["HNSW32"]["overlap"]) for e in out.values()] == [
+        (pytest.approx(100 / 3), pytest.approx(0.9)), (pytest.approx(50.0), pytest.approx(0.9))]
+
+
+def test_ann_tables_label_rows_and_columns():
+    """The two tables from given results (a U-FIRE-mini run of --types IVF-PQ HNSW32), every cell by hand.
+    Catches: the sub-datasets and unseen tasks swapped between rows, the exact column read from the Flat index, an
+    index type absent from every set given a column, the fraction not in percent, the build columns repeated on
+    every setting, the default not marked."""
+    ufire = {"a": {"family": "t2i", "exact": 60.0, "indexes": {"IVF-PQ": {"recall": 50.0, "overlap": 0.9},
+                                                               "HNSW32": {"recall": 60.0, "overlap": 1.0}}},
+             "b": {"family": "cir", "exact": 40.0, "indexes": {"IVF-PQ": {"recall": 44.0, "overlap": 0.8},
+                                                               "HNSW32": {"recall": 38.0, "overlap": 0.96}}},
+             "u": {"family": "unseen", "exact": 30.0, "indexes": {"IVF-PQ": {"recall": 20.0, "overlap": 0.5},
+                                                                  "HNSW32": {"recall": 30.0, "overlap": 1.0}}}}
+    assert ann_search.ufire_table(ufire, ["Flat", "IVF-Flat", "IVF-PQ", "HNSW32"]).splitlines() == [
+        "| sets | exact | IVF-PQ | HNSW32 |", "|---|---:|---:|---:|",
+        "| 18 sub-datasets (mean Recall@10 %; fraction of exact top 10 found) | 50.0 | 47.0 (85) | 49.0 (98) |",
+        "| 2 unseen tasks (mean Recall@10 %; fraction of exact top 10 found) | 30.0 | 20.0 (50) | 30.0 (100) |"]
+    result = {"n": 1000, "dim": 16, "queries": 50, "lid": 3.14, "indexes": [
+        {"type": "Flat", "factory": "Flat", "train_cpu_s": 0.0, "add_cpu_s": 0.01, "bytes_per_vector": 64.2,
+         "settings": [{"param": None, "value": None, "recall": 1.0, "qps": 1234.4, "default": True}]},
+        {"type": "IVF-Flat", "factory": "IVF126,Flat", "train_cpu_s": 1.26, "add_cpu_s": 0.5, "bytes_per_vector": 70.4,
+         "settings": [{"param": "nprobe", "value": 1, "recall": 0.8761, "qps": 20000.0, "default": False},
+                      {"param": "nprobe", "value": 32, "recall": 0.99949, "qps": 5000.4, "default": True}]}]}
+    assert ann_search.catalogue_table(result).splitlines()[0] == ("### 1,000 vectors, dim 16, 50 queries (local "
+                                                                  "intrinsic dimension 3.1)")
+    assert ann_search.catalogue_table(result).splitlines()[4:] == [
+        "| Flat | Flat | exact | 100.0 | 1,234 | 0.0 | 0.0 | 64 |",
+        "| IVF-Flat | IVF126,Flat | nprobe=1 | 87.6 | 20,000 | 1.3 | 0.5 | 70 |",
+        "|  |  | **nprobe=32** | 99.9 | 5,000 |  | |  |"]
