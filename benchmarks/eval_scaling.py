@@ -44,8 +44,12 @@ def synthesise_queries(gallery_dir, key, root, max_queries, rng):
     entries = data[f"{dataset}_asfr_test_candidate"] if family == "asfr" else data
     records = []
     for i in range(min(max_queries, max(1, len(entries) // 10))):
-        record = {"id": f"{key}-{i}", "instruction_text": "benchmark query", "query_image": [], "task": family,
-                  "dataset": dataset, "split": "test"}
+        record = {"id": f"{key}-{i}", "instruction_text": "benchmark query", "task": family, "dataset": dataset,
+                  "split": "test"}
+        # Every family but t2i queries with media: load_records refuses a record without. Never read here.
+        media = {"t2i": None, "video2img": "query_video"}.get(family, "query_image")
+        if media:
+            record[media] = [f"benchmark/query{i}"]
         if family == "asfr":
             label = rng.choice(sorted(k for k in data if not k.endswith("_candidate")))
             record.update(attribute=label.split("+")[1], target_label=label, target_image=[rng.choice(data[label])])

@@ -1,6 +1,7 @@
 """evaluate.py: Recall@K against hand-computed values, chance levels, one encoding per distinct image, the embedding
 cache and its key, two gloo processes == one, the table, non-finite and all-zero embeddings refused, and the command
 line's errors for bad checkpoints and backbones."""
+import argparse
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import evaluate
+from benchmarks import eval_scaling
 from encoding import arithmetic, cache_key, file_key, fingerprint
 from evaluate import (EvaluationError, chance_recall, evaluate_sets, format_table, main, recall_at_k,
                       resolve_backbone, score)
@@ -1531,3 +1533,59 @@ def test_batch_size_below_1_is_a_usage_error(capsys):
             evaluate.parse_args(["best.pt", "--batch-size", size])
         assert e.value.code == 2 and f"--batch-size must be at least 1, got {size}" in capsys.readouterr().err
     assert evaluate.parse_args(["best.pt", "--batch-size", "1"]).batch_size == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/eval_scaling.py
+
+def scaling_timed(seconds, seen):
+    """eval_scaling.timed with given durations by function name; records each search's fp32 and bf16 inputs."""
+    def timed(fn, *args):
+        if fn.__name__ in ("recall_at_k", "naive_recall"):
+            seen.setdefault(fn.__name__, []).append(args[:2])
+        return fn(*args), seconds(fn.__name__, args)
+    return timed
+
+
+def top1_agreement(fp32, bf16):
+    """Percent of the first 200 queries whose top-1 under bf16 is the fp32 top-1, by numpy argmax."""
+    (q, g), (q16, g16) = fp32, bf16
+    exact = np.argmax(q[:200] @ g.T, axis=1)
+    return 100 * np.mean(np.argmax((q16[:200].float() @ g16.float().T).numpy(), axis=1) == exact)
+
+
+def test_eval_scaling_per_sub_dataset_table_from_given_timings(tmp_path, monkeypatch, capsys):
+    """Part 1 on four hand-written released-format galleries (t2i: 30 entries, one twice; cir: 20, 5 of them the
+    t2i's; asfr: a pool of 12 in two labels; video: 10), every duration given (ours 0.5 s to build and 2 s to
+    search, naive 10 s and 5 s). By hand: 3, 2, 1 and 1 synthetic queries; galleries 29, 20, 12, 10: 71, 66
+    distinct; ratios 20x and 2.5x; totals 2.00 / 40.00 / 8.0 / 20.0 s. The top-1 agreement is recomputed here with
+    numpy argmax. Catches: a query family with media given none (the records are refused: part 1 stopped at the
+    first sketch set), one synthetic query per entry instead of per 10, the ratios inverted, the build and search totals
+    swapped, the distinct images counted per gallery, agreement taken on the second result."""
+    gallery = tmp_path / "annotations" / "gallery"
+    gallery.mkdir(parents=True)
+    shoes = [f"shoes/a{i}.jpg" for i in range(29)]
+    (gallery / "1_t2i_Shoes_test_candidates.json").write_text(json.dumps(shoes + ["shoes/a3.jpg"]))
+    (gallery / "7_cir_Shoes_test_candidates.json").write_text(json.dumps(shoes[:5] + [f"cir/b{i}.jpg" for i in
+                                                                                      range(15)]))
+    darn = [f"darn/d{i}.jpg" for i in range(12)]
+    (gallery / "9_asfr_DARN_test_candidate_data.json").write_text(json.dumps(
+        {"DARN_asfr_test_candidate": darn, "DARN+0+1": darn[:6], "DARN+1+0": darn[6:]}))
+    (gallery / "6_video2img_MovingFashion_test_candidates.json").write_text(json.dumps([f"mf/{i}.jpg" for i in
+                                                                                         range(10)]))
+    keys = ("1_t2i_Shoes", "6_video2img_MovingFashion", "7_cir_Shoes", "9_asfr_DARN")
+    monkeypatch.setattr(eval_scaling, "SUB_DATASETS", {k: v for k, v in eval_scaling.SUB_DATASETS.items() if k in keys})
+    seconds = {"build_eval_set": 0.5, "naive_build": 10.0, "recall_at_k": 2.0, "naive_recall": 5.0}
+    seen = {}
+    monkeypatch.setattr(eval_scaling, "timed", scaling_timed(lambda name, args: seconds[name], seen))
+    args = argparse.Namespace(annotations=str(tmp_path / "annotations"), dim=32, max_queries=1000, threads=1)
+    root = tmp_path / "root"
+    eval_scaling.per_sub_dataset(args, np.random.default_rng(0), str(root))
+    rows = capsys.readouterr().out.splitlines()[4:]
+    agreement = [top1_agreement(fp32, bf16) for fp32, bf16 in zip(seen["recall_at_k"], seen["naive_recall"])]
+    assert rows[:4] == [f"| {key} | {entries} | {size} | {queries} | 0.500 | 10.000 | 20× | 2.00 | 5.00 | 2.5× | "
+                        f"{a:.1f}% |" for key, entries, size, queries, a in
+                        zip(keys, (30, 10, 20, 12), (29, 10, 20, 12), (3, 1, 2, 1), agreement)]
+    assert rows[4] == "| **total** | | 71 (66 distinct) | | 2.00 | 40.00 | 20× | 8.0 | 20.0 | 2.5× | |"
+    records = json.loads((root / "0_triplet_files" / "9_asfr_DARN_test_triplet_data.json").read_text())
+    assert records[0]["target_label"] in ("DARN+0+1", "DARN+1+0") and records[0]["attribute"] in ("0", "1")
