@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 
@@ -18,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import evaluate
-from benchmarks import eval_scaling
+from benchmarks import asfr_probe, eval_scaling
 from encoding import arithmetic, cache_key, file_key, fingerprint
 from evaluate import (EvaluationError, chance_recall, evaluate_sets, format_table, main, recall_at_k,
                       resolve_backbone, score)
@@ -1536,7 +1537,20 @@ def test_batch_size_below_1_is_a_usage_error(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# benchmarks/eval_scaling.py
+# benchmarks/eval_scaling.py and benchmarks/asfr_probe.py
+
+def test_eval_scaling_naive_recall_by_hand():
+    """The naive bf16 matmul + topk on the hand-ranked queries of test_recall_hand_computed_small_gallery_and_multi_
+    target. Catches: the hit test inverted, one result too many counted (row[:k + 1]), topk deeper than the
+    gallery."""
+    gallery = torch.eye(6).bfloat16()
+    queries = torch.from_numpy(np.stack([ranked_query([2, 0, 1, 3, 4, 5], 6), ranked_query([0, 1, 2, 3, 4, 5], 6),
+                                         ranked_query([4, 0, 1, 2, 3, 5], 6), ranked_query([1, 2, 3, 4, 5, 0], 6)]))
+    recall, top = eval_scaling.naive_recall(queries.bfloat16(), gallery, [[0], [5, 3], [4], [0]], ks=(1, 2, 4, 6))
+    assert recall == pytest.approx({"R@1": 25.0, "R@2": 50.0, "R@4": 75.0, "R@6": 100.0})
+    assert top[0] == [2, 0, 1, 3, 4, 5]
+    assert eval_scaling.naive_recall(queries.bfloat16(), gallery, [[0], [5, 3], [4], [0]])[0]["R@50"] == 100.0
+
 
 def scaling_timed(seconds, seen):
     """eval_scaling.timed with given durations by function name; records each search's fp32 and bf16 inputs."""
@@ -1561,7 +1575,8 @@ def test_eval_scaling_per_sub_dataset_table_from_given_timings(tmp_path, monkeyp
     distinct; ratios 20x and 2.5x; totals 2.00 / 40.00 / 8.0 / 20.0 s. The top-1 agreement is recomputed here with
     numpy argmax. Catches: a query family with media given none (the records are refused: part 1 stopped at the
     first sketch set), one synthetic query per entry instead of per 10, the ratios inverted, the build and search totals
-    swapped, the distinct images counted per gallery, agreement taken on the second result."""
+    swapped, the distinct images counted per gallery, agreement taken on the second result, the naive search run
+    in fp32."""
     gallery = tmp_path / "annotations" / "gallery"
     gallery.mkdir(parents=True)
     shoes = [f"shoes/a{i}.jpg" for i in range(29)]
@@ -1583,9 +1598,91 @@ def test_eval_scaling_per_sub_dataset_table_from_given_timings(tmp_path, monkeyp
     eval_scaling.per_sub_dataset(args, np.random.default_rng(0), str(root))
     rows = capsys.readouterr().out.splitlines()[4:]
     agreement = [top1_agreement(fp32, bf16) for fp32, bf16 in zip(seen["recall_at_k"], seen["naive_recall"])]
+    assert {t.dtype for pair in seen["naive_recall"] for t in pair} == {torch.bfloat16}
     assert rows[:4] == [f"| {key} | {entries} | {size} | {queries} | 0.500 | 10.000 | 20× | 2.00 | 5.00 | 2.5× | "
                         f"{a:.1f}% |" for key, entries, size, queries, a in
                         zip(keys, (30, 10, 20, 12), (29, 10, 20, 12), (3, 1, 2, 1), agreement)]
     assert rows[4] == "| **total** | | 71 (66 distinct) | | 2.00 | 40.00 | 20× | 8.0 | 20.0 | 2.5× | |"
     records = json.loads((root / "0_triplet_files" / "9_asfr_DARN_test_triplet_data.json").read_text())
     assert records[0]["target_label"] in ("DARN+0+1", "DARN+1+0") and records[0]["attribute"] in ("0", "1")
+
+
+def test_eval_scaling_search_time_table_from_given_timings(monkeypatch, capsys):
+    """Part 2 at galleries of 20 and 50 vectors, 10 queries, ours taking N / 10 s and the naive search N / 4 s. By
+    hand: 2.00 s and 200.00 ms per query against 5.00 s and 500.00 ms (2.5x) at 20; 5.00 / 500.00 against 12.50 /
+    1250.00 at 50. Catches: ms per query off by 1000, the ratio inverted, every size searching the whole gallery,
+    the agreement taken against another size's exact ranking, the naive search run in fp32."""
+    seen = {}
+    monkeypatch.setattr(eval_scaling, "timed", scaling_timed(
+        lambda name, args: len(args[1]) / (10 if name == "recall_at_k" else 4), seen))
+    args = argparse.Namespace(sizes="20,50", scaling_dim=8, scaling_queries=10, threads=1)
+    eval_scaling.scaling(args, np.random.default_rng(0))
+    rows = capsys.readouterr().out.splitlines()[4:]
+    agreement = [top1_agreement(fp32, bf16) for fp32, bf16 in zip(seen["recall_at_k"], seen["naive_recall"])]
+    assert [len(g) for _, g in seen["recall_at_k"]] == [len(g) for _, g in seen["naive_recall"]] == [20, 50]
+    assert {t.dtype for pair in seen["naive_recall"] for t in pair} == {torch.bfloat16}
+    assert rows == [f"| 20 | 2.00 | 200.00 | 5.00 | 500.00 | 2.5× | {agreement[0]:.1f}% |",
+                    f"| 50 | 5.00 | 500.00 | 12.50 | 1250.00 | 2.5× | {agreement[1]:.1f}% |"]
+
+
+def test_asfr_probe_mean_offdiagonal_cosine_by_hand():
+    """Rows along x, along y (length 2) and the diagonal (length 3 sqrt 2): cosines 0, 1/sqrt 2, 1/sqrt 2, so the
+    mean over the 6 ordered pairs is sqrt 2 / 3. Catches: the diagonal's ones left in, the mean over n^2 pairs,
+    the rows not normalised."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    assert float(asfr_probe.mean_offdiagonal_cosine(x)) == pytest.approx(2 ** 0.5 / 3)
+
+
+def test_asfr_probe_rows_per_attribute(monkeypatch, capsys):
+    """probe on a one-hot gallery of 30 with four queries, attributes colour, category, colour, colour, query i's
+    ground truth image i. Real queries rank their own ground truth first, last, first, first (the others' ground
+    truths last but one); the query photos the other way round. By hand, R@10 query / image only / chance (10 of
+    30): all 75.0 / 25.0 / 33.3; category 0.0 / 100.0; colour 100.0 / 0.0. Catches: a group scored on the first
+    queries or the first ground truths instead of its own, the query and photo columns swapped, chance taken over
+    the queries instead of the gallery."""
+    others = list(range(4, 30))
+
+    def ranking(i, hit):
+        rest = others + [j for j in range(4) if j != i]
+        return ranked_query([i] + rest if hit else rest + [i], 30)
+
+    hits = [True, False, True, True]
+    eval_set = argparse.Namespace(queries=[{"query_image": [f"photo{i}"]} for i in range(4)], gallery=[
+        f"g{i}" for i in range(30)], ground_truth=[[0], [1], [2], [3]])
+    queries = torch.from_numpy(np.stack([ranking(i, hit) for i, hit in enumerate(hits)]))
+    photos = torch.from_numpy(np.stack([ranking(i, not hit) for i, hit in enumerate(hits)]))
+
+    class Encoder:
+        def encode_queries(self, records, batch_size, progress):
+            return queries
+
+        def encode_targets(self, paths, batch_size, progress):
+            return photos if paths[0].startswith("photo") else torch.eye(30)
+
+    monkeypatch.setattr(asfr_probe, "build_eval_set", lambda root, key, split: eval_set)
+    monkeypatch.setattr(asfr_probe, "load_records", lambda root, key, split: [
+        {"attribute": a} for a in ("colour", "category", "colour", "colour")])
+    asfr_probe.probe(Encoder(), "root", "9_asfr_DARN", "test", 8)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].endswith("gallery-gallery 0.00")
+    assert [line.split() for line in out[3:]] == [["all", "4", "75.0", "25.0", "33.3"],
+                                                  ["category", "1", "0.0", "100.0", "33.3"],
+                                                  ["colour", "3", "100.0", "0.0", "33.3"]]
+
+
+def test_asfr_probe_runs_the_two_asfr_sets_of_the_checkpoint(monkeypatch):
+    """main with the checkpoint and the probe replaced by recorders. Catches: other families probed, --root
+    ignored (the checkpoint's data.root used instead)."""
+    calls = []
+    monkeypatch.setattr(asfr_probe, "load_checkpoint", lambda path: {"config": {}, "model": {}})
+    monkeypatch.setattr(asfr_probe.Config, "from_dict", lambda d: argparse.Namespace(
+        data=argparse.Namespace(root="data/ufire-mini")))
+    monkeypatch.setattr(asfr_probe, "load_encoder", lambda cfg, state, device: "encoder")
+    monkeypatch.setattr(asfr_probe, "probe", lambda *args: calls.append(args))
+    for argv, root in ((["best.pt", "--split", "val"], "data/ufire-mini"), (["best.pt", "--root", "elsewhere"],
+                                                                           "elsewhere")):
+        calls.clear()
+        monkeypatch.setattr(sys, "argv", ["asfr_probe.py", *argv])
+        asfr_probe.main()
+        split = "val" if "val" in argv else "test"
+        assert calls == [("encoder", root, "9_asfr_DARN", split, 64), ("encoder", root, "9_asfr_FashionAI", split, 64)]
