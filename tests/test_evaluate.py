@@ -1,6 +1,7 @@
 """evaluate.py: Recall@K against hand-computed values, chance levels, one encoding per distinct image, the embedding
 cache and its key, two gloo processes == one, the table, non-finite and all-zero embeddings refused, and the command
-line's errors for bad checkpoints and backbones."""
+line's errors for bad checkpoints and backbones; benchmarks/eval_scaling.py and benchmarks/asfr_probe.py from given
+timings and embeddings."""
 import argparse
 import hashlib
 import json

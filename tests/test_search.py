@@ -1,6 +1,7 @@
 """search.py: a catalogue indexed with a checkpoint and queried gives the brute-force cosine ranking of the same
 model; killed runs resume; unreadable images are skipped and counted; another checkpoint is refused; approximate
-faiss indexes build and search; two torchrun processes index like one."""
+faiss indexes build and search; two torchrun processes index like one; benchmarks/ann_search.py's recall against
+exact search, timings and tables from given inputs."""
 import argparse
 import json
 import os
