@@ -425,8 +425,8 @@ def load_encoder(cfg, state, device, source=None, trained_on=None):
         raise EvaluationError(f"backbone {cfg.model.backbone}: cannot load the model: {one_line(err)}") from err
     problem = encoder.other_backbone(trained_on) if state is not None else None
     if problem:
-        raise EvaluationError(f"{source or 'trainable state'}: {problem}; point --backbone or model.backbone at the one "
-                              f"it was trained on")
+        raise EvaluationError(f"{source or 'trainable state'}: {problem}; point --backbone or model.backbone at the "
+                              f"one it was trained on")
     if state is not None:
         try:
             encoder.load_trainable_state_dict(state)

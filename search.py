@@ -335,8 +335,8 @@ class Index:
             # The same file gives another fingerprint: rewritten (a new run into the same out_dir), or the code changed.
             raise SearchError(f"{index_dir} was built with checkpoint {model.ckpt} (fingerprint "
                               f"{self.meta['fingerprint']}), which now gives fingerprint {model.fingerprint}: the "
-                              f"checkpoint was rewritten, or its config's backbone or the embedding code changed since. "
-                              f"Index the catalogue again")
+                              f"checkpoint was rewritten, or its config's backbone or the embedding code changed "
+                              f"since. Index the catalogue again")
         if self.meta["fingerprint"] != model.fingerprint:
             raise SearchError(f"{index_dir} was built with checkpoint {self.meta['checkpoint']} (fingerprint "
                               f"{self.meta['fingerprint']}), but the model loaded is checkpoint {model.ckpt} "
