@@ -1,8 +1,11 @@
 """prepare_data.py: readers, U-FIRE-mini, the validator, the released annotations and bad input (CPU, seconds)."""
+import dataclasses
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -41,8 +44,15 @@ def copy_tree(mini_root, tmp_path):
 # ---------------------------------------------------------------------------------------------------- U-FIRE-mini
 
 def test_generation_is_byte_identical_per_seed(tmp_path):
-    a = generate(str(tmp_path / "a"), seed=3, scale=0.03, image_size=32, progress=False)
-    b = generate(str(tmp_path / "b"), seed=3, scale=0.03, image_size=32, progress=False)
+    """Same seed -> the same files, also from two processes: Python salts its string hashes per process, so a set
+    of strings may iterate in another order in each (a and b are generated under PYTHONHASHSEED 1 and 2).
+    Catches: DARN's value indices taken in a set's order (`list({...})` for `sorted({...})`)."""
+    generation = ("import sys; from ufire_mini import generate; "
+                  "generate(sys.argv[1], seed=3, scale=0.03, image_size=32, progress=False)")
+    for name, hash_seed in (("a", "1"), ("b", "2")):
+        subprocess.run([sys.executable, "-c", generation, str(tmp_path / name)], cwd=REPO,
+                       env=dict(os.environ, PYTHONHASHSEED=hash_seed), check=True)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
     c = generate(str(tmp_path / "c"), seed=4, scale=0.03, image_size=32, progress=False)
     assert tree_files(a) == tree_files(b)
     for rel in tree_files(a):
@@ -387,7 +397,9 @@ def test_item_test_galleries_add_a_third_of_distractors_beyond_the_targets(mini_
     (U-FIRE's galleries are larger than their query sets). At scale 0.1 each item sub-dataset's test gallery holds
     exactly n // 3 images that are no record's target, n = max(2, round(0.1 x its test size)), by hand from SIZES
     (Fashion200K: at least one, as a distractor may match a target's colour and pattern).
-    Fails when the pool holds only the query items (`g.pool(split, n, ...)`: a gallery of targets alone)."""
+    The compatibility sets' galleries hold at least n + n // 3 outfit images.
+    Fails when the pool holds only the query items (`g.pool(split, n, ...)`: a gallery of targets alone), or when
+    build_compatibility stops at n records whatever its gallery's size."""
     item_keys = [k for k, (family, _) in SUB_DATASETS.items() if family not in ("compatibility", "asfr")]
     assert len(item_keys) == 14
     for key in item_keys:
@@ -401,6 +413,11 @@ def test_item_test_galleries_add_a_third_of_distractors_beyond_the_targets(mini_
         distractors = len(gallery - targets)
         assert targets <= gallery and (1 <= distractors <= n // 3 if key == "7_cir_Fashion200K" else
                                        distractors == n // 3), key
+    # The compatibility sets' test galleries: every outfit image, at least n + n // 3 of them.
+    for key in ("5_compatibility_FashionVC", "5_compatibility_Polyvore"):
+        n = max(2, round(ufire_mini.SIZES[key][2] * 0.1))
+        with open(pd.candidate_path(mini_root, key, "test")) as f:
+            assert len(set(json.load(f))) >= n + n // 3, key
 
 
 def test_each_split_has_its_scaled_number_of_queries(mini_root):
@@ -409,6 +426,193 @@ def test_each_split_has_its_scaled_number_of_queries(mini_root):
     for key, sizes in ufire_mini.SIZES.items():
         assert [count_records(mini_root, key, split) for split in pd.SPLITS] == [max(2, round(n * 0.1)) for n in sizes]
 
+
+# What each file of U-FIRE-mini shows, recorded while it is drawn: the tests below check the annotations against
+# the pictures (the items handed to the drawing functions), not against the record-building code.
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """U-FIRE-mini (scale 0.1, 32 pixels) generated with the drawing functions spied on. Returns (root, the Mini,
+    shows: {path relative to the root: (kind, items)}): kind "shop", "worn", "sketch" or "video", items the catalogue
+    items drawn in the file (a photo's or video's whole outfit, the wearer's garment first)."""
+    shows, saving, minis = {}, [], []
+    save = ufire_mini.Mini.save
+
+    def spied_save(g, rel, render):
+        minis[:] = [g]
+        saving.append(rel)
+        try:
+            return save(g, rel, render)
+        finally:
+            saving.pop()
+
+    def spy(kind, draw, items):
+        return lambda *args: shows.setdefault(saving[-1], (kind, items(args))) and draw(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ufire_mini.Mini, "save", spied_save)
+        mp.setattr(ufire_mini, "shop_image", spy("shop", ufire_mini.shop_image, lambda a: [a[0]]))
+        mp.setattr(ufire_mini, "worn_image", spy("worn", ufire_mini.worn_image, lambda a: list(a[0])))
+        mp.setattr(ufire_mini, "sketch_image", spy("sketch", ufire_mini.sketch_image, lambda a: [a[0]]))
+        mp.setattr(ufire_mini, "write_video", spy("video", ufire_mini.write_video, lambda a: list(a[1])))
+        root = generate(str(tmp_path_factory.mktemp("drawn") / "ufire-mini"), seed=0, scale=0.1, image_size=32,
+                        progress=False)
+    return root, minis[0], shows
+
+
+def media_of(record):
+    fields = ("query_image", "query_video", "target_image", "negative_image")
+    return [p for field in fields for p in record.get(field, [])]
+
+
+def test_every_picture_shows_items_of_its_records_split(drawn):
+    """Items, not images, are split 60/20/20: every picture a train, val or test record names, and every test
+    gallery image, shows only catalogue items of that split (a figure's whole outfit), outside the compatibility
+    sets, whose outfits draw on the whole catalogue; the evaluation-only street task's targets are test items; and
+    no file is named by two splits. The items are those the drawing functions were handed, not read from file names.
+    Not checked: CIR references and the street task's reference photos, which Mini.change draws from the whole
+    catalogue. Catches: a street photo's companion picked from the whole catalogue (`self.pick("any", ...)`); the
+    asfr pool or the unseen street task's targets drawn from the training items; compatibility outfits numbered from
+    1 in every split (a test outfit's files are a training outfit's)."""
+    root, g, shows = drawn
+    split_of = {}
+    for key, (family, _) in SUB_DATASETS.items():
+        for split in pd.SPLITS:
+            with open(pd.triplet_path(root, key, split)) as f:
+                records = json.load(f)
+            paths = [p for r in records for p in media_of(r) if not (family == "cir" and p in r["query_image"])]
+            if split == "test" or family == "asfr" and split == "val":    # the galleries written
+                with open(pd.candidate_path(root, key, split)) as f:
+                    listed = json.load(f)
+                paths += [p for v in listed.values() for p in v] if isinstance(listed, dict) else listed
+            for p in paths:
+                assert split_of.setdefault(p, split) == split, (key, p)
+                assert family == "compatibility" or {g.split_of[it] for it in shows[p][1]} == {split}, (key, p)
+    street = os.path.join("evaluation_only_tasks", UNSEEN_TASKS[0])
+    with open(os.path.join(root, street, "triplet_data.json")) as f:
+        targets = [f"{street}/images/{r['target_image'][0]}" for r in json.load(f)]
+    assert targets and all([g.split_of[it] for it in shows[p][1]] == ["test"] for p in targets)
+
+
+def test_each_query_asks_for_what_its_targets_show(drawn):
+    """What each record asks for is what its targets show, read from the items the pictures were drawn from:
+    - t2i: the targets are shop shots of one item (one view, but for FashionGen), whose colour and a noun of whose
+      kind the text names;
+    - sketch2i: every sketch is of the target's item; video2img: the video's wearer wears the target's item;
+    - in-shop: queries and targets show the one item; inshop-plain asks for shop shots with photos of it worn,
+      inshop-tryon for photos of it worn with a shop shot;
+    - street2shop: every photo's wearer wears the target's item and the rest of an outfit (a top gets a bottom, a
+      bottom or a coat a top, a dress nothing); the targets are distinct shop shots of it; the task is
+      multi-query exactly when there are several photos;
+    - CIR: FashionIQ's instructions name the sub-dataset's kind (dress, shirt, toptee); Fashion200K's targets share
+      the first one's category, colour and pattern ("replace red with blue");
+    - sketch&text: the sketch is of the photo wearer's garment and the text names the outfit's colours in order;
+    - compatibility: the target is the piece the task names, and FashionVC asks for tops and for bottoms;
+    - asfr: the query's item and every target's item have the same value of the attribute asked for, every
+      negative's item another, and all are of kinds the attribute applies to;
+    - the evaluation-only compatible-item task: the text names the target piece's colour and a noun of its kind.
+    Catches: Shoes' t2i queries given FashionGen's extra views; the t2i text, a sketch2i sketch or a sketch&text
+    sketch drawn from another item than the target; the video showing only the companion; inshop-plain and
+    inshop-tryon swapped; a second street2shop target that is the first again; FashionIQ's kind cut one letter early
+    ("-dress images"); street2shop-multi-query for one photo; a dress given a companion, or a top a top;
+    Fashion200K's extra targets matching colour only; the sketch&text text giving the sketched garment's colour for
+    every piece; the photo without the rest of the outfit; FashionVC's top and bottom names swapped, or only tops
+    asked for; an asfr label dropping its attribute (`DARN+0+...`: one label for a category and a colour of the same
+    index), or naming its item field (FashionAI's coat length "knee" and skirt length "knee" one label); an asfr
+    query showing another item; the compatible-item text describing another piece of the outfit."""
+    root, g, shows = drawn
+    nouns = lambda item: ufire_mini.NOUNS[item.style if item.category == "shoes" else item.category]
+    names = {"FashionVC": {"t-shirt": "top", "shirt": "top", "trousers": "bottom", "skirt": "bottom"},
+             "Polyvore": {"t-shirt": "top", "shirt": "top", "trousers": "pants", "skirt": "skirt", "dress": "dress",
+                          "coat": "outwear", "shoes": "shoes"}}
+    for key, (family, dataset) in SUB_DATASETS.items():
+        fields = {name: (field, cats) for name, field, cats in ufire_mini.ASFR_ATTRIBUTES.get(key, ())}
+        tasks = set()
+        for split in pd.SPLITS:
+            with open(pd.triplet_path(root, key, split)) as f:
+                records = json.load(f)
+            for r in records:
+                tasks.add(r["task"])
+                kinds = {p: shows[p][0] for p in media_of(r)}
+                items = {p: shows[p][1] for p in media_of(r)}
+                target = items[r["target_image"][0]][0]
+                query = [items[p] for p in r.get("query_image", []) + r.get("query_video", [])]
+                where = (key, r["id"])
+                if family in ("t2i", "sketch2i", "video2img", "street2shop", "inshop"):
+                    assert all(items[p][0] == target for p in r["target_image"]), where
+                    assert all(outfit[0] == target for outfit in query), where
+                if family == "t2i":
+                    assert {kinds[p] for p in r["target_image"]} == {"shop"}, where
+                    assert dataset == "FashionGen" or len(r["target_image"]) == 1, where   # one view of a shoe
+                    assert target.colour in r["query_text"] and any(n in r["query_text"] for n in nouns(target))
+                elif family == "inshop":
+                    shown = {kinds[p] for p in r["query_image"]}, {kinds[p] for p in r["target_image"]}
+                    assert shown == {"inshop-plain": ({"worn"}, {"shop"}), "inshop-tryon": ({"shop"}, {"worn"})}.get(
+                        r["task"], ({"worn"}, shown[1])), where
+                elif family == "street2shop":
+                    assert len(set(r["target_image"])) == len(r["target_image"]), where
+                    assert {kinds[p] for p in r["target_image"]} == {"shop"}, where
+                    assert r["task"] == f"street2shop-{'multi' if len(query) > 1 else 'one'}-query", where
+                    rest = [] if target.category == "dress" else [ufire_mini.BOTTOMS] if target.category in (
+                        ufire_mini.TOPS) else [ufire_mini.TOPS]
+                    for outfit in query:
+                        assert len(outfit) == 1 + len(rest) and all(
+                            it.category in c for it, c in zip(outfit[1:], rest)), where
+                elif family == "cir" and dataset.startswith("FashionIQ-"):
+                    kind = {"FashionIQ-Dress": "dress", "FashionIQ-Shirt": "shirt", "FashionIQ-Toptee": "toptee"}
+                    assert f" {kind[dataset]} images matching" in r["instruction_text"], where
+                elif dataset == "Fashion200K":
+                    assert all((it.category, it.colour, it.pattern) == (target.category, target.colour,
+                                                                         target.pattern)
+                               for p in r["target_image"] for it in items[p]), where
+                elif family == "sketch&text":
+                    outfit, text = items[r["target_image"][0]], r["query_text"]
+                    assert query == [[outfit[0]]] and kinds[r["query_image"][0]] == "sketch", where
+                    assert f"{outfit[0].colour} provided sketch" in text and text.count(" and ") == len(outfit) - 1
+                    assert all(f" and {it.colour} " in text for it in outfit[1:]), where
+                elif family == "compatibility":
+                    assert r["task"] == f"compatibility-{names[dataset][target.category]}", where
+                elif family == "asfr":
+                    field, cats = fields[r["attribute"]]
+                    value = getattr(query[0][0], field)
+                    assert all(getattr(items[p][0], field) == value for p in r["target_image"]), where
+                    assert all(getattr(items[p][0], field) != value for p in r["negative_image"]), where
+                    assert all(items[p][0].category in cats for p in media_of(r)), where
+        assert dataset != "FashionVC" or tasks == {"compatibility-top", "compatibility-bottom"}
+    with open(os.path.join(root, "evaluation_only_tasks", UNSEEN_TASKS[1], "triplet_data.json")) as f:
+        records = json.load(f)
+    for r in records:
+        target = shows[f"Polyvore_images/{r['target_image'][0]}"][1][0]
+        assert target.colour in r["query_text"] and any(n in r["query_text"] for n in nouns(target)), r["id"]
+        assert r["category"] == names["Polyvore"][target.category], r["id"]
+
+
+def test_a_shop_shot_shows_every_attribute_of_its_item(tmp_path):
+    """Every attribute the annotations give is drawn: for every kind of garment and every attribute, the front shop
+    shots of items differing only in that attribute's value are different pictures (for each pair of values), and a
+    plain item's shot has its colour's RGB value (the colour the texts and labels name) on a twentieth of its pixels
+    or more; a sketch hints at each pattern differently (same hand, same wobble); a garment with a neckline looks
+    otherwise from the back. Catches: a pattern not drawn (`pattern_tile(item.colour, "plain", ...)`); the shoes'
+    sole drawn in the body's colour, not the trim's; two lengths drawn alike (cropped trousers as full ones);
+    straight and flared skirts alike; two colours of one RGB value; the sketch's pattern patch drawn for plain items
+    only; a back view drawn as the front."""
+    g = Mini(str(tmp_path), 0, 32)
+    shot = lambda item: np.asarray(ufire_mini.shop_image(item, "front", 64, random.Random(0)))
+    for category in ufire_mini.CATEGORIES:
+        base = g.by_cat["any", category][0]
+        for attr, _ in base.attrs():
+            values = ufire_mini.choices(category, attr)
+            pictures = [shot(g.by_key[dataclasses.replace(base, **{attr: v}).key()]).tobytes() for v in values]
+            assert len(set(pictures)) == len(values), (category, attr)
+        sketches = [ufire_mini.sketch_image(g.by_key[dataclasses.replace(base, pattern=v).key()], 0, 64,
+                                            random.Random(0)).tobytes() for v in ufire_mini.PATTERNS]
+        assert len(set(sketches)) == len(ufire_mini.PATTERNS), category
+        if base.neckline:
+            back = ufire_mini.shop_image(base, "back", 64, random.Random(0))
+            assert not np.array_equal(np.asarray(back), shot(base)), category
+        for colour, rgb in ufire_mini.COLOURS.items():
+            picture = shot(g.by_key[dataclasses.replace(base, colour=colour, pattern="plain").key()])
+            assert (picture == rgb).all(-1).mean() > 0.05, (category, colour)
 
 # ---------------------------------------------------------------------------------- the released annotations
 
