@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download: set before transformers loads, as in model.py
 
 import argparse
+import copy
 import importlib.util
 import json
 import random
@@ -214,8 +215,9 @@ def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1)
         vision_depth - 1]
     vision["depth"] = vision_depth
     torch.manual_seed(seed)
-    # Stored in bf16, like the real checkpoint.
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).to(torch.bfloat16)
+    # Stored in bf16, like the real checkpoint. Built from a copy: Qwen3VLConfig rewrites the dicts it is given in
+    # place (rope_theta into rope_scaling, the vision tower's model_type), and config.json is written from `config`.
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(config))).to(torch.bfloat16)
     with staging_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:  # the published file's layout (legacy rope_scaling)

@@ -81,6 +81,29 @@ def rendered(encoder, prepare, items):
     return seen[0], inputs
 
 
+def test_real_layout_directory_holds_the_published_files_but_for_the_depths(real_backbone):
+    """make-real-layout writes Qwen3-VL-4B-Instruct's own files: config.json as published (legacy rope_scaling, the
+    real token ids) but for the towers cut to 1 text layer and 1 vision block with its deepstack tap inside (block
+    0); chat_template.json and both preprocessor configs byte for byte, Qwen3-VL's template in tokenizer_config.json
+    too; the weights in bf16, as the checkpoint stores them. Catches: config.json left as transformers writes it
+    (rope_parameters); a vision block more than asked; chat_template.json or the video preprocessor config not
+    copied; tokenizer_config.json without Qwen3-VL's template; the weights saved in fp32."""
+    expected = fake_backbones.real_config()
+    expected["text_config"]["num_hidden_layers"] = 1
+    expected["vision_config"].update(depth=1, deepstack_visual_indexes=[0])
+    with open(os.path.join(real_backbone, "config.json")) as f:
+        assert json.load(f) == expected
+    for name in ("chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+        with open(os.path.join(fake_backbones.QWEN3_VL_4B_FILES, name), "rb") as f:
+            assert open(os.path.join(real_backbone, name), "rb").read() == f.read(), name
+    with open(os.path.join(fake_backbones.QWEN3_VL_4B_FILES, "chat_template.json")) as f:
+        template = json.load(f)["chat_template"]
+    with open(os.path.join(real_backbone, "tokenizer_config.json")) as f:
+        assert json.load(f)["chat_template"] == template      # Qwen3-VL's, not the tokenizer package's Qwen3 one
+    with safe_open(os.path.join(real_backbone, "model.safetensors"), "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+
+
 def test_prompt_of_every_task_family_is_the_release_prompt(encoder, media):
     """Each task family's prompt, rendered through the real directory, is byte for byte the release's
     processor.apply_chat_template(conversation, tokenize=False) with Qwen3-VL's template (written out by hand),
