@@ -434,7 +434,7 @@ def test_each_split_has_its_scaled_number_of_queries(mini_root):
 def drawn(tmp_path_factory):
     """U-FIRE-mini (scale 0.1, 32 pixels) generated with the drawing functions spied on. Returns (root, the Mini,
     shows: {path relative to the root: (kind, items)}): kind "shop", "worn", "sketch" or "video", items the catalogue
-    items drawn in the file (a photo's or video's whole outfit, the wearer's garment first)."""
+    items drawn in the file (the outfit a photo's figure or a video's is drawn wearing, the wearer's garment first)."""
     shows, saving, minis = {}, [], []
     save = ufire_mini.Mini.save
 
@@ -447,12 +447,12 @@ def drawn(tmp_path_factory):
             saving.pop()
 
     def spy(kind, draw, items):
-        return lambda *args: shows.setdefault(saving[-1], (kind, items(args))) and draw(*args)
+        return lambda *args, **kwargs: shows.setdefault(saving[-1], (kind, items(args))) and draw(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ufire_mini.Mini, "save", spied_save)
         mp.setattr(ufire_mini, "shop_image", spy("shop", ufire_mini.shop_image, lambda a: [a[0]]))
-        mp.setattr(ufire_mini, "worn_image", spy("worn", ufire_mini.worn_image, lambda a: list(a[0])))
+        mp.setattr(ufire_mini, "person", spy("worn", ufire_mini.person, lambda a: list(a[0])))   # the figure drawn
         mp.setattr(ufire_mini, "sketch_image", spy("sketch", ufire_mini.sketch_image, lambda a: [a[0]]))
         mp.setattr(ufire_mini, "write_video", spy("video", ufire_mini.write_video, lambda a: list(a[1])))
         root = generate(str(tmp_path_factory.mktemp("drawn") / "ufire-mini"), seed=0, scale=0.1, image_size=32,
@@ -500,7 +500,7 @@ def test_each_query_asks_for_what_its_targets_show(drawn):
       kind the text names;
     - sketch2i: every sketch is of the target's item; video2img: the video's wearer wears the target's item;
     - in-shop: queries and targets show the one item; inshop-plain asks for shop shots with photos of it worn,
-      inshop-tryon for photos of it worn with a shop shot;
+      inshop-tryon for photos of it worn with a shop shot; some record shows it worn in 3 views;
     - street2shop: every photo's wearer wears the target's item and the rest of an outfit (a top gets a bottom, a
       bottom or a coat a top, a dress nothing); the targets are distinct shop shots of it; the task is
       multi-query exactly when there are several photos;
@@ -511,20 +511,22 @@ def test_each_query_asks_for_what_its_targets_show(drawn):
     - asfr: the query's item and every target's item have the same value of the attribute asked for, every
       negative's item another, and all are of kinds the attribute applies to;
     - the evaluation-only compatible-item task: the text names the target piece's colour and a noun of its kind.
-    Catches: Shoes' t2i queries given FashionGen's extra views; the t2i text, a sketch2i sketch or a sketch&text
-    sketch drawn from another item than the target; the video showing only the companion; inshop-plain and
-    inshop-tryon swapped; a second street2shop target that is the first again; FashionIQ's kind cut one letter early
-    ("-dress images"); street2shop-multi-query for one photo; a dress given a companion, or a top a top;
-    Fashion200K's extra targets matching colour only; the sketch&text text giving the sketched garment's colour for
-    every piece; the photo without the rest of the outfit; FashionVC's top and bottom names swapped, or only tops
-    asked for; an asfr label dropping its attribute (`DARN+0+...`: one label for a category and a colour of the same
-    index), or naming its item field (FashionAI's coat length "knee" and skirt length "knee" one label); an asfr
-    query showing another item; the compatible-item text describing another piece of the outfit."""
+    Catches: in-shop records of one worn view each; Shoes' t2i queries given FashionGen's extra views; the t2i text,
+    a sketch2i sketch or a sketch&text sketch drawn from another item than the target; the video showing only the
+    companion; inshop-plain and inshop-tryon swapped; a second street2shop target that is the first again;
+    FashionIQ's kind cut one letter early ("-dress images"); street2shop-multi-query for one photo; a dress given a
+    companion, or a top a top; Fashion200K's extra targets matching colour only; the sketch&text text giving the
+    sketched garment's colour for every piece; the photo without the rest of the outfit (or any photo's figure drawn
+    in its first garment only); FashionVC's top and bottom names swapped, or only tops asked for; an asfr label
+    dropping its attribute (`DARN+0+...`: one label for a category and a colour of the same index), or naming its
+    item field (FashionAI's coat length "knee" and skirt length "knee" one label); an asfr query showing another
+    item; the compatible-item text describing another piece of the outfit."""
     root, g, shows = drawn
     nouns = lambda item: ufire_mini.NOUNS[item.style if item.category == "shoes" else item.category]
     names = {"FashionVC": {"t-shirt": "top", "shirt": "top", "trousers": "bottom", "skirt": "bottom"},
              "Polyvore": {"t-shirt": "top", "shirt": "top", "trousers": "pants", "skirt": "skirt", "dress": "dress",
                           "coat": "outwear", "shoes": "shoes"}}
+    worn_views = []    # in-shop: photos of the item worn per record
     for key, (family, dataset) in SUB_DATASETS.items():
         fields = {name: (field, cats) for name, field, cats in ufire_mini.ASFR_ATTRIBUTES.get(key, ())}
         tasks = set()
@@ -549,6 +551,7 @@ def test_each_query_asks_for_what_its_targets_show(drawn):
                     shown = {kinds[p] for p in r["query_image"]}, {kinds[p] for p in r["target_image"]}
                     assert shown == {"inshop-plain": ({"worn"}, {"shop"}), "inshop-tryon": ({"shop"}, {"worn"})}.get(
                         r["task"], ({"worn"}, shown[1])), where
+                    worn_views.append(sum(kinds[p] == "worn" for p in media_of(r)))
                 elif family == "street2shop":
                     assert len(set(r["target_image"])) == len(r["target_image"]), where
                     assert {kinds[p] for p in r["target_image"]} == {"shop"}, where
@@ -579,6 +582,7 @@ def test_each_query_asks_for_what_its_targets_show(drawn):
                     assert all(getattr(items[p][0], field) != value for p in r["negative_image"]), where
                     assert all(items[p][0].category in cats for p in media_of(r)), where
         assert dataset != "FashionVC" or tasks == {"compatibility-top", "compatibility-bottom"}
+    assert max(worn_views) == 3     # 1 to 3 views of the item worn
     with open(os.path.join(root, "evaluation_only_tasks", UNSEEN_TASKS[1], "triplet_data.json")) as f:
         records = json.load(f)
     for r in records:

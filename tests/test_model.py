@@ -213,6 +213,53 @@ def test_tiny_config_names_the_real_checkpoints_tokens_and_has_a_deepstack_tap(t
     assert tiny["vision_config"]["depth"] == 2 and tiny["vision_config"]["deepstack_visual_indexes"] == [1]
 
 
+def test_tiny_backbone_preprocesses_tokenizes_and_rotates_as_the_real_checkpoint(tiny_backbone):
+    """Besides its widths, the tiny backbone is Qwen3-VL-4B-Instruct as published (configs/qwen3-vl-4b-instruct and
+    the real Qwen3 tokenizer): the image and video processors' patch 16, temporal patch 2, merge 2, mean = std =
+    0.5 and pixel ranges; the tokenizer's normalisation (NFC), pre-tokenisation (words with their leading space,
+    single digits) and eos / pad tokens, with every byte encodable (any text decodes back); rope theta 5,000,000,
+    interleaved M-RoPE whose (t, h, w) section keeps the real 24 / 20 / 20 of 64 rotary pairs at 16 (6 / 5 / 5),
+    tied embeddings. Catches: CLIP's mean or std, another pixel range; NFKC; digits kept in runs; a prefix space;
+    eos <|endoftext|> or pad <|im_end|>; a BPE without the byte alphabet (characters outside its corpus dropped);
+    the section's order reversed; rope theta 10,000; non-interleaved M-RoPE."""
+    from transformers import AutoTokenizer
+    with open(os.path.join(tiny_backbone, "processor_config.json")) as f:
+        processors = json.load(f)
+    for kind, name in (("image_processor", "preprocessor_config.json"),
+                       ("video_processor", "video_preprocessor_config.json")):
+        with open(os.path.join(fake_backbones.QWEN3_VL_4B_FILES, name)) as f:
+            real = json.load(f)
+        for key in ("size", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
+            assert processors[kind][key] == real[key], (kind, key)
+    real, tiny = AutoTokenizer.from_pretrained(fake_backbones.qwen3_tokenizer_dir()), AutoTokenizer.from_pretrained(
+        tiny_backbone)
+    text = "Ünïcødé café, ﬁne ①: size 2024 it's a NAVY coat!\n\n  ✓ 😀 e\u0301"
+    ours, theirs = tiny.backend_tokenizer, real.backend_tokenizer
+    assert ours.normalizer.normalize_str(text) == theirs.normalizer.normalize_str(text)
+    assert ours.pre_tokenizer.pre_tokenize_str(text) == theirs.pre_tokenizer.pre_tokenize_str(text)
+    assert tiny.decode(tiny(text[:-2])["input_ids"]) == text[:-2]      # the last two are no NFC form
+    assert (tiny.eos_token, tiny.pad_token) == (real.eos_token, real.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    real = fake_backbones.real_config()
+    with open(os.path.join(tiny_backbone, "config.json")) as f:
+        config = json.load(f)
+    rope, real_rope = config["text_config"]["rope_parameters"], real["text_config"]["rope_scaling"]
+    assert rope["rope_theta"] == real["text_config"]["rope_theta"] == 5_000_000
+    assert rope["mrope_interleaved"] is real_rope["mrope_interleaved"] is True
+    half, real_half = config["text_config"]["head_dim"] // 2, real["text_config"]["head_dim"] // 2
+    assert rope["mrope_section"] == [n * half // real_half for n in real_rope["mrope_section"]] == [6, 5, 5]
+    assert config["tie_word_embeddings"] is config["text_config"]["tie_word_embeddings"] is real["tie_word_embeddings"]
+
+
+def test_the_random_4b_architecture_is_the_published_one():
+    """QWEN3_VL_4B, the architecture of the GPU benchmarks' random 4B model (random_qwen3vl_4b), is
+    Qwen3-VL-4B-Instruct's: every field it sets, in both towers, has the value of configs/qwen3-vl-4b-instruct/
+    config.json. Catches: another number of key-value heads, M-RoPE section, deepstack taps or position-embedding
+    grid than the checkpoint's."""
+    real = fake_backbones.real_config()
+    for key, value in fake_backbones.QWEN3_VL_4B.items():
+        assert value == ({k: real[key][k] for k in value} if isinstance(value, dict) else real[key]), key
+
+
 def test_every_query_kind_embeds(encoder, media):
     queries = queries_of_every_kind(media)
     out = encoder(encoder.prepare_queries(queries, train=True), role="query")

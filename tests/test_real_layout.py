@@ -104,6 +104,31 @@ def test_real_layout_directory_holds_the_published_files_but_for_the_depths(real
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
 
 
+@pytest.mark.parametrize("depth, taps", [(5, [4]), (6, [5]), (12, [5, 11]), (24, [5, 11, 17])])
+def test_real_layout_keeps_the_deepstack_taps_inside_the_cut_vision_tower(tmp_path, monkeypatch, depth, taps):
+    """Cut to `depth` vision blocks, the real taps 5, 11, 17 that lie inside the tower stay and a tower too short for
+    any taps its last block (written out by hand per depth); the model is not built here (its config is what is
+    written). Catches: a tap at the block just past the tower kept (`i <= vision_depth`); block 0 as the fallback."""
+    class Unbuilt:
+        def __init__(self, config):
+            pass
+
+        def to(self, dtype):
+            return self
+
+        def save_pretrained(self, out):
+            pass
+
+        def parameters(self):
+            return []
+
+    monkeypatch.setattr(fake_backbones, "Qwen3VLForConditionalGeneration", Unbuilt)
+    fake_backbones.make_real_layout_backbone(str(tmp_path / "cut"), vision_depth=depth)
+    with open(tmp_path / "cut" / "config.json") as f:
+        vision = json.load(f)["vision_config"]
+    assert (vision["depth"], vision["deepstack_visual_indexes"]) == (depth, taps)
+
+
 def test_prompt_of_every_task_family_is_the_release_prompt(encoder, media):
     """Each task family's prompt, rendered through the real directory, is byte for byte the release's
     processor.apply_chat_template(conversation, tokenize=False) with Qwen3-VL's template (written out by hand),
