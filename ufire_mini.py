@@ -401,7 +401,9 @@ class Mini:
         combos = [(c, colour, pattern, dict(zip(spec, values))) for c, spec in CATEGORIES.items() for colour in COLOURS
                   for pattern in PATTERNS for values in itertools.product(*spec.values())]
         items = [Item(f"{i:05d}", c, colour, pattern, **more) for i, (c, colour, pattern, more) in enumerate(combos)]
-        self.rng.shuffle(items)   # items, not images, are split 60/20/20: test items are never trained on
+        # Items, not images, are split 60/20/20, and a record's pictures show items of its split, except CIR
+        # references (change) and compatibility outfits, drawn from the whole catalogue (docs/results.md#u-fire-mini).
+        self.rng.shuffle(items)
         self.split_of = {it: SPLITS[(k >= 0.6 * len(items)) + (k >= 0.8 * len(items))] for k, it in enumerate(items)}
         self.by_key, self.by_cat = {it.key(): it for it in items}, defaultdict(list)
         for it in items:
@@ -409,7 +411,7 @@ class Mini:
             self.by_cat["any", it.category].append(it)
 
     def change(self, item, attrs):
-        """The catalogue item equal to `item` but for new random values of `attrs`."""
+        """The catalogue item equal to `item` but for new random values of `attrs`, whatever its split."""
         new = {a: self.rng.choice([v for v in choices(item.category, a) if v != getattr(item, a)]) for a in attrs}
         return self.by_key[dataclasses.replace(item, **new).key()]
 
