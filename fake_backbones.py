@@ -260,7 +260,8 @@ def random_qwen3vl_4b(out_dir, tmp, device, text_layers=None, vision_depth=None)
     with open(os.path.join(tiny_dir, "config.json")) as f:
         tiny = json.load(f)
     ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    config = dict(QWEN3_VL_4B, **{k: tiny[k] for k in ids})
+    # A copy: Qwen3VLConfig rewrites the nested dicts it is given in place, and QWEN3_VL_4B is shared.
+    config = dict(copy.deepcopy(QWEN3_VL_4B), **{k: tiny[k] for k in ids})
     if text_layers:
         config["text_config"] = dict(config["text_config"], num_hidden_layers=text_layers)
     if vision_depth:  # the deepstack taps must lie inside the cut tower

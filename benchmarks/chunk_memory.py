@@ -281,7 +281,9 @@ def architecture_weight_bytes():
     built); the trainable copies are in the 16 bytes per trainable parameter."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     with torch.device("meta"):
-        lm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**QWEN3_VL_4B), dtype=torch.bfloat16)
+        # A copy: Qwen3VLConfig rewrites the nested dicts it is given in place.
+        lm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**copy.deepcopy(QWEN3_VL_4B)),
+                                                          dtype=torch.bfloat16)
     return sum(p.numel() for p in lm.parameters()) * 2
 
 

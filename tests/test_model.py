@@ -250,11 +250,26 @@ def test_tiny_backbone_preprocesses_tokenizes_and_rotates_as_the_real_checkpoint
     assert config["tie_word_embeddings"] is config["text_config"]["tie_word_embeddings"] is real["tie_word_embeddings"]
 
 
-def test_the_random_4b_architecture_is_the_published_one():
+def test_the_random_4b_architecture_is_the_published_one(tmp_path, monkeypatch):
     """QWEN3_VL_4B, the architecture of the GPU benchmarks' random 4B model (random_qwen3vl_4b), is
     Qwen3-VL-4B-Instruct's: every field it sets, in both towers, has the value of configs/qwen3-vl-4b-instruct/
-    config.json. Catches: another number of key-value heads, M-RoPE section, deepstack taps or position-embedding
-    grid than the checkpoint's."""
+    config.json, also after random_qwen3vl_4b and benchmarks/chunk_memory.architecture_weight_bytes have built a
+    model from it (the 4B build itself stubbed out). Catches: another number of key-value heads, M-RoPE section,
+    deepstack taps or position-embedding grid than the checkpoint's; the shared dict handed to Qwen3VLConfig as it
+    is (`dict(QWEN3_VL_4B, ...)` or `Qwen3VLConfig(**QWEN3_VL_4B)`: it writes rope_theta into the text tower's
+    rope_scaling and renames the vision tower's model_type)."""
+    from benchmarks import chunk_memory
+
+    class Built(Exception):
+        pass
+
+    def from_config(config, dtype):
+        raise Built
+    monkeypatch.setattr(fake_backbones.Qwen3VLForConditionalGeneration, "_from_config", from_config)
+    with pytest.raises(Built):
+        fake_backbones.random_qwen3vl_4b(str(tmp_path / "4b"), str(tmp_path), "cpu")
+    monkeypatch.undo()
+    chunk_memory.architecture_weight_bytes()
     real = fake_backbones.real_config()
     for key, value in fake_backbones.QWEN3_VL_4B.items():
         assert value == ({k: real[key][k] for k in value} if isinstance(value, dict) else real[key]), key
