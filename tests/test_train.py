@@ -1952,8 +1952,10 @@ def test_two_processes_train_like_one_process_on_the_combined_batch(tiny_backbon
     assert len(two["rng"]) == 2 and two["step"] == single["step"] == 4
     assert_same_state(two["model"], single["model"], "model", atol=1e-6)
     assert_same_state(two["optimizer"], single["optimizer"], "optimizer", atol=1e-6)
+    # G is an EMA of float32 token-gradient norms near 2, and P follows from it: summed in another order over two
+    # processes they move by a few float32 rounding steps (G by 1.0e-6 on one machine); summed gradients double G.
     for name in ("G", "P", "positions", "passes"):
-        assert_same_state(two["sampler"][name], single["sampler"][name], name, atol=1e-6)
+        assert_same_state(two["sampler"][name], single["sampler"][name], name, atol=1e-5)
 
 
 def test_killed_worker_restarts_and_continues_from_last_checkpoint(tiny_backbone, mini_root, tmp_path):
