@@ -199,6 +199,13 @@ def real_config():
         return json.load(f)
 
 
+def qwen3vl_config(config):
+    """Qwen3VLConfig of a config.json-style dict, built from a copy: Qwen3VLConfig rewrites the nested dicts it is
+    given in place (rope_theta into the text tower's rope_scaling, the vision tower's model_type), and the dicts here
+    are written out as config.json or shared (QWEN3_VL_4B)."""
+    return Qwen3VLConfig(**copy.deepcopy(config))
+
+
 def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1):
     """Qwen3-VL-4B-Instruct's directory as published (config.json, bf16 safetensors, the real Qwen3 tokenizer
     files, preprocessor and video preprocessor configs, Qwen3-VL's chat template) with random weights and the
@@ -215,9 +222,8 @@ def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1)
         vision_depth - 1]
     vision["depth"] = vision_depth
     torch.manual_seed(seed)
-    # Stored in bf16, like the real checkpoint. Built from a copy: Qwen3VLConfig rewrites the dicts it is given in
-    # place (rope_theta into rope_scaling, the vision tower's model_type), and config.json is written from `config`.
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(config))).to(torch.bfloat16)
+    # Stored in bf16, like the real checkpoint.
+    model = Qwen3VLForConditionalGeneration(qwen3vl_config(config)).to(torch.bfloat16)
     with staging_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:  # the published file's layout (legacy rope_scaling)
@@ -260,8 +266,7 @@ def random_qwen3vl_4b(out_dir, tmp, device, text_layers=None, vision_depth=None)
     with open(os.path.join(tiny_dir, "config.json")) as f:
         tiny = json.load(f)
     ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    # A copy: Qwen3VLConfig rewrites the nested dicts it is given in place, and QWEN3_VL_4B is shared.
-    config = dict(copy.deepcopy(QWEN3_VL_4B), **{k: tiny[k] for k in ids})
+    config = dict(QWEN3_VL_4B, **{k: tiny[k] for k in ids})
     if text_layers:
         config["text_config"] = dict(config["text_config"], num_hidden_layers=text_layers)
     if vision_depth:  # the deepstack taps must lie inside the cut tower
@@ -269,7 +274,7 @@ def random_qwen3vl_4b(out_dir, tmp, device, text_layers=None, vision_depth=None)
                                        deepstack_visual_indexes=[vision_depth - 1])
     torch.manual_seed(0)
     with torch.device(device):
-        lm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**config), dtype=torch.bfloat16)
+        lm = Qwen3VLForConditionalGeneration._from_config(qwen3vl_config(config), dtype=torch.bfloat16)
     lm.save_pretrained(out_dir)
     AutoProcessor.from_pretrained(tiny_dir).save_pretrained(out_dir)
     n_params = sum(p.numel() for p in lm.parameters())

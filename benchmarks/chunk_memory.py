@@ -61,7 +61,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import model  # noqa: E402
 from config import load_config  # noqa: E402
 from encode_throughput import write_images  # noqa: E402
-from fake_backbones import QWEN3_VL_4B, make_tiny_backbone, random_qwen3vl_4b, real_config  # noqa: E402
+from fake_backbones import (QWEN3_VL_4B, make_tiny_backbone, qwen3vl_config, random_qwen3vl_4b,  # noqa: E402
+                            real_config)
 from plumbing import write_text_atomic  # noqa: E402
 from prepare_data import SKETCH_SETS, SUB_DATASETS, load_records  # noqa: E402
 
@@ -279,11 +280,9 @@ def cfg_with(cfg, backbone):
 def architecture_weight_bytes():
     """Bytes of Qwen3-VL-4B's weights in bf16, every block of both towers, counted on the meta device (nothing
     built); the trainable copies are in the 16 bytes per trainable parameter."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
     with torch.device("meta"):
-        # A copy: Qwen3VLConfig rewrites the nested dicts it is given in place.
-        lm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**copy.deepcopy(QWEN3_VL_4B)),
-                                                          dtype=torch.bfloat16)
+        lm = Qwen3VLForConditionalGeneration._from_config(qwen3vl_config(QWEN3_VL_4B), dtype=torch.bfloat16)
     return sum(p.numel() for p in lm.parameters()) * 2
 
 

@@ -256,7 +256,7 @@ def test_the_random_4b_architecture_is_the_published_one(tmp_path, monkeypatch):
     config.json, also after random_qwen3vl_4b and benchmarks/chunk_memory.architecture_weight_bytes have built a
     model from it (the 4B build itself stubbed out). Catches: another number of key-value heads, M-RoPE section,
     deepstack taps or position-embedding grid than the checkpoint's; the shared dict handed to Qwen3VLConfig as it
-    is (`dict(QWEN3_VL_4B, ...)` or `Qwen3VLConfig(**QWEN3_VL_4B)`: it writes rope_theta into the text tower's
+    is (`Qwen3VLConfig(**config)` in fake_backbones.qwen3vl_config: it writes rope_theta into the text tower's
     rope_scaling and renames the vision tower's model_type)."""
     from benchmarks import chunk_memory
 
