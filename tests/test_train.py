@@ -927,12 +927,9 @@ def test_bf16_peak_by_gpu_name(monkeypatch, name, tflops):
     assert peak_tflops(torch.device("cuda"), 500.0) == 500.0 and peak_tflops(torch.device("cpu"), 0.0) is None
 
 
-def test_encode_benchmark_rates_utilisation_and_ratios_by_hand(tiny_backbone, monkeypatch, tmp_path, capsys):
-    """encode_throughput --real-arch on the tiny backbone (CPU), the timings given (ours: encode 2 s, train 4 s;
-    release: encode 8 s, train 10 s) and 6e12 FLOPs per measurement, batch 4, chunk 2, peak 10 TFLOP/s: images/s
-    2.0, 0.5, 0.5, 0.2; TFLOP/s 3, 1.5, 0.75, 0.6; MFU 30%, 15%, 7.5%, 6%; ours / release 4.00x encoding, 2.50x
-    training. Catches: TFLOP/s not divided by the time, MFU not in percent, images/s of the batch for the chunk, the
-    ratio inverted."""
+def stub_encode_real_arch(monkeypatch, tiny_backbone, median_seconds, flops=0):
+    """benchmarks/encode_throughput.py for its --real-arch tests: the 4B build replaced by a copy of the tiny backbone,
+    each measurement's seconds given by median_seconds(fn, repeats), every FLOP count `flops`. Returns the module."""
     import encode_throughput
 
     class Counter(contextlib.nullcontext):
@@ -940,11 +937,21 @@ def test_encode_benchmark_rates_utilisation_and_ratios_by_hand(tiny_backbone, mo
             super().__init__(self)
 
         def get_total_flops(self):
-            return 6e12
-    seconds = iter([2.0, 4.0, 8.0, 10.0])
+            return flops
     monkeypatch.setattr(encode_throughput, "random_qwen3vl_4b", lambda out, *args: shutil.copytree(tiny_backbone, out))
-    monkeypatch.setattr(encode_throughput, "median_seconds", lambda fn, repeats: next(seconds))
+    monkeypatch.setattr(encode_throughput, "median_seconds", median_seconds)
     monkeypatch.setattr(encode_throughput, "FlopCounterMode", Counter)
+    return encode_throughput
+
+
+def test_encode_benchmark_rates_utilisation_and_ratios_by_hand(tiny_backbone, monkeypatch, tmp_path, capsys):
+    """encode_throughput --real-arch on the tiny backbone (CPU), the timings given (ours: encode 2 s, train 4 s;
+    release: encode 8 s, train 10 s) and 6e12 FLOPs per measurement, batch 4, chunk 2, peak 10 TFLOP/s: images/s
+    2.0, 0.5, 0.5, 0.2; TFLOP/s 3, 1.5, 0.75, 0.6; MFU 30%, 15%, 7.5%, 6%; ours / release 4.00x encoding, 2.50x
+    training. Catches: TFLOP/s not divided by the time, MFU not in percent, images/s of the batch for the chunk, the
+    ratio inverted."""
+    seconds = iter([2.0, 4.0, 8.0, 10.0])
+    encode_throughput = stub_encode_real_arch(monkeypatch, tiny_backbone, lambda fn, repeats: next(seconds), 6e12)
     monkeypatch.setattr(encode_throughput, "compare_vision_attention", lambda *args: None)
     args = SimpleNamespace(device="cpu", text_layers=None, vision_depth=None, pixels=4096, batch_size=4, train_chunk=2,
                            repeats=1, peak_tflops=10.0)
@@ -963,15 +970,6 @@ def test_encode_benchmark_measures_the_rest_after_one_measurement_fails(tiny_bac
     is one more "failed" line, not the end of the run (the GPU session's encoding stage then still reports the
     release's rows). Catches: the measurement's `except RuntimeError` removed (the run ends at the first row); the
     ratio printed without both rates (a KeyError); compare_vision_attention's failure not caught."""
-    import encode_throughput
-
-    class Counter(contextlib.nullcontext):
-        def __init__(self, display):
-            super().__init__(self)
-
-        def get_total_flops(self):
-            return 6e12
-
     def seconds(fn, repeats, timings=iter([None, 4.0, 8.0, 10.0])):
         timing = next(timings)
         if timing is None:
@@ -980,9 +978,7 @@ def test_encode_benchmark_measures_the_rest_after_one_measurement_fails(tiny_bac
 
     def compare(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
-    monkeypatch.setattr(encode_throughput, "random_qwen3vl_4b", lambda out, *args: shutil.copytree(tiny_backbone, out))
-    monkeypatch.setattr(encode_throughput, "median_seconds", seconds)
-    monkeypatch.setattr(encode_throughput, "FlopCounterMode", Counter)
+    encode_throughput = stub_encode_real_arch(monkeypatch, tiny_backbone, seconds, 6e12)
     monkeypatch.setattr(encode_throughput, "compare_vision_attention", compare)
     args = SimpleNamespace(device="cpu", text_layers=None, vision_depth=None, pixels=4096, batch_size=4, train_chunk=2,
                            repeats=1, peak_tflops=10.0)
@@ -1192,22 +1188,13 @@ def test_encode_benchmark_measures_each_readout_with_its_own_attention_and_mode(
             self.pack_vision_attention(True)
             seen.append(self)
 
-    class Counter(contextlib.nullcontext):
-        def __init__(self, display):
-            super().__init__(self)
-
-        def get_total_flops(self):
-            return 0
-
     def median_seconds(fn, repeats):
         encoder = seen[0]
         seen.append((encoder.model_cfg.normed_readout, encoder.vision_attention_packed, encoder.training))
         fn()
         return 1.0
-    monkeypatch.setattr(encode_throughput, "random_qwen3vl_4b", lambda out, *args: shutil.copytree(tiny_backbone, out))
+    stub_encode_real_arch(monkeypatch, tiny_backbone, median_seconds)
     monkeypatch.setattr(encode_throughput, "FashionLensEncoder", Encoder)
-    monkeypatch.setattr(encode_throughput, "median_seconds", median_seconds)
-    monkeypatch.setattr(encode_throughput, "FlopCounterMode", Counter)
     args = SimpleNamespace(device="cpu", text_layers=None, vision_depth=None, pixels=4096, batch_size=2, train_chunk=2,
                            repeats=1, peak_tflops=0.0)
     encode_throughput.real_arch(args, str(tmp_path))
