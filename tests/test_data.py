@@ -461,8 +461,7 @@ def drawn(tmp_path_factory):
 
 
 def media_of(record):
-    fields = ("query_image", "query_video", "target_image", "negative_image")
-    return [p for field in fields for p in record.get(field, [])]
+    return [p for field in pd.MEDIA_FIELDS for p in record.get(field, [])]
 
 
 def test_every_picture_shows_items_of_its_records_split(drawn):
@@ -1333,7 +1332,6 @@ def test_unseen_names_of_one_file_are_one_gallery_image(tmp_path):
     assert e.value.record_id == "q0" and e.value.path == str(task_dir / "triplet_data.json")
 
 
-
 def test_the_validator_refuses_an_evaluation_only_query_without_its_target(tmp_path):
     """The validator builds the evaluation-only tasks strictly, as it does the sub-datasets: a query whose target is
     not among the task's candidates is an error on the task's row, naming the file and the record (evaluation would
@@ -1460,7 +1458,6 @@ def test_generation_command_line_passes_out_seed_scale_and_image_size_on(tmp_pat
     for rel in tree_files(out):
         with open(os.path.join(out, rel), "rb") as fa, open(os.path.join(ref, rel), "rb") as fb:
             assert fa.read() == fb.read(), rel
-
 
 
 def test_generation_defaults_write_the_tree_the_configs_and_docs_read(monkeypatch, capsys):

@@ -655,8 +655,6 @@ def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone)
     and other weights; a hidden folder or file in the backbone directory (a download tool's .cache, a hub
     snapshot's .gitattributes) leaves it as it is.
     Catches: hidden files hashed (`if not n.startswith(".")` dropped from backbone_files)."""
-    import shutil
-    from PIL import Image
     from config import Config
     from fake_backbones import make_tiny_backbone
     from model import build_encoder
@@ -761,7 +759,6 @@ def test_fingerprint_follows_the_source_of_the_modules_the_model_imports(tmp_pat
     model.py's own source left out; imports followed one level only; imports inside functions followed too (every
     edit of evaluate.py would then throw the cache away); the encoder class's module left out."""
     import glob
-    import shutil
     import baseline
     import model
     from config import Config

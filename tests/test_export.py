@@ -360,7 +360,6 @@ def test_card_numbers_keep_a_best_score_of_zero(tmp_path):
     assert "holds no validation score" in hf_export.card_numbers(str(path))
 
 
-
 def test_card_numbers_name_a_results_file_that_evaluate_py_did_not_write(tmp_path):
     """--results with a file that is not evaluate.py's results.json (missing, not JSON, a list, an object without
     its keys, a set that is not an object) is a ValueError naming the file, which main prints in one line.
@@ -412,8 +411,6 @@ def test_the_cards_bf16_figure_is_the_rounding_error_over_the_lora_delta(trained
     Catches: the square root dropped (the ratio of the squared sums); each layer's error overwriting the last
     (`error = ...` for `error += ...`); a fully trained model (no merged layer) exported in bf16 described as exact
     (`if dtype == torch.float32 or not merged`)."""
-    import math
-    import re
     state, merged = trained.merged_state_dict()
     error = delta = 0.0
     for name in merged:
@@ -656,7 +653,6 @@ def test_cli_export_takes_the_cards_numbers_from_results_and_the_backbone_from_t
     Catches: main not passing --results on (the card states the checkpoint's score instead of the table);
     --backbone not passed on (the export stops: backbone not found)."""
     import json
-    import re
     cfg = Config()
     cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = str(tmp_path / "moved-away"), "lora", 0.0
     cfg.model.image_pixels = PIXELS

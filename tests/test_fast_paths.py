@@ -114,8 +114,7 @@ def test_sync_counter_counts_each_operation_a_gpu_would_wait_for():
     SYNCING (nothing counted: the tests that expect no sync pass whatever the code reads back); the boolean-index or
     output_size checks inverted; the outermost frame named instead of the innermost; Tensor.tolist, or AsOnGpu's
     stand-in kernel, left in place after the block."""
-    import attention
-    from benchmarks.host_syncs import AsOnGpu, SyncCounter
+    from benchmarks.host_syncs import SyncCounter
     x, mask, repeats = torch.tensor([0.0, 2.0, 3.0]), torch.tensor([False, True, True]), torch.tensor([1, 2, 0])
     tolist, kernel = torch.Tensor.tolist, (attention.has_varlen_kernel, attention.varlen_attn)
     with AsOnGpu(), SyncCounter() as counter:

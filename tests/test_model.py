@@ -896,7 +896,6 @@ def test_trainable_state_with_tensors_this_encoder_lacks_is_refused(encoder, tin
 
 
 def test_unreadable_media_raise_data_error_naming_path_and_record(encoder, media, tmp_path):
-    from plumbing import DataError
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all")
     missing = str(tmp_path / "missing.jpg")
@@ -970,7 +969,6 @@ def test_encoding_prepares_the_next_batch_while_embedding_this_one(encoder, medi
     of the batch size; an unreadable image in a later batch stops it with the error that names it.
     Catches: the thread preparing the batch after next (`batches[i + 2]`); the batches' embeddings out of order
     (`embs.insert(0, ...)`)."""
-    from plumbing import DataError
     paths = media["images"] * 3 + media["images"][:1]                  # 10 images, batches of 4: 4 + 4 + 2
     with torch.no_grad():
         plain = torch.cat([encoder(encoder.prepare_targets(paths[i:i + 4], train=False), "target")["emb"]

@@ -46,7 +46,6 @@ def test_read_log_keeps_last_line_per_step_and_skips_cut_lines(tmp_path, capsys)
     assert "log.jsonl:12: skipping" in capsys.readouterr().err
 
 
-
 def test_a_logged_step_without_a_loss_is_left_out_of_the_curves(tmp_path):
     """train.py logs a step whose records were all unreadable without a loss (its stats are None, so the line lacks
     loss, reg and gate_mean): read_log leaves it out of the training lines, and the plots draw the other steps.

@@ -1295,7 +1295,6 @@ def test_the_log_gives_each_step_the_epoch_it_belongs_to(tiny_backbone, mini_roo
     assert [(r["step"], r["epoch"]) for r in log] == [(1, 0), (2, 0), (3, 0), (4, 1)]
 
 
-
 @pytest.mark.parametrize("platform, ru_maxrss", [("linux", 3 * 2**20), ("darwin", 3 * 2**30)])
 def test_peak_memory_on_a_cpu_is_in_mib_on_linux_and_macos(monkeypatch, platform, ru_maxrss):
     """log.jsonl's peak_mem_mb on a CPU comes from getrusage's ru_maxrss, which Linux gives in KiB and macOS in
@@ -1769,7 +1768,6 @@ def test_a_failed_checkpoint_save_keeps_the_last_one_and_leaves_no_temporary(tmp
     assert load_checkpoint(path) == {"step": 3}
 
 
-
 def test_a_file_is_on_disk_whole_before_its_rename(tmp_path, monkeypatch):
     """A power cut may keep a rename but lose data still in the page cache: last.pt (or log.jsonl) would come back
     empty. atomic_write therefore flushes the temporary file to disk (fsync) before it renames it onto the path, for
@@ -1994,7 +1992,6 @@ def test_resume_ignores_speed_only_settings_and_their_absence_from_older_checkpo
     wait); one that differs in a setting that changes results does not.
     Catches: any of the three left out of checkpoints.RESUME_MAY_DIFFER; the comparison emptied."""
     from checkpoints import comparable_config
-    from config import Config
     older = Config().to_dict()
     del older["model"]["reuse_vision_features"], older["model"]["vision_attention"]
     now = Config()
@@ -2150,7 +2147,6 @@ def test_corrupt_record_is_reported_once_and_left_out(tiny_backbone, mini_root, 
     the record is reported once, saved in last.pt, and never reaches a batch again.
     Catches: visits counted instead of distinct records (it would exceed data.max_bad_records=1 and stop the
     run); the record not excluded from later batches; the set not saved in the checkpoint."""
-    import shutil
     root = tmp_path / "ufire"
     shutil.copytree(mini_root, root)
     record = TrainSet(str(root), "1_t2i_Shoes").records[5]
@@ -2373,8 +2369,6 @@ def test_training_with_prepare_workers_matches_serial_training(tiny_backbone, mi
     their DataError (`prefetched = None` dropped from prepare_and_embed: the retry meets the record again and the run
     stops with it); the guess's DataError raised in the step before (StepPrefetch.prepare waiting for its futures'
     results: the run stops with it)."""
-    import shutil
-    import model
     root = tmp_path / "ufire"
     shutil.copytree(mini_root, root)
     cfg = run_config(tiny_backbone, str(root), tmp_path / "none", "train.max_steps=6")
@@ -2436,7 +2430,6 @@ def test_prefetch_counts_the_steps_whose_guess_was_their_batch(tiny_backbone, mi
     whose prefetched chunks are not used (`return futures` -> `return None` in take: the training thread prepares
     again); the guess drawn with the current step's seed (`step + 1` -> `step` in the guess's draw_batch: the asfr
     hard negatives differ, every such guess misses)."""
-    import model
     main_thread_prepares, in_step = [], [0, False]             # (steps started, inside cached_step)
     prepare_queries, cached = model.FashionLensEncoder.prepare_queries, train_module.cached_step
 
