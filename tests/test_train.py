@@ -645,7 +645,9 @@ def test_batch_examples_are_drawn_from_seed_step_and_rank(mini_root):
 
 
 def step_script(tmp_path, tiny_backbone, body):
-    """A torchrun script: this rank's full-training tiny encoder config in `cfg`, then `body`."""
+    """A torchrun script: this rank's full-training tiny encoder config in `cfg`, then `body`, then the process group
+    destroyed (left to the interpreter's exit, gloo's threads can abort a rank: "terminate called without an active
+    exception", exit -6)."""
     script = tmp_path / "step.py"
     script.write_text(
         "import json, sys, torch, torch.distributed as dist\n"
@@ -655,7 +657,7 @@ def step_script(tmp_path, tiny_backbone, body):
         "setup_distributed()\nrank = dist.get_rank()\n"
         "cfg = Config()\n"
         f"cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = {tiny_backbone!r}, 'full', 64 * 64\n"
-        + body)
+        + body + "dist.destroy_process_group()\n")
     return script
 
 
@@ -683,7 +685,8 @@ def test_three_processes_average_bf16_and_fp32_gradients_each_in_its_parameters_
         "params[1].grad, alone[0].grad = b, c.bfloat16()\n"
         "average_gradients(params)\n"
         "average_gradients(alone)\n"
-        f"torch.save([p.grad for p in params + alone], f'{tmp_path}/rank{{rank}}.pt')\n")
+        f"torch.save([p.grad for p in params + alone], f'{tmp_path}/rank{{rank}}.pt')\n"
+        "dist.destroy_process_group()\n")   # as step_script does
     torchrun(script, nproc=3)
     drawn = []
     for rank in range(3):
