@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import av
@@ -136,6 +137,25 @@ def test_tiny_chat_template_renders_as_qwen3_vls_own(tiny_backbone):
         assert tiny == processor.apply_chat_template(conversations, tokenize=False, chat_template=real,
                                                      add_generation_prompt=generation)
     assert tiny[0].count("<|video_pad|>") == 1 and tiny[2].endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_prompts_are_section_iv_bs_for_queries_and_gallery_images(encoder, media):
+    """docs/method.md#embedding: after the system prompt, a query's user turn is its text, its images, then the
+    query suffix, answered by <|MEAN|>; a gallery image's is the image, then the target suffix, answered by <|IMG|>.
+    The prepared token ids decode to those prompts written out by hand (each run of vision placeholders as one).
+    Catches: the gallery prompt with the query's suffix (`TARGET_SUFFIX` -> `QUERY_SUFFIX` in prepare_targets), the
+    system turn dropped from conversation(), the query's images put before its text (`media + text + ...`)."""
+    query = {"id": "q", "instruction_text": "Make it blue.", "query_image": media["images"][:2], "query_video": []}
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    start = ("<|im_start|>system\nYou are a fashion expert in processing fashion images.<|im_end|>\n"
+             "<|im_start|>user\n")
+    expected = {"query": start + "Make it blue." + image + image + "Summarize the semantic feature of the target "
+                "fashion image in one word.<|im_end|>\n<|im_start|>assistant\n<|MEAN|><|im_end|>\n",
+                "target": start + image + "Summarize the image in one word.<|im_end|>\n<|im_start|>assistant\n"
+                "<|IMG|><|im_end|>\n"}
+    for inputs in (encoder.prepare_queries([query], train=True), encoder.prepare_targets(media["images"][:1], True)):
+        text = encoder.processor.tokenizer.decode(inputs["input_ids"][0])
+        assert re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", text) == expected[inputs["role"]]
 
 
 def test_backbone_identity_sees_a_frozen_weight_past_the_first(tiny_backbone):
