@@ -153,6 +153,20 @@ def test_update_every_zero_recomputes_only_at_epoch_starts():
     assert s.epoch == 1 and not np.array_equal(s.P, P0)
 
 
+def test_update_every_recomputes_p_at_every_multiple_of_it_and_keeps_it_in_between():
+    """sampler.update_every=3: P is recomputed from G when steps 0, 3, 6, 9 are drawn and kept for the two steps after
+    each (the 200-step epoch does not end here). Two sub-datasets of equal size (the prior cancels), alpha 0 (G_a is
+    the last difficulty fed), a fed s / 4 after step s: at step r > 0, P_a = 1 / (1 + exp(-(r - 1) / 4)) by hand.
+    Catches: a recompute one step late (`self.step % update_every == 1`) or every update_every + 1 steps."""
+    s = TaskSampler({"a": 800, "b": 800}, cfg(warmup_epochs=0, update_every=3, alpha=0.0), batch_size=8)
+    for step in range(11):
+        s.next_batch()
+        r = step - step % 3        # the last recompute
+        expected = 0.5 if r == 0 else 1 / (1 + math.exp(-(r - 1) / 4))
+        assert s.probabilities()["a"] == pytest.approx(expected, abs=1e-12), step
+        s.update("a", step / 4)
+
+
 def test_ablation_modes():
     n = np.array(list(SIZES.values()), dtype=float)
     expected = {"uniform": np.full(4, 0.25), "size": n / n.sum(), "size_pow": np.sqrt(n) / np.sqrt(n).sum()}
@@ -253,8 +267,40 @@ def test_a_draw_at_the_top_of_the_unit_interval_picks_the_last_sub_dataset():
     s = TaskSampler({f"k{i}": 16 for i in range(7)}, cfg(mode="uniform"), 8)
     top = np.nextafter(1.0, 0.0)
     assert np.cumsum(s.P)[-1] < top
-    s.task_rng = type("TopDraw", (), {"random": lambda self: top})()
-    assert s.next_batch()[0] == "k6"
+    assert draw_at(s, top) == "k6"
+
+
+def draw_at(sampler, u):
+    """The sub-dataset the sampler's next step draws when its generator returns u."""
+    sampler.task_rng = type("FixedDraw", (), {"random": lambda self: u})()
+    return sampler.next_batch()[0]
+
+
+def test_each_sub_dataset_owns_the_half_open_interval_of_its_cumulative_probability():
+    """The inverse-CDF draw gives k the u in [c_(k-1), c_k), c = cumsum(P): four uniform sub-datasets have the
+    exact boundaries 0.25, 0.5, 0.75, so u = 0.25 is k1's, the float just below it k0's, and u = 0 k0's.
+    Catches: searchsorted with side="left" (u = 0.25 drawn as k0, each interval closed at the top instead)."""
+    s = TaskSampler({f"k{i}": 16 for i in range(4)}, cfg(mode="uniform"), 8)
+    assert [draw_at(s, u) for u in (0.0, np.nextafter(0.25, 0.0), 0.25, 0.5, 0.75)] == ["k0", "k0", "k1", "k2", "k3"]
+
+
+def test_a_resume_mid_epoch_keeps_the_p_of_the_epoch_start():
+    """With sampler.update_every=0, P stays what it was at the epoch's start until the next epoch, also across a
+    resume: two equal sub-datasets start at P = (0.5, 0.5) (G = 0); a is fed d = 5 (alpha 0), which P only takes in
+    at step 200 (the epoch of 800 // 8 x 2 steps): softmax gives b exp(-5) / (1 + exp(-5)) = 0.0067, under the
+    0.02 floor, so (0.98, 0.02). Catches: load_state_dict recomputing P from the saved G (`self.P =
+    self._target_probabilities()`: the resumed run samples (0.98, 0.02) for the rest of the epoch)."""
+    config = cfg(warmup_epochs=0, update_every=0, alpha=0.0)
+    first = TaskSampler({"a": 800, "b": 800}, config, 8)
+    draw(first, 50, difficulty=lambda key, step: 5.0 if key == "a" else 0.0)
+    assert first.difficulties()["a"] == 5.0
+    resumed = TaskSampler({"a": 800, "b": 800}, config, 8)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.probabilities() == {"a": 0.5, "b": 0.5}
+    draw(resumed, 150, difficulty=lambda key, step: 5.0 if key == "a" else 0.0)
+    assert resumed.probabilities() == {"a": 0.5, "b": 0.5}
+    resumed.next_batch()                    # step 200 starts epoch 1
+    assert resumed.probabilities() == pytest.approx({"a": 0.98, "b": 0.02}, abs=1e-12)
 
 
 def test_state_dict_round_trip_continues_identically(tmp_path):
