@@ -349,6 +349,13 @@ def test_release_video_grid_is_qwen3_vl_smart_resize(tiny_backbone, tmp_path):
     odd = build(tiny_backbone, fill_pixel_budget=False, video_frames=3)
     clip = write_mp4(tmp_path / "three.mp4", 3, seed=5, size=(144, 112))
     assert odd.prepare_queries([{**query, "query_video": [clip]}], train=True)["video_grid_thw"].tolist() == [[2, 6, 8]]
+    # 8 frames of 64 x 32, whole units of 32 already: 8 x 32 x 64 = 16,384 is under the budget (min = max), so both
+    # sides are scaled up by beta = sqrt(131,072 / 16,384) = 2.828 and rounded up to multiples of 32: 32 x 2.828 =
+    # 90.5 -> 96, 64 x 2.828 = 181 -> 192. Grid 4 x 6 x 12. Catches: the lower bound for one frame, not the clip
+    # (`min_pixels=low`: 16,384 is within it, no upscale, grid 4 x 2 x 4).
+    clip = write_mp4(tmp_path / "small.mp4", 8, seed=4, size=(64, 32))
+    assert release.prepare_queries([{**query, "query_video": [clip]}], train=True)["video_grid_thw"].tolist() == [
+        [4, 6, 12]]
 
 
 def test_one_frame_per_video_is_refused_by_name_with_the_release_sizing_and_encodes_with_ours(tiny_backbone, tmp_path):
@@ -519,9 +526,10 @@ def test_an_evaluation_budget_below_the_training_budget_is_refused(tiny_backbone
     refused when the encoder is built, naming both settings.
     The same value as image_pixels is a range of one size, and builds.
     Catches: the check removed (the encoder builds and evaluates every image at the smaller budget); the equal value
-    refused too (`eval_image_pixels <= image_pixels`)."""
-    with pytest.raises(ValueError, match=r"model.eval_image_pixels=1024 is below model.image_pixels=4096"):
-        build(tiny_backbone, image_pixels=64 * 64, eval_image_pixels=32 * 32)
+    refused too (`eval_image_pixels <= image_pixels`); one pixel below let through (`< image_pixels - 1`)."""
+    for below in (32 * 32, 64 * 64 - 1):
+        with pytest.raises(ValueError, match=f"model.eval_image_pixels={below} is below model.image_pixels=4096"):
+            build(tiny_backbone, image_pixels=64 * 64, eval_image_pixels=below)
     assert build(tiny_backbone, image_pixels=64 * 64, eval_image_pixels=64 * 64).model_cfg.eval_image_pixels == 4096
 
 
@@ -1008,13 +1016,15 @@ def test_encoding_embeds_at_the_evaluation_budget_in_eval_mode_and_gives_the_mod
     visual tokens each (the training budget gives 4).
     Catches: the first batch, or the one the thread prepares, made with train=True (`prepare(batches[i],
     train=True)`, `pool.submit(prepare, batches[i + 1], train=True)`); the encoder left in eval mode after encoding
-    (`self.train(was_training)` -> `self.train(False)`: training would go on without dropout)."""
+    (`self.train(was_training)` -> `self.train(False)`: training would go on without dropout) or in training mode
+    (`self.train(True)`: an evaluating encoder would go on with dropout)."""
     paths = [write_png(tmp_path / f"{i}.png", (300, 300), i) for i in range(2)]
     enc = build(tiny_backbone, trainable="lora", lora_dropout=0.5, image_pixels=64 * 64, eval_image_pixels=128 * 128)
     train_a_little(enc, None)           # LoRA B off zero: dropout changes the embeddings
     encoded = enc.train().encode_targets(paths, batch_size=1)
     assert enc.training
-    enc.eval()
+    enc.eval().encode_targets(paths[:1])
+    assert not enc.training
     assert tokens(enc.prepare_targets(paths, train=False)["image_grid_thw"]) == [16, 16]
     with torch.no_grad():
         plain = torch.cat([enc(enc.prepare_targets([p], train=False), "target")["emb"] for p in paths])
