@@ -77,6 +77,21 @@ def test_warmup_is_uniform_then_ggas_starts():
     assert max(s.probabilities(), key=s.probabilities().get) == "7_cir_Shoes"
 
 
+def test_the_warm_up_covers_the_last_step_of_its_epoch_when_p_is_updated_every_step():
+    """With warmup_epochs 1 and update_every 1, every one of the first epoch's L = 2 x 80 // 8 = 20 steps is drawn
+    from the uniform P and counted in epoch 0; step 20 is epoch 1's first and draws from the difficulties: a fed
+    d = 1 (alpha 0), b never, equal sizes: P_a = 1 / (1 + exp(-1)) by hand.
+    Catches: the epoch counted from step + 1 (`(self.step + 1) // self.epoch_length`: step 19 leaves the warm-up)."""
+    s = TaskSampler({"a": 80, "b": 80}, cfg(warmup_epochs=1, update_every=1, alpha=0.0), batch_size=8)
+    for step in range(20):
+        assert s.epoch == 0
+        s.next_batch()
+        assert s.probabilities() == {"a": 0.5, "b": 0.5}, step
+        s.update("a", 1.0)
+    s.next_batch()
+    assert s.epoch == 1 and s.probabilities()["a"] == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-12)
+
+
 def test_epoch_length_and_small_sub_dataset_batches():
     s = TaskSampler(SIZES, cfg(), batch_size=16, world_size=2)
     # 400 // 32 + 30 // 32 + 120 // 32 + 250 // 32
