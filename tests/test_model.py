@@ -158,6 +158,23 @@ def test_prompts_are_section_iv_bs_for_queries_and_gallery_images(encoder, media
         assert re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", text) == expected[inputs["role"]]
 
 
+def test_a_video_querys_prompt_stamps_its_frames_at_the_clips_rate_and_images_keep_their_order(encoder, media):
+    """The video prompt holds one timestamp per temporal patch, from the clip's own rate: the 12-frame clip at 4
+    frames/s read as 8 frames (0 2 3 5 6 8 9 11) makes 4 patches of 2 frames, stamped at their mean times 0.25, 1.0,
+    1.75, 2.5 s, printed to one decimal (by hand). A query's images reach the processor in the query's order: its pixel
+    rows are those of each image prepared alone, in turn.
+    Catches: the clip's metadata not handed to the processor (`metadata.append(meta)` dropped: its default rate
+    stamps other times); a query's images reversed (`[::-1]`)."""
+    query = {"id": "v", "instruction_text": "Find the item.", "query_image": [], "query_video": [media["video"]]}
+    text = encoder.processor.tokenizer.decode(encoder.prepare_queries([query], train=True)["input_ids"][0])
+    assert re.findall(r"<([0-9.]+) seconds>", text) == ["0.2", "1.0", "1.8", "2.5"]
+    images = media["images"][:2]       # 120 x 90 and 64 x 160: different sizes, so different pixel rows
+    together = encoder.prepare_queries([{**query, "query_image": images, "query_video": []}], train=True)
+    alone = [encoder.prepare_targets([path], train=True) for path in images]
+    assert torch.equal(together["pixel_values"], torch.cat([inputs["pixel_values"] for inputs in alone]))
+    assert together["image_grid_thw"].tolist() == [inputs["image_grid_thw"][0].tolist() for inputs in alone]
+
+
 def test_backbone_identity_sees_a_frozen_weight_past_the_first(tiny_backbone):
     """Encoder.backbone_identity hashes the first 64 values of every frozen tensor: a backbone whose weights differ
     only at the 41st value of one frozen matrix (one fine-tuned in a few places) is another backbone, and putting
