@@ -194,6 +194,22 @@ def test_backbone_identity_sees_a_frozen_weight_past_the_first(tiny_backbone):
     assert changed != before and enc.backbone_identity() == before
 
 
+def test_backbone_identity_of_a_bf16_copy_of_the_weights_is_the_fp32_ones(tiny_backbone):
+    """A checkpoint trained on the bf16 weights (GPU) must load on the same backbone read in fp32 (CPU): every frozen
+    tensor rounded to bf16 and back leaves backbone_identity as it was, while its values did change.
+    Catches: the values hashed at another precision (`torch.float16`: fp32 keeps 10 mantissa bits there, the bf16
+    copy 8)."""
+    enc = build(tiny_backbone, trainable="lora")
+    before = enc.backbone_identity()
+    frozen = [p for p in enc.lm.parameters() if not p.requires_grad]
+    with torch.no_grad():
+        rounded = [p.to(torch.bfloat16).float() for p in frozen]
+        assert any(not torch.equal(p, r) for p, r in zip(frozen, rounded))
+        for p, r in zip(frozen, rounded):
+            p.copy_(r)
+    assert enc.backbone_identity() == before
+
+
 def test_backbone_identity_of_full_training_ignores_the_trained_embedding_under_its_tied_name(tiny_backbone):
     """With trainable=full the token embedding trains, and Qwen3-VL ties lm_head.weight to it: one tensor, two names,
     named_parameters() lists one. The tied name was hashed as a frozen weight, so a checkpoint's identity (taken on
