@@ -722,9 +722,13 @@ def test_vision_index_prepared_with_the_batch_is_what_the_tower_computes(encoder
     """The vision tower's index work that prepare_* does on the CPU (FashionLensEncoder.vision_index: patch
     positions, position-embedding interpolation, attention segments) gives the tower's outputs bit for bit as when
     transformers computes it inside the tower, for queries of every kind and targets.
+    The longest segment handed to the varlen kernel is the largest frame's h x w patches.
     Catches: the interpolation without the spatial merge order (spatial_merge_size=1); align_corners flipped; a
-    video's frames as one attention segment (get_vision_cu_seqlens(grid, merge_temporal=True))."""
+    video's frames as one attention segment (get_vision_cu_seqlens(grid, merge_temporal=True)); the longest segment
+    taken as all the patches (`int(cu_seqlens[-1])`: right on the CPU, a kernel sized for the whole chunk on a GPU)."""
     for inputs in every_kind_of_input(encoder, media):
+        for kind, index in inputs["vision_index"].items():
+            assert index["max_seqlen"] == max(h * w for _, h, w in inputs[f"{kind}_grid_thw"].tolist())
         inside_the_tower = {**inputs, "vision_index": {media: {} for media in inputs["vision_index"]}}
         with torch.no_grad():
             ours, theirs = encoder.vision_features(inputs), encoder.vision_features(inside_the_tower)
