@@ -142,7 +142,8 @@ def chance_recall(n_gallery, ground_truth, ks=KS, exclude=None):
     images and G the gallery less its excluded images. It is K/G for single-target queries and much higher for asfr,
     where a query's ground truth is every image of its label."""
     exclude = exclude or [[]] * len(ground_truth)
-    cases = Counter((n_gallery - len(ex), len(set(gt) - set(ex))) for gt, ex in zip(ground_truth, exclude))
+    # As sets: an own image named twice by a record (or by two names of one file) leaves the gallery once.
+    cases = Counter((n_gallery - len(set(ex)), len(set(gt) - set(ex))) for gt, ex in zip(ground_truth, exclude))
 
     def hit_probability(size, n_gt, k):
         k = min(k, size)

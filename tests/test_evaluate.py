@@ -210,6 +210,20 @@ def test_chance_recall_hand_computed():
     assert chance_recall(4, [[0, 1]], ks=(1,), exclude=[[1]]) == pytest.approx({"R@1": 100 / 3})
 
 
+def test_chance_recall_counts_an_own_image_listed_twice_once():
+    """An unseen-task record may name one of its own images twice (or by two names of one file): exclude then lists
+    its gallery index twice, and recall_at_k drops that one image once. Chance must too: G = 4 - 1 = 3, so R@1 is
+    1/3 and R@2 2/3 for a single target, as without the repeat.
+    Catches: chance_recall shrinking the gallery by len(ex) (G = 2: R@1 50, R@2 100; the bug this test came with)."""
+    assert chance_recall(4, [[0]], ks=(1, 2), exclude=[[1, 1]]) == pytest.approx({"R@1": 100 / 3, "R@2": 200 / 3})
+    # The same query counted by recall_at_k: ground truth at rank 2 of the three kept images, whether or not the
+    # own image is listed twice.
+    query = ranked_query([1, 2, 3, 0], 4)[None]
+    for exclude in ([[1]], [[1, 1]]):
+        assert recall_at_k(query, np.eye(4, dtype=np.float32), [[0]], ks=(2, 3), exclude=exclude) == {
+            "R@2": 0.0, "R@3": 100.0}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # evaluate_sets with a fake encoder
 
