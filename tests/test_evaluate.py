@@ -709,8 +709,39 @@ def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone)
     (backbone / ".cache" / "lock").write_text("")
     (backbone / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     assert fingerprint(cfg, encoder) == nested
+    # Rewritten at another size with its mtime set back, as cp -p or rsync -a of another file may leave it: the size
+    # tells it apart. Catches: the file's size left out of the fingerprint (its mtime alone kept).
+    stat = config_json.stat()
+    config_json.write_text(config_json.read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e-5'))
+    os.utime(config_json, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert config_json.stat().st_size != stat.st_size
+    resized = fingerprint(cfg, encoder)
+    assert resized != nested
     make_tiny_backbone(str(backbone), seed=1)
-    assert fingerprint(cfg, encoder) not in (before, stepped, edited, nested)
+    assert fingerprint(cfg, encoder) not in (before, stepped, edited, nested, resized)
+
+
+def test_fingerprint_follows_the_open_clip_model_config_file(tmp_path):
+    """An open_clip baseline read from a model-config JSON: an edit of that file (same path) that leaves every
+    tensor as it is, here quick_gelu (another activation, other embeddings), must change the key; the path alone
+    is in model.backbone.
+    Catches: backbone_files listing the weights file only for open_clip (the config JSON's identity not hashed)."""
+    from config import Config
+    from fake_backbones import make_tiny_openclip_config
+    from model import build_encoder
+    cfg = Config()
+    cfg.model.kind, cfg.model.backbone, cfg.model.trainable = "openclip", make_tiny_openclip_config(str(tmp_path)), "full"
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    before = fingerprint(cfg, encoder)
+    spec = json.loads(open(cfg.model.backbone).read())
+    with open(cfg.model.backbone, "w") as f:
+        json.dump(dict(spec, quick_gelu=True), f)
+    torch.manual_seed(0)
+    gelu = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    same, other = encoder.trainable_state_dict(), gelu.trainable_state_dict()
+    assert same.keys() == other.keys() and all(torch.equal(same[n], other[n]) for n in same)    # the same tensors
+    assert fingerprint(cfg, gelu) != before
 
 
 def test_a_release_checkpoint_has_one_fingerprint_on_a_gpu_and_on_a_cpu(tiny_backbone, monkeypatch):
