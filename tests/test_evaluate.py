@@ -1113,6 +1113,21 @@ def test_checkpoint_model_with_non_tensor_entries_is_refused(tmp_path):
         evaluate.read_checkpoint(str(path))
 
 
+def test_checkpoint_without_a_model_dict_is_refused(tmp_path):
+    """A checkpoint with a config but no 'model' dict (an optimizer-only save, a list of tensors) is named as not
+    a checkpoint, in one line, like one without a config.
+    Catches: read_checkpoint without `isinstance(ckpt.get("model"), dict)` (a KeyError or an AttributeError
+    traceback from `ckpt["model"].items()`)."""
+    from config import Config
+    for name, ckpt in (("no-model.pt", {"config": Config().to_dict(), "optimizer": {}}),
+                       ("list.pt", {"config": Config().to_dict(), "model": [torch.zeros(4)]})):
+        torch.save(ckpt, tmp_path / name)
+        with pytest.raises(EvaluationError, match=rf"{name}: not a FashionLens checkpoint \(expected a dict with a "
+                                                  r"'config' dict and a 'model' dict of tensors, found a dict with keys "
+                                                  r"\['config', "):
+            evaluate.read_checkpoint(str(tmp_path / name))
+
+
 def test_untrained_with_a_checkpoint_evaluates_fresh_trainable_parts(tmp_path):
     """`evaluate.py CKPT --untrained` is the floor of that run: the checkpoint's config, none of its trained tensors
     (load_encoder then seeds fresh ones); without --untrained the saved tensors are what is loaded.
