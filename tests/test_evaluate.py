@@ -730,7 +730,8 @@ def test_fingerprint_follows_the_open_clip_model_config_file(tmp_path):
     from fake_backbones import make_tiny_openclip_config
     from model import build_encoder
     cfg = Config()
-    cfg.model.kind, cfg.model.backbone, cfg.model.trainable = "openclip", make_tiny_openclip_config(str(tmp_path)), "full"
+    cfg.model.kind, cfg.model.trainable = "openclip", "full"
+    cfg.model.backbone = make_tiny_openclip_config(str(tmp_path))
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
     before = fingerprint(cfg, encoder)
@@ -1123,8 +1124,8 @@ def test_checkpoint_without_a_model_dict_is_refused(tmp_path):
                        ("list.pt", {"config": Config().to_dict(), "model": [torch.zeros(4)]})):
         torch.save(ckpt, tmp_path / name)
         with pytest.raises(EvaluationError, match=rf"{name}: not a FashionLens checkpoint \(expected a dict with a "
-                                                  r"'config' dict and a 'model' dict of tensors, found a dict with keys "
-                                                  r"\['config', "):
+                                                  r"'config' dict and a 'model' dict of tensors, found a dict with "
+                                                  r"keys \['config', "):
             evaluate.read_checkpoint(str(tmp_path / name))
 
 
