@@ -181,10 +181,10 @@ def embedding_sources(encoder):
 
 def fingerprint(cfg, encoder):
     """Cache key for gallery embeddings: the model and calibrator config (backbone path, pixel budget, ...), the
-    identity (relative name, size, mtime in ns) of every backbone file, the versions of the libraries that turn an
-    image into an embedding and the source of this repository's code that does (embedding_sources), and every
-    trainable tensor (name, shape, its values as fp32 bytes). It names the model; how a device computes it is
-    `arithmetic`."""
+    identity (relative name, size, mtime in ns) of every backbone file, the loaded backbone weights
+    (Encoder.backbone_identity), the versions of the libraries that turn an image into an embedding and the source
+    of this repository's code that does (embedding_sources), and every trainable tensor (name, shape, its values as
+    fp32 bytes). It names the model; how a device computes it is `arithmetic`."""
     import transformers  # here, not at the top: model.py must set HF_HUB_OFFLINE before transformers loads
 
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.calibrator)],
@@ -194,6 +194,9 @@ def fingerprint(cfg, encoder):
         stat = os.stat(path)
         digest.update(f"file {os.path.relpath(path, root) if root else path} {stat.st_size} "
                       f"{stat.st_mtime_ns}\n".encode())
+    # By content too: another fine-tune of the same architecture has files of the same sizes, and a copy that keeps
+    # times (cp -p, rsync -a, an archive) carries its source's mtimes, which need not differ from the replaced ones.
+    digest.update(f"weights {encoder.backbone_identity()}\n".encode())
     digest.update(f"torch {torch.__version__} transformers {transformers.__version__} PIL {PIL.__version__} "
                   f"open_clip {importlib.metadata.version('open_clip_torch')}\n".encode())
     for path in embedding_sources(encoder):

@@ -721,6 +721,34 @@ def test_fingerprint_follows_weights_and_backbone_files(tmp_path, tiny_backbone)
     assert fingerprint(cfg, encoder) not in (before, stepped, edited, nested, resized)
 
 
+def test_fingerprint_follows_backbone_weights_replaced_with_the_same_sizes_and_times(tmp_path, tiny_backbone):
+    """Another fine-tune of the same architecture copied over the backbone with its times kept (cp -p, rsync -a, an
+    archive stamped with one time): every file keeps its size and, here, its mtime, the token embedding (and so the
+    readout vectors initialised from it) is unchanged, but a language layer's weights differ, and so would every
+    embedding. The gallery cache's key must change.
+    Catches: the fingerprint without the loaded weights' identity (`encoder.backbone_identity()` not hashed: the
+    key stays, and the old backbone's embeddings are served from the cache)."""
+    from safetensors.torch import load_file, save_file
+    from config import Config
+    from model import build_encoder
+
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_backbone, backbone)
+    cfg = Config()
+    cfg.model.backbone, cfg.model.image_pixels = str(backbone), 64 * 64
+    torch.manual_seed(0)
+    before = fingerprint(cfg, build_encoder(cfg.model, cfg.calibrator, "cpu"))
+    weights = backbone / "model.safetensors"
+    stat = weights.stat()
+    tensors = load_file(weights)
+    tensors["model.language_model.layers.0.mlp.down_proj.weight"][0, :8] += 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    torch.manual_seed(0)
+    assert fingerprint(cfg, build_encoder(cfg.model, cfg.calibrator, "cpu")) != before
+
+
 def test_fingerprint_follows_the_open_clip_model_config_file(tmp_path):
     """An open_clip baseline read from a model-config JSON: an edit of that file (same path) that leaves every
     tensor as it is, here quick_gelu (another activation, other embeddings), must change the key; the path alone
