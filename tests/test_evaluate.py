@@ -3,6 +3,7 @@ cache and its key, two gloo processes == one, the table, non-finite and all-zero
 line's errors for bad checkpoints and backbones; benchmarks/eval_scaling.py and benchmarks/asfr_probe.py from given
 timings and embeddings."""
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -424,7 +425,9 @@ def test_results_match_per_set_computation_and_exclusion_matters():
 
 def distributed_worker(rank, world, init_file, out_dir, cache_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A collective one rank never joins fails after a minute instead of hanging the suite.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     encoder = FakeEncoder()
     results = evaluate_sets(encoder, make_sets(), batch_size=2, cache_dir=cache_dir, progress=False)
     try:                      # a non-finite query seen by rank 0 alone must stop every rank, none left waiting
@@ -438,6 +441,11 @@ def distributed_worker(rank, world, init_file, out_dir, cache_dir):
 
 
 def test_two_gloo_processes_equal_one(tmp_path):
+    """Two gloo processes evaluate like one: the same results on both ranks, the distinct images and queries split
+    between the ranks (one padding item), the cache both wrote serving a one-process rerun whole, and a non-finite
+    query that rank 0 alone sees stopping both ranks with one error.
+    Catches: rank 0's cache decision not broadcast (`dist.broadcast_object_list(decided, src=0)` dropped: rank 0
+    waits in a collective rank 1 never joins; the process group's 60 s timeout fails the test instead of hanging)."""
     single = json.loads(json.dumps(evaluate_sets(FakeEncoder(), make_sets(), batch_size=2, progress=False)))
     cache = str(tmp_path / "cache")
     mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path), cache), nprocs=2, join=True)
