@@ -1,5 +1,6 @@
 """GGAS sampler (paper section IV-D; docs/method.md#ggas): floor, warm-up, epoch length, determinism, distinct
 records, DDP agreement, resume."""
+import datetime
 import json
 import math
 import os
@@ -354,7 +355,9 @@ def test_a_sampler_state_is_refused_by_a_run_it_would_not_resume_exactly(sizes, 
 
 def _gloo_worker(rank, world_size, init_file, out_dir, steps):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # A collective one rank never joins fails after a minute instead of hanging the suite.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         s = TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 8, world_size=world_size, rank=rank, seed=2)
         log = []
