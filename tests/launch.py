@@ -1,8 +1,13 @@
-"""Launching test scripts under torchrun on CPU: one node of several processes, or two "nodes" on one host."""
+"""Launching test scripts under torchrun on CPU: one node of several processes, or two "nodes" on one host; a
+process of a torch.multiprocessing test joining its gloo group."""
+import datetime
 import os
 import socket
 import subprocess
 import sys
+
+import torch
+import torch.distributed as dist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,3 +42,11 @@ def launch_two_nodes(script, *args, timeout=600):
     for node in nodes:
         _, err = node.communicate(timeout=timeout)
         assert node.returncode == 0, err[-3000:]
+
+
+def join_gloo(rank, world, init_file):
+    """Rank `rank` of a gloo group of `world` processes on one thread, for a worker started by mp.spawn. A collective
+    one rank never joins fails after a minute instead of hanging the suite (mp.spawn itself waits forever)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))

@@ -3,7 +3,6 @@ cache and its key, two gloo processes == one, the table, non-finite and all-zero
 line's errors for bad checkpoints and backbones; benchmarks/eval_scaling.py and benchmarks/asfr_probe.py from given
 timings and embeddings."""
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from benchmarks import asfr_probe, eval_scaling
 from encoding import arithmetic, cache_key, file_key, fingerprint
 from evaluate import (EvaluationError, chance_recall, evaluate_sets, format_table, main, recall_at_k,
                       resolve_backbone, score)
-from launch import launch_two_nodes
+from launch import join_gloo, launch_two_nodes
 from plumbing import DataError
 from prepare_data import EvalSet
 
@@ -424,10 +423,7 @@ def test_results_match_per_set_computation_and_exclusion_matters():
 
 
 def distributed_worker(rank, world, init_file, out_dir, cache_dir):
-    torch.set_num_threads(1)
-    # A collective one rank never joins fails after a minute instead of hanging the suite.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    join_gloo(rank, world, init_file)
     encoder = FakeEncoder()
     results = evaluate_sets(encoder, make_sets(), batch_size=2, cache_dir=cache_dir, progress=False)
     try:                      # a non-finite query seen by rank 0 alone must stop every rank, none left waiting

@@ -1,6 +1,5 @@
 """GGAS sampler (paper section IV-D; docs/method.md#ggas): floor, warm-up, epoch length, determinism, distinct
 records, DDP agreement, resume."""
-import datetime
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import SamplerConfig  # noqa: E402
+from launch import join_gloo  # noqa: E402
 from sampler import TaskSampler, floor_renormalise, floor_water_fill, softmax  # noqa: E402
 
 SIZES = {"1_t2i_FashionGen": 400, "2_sketch2i_ClothesV1": 30, "7_cir_Shoes": 120, "9_asfr_DARN": 250}
@@ -354,10 +354,7 @@ def test_a_sampler_state_is_refused_by_a_run_it_would_not_resume_exactly(sizes, 
 
 
 def _gloo_worker(rank, world_size, init_file, out_dir, steps):
-    torch.set_num_threads(1)
-    # A collective one rank never joins fails after a minute instead of hanging the suite.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    join_gloo(rank, world_size, init_file)
     try:
         s = TaskSampler(SIZES, cfg(warmup_epochs=0, update_every=1), 8, world_size=world_size, rank=rank, seed=2)
         log = []

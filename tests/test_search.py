@@ -3,7 +3,6 @@ model; killed runs resume; unreadable images are skipped and counted; another ch
 faiss indexes build and search; two torchrun processes index like one; benchmarks/ann_search.py's recall against
 exact search, timings and tables from given inputs."""
 import argparse
-import datetime
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import encoding
 import evaluate
 import search
 from benchmarks import ann_search
+from launch import join_gloo
 from search import SearchError, build_index, make_query, set_search_params
 from test_evaluate import perturb, ranked_query
 
@@ -400,10 +400,7 @@ def stub_model():
 
 
 def distributed_worker(rank, world, init_file, catalogue, out):
-    torch.set_num_threads(1)
-    # A collective one rank never joins fails after a minute instead of hanging the suite.
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=60))
+    join_gloo(rank, world, init_file)
     model = stub_model()
     search.index_catalogue(model, catalogue, out, progress=False)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
