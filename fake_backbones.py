@@ -199,6 +199,14 @@ def real_config():
         return json.load(f)
 
 
+def cut_vision_tower(vision_config, depth):
+    """The vision tower's config dict cut to `depth` blocks. Its deepstack taps must lie inside the cut tower:
+    transformers skips a tap past the last block without a word, and the model then runs without deepstack
+    features. Kept: the real taps that still fit, else the last block."""
+    taps = [i for i in vision_config["deepstack_visual_indexes"] if i < depth] or [depth - 1]
+    return dict(vision_config, depth=depth, deepstack_visual_indexes=taps)
+
+
 def qwen3vl_config(config):
     """Qwen3VLConfig of a config.json-style dict, built from a copy: Qwen3VLConfig rewrites the nested dicts it is
     given in place (rope_theta into the text tower's rope_scaling, the vision tower's model_type), and the dicts here
@@ -216,11 +224,7 @@ def make_real_layout_backbone(out_dir, seed=0, *, text_layers=1, vision_depth=1)
     tokenizer_dir = real_files("config.json", *processor_files)
     config = real_config()
     config["text_config"]["num_hidden_layers"] = text_layers
-    vision = config["vision_config"]
-    # Deepstack taps must lie inside the cut tower: the real ones that still fit, else the last block.
-    vision["deepstack_visual_indexes"] = [i for i in vision["deepstack_visual_indexes"] if i < vision_depth] or [
-        vision_depth - 1]
-    vision["depth"] = vision_depth
+    config["vision_config"] = cut_vision_tower(config["vision_config"], vision_depth)
     torch.manual_seed(seed)
     # Stored in bf16, like the real checkpoint.
     model = Qwen3VLForConditionalGeneration(qwen3vl_config(config)).to(torch.bfloat16)
@@ -269,9 +273,8 @@ def random_qwen3vl_4b(out_dir, tmp, device, text_layers=None, vision_depth=None)
     config = dict(QWEN3_VL_4B, **{k: tiny[k] for k in ids})
     if text_layers:
         config["text_config"] = dict(config["text_config"], num_hidden_layers=text_layers)
-    if vision_depth:  # the deepstack taps must lie inside the cut tower
-        config["vision_config"] = dict(config["vision_config"], depth=vision_depth,
-                                       deepstack_visual_indexes=[vision_depth - 1])
+    if vision_depth:
+        config["vision_config"] = cut_vision_tower(config["vision_config"], vision_depth)
     torch.manual_seed(0)
     with torch.device(device):
         lm = Qwen3VLForConditionalGeneration._from_config(qwen3vl_config(config), dtype=torch.bfloat16)

@@ -104,29 +104,54 @@ def test_real_layout_directory_holds_the_published_files_but_for_the_depths(real
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
 
 
-@pytest.mark.parametrize("depth, taps", [(5, [4]), (6, [5]), (12, [5, 11]), (24, [5, 11, 17])])
+class Unbuilt:
+    """Stands in for Qwen3VLForConditionalGeneration where only the config a builder hands it matters (the model,
+    hundreds of millions of parameters, is not built); the config is kept in `configs`."""
+    configs = []
+
+    def __init__(self, config):
+        self.configs.append(config)
+
+    @classmethod
+    def _from_config(cls, config, dtype):
+        return cls(config)
+
+    def to(self, dtype):
+        return self
+
+    def save_pretrained(self, out):
+        pass
+
+    def parameters(self):
+        return []
+
+
+CUT_TAPS = [(5, [4]), (6, [5]), (12, [5, 11]), (24, [5, 11, 17])]
+
+
+@pytest.mark.parametrize("depth, taps", CUT_TAPS)
 def test_real_layout_keeps_the_deepstack_taps_inside_the_cut_vision_tower(tmp_path, monkeypatch, depth, taps):
     """Cut to `depth` vision blocks, the real taps 5, 11, 17 that lie inside the tower stay and a tower too short for
     any taps its last block (written out by hand per depth); the model is not built here (its config is what is
     written). Catches: a tap at the block just past the tower kept (`i <= vision_depth`); block 0 as the fallback."""
-    class Unbuilt:
-        def __init__(self, config):
-            pass
-
-        def to(self, dtype):
-            return self
-
-        def save_pretrained(self, out):
-            pass
-
-        def parameters(self):
-            return []
-
     monkeypatch.setattr(fake_backbones, "Qwen3VLForConditionalGeneration", Unbuilt)
     fake_backbones.make_real_layout_backbone(str(tmp_path / "cut"), vision_depth=depth)
     with open(tmp_path / "cut" / "config.json") as f:
         vision = json.load(f)["vision_config"]
     assert (vision["depth"], vision["deepstack_visual_indexes"]) == (depth, taps)
+
+
+@pytest.mark.parametrize("depth, taps", [(2, [1])] + CUT_TAPS)
+def test_random_4b_keeps_the_deepstack_taps_inside_the_cut_vision_tower(tmp_path, monkeypatch, depth, taps):
+    """The GPU benchmarks' random 4B (random_qwen3vl_4b, cut for a CPU smoke test) follows the same rule as the real
+    layout: the model it builds gets the taps written out by hand per depth (`--vision-depth 2`, the smoke tests'
+    cut: block 1). Catches: the cut tower keeping the real taps 5, 11, 17 (transformers then skips every tap without
+    a word and the model runs without deepstack features)."""
+    monkeypatch.setattr(fake_backbones.Qwen3VLForConditionalGeneration, "_from_config", Unbuilt._from_config)
+    monkeypatch.setattr(Unbuilt, "configs", [])     # the tiny backbone it builds first is a real model
+    fake_backbones.random_qwen3vl_4b(str(tmp_path / "4b"), str(tmp_path), "cpu", vision_depth=depth)
+    [config] = Unbuilt.configs
+    assert (config.vision_config.depth, config.vision_config.deepstack_visual_indexes) == (depth, taps)
 
 
 def test_prompt_of_every_task_family_is_the_release_prompt(encoder, media):
