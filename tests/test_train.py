@@ -2526,6 +2526,21 @@ def test_overrides_take_each_fields_type_and_refuse_others():
             load_config(None, [malformed])
 
 
+def test_an_unknown_section_in_a_config_file_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """A config file with a section config.py does not have (`optim:` written for `train:`) is a KeyError naming it
+    and the five sections there are, written out here; train.py ends in its usage line with that message.
+    Catches: from_dict's section check dropped (`if section not in SECTIONS:` -> `if False:`: getattr's
+    AttributeError, a traceback naming no section)."""
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 1.0e-3\n")
+    with pytest.raises(KeyError, match=re.escape(
+            "unknown config section 'optim'; known: ['calibrator', 'data', 'model', 'sampler', 'train']")):
+        load_config(str(tmp_path / "c.yaml"))
+    monkeypatch.setattr(sys, "argv", ["train.py", str(tmp_path / "c.yaml")])
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.main()
+    assert exit_info.value.code == 2 and "unknown config section 'optim'" in capsys.readouterr().err
+
+
 def test_a_word_that_is_not_one_of_a_keys_choices_is_refused_where_the_config_is_read(tmp_path, monkeypatch, capsys):
     """model.dtype=bf16 passed every CPU check (a CPU computes in fp32 and never reads it) and ended on a GPU in
     "AttributeError: module 'torch' has no attribute 'bf16'" after the data had loaded; sampler.mode=GGAS or
