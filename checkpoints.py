@@ -131,7 +131,7 @@ CHUNK_SETTINGS = ("chunk_size", "chunk_sizes", "chunk_table")
 def comparable_config(config):
     """A config dict less the settings of RESUME_MAY_DIFFER (and CHUNK_SETTINGS without reg_per_chunk)."""
     may_differ = dict(RESUME_MAY_DIFFER)
-    if not config["calibrator"]["reg_per_chunk"]:
+    if not config.get("calibrator", {}).get("reg_per_chunk"):    # a config without it is refused for that (restore)
         may_differ["train"] = may_differ.get("train", ()) + CHUNK_SETTINGS
     return {section: {k: v for k, v in values.items() if k not in may_differ.get(section, ())}
             if isinstance(values, dict) else values for section, values in config.items()}

@@ -2030,15 +2030,17 @@ def test_resume_ignores_speed_only_settings_and_their_absence_from_older_checkpo
 
 def test_a_checkpoint_without_a_setting_or_section_that_changes_results_is_refused_naming_it(tmp_path):
     """A last.pt written before a setting that changes results existed (here model.keep_rope_positions, or the whole
-    sampler section, missing from its config) cannot say it trained with this run's values: restore refuses it
-    naming what differs, before it loads anything.
+    sampler or calibrator section, missing from its config) cannot say it trained with this run's values: restore
+    refuses it naming what differs, before it loads anything.
     Catches: only the checkpoint's keys compared (`saved.get(section, {}).keys() | now.get(section, {}).keys()` ->
     `saved.get(section, {}).keys()`), or only the sections both have (`saved.keys() | now.keys()` ->
-    `saved.keys() & now.keys()`): it resumes."""
+    `saved.keys() & now.keys()`): it resumes; comparable_config reading calibrator.reg_per_chunk as a required key
+    (`config.get("calibrator", {}).get("reg_per_chunk")` -> `config["calibrator"]["reg_per_chunk"]`: a KeyError
+    traceback naming no file)."""
     from checkpoints import restore
     path = str(tmp_path / "last.pt")
     for section, key, named in (("model", "keep_rope_positions", "model.keep_rope_positions"),
-                                ("sampler", None, "sampler.")):
+                                ("sampler", None, "sampler."), ("calibrator", None, "calibrator.")):
         older = Config().to_dict()
         if key:
             del older[section][key]
