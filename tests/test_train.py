@@ -2453,13 +2453,16 @@ def test_prefetch_counts_the_steps_whose_guess_was_their_batch(tiny_backbone, mi
     """Eight steps with data.prepare_workers=1 and GGAS refreshing P at every step. Replayed independently from the
     logged difficulties: step s's batch (key, indices) was guessed right when a sampler holding G as it was before
     step s-1's update draws the same. The logged prefetch_hits / prefetch_misses must count exactly those, and the
-    training thread must prepare chunks only in the steps that did not use a guess (the first and the misses).
+    training thread must prepare chunks only in the steps that did not use a guess (the first and the misses). A
+    guess is prepared in every step but the last (seven), none for a step that will not run.
     Catches: a guess counted as a hit before it is compared (`self.hits += 1` moved above `if guess == batch`); a hit
     whose prefetched chunks are not used (`return futures` -> `return None` in take: the training thread prepares
     again); the guess drawn with the current step's seed (`step + 1` -> `step` in the guess's draw_batch: the asfr
-    hard negatives differ, every such guess misses)."""
-    main_thread_prepares, in_step = [], [0, False]             # (steps started, inside cached_step)
-    prepare_queries, cached = model.FashionLensEncoder.prepare_queries, train_module.cached_step
+    hard negatives differ, every such guess misses); a guess of the step after the last (`if step + 1 < total_steps`
+    -> `<=`: a batch decoded alongside the final validation for nothing)."""
+    main_thread_prepares, in_step, guesses = [], [0, False], []     # (steps started, inside cached_step)
+    prepare_queries, cached, guess = (model.FashionLensEncoder.prepare_queries, train_module.cached_step,
+                                      StepPrefetch.prepare)
 
     def recording(self, queries, train):
         if threading.current_thread() is threading.main_thread() and in_step[1]:   # not validation's
@@ -2475,6 +2478,7 @@ def test_prefetch_counts_the_steps_whose_guess_was_their_batch(tiny_backbone, mi
 
     monkeypatch.setattr(model.FashionLensEncoder, "prepare_queries", recording)
     monkeypatch.setattr(train_module, "cached_step", counting)
+    monkeypatch.setattr(StepPrefetch, "prepare", lambda self, batch: guesses.append(in_step[0]) or guess(self, batch))
     cfg = run_config(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=8", "sampler.update_every=1",
                      "data.prepare_workers=1")
     train(cfg)
@@ -2496,6 +2500,7 @@ def test_prefetch_counts_the_steps_whose_guess_was_their_batch(tiny_backbone, mi
     assert hits and misses, (hits, misses)
     assert (log[-1]["prefetch_hits"], log[-1]["prefetch_misses"]) == (len(hits), len(misses))
     assert sorted(set(main_thread_prepares)) == [1] + misses, (main_thread_prepares, misses)
+    assert guesses == [1, 2, 3, 4, 5, 6, 7]
 
 
 # ----------------------------------------------------------------------------- configs and overrides
