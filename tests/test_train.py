@@ -2534,14 +2534,20 @@ def test_overrides_take_each_fields_type_and_refuse_others():
 
 
 def test_an_unknown_section_in_a_config_file_is_refused_naming_it(tmp_path, monkeypatch, capsys):
-    """A config file with a section config.py does not have (`optim:` written for `train:`) is a KeyError naming it
-    and the five sections there are, written out here; train.py ends in its usage line with that message.
+    """A config file with a section config.py does not have (`optim:` written for `train:`), on its own or inheriting
+    another, is a KeyError naming it and the five sections there are, written out here; train.py ends in its usage
+    line with that message.
     Catches: from_dict's section check dropped (`if section not in SECTIONS:` -> `if False:`: getattr's
-    AttributeError, a traceback naming no section)."""
+    AttributeError, a traceback naming no section); the `inherit:` merge indexing the parent's sections
+    (`base.setdefault(section, {})` -> `base[section]`: "KeyError: 'optim'", naming neither what is wrong nor what
+    is known)."""
+    (tmp_path / "parent.yaml").write_text("train:\n  lr: 0.5\n")
+    (tmp_path / "child.yaml").write_text("inherit: parent.yaml\noptim:\n  lr: 1.0e-3\n")
     (tmp_path / "c.yaml").write_text("optim:\n  lr: 1.0e-3\n")
-    with pytest.raises(KeyError, match=re.escape(
-            "unknown config section 'optim'; known: ['calibrator', 'data', 'model', 'sampler', 'train']")):
-        load_config(str(tmp_path / "c.yaml"))
+    for name in ("c.yaml", "child.yaml"):
+        with pytest.raises(KeyError, match=re.escape(
+                "unknown config section 'optim'; known: ['calibrator', 'data', 'model', 'sampler', 'train']")):
+            load_config(str(tmp_path / name))
     monkeypatch.setattr(sys, "argv", ["train.py", str(tmp_path / "c.yaml")])
     with pytest.raises(SystemExit) as exit_info:
         train_module.main()
