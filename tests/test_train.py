@@ -2106,6 +2106,34 @@ def test_ranks_starting_from_different_weights_stop_with_a_clear_error(tiny_back
             in proc.stderr, rank
 
 
+def test_train_stops_before_its_first_step_when_a_rank_loaded_other_weights(tiny_backbone, mini_root, tmp_path):
+    """train() on two processes whose rank 1 loads other trainable weights (its query token moved by 1e-3, as a rank
+    seeded otherwise would) stops on every rank before its first step, naming rank 1: no step is logged.
+    Catches: train() not calling the start-up check (`check_ranks_agree(encoder, ...)` dropped: the ranks train on
+    from different weights to the end, exit 0)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from config import load_config\nfrom plumbing import setup_distributed\nimport train as train_module\n"
+        "setup_distributed()\n"
+        "load = train_module.load_encoder\n"
+        "def load_on_this_rank(*args):\n"
+        "    encoder = load(*args)\n"
+        "    if dist.get_rank() == 1:\n"
+        "        with torch.no_grad(): encoder.query_token[0] += 1e-3\n"
+        "    return encoder\n"
+        "train_module.load_encoder = load_on_this_rank\n"
+        "train_module.train(load_config(sys.argv[1], sys.argv[2:]))\n")
+    overrides = run_overrides(tiny_backbone, mini_root, tmp_path / "run", "train.max_steps=2", "train.batch_size=2")
+    proc = torchrun(script, os.path.join(REPO, "configs", "tiny.yaml"), *overrides, check=False)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: RuntimeError: at start: the trainable weights of rank(s) [1] differ from rank 0's" \
+            in proc.stderr, (rank, proc.stderr[-3000:])
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
 def test_batch_report_states_global_batch_negatives_and_small_sub_datasets():
     """8 processes x 64 with gathered negatives: global batch 512, 512 in-batch targets, epoch of 5000 // 512 = 9
     steps; 300 and 40 records are fewer than one global batch and train with 300 // 8 = 37 and 40 // 8 = 5 per
