@@ -2814,9 +2814,10 @@ def test_another_librarys_error_is_given_as_a_single_line():
 def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, monkeypatch):
     """`inherit:` names a file beside the config (not in the working directory); the child's keys replace the
     parent's one by one, a section the child leaves out is the parent's, and overrides win over both. A YAML file's
-    `1e-4` (a string to YAML 1.1) is a float too.
+    `1e-4` (a string to YAML 1.1) is a float too. A parent may inherit in turn, from a file beside itself.
     Catches: a child's section replacing the parent's whole section (`base[section] = values`: lora_alpha and
-    batch_size back to their defaults); the parent looked up from the working directory."""
+    batch_size back to their defaults); the parent looked up from the working directory; the parent read as YAML
+    only (`load_config(...).to_dict()` -> `read_yaml(...)`: its own `inherit:` taken for a section, a TypeError)."""
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "parent.yaml").write_text(
         "model: {lora_r: 4, lora_alpha: 8}\ntrain: {lr: 1e-4, batch_size: 8}\nsampler: {eta: 2.0}\n")
@@ -2827,6 +2828,12 @@ def test_inherited_config_is_merged_key_by_key_relative_to_its_file(tmp_path, mo
     assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.sampler.eta) == (16, 8, 2.0)
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.out_dir) == (1e-4, 2, "runs/child")
     assert load_config("configs/child.yaml").train.batch_size == 8
+    (tmp_path / "configs" / "base").mkdir()
+    (tmp_path / "configs" / "base" / "grandparent.yaml").write_text("model: {lora_dropout: 0.2, lora_r: 2}\n")
+    (tmp_path / "configs" / "middle.yaml").write_text("inherit: base/grandparent.yaml\nmodel: {lora_r: 4}\n")
+    (tmp_path / "configs" / "leaf.yaml").write_text("inherit: middle.yaml\ntrain: {lr: 0.5}\n")
+    cfg = load_config("configs/leaf.yaml")
+    assert (cfg.model.lora_dropout, cfg.model.lora_r, cfg.train.lr) == (0.2, 4, 0.5)
 
 
 def test_defaults_are_the_documented_values_and_release_yaml_sets_each_switch_back():
