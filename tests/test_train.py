@@ -2641,7 +2641,9 @@ def test_a_config_file_that_is_not_a_mapping_of_sections_names_the_file_and_sect
     """YAML written as a list (`train:` then `- lr: 1e-4`), or a whole file that is a list, ended in
     "AttributeError: 'list' object has no attribute 'items'", naming neither the file nor the section; so did such a
     config inside a checkpoint. Fails when load_config stops checking the file (`check_sections(raw, path)` removed:
-    the AttributeError, or a TypeError from the `inherit:` merge, comes back), or from_dict stops checking."""
+    the AttributeError, or a TypeError from the `inherit:` merge, comes back), or from_dict stops checking. An empty
+    section (`train:` and nothing under it) is fine, in a file that inherits or not: fails when from_dict reads it
+    as a mapping (`(values or {}).items()` -> `values.items()`: an AttributeError)."""
     (tmp_path / "parent.yaml").write_text("train:\n  lr: 0.5\n")
     for name, text, message in (("section.yaml", "train:\n  - lr: 1e-4\n", "config section 'train' must be a mapping"),
                                 ("root.yaml", "- train\n- model\n", "a config is a mapping of sections"),
@@ -2654,6 +2656,9 @@ def test_a_config_file_that_is_not_a_mapping_of_sections_names_the_file_and_sect
         Config.from_dict({"sampler": [{"mode": "uniform"}]})
     (tmp_path / "empty-section.yaml").write_text("inherit: parent.yaml\ntrain:\n")      # an empty section is fine
     assert load_config(str(tmp_path / "empty-section.yaml")).train.lr == 0.5
+    (tmp_path / "bare-empty-section.yaml").write_text("train:\nmodel:\n  lora_r: 4\n")
+    cfg = load_config(str(tmp_path / "bare-empty-section.yaml"))
+    assert (cfg.model.lora_r, cfg.train.lr) == (4, 1e-4)
 
 
 def test_command_line_errors_end_in_one_line_naming_the_key_or_file(tmp_path, mini_root, tiny_backbone,
