@@ -1338,7 +1338,9 @@ def test_best_checkpoint_holds_the_best_validation_and_the_last_step_is_logged(t
     of steps 2 and 3 (the last step although 3 is not a multiple of 2) and the three scores. Catches: the best score
     not updated (every validation writes best.pt: step 3's); the comparison flipped (`current < best_score`: no
     best.pt); a tie taken as a new best (`current >= best_score`: step 3's); the last step's record not logged
-    (`or step == total_steps` dropped)."""
+    (`or step == total_steps` dropped). A one-step run whose validation scores 0 (no query's target first, as an
+    untrained model may) still writes best.pt: fails when the best score starts at 0 (`best_score = -1.0` -> `0.0`:
+    no best.pt, and last.pt records no best step)."""
     scores = iter([4.0, 9.0, 9.0])
     monkeypatch.setattr(train_module, "validate", lambda encoder, val_sets, cfg: {"sets": {}})
     monkeypatch.setattr(train_module, "score", lambda results: next(scores))
@@ -1351,6 +1353,9 @@ def test_best_checkpoint_holds_the_best_validation_and_the_last_step_is_logged(t
     best_ckpt, last = (load_checkpoint(tmp_path / "run" / name) for name in ("best.pt", "last.pt"))
     assert best == 9.0 and (best_ckpt["step"], best_ckpt["best_score"]) == (2, 9.0)
     assert (last["step"], last["best_score"]) == (3, 9.0)
+    scores = iter([0.0])
+    _, best = train(run_config(tiny_backbone, mini_root, tmp_path / "zero", "train.max_steps=1"))
+    assert best == 0.0 and load_checkpoint(tmp_path / "zero" / "best.pt")["step"] == 1
 
 
 def test_killed_run_resumes_bit_for_bit(tiny_backbone, mini_root, tmp_path, capsys):
