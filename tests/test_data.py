@@ -150,6 +150,23 @@ def test_eval_sets_follow_the_protocol(mini_root):
         build_eval_set(mini_root, "7_cir_Shoes", "train")
 
 
+def test_eval_queries_carry_their_records_text_images_and_video(mini_root):
+    """Each evaluation query is its record as the triplet file lists it (read here with json, paths joined to the
+    root by hand): id, instruction, query images and query video, in file order, for every sub-dataset and split.
+    Catches: build_eval_set dropping a field (`"query_video": []`: MovingFashion's queries evaluated as text alone,
+    a wrong number and no error)."""
+    for key in SUB_DATASETS:
+        for split in ("val", "test"):
+            with open(os.path.join(mini_root, "0_triplet_files", f"{key}_{split}_triplet_data.json")) as f:
+                records = json.load(f)
+            expected = [{"id": r["id"], "instruction_text": r["instruction_text"],
+                         "query_image": [os.path.join(mini_root, p) for p in r.get("query_image", [])],
+                         "query_video": [os.path.join(mini_root, p) for p in r.get("query_video", [])]}
+                        for r in records]
+            assert build_eval_set(mini_root, key, split).queries == expected, (key, split)
+    assert any(q["query_video"] for q in build_eval_set(mini_root, "6_video2img_MovingFashion", "test").queries)
+
+
 def test_asfr_ground_truth_is_every_image_with_the_label(mini_root):
     for key in ("9_asfr_DARN", "9_asfr_FashionAI"):
         for split in ("val", "test"):
