@@ -1311,17 +1311,23 @@ def test_a_missing_triplet_or_candidate_file_is_a_data_error_naming_it(tmp_path)
     assert str(e.value) == f"{gallery}: file not found"
 
 
-@pytest.mark.parametrize("record", ["q0", ["q0"], {"id": 7}, {"id": None}, {"instruction_text": "is red"}])
-def test_a_record_that_is_not_an_object_with_a_string_id_is_named(record):
+@pytest.mark.parametrize("record, named", [
+    ("q0", "file.json: "), (["q0"], "file.json: "), ({"id": 7}, "file.json (record 7): "),
+    ({"id": 0}, "file.json (record 0): "), ({"id": None}, "file.json: "),
+    ({"instruction_text": "is red"}, "file.json: ")])
+def test_a_record_that_is_not_an_object_with_a_string_id_is_named(record, named):
     """A record that is not a JSON object (a bare string or list), or whose id is a number, null or absent, is a
     DataError naming the file and the record's position, as for a duplicate id; a number id would otherwise pass
-    and meet string ids later (the checkpoint's sorted bad records, "key/id" names).
+    and meet string ids later (the checkpoint's sorted bad records, "key/id" names). The message shows the id it
+    found, 0 included (prefixes written by hand).
     Catches: check_records calling rec.get on a record that is not an object (an AttributeError); the id's type
-    check reduced to `rid is None` (7 accepted)."""
+    check reduced to `rid is None` (7 accepted); DataError naming the record only when its id is truthy
+    (`if record_id is not None` -> `if record_id`: id 0 left out)."""
     good = {"id": "q1", "instruction_text": "is red", "query_image": ["a.jpg"], "target_image": ["b.jpg"]}
     with pytest.raises(DataError) as e:
         pd.check_records([good, record], "file.json", ("instruction_text", "target_image"))
-    assert e.value.path == "file.json" and "record #1 needs an object with a unique string 'id'" in str(e.value)
+    assert e.value.path == "file.json"
+    assert str(e.value) == named + "record #1 needs an object with a unique string 'id'"
 
 
 def test_unseen_names_of_one_file_are_one_gallery_image(tmp_path):
