@@ -2735,6 +2735,18 @@ def test_a_missing_backbone_ends_train_in_one_line_before_anything_is_written(tm
     assert not run.exists()
 
 
+def test_one_line_joins_a_multi_line_message_and_names_an_empty_one_by_its_type():
+    """plumbing.one_line is what the commands print for an error another library raised: its lines and indents
+    become single spaces, a KeyError loses its quotes, an empty message is the type's name (all written by hand).
+    Catches: one_line's whitespace join dropped (`text = str(text)`: a library's multi-line message printed over
+    several lines, the indent kept)."""
+    err = ValueError("cannot read model.safetensors:\n  header too large\n")
+    assert plumbing.one_line(err) == "cannot read model.safetensors: header too large"
+    assert plumbing.one_line(err, with_type=True) == "ValueError: cannot read model.safetensors: header too large"
+    assert plumbing.one_line(KeyError("model.lr")) == "model.lr"
+    assert plumbing.one_line(RuntimeError(" \n")) == "RuntimeError"
+
+
 def test_malformed_yaml_ends_each_command_in_one_line_naming_the_file_and_line(tmp_path, monkeypatch, capsys):
     """yaml's errors are no ValueError: `evaluate.py --untrained --config broken.yaml` ended in a ScannerError
     traceback, and an override that is not YAML (`train.lr=[`) in a message naming "<unicode string>", not the key.
