@@ -1428,6 +1428,19 @@ def test_the_validators_table_shows_each_rows_counts_in_its_column():
         UNSEEN_TASKS[0].split() + ["-", "-", "5", "9", "0", "0", "0"]]
     assert {len(line) for line in lines} == {len(lines[0])}
 
+def test_an_asfr_rows_gallery_column_is_its_test_gallery_never_its_validation_pool(mini_root, tmp_path):
+    """The validator's gallery column is the test gallery. An asfr sub-dataset also reads a validation pool; with its
+    test candidate file unreadable (here cut to "["), the row shows no gallery and one error, not the pool's size.
+    Catches: validate_tree setting row["gallery"] from every split's gallery (`row["gallery"] = len(gallery)`:
+    the val pool's size shown as the test gallery's)."""
+    root = copy_tree(mini_root, tmp_path)
+    broken = pd.candidate_path(root, "9_asfr_DARN", "test")
+    with open(broken, "w") as f:
+        f.write("[")
+    row = validate_tree(root, progress=False)["rows"]["9_asfr_DARN"]
+    assert row["gallery"] is None and len(row["errors"]) == 1 and row["errors"][0].startswith(f"{broken}: malformed")
+
+
 def test_a_json_file_that_is_not_utf8_is_a_data_error_naming_it(tmp_path):
     """A data file in another encoding (Latin-1 captions) is refused as malformed JSON naming the file, like any
     other malformed file, not a UnicodeDecodeError traceback.
