@@ -1428,6 +1428,7 @@ def test_the_validators_table_shows_each_rows_counts_in_its_column():
         UNSEEN_TASKS[0].split() + ["-", "-", "5", "9", "0", "0", "0"]]
     assert {len(line) for line in lines} == {len(lines[0])}
 
+
 def test_an_asfr_rows_gallery_column_is_its_test_gallery_never_its_validation_pool(mini_root, tmp_path):
     """The validator's gallery column is the test gallery. An asfr sub-dataset also reads a validation pool; with its
     test candidate file unreadable (here cut to "["), the row shows no gallery and one error, not the pool's size.
