@@ -1098,3 +1098,18 @@ def test_ann_tables_label_rows_and_columns():
         "| Flat | Flat | exact | 100.0 | 1,234 | 0.0 | 0.0 | 64 |",
         "| IVF-Flat | IVF126,Flat | nprobe=1 | 87.6 | 20,000 | 1.3 | 0.5 | 70 |",
         "|  |  | **nprobe=32** | 99.9 | 5,000 |  | |  |"]
+
+
+def test_indexing_another_checkpoint_into_the_same_folder_embeds_with_that_checkpoint(setup, tmp_path):
+    """A folder indexed with one checkpoint, then with another (a new training run, the same unchanged catalogue):
+    the second index holds the second checkpoint's embeddings, as that model computes them here without any cache,
+    not the first checkpoint's shards served under the second's fingerprint.
+    Catches: the shard folder keyed without the fingerprint (`shards/<fingerprint>-<arithmetic>` ->
+    `shards/<arithmetic>`: every image found in the first checkpoint's shards, nothing encoded again)."""
+    out = str(tmp_path / "index")
+    for ckpt in setup["ckpts"]:
+        search.main(["index", ckpt, "--catalog", setup["catalogue"], "--out", out, "--batch-size", "4"])
+    paths, emb = indexed(out)
+    second = search.Model(setup["ckpts"][1])
+    np.testing.assert_allclose(emb, second.encoder.encode_targets(paths, batch_size=4).numpy(), atol=1e-5)
+    assert not np.allclose(emb, indexed(setup["index"])[1], atol=1e-3)     # the two checkpoints embed otherwise
