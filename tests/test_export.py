@@ -683,3 +683,20 @@ def test_cli_export_takes_the_cards_numbers_from_results_and_the_backbone_from_t
             hf_export.main(["export", str(ckpt), str(out), "--backbone", trained.model_cfg.backbone, *extra])
         assert not out.exists()
     assert "| cir | 7_cir_Shoes | 10 | 100 | 41.5 (1.0) | 80.0 (5.0) |" in card and "123.46" not in card
+
+
+def test_an_untied_lm_head_is_exported_as_its_own_matrix(tiny_backbone, tmp_path):
+    """A backbone whose LM head is not tied to the input embeddings (as Qwen3-VL-8B's is not; the tiny backbone's
+    is, so it is untied here in memory, a matrix of its own): the export holds that head, and transformers loads it
+    back as that matrix with no weight missing. Catches: lm_head.weight dropped whatever the config says
+    (`if encoder.lm.config.tie_word_embeddings:` -> `if True:`: the head is missing, initialised at random)."""
+    encoder = build(tiny_backbone, trainable="lora", lora_dropout=0.0)
+    head = encoder.lm.get_input_embeddings().weight.detach() * 2 + 1
+    encoder.lm.lm_head.weight = torch.nn.Parameter(head.clone())
+    for config in (encoder.lm.config, encoder.lm.config.text_config):
+        config.tie_word_embeddings = False
+    out = str(tmp_path / "untied")
+    hf_export.export(encoder, out)
+    lm, info = Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"], info
+    torch.testing.assert_close(lm.lm_head.weight, head)
