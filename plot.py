@@ -26,18 +26,22 @@ def read_log(path):
     """(training lines, validation lines), each sorted by step with one line per step; other lines are ignored.
 
     A resumed run appends again the steps logged between its checkpoint and the kill: the last line for a step
-    wins. A line cut short by a kill cannot be parsed; it is skipped with a warning naming file and line."""
+    wins. A line cut short by a kill cannot be parsed; it is skipped with a warning naming file and line, and so is
+    one that is not a train.py record (bytes that are not UTF-8, no integer step, a loss that is not a number)."""
     if not os.path.isfile(path):
         raise DataError(path, "no such log; train.py writes log.jsonl into its train.out_dir (runs/tiny for "
                               "configs/tiny.yaml)")
     train, val = {}, {}
-    with open(path) as f:
+    with open(path, "rb") as f:     # bytes: json.loads decodes them, and a line that is not UTF-8 is a ValueError
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
+                record = None
+            if (not isinstance(record, dict) or type(record.get("step")) is not int
+                    or type(record.get("loss", 0.0)) not in (int, float)):
                 print(f"{path}:{number}: skipping an unreadable log line", file=sys.stderr)
                 continue
             if "val_score" in record:

@@ -46,6 +46,23 @@ def test_read_log_keeps_last_line_per_step_and_skips_cut_lines(tmp_path, capsys)
     assert "log.jsonl:12: skipping" in capsys.readouterr().err
 
 
+def test_lines_that_are_not_train_records_are_skipped_naming_their_line(tmp_path, capsys):
+    """A log line that parses but is no train.py record (no step, a JSON list, a loss that is not a number) or that is
+    not UTF-8 is skipped with a warning naming file and line, as a cut line is; the other steps are plotted.
+    Catches: read_log without its record check (`if (not isinstance(record, dict) ...` -> `if record is None:`:
+    KeyError 'step' / TypeError tracebacks naming no file), or reading the log as text (`open(path, "rb")` ->
+    `open(path)`: a UnicodeDecodeError traceback)."""
+    path = str(tmp_path / "log.jsonl")
+    write_log(path, [train_line(0), {"loss": 1.0}, [1, 2], {"step": 3, "loss": "high"}, train_line(4)])
+    with open(path, "ab") as f:
+        f.write(b'{"step": 5, "key": "\xff\xfe"}\n')
+    train, _ = read_log(path)
+    assert [line["step"] for line in train] == [0, 4]
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [f"{path}:{n}: skipping an unreadable log line" for n in (2, 3, 4, 6)]
+    assert len(plot_log(path, str(tmp_path / "plots"))) == 4
+
+
 def test_a_logged_step_without_a_loss_is_left_out_of_the_curves(tmp_path):
     """train.py logs a step whose records were all unreadable without a loss (its stats are None, so the line lacks
     loss, reg and gate_mean): read_log leaves it out of the training lines, and the plots draw the other steps.
