@@ -469,6 +469,9 @@ def default_out_dir(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    out = args.out or default_out_dir(args)
+    if os.path.exists(out) and not os.path.isdir(out):     # found now, not after the whole evaluation
+        sys.exit(f"evaluate.py: {out}: not a folder (results are written into --out)")
     device = setup_distributed()
     rank, _ = world()
 
@@ -484,7 +487,6 @@ def main(argv=None):
     if rank == 0:
         shown = results.pop("shown", None)
         results.update(model=label, split=args.split, root=cfg.data.root, score=score(results))
-        out = args.out or default_out_dir(args)
         os.makedirs(out, exist_ok=True)
         table = format_table(results, title=f"U-FIRE {args.split}, {label}")
         print(table)
