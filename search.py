@@ -424,6 +424,10 @@ def parse_args(argv=None):
 
 
 def run_query(args):
+    folder = os.path.dirname(os.path.abspath(args.show)) if args.show else None
+    if args.show and (os.path.isdir(args.show) or not os.path.isdir(folder)):     # else a traceback after the search
+        raise SearchError(f"--show {args.show}: cannot write a PNG there ("
+                          f"{'a folder' if os.path.isdir(args.show) else f'no folder {folder}'})")
     ckpt = args.ckpt or read_meta(args.index_dir)["checkpoint"]
     query = make_query(args.text, args.image, args.video, args.task, args.category, args.attribute, args.instruction)
     model = Model(ckpt, args.backbone, batch_size=args.batch_size)

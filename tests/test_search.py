@@ -832,6 +832,19 @@ def test_k_and_batch_size_below_1_are_usage_errors(capsys):
         assert e.value.code == 2 and "give it without --text and --task" in capsys.readouterr().err
 
 
+def test_a_show_path_that_cannot_be_written_is_refused_before_the_search(tmp_path):
+    """query --show into a folder that does not exist, or naming a folder, ends in one line naming the path before
+    the index is even opened (here there is none); nothing is created.
+    Catches: run_query without its --show check (the `if args.show and (...)` removed: the search runs, then
+    contact_sheet's FileNotFoundError / IsADirectoryError traceback names only a temporary file)."""
+    missing = tmp_path / "sheets" / "sheet.png"
+    for show, why in ((missing, f"no folder {missing.parent}"), (tmp_path, "a folder")):
+        with pytest.raises(SystemExit) as e:
+            search.main(["query", str(tmp_path / "no-index"), "--text", "x", "--show", str(show)])
+        assert e.value.code == f"search.py: --show {show}: cannot write a PNG there ({why})"
+    assert not os.listdir(tmp_path)
+
+
 def test_a_catalogue_line_that_is_not_utf8_is_named(tmp_path):
     """A Latin-1 JSONL catalogue ended search.py index in a UnicodeDecodeError traceback naming neither the file nor
     the line. Fails when read_catalogue decodes the file as text before json.loads (the error escapes)."""
