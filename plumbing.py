@@ -77,10 +77,13 @@ def save_atomic(obj, path):
 
 def staging_dir(out_dir):
     """A temporary folder beside out_dir (same file system, so publish_dir's renames are atomic), creating
-    out_dir's parent if needed (`make-tiny runs/x` on a fresh clone has no runs/ yet)."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    out_dir's parent if needed (`make-tiny runs/x` on a fresh clone has no runs/ yet). Named `<out_dir>.partial-*`:
+    a process killed outright (SIGKILL, out of memory) cannot remove it, and what it leaves, up to a whole export's
+    weights, must say what it is."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    return tempfile.TemporaryDirectory(dir=parent)
+    return tempfile.TemporaryDirectory(dir=parent, prefix=f"{os.path.basename(out_dir)}.partial-")
 
 
 def publish_dir(tmp, out_dir):

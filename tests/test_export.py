@@ -392,12 +392,15 @@ def test_publish_dir_moves_config_json_last(tmp_path, monkeypatch):
 
 def test_staging_dir_creates_a_missing_parent_and_stages_beside_the_output(tmp_path):
     """`make-tiny runs/x` on a fresh clone has no runs/ yet: staging_dir creates it and stages inside it (the same
-    file system, so publish_dir's renames are atomic), and publish_dir then fills runs/x.
-    Catches: staging_dir without its `os.makedirs(parent, exist_ok=True)` (FileNotFoundError on a fresh clone)."""
+    file system, so publish_dir's renames are atomic), and publish_dir then fills runs/x. The staging folder is named
+    after the output (`x.partial-*`), as what a killed build leaves must be recognisable.
+    Catches: staging_dir without its `os.makedirs(parent, exist_ok=True)` (FileNotFoundError on a fresh clone);
+    without its prefix (a killed export leaves `tmpab12cd` beside it, gigabytes of weights nobody can place)."""
     from plumbing import publish_dir, staging_dir
     out = tmp_path / "runs" / "x"
     with staging_dir(str(out)) as staging:
         assert os.path.dirname(staging) == str(tmp_path / "runs")
+        assert os.path.basename(staging).startswith("x.partial-"), staging
         with open(os.path.join(staging, "config.json"), "w") as f:
             f.write("{}")
         publish_dir(staging, str(out))
