@@ -32,7 +32,7 @@ def checkpoint(cfg, encoder, optimizer, scheduler, sampler, step, best_score, be
     return {"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": gather_list([rng_states()]),
             "step": step, "best_score": best_score, "best_step": best_step, "bad_records": sorted(bad_records),
-            "backbone_identity": encoder.backbone_identity()}
+            **encoder.identities()}
 
 
 def checkpoint_to_resume(path, resume):
@@ -149,8 +149,9 @@ def restore(ckpt, cfg, encoder, optimizer, scheduler, sampler, rank, path):
                               f"same config")
     # The config names the backbone by path only: a directory replaced in place by another model of the same
     # architecture would load the trainable state without complaint and go on training it on other weights (the
-    # identity is bf16-rounded, so a copy of the same weights in another dtype resumes).
-    problem = encoder.other_backbone(ckpt.get("backbone_identity"))
+    # identity is bf16-rounded, so a copy of the same weights in another dtype resumes); so would one with another
+    # tokenizer, whose ids mean other tokens.
+    problem = encoder.other_backbone(ckpt)
     if problem:
         raise DataError(path, f"{problem}; resume on the backbone it was trained on")
     encoder.load_trainable_state_dict(ckpt["model"])

@@ -328,8 +328,8 @@ def parse_args(argv=None):
 
 
 def resolve_config(args):
-    """(config with command-line overrides, trainable state to load or None, the backbone identity it was trained
-    on, label) for the checkpoint, the baseline or the untrained floor. A bad checkpoint or a backbone that is not
+    """(config with command-line overrides, trainable state to load or None, the identities of the backbone it was
+    trained on, label) for the checkpoint, the baseline or the untrained floor. A bad checkpoint or a backbone that is not
     there is an EvaluationError."""
     state = trained_on = None
     if args.ckpt:
@@ -353,9 +353,9 @@ def resolve_config(args):
 
 
 def read_checkpoint(path):
-    """(Config, trainable state, identity of the backbone it was trained on or None) of a checkpoint written by
-    train.py; EvaluationError naming the file when it is missing, truncated, not a checkpoint, or holds a config this
-    code does not know."""
+    """(Config, trainable state, identities of the backbone it was trained on: Encoder.identities()) of a checkpoint
+    written by train.py; EvaluationError naming the file when it is missing, truncated, not a checkpoint, or holds a
+    config this code does not know."""
     if not os.path.isfile(path):
         raise EvaluationError(f"{path}: checkpoint not found (train.py writes best.pt and last.pt into its "
                               f"train.out_dir: runs/tiny for configs/tiny.yaml)" if not os.path.exists(path) else
@@ -375,7 +375,7 @@ def read_checkpoint(path):
         cfg = Config.from_dict(ckpt["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise EvaluationError(f"{path}: the checkpoint's config is not valid here: {one_line(err)}") from err
-    return cfg, ckpt["model"], ckpt.get("backbone_identity")
+    return cfg, ckpt["model"], {key: ckpt.get(key) for key in ("backbone_identity", "tokenizer_identity")}
 
 
 def resolve_backbone(model_cfg, override=None, ckpt=None, how="model.backbone or --backbone at it"):
@@ -415,8 +415,9 @@ def resolve_backbone(model_cfg, override=None, ckpt=None, how="model.backbone or
 
 def load_encoder(cfg, state, device, source=None, trained_on=None):
     """The encoder of cfg with `state` (trainable tensors) loaded. A backbone that cannot be loaded, a state that does
-    not fit it (names, shapes), or a backbone whose weights are not those the state was trained on (`trained_on`, its
-    backbone_identity) is an EvaluationError naming the backbone or `source` (the checkpoint)."""
+    not fit it (names, shapes), or a backbone whose weights or tokenizer are not those the state was trained on
+    (`trained_on`: the checkpoint's identities) is an EvaluationError naming the backbone or `source` (the
+    checkpoint)."""
     torch.manual_seed(cfg.train.seed)      # fresh trainable parts (untrained floor) must be identical on every rank
     try:
         encoder = build_encoder(cfg.model, cfg.calibrator, device)
@@ -424,7 +425,7 @@ def load_encoder(cfg, state, device, source=None, trained_on=None):
         raise EvaluationError(str(err)) from err
     except (OSError, ValueError) as err:   # transformers / open_clip: a directory that holds no (complete) model
         raise EvaluationError(f"backbone {cfg.model.backbone}: cannot load the model: {one_line(err)}") from err
-    problem = encoder.other_backbone(trained_on) if state is not None else None
+    problem = encoder.other_backbone(trained_on or {}) if state is not None else None
     if problem:
         raise EvaluationError(f"{source or 'trainable state'}: {problem}; point --backbone or model.backbone at the "
                               f"one it was trained on")

@@ -11,6 +11,7 @@ encode_queries / encode_targets, trainable_state_dict / load_trainable_state_dic
 "vision" is a chunk's frozen vision-tower output (else None), which the gradient-cache replay hands back.
 """
 import hashlib
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download (open_clip would retry the hub ~46 s)
@@ -135,15 +136,28 @@ class Encoder(nn.Module):
                 digest.update(tensor.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).view(torch.int16).numpy())
         return digest.hexdigest()[:16]
 
+    def tokenizer_identity(self):
+        """A hash of what turns a prompt into ids, or None where the config names it (open_clip's tokenizer follows
+        the model name). A checkpoint that trained every weight (model.trainable=full) relies on nothing of the
+        backbone directory but this: backbone_identity then hashes no tensor."""
+        return None
+
+    def identities(self):
+        """What a checkpoint records of the backbone it was trained on, checked by other_backbone when it loads."""
+        return {"backbone_identity": self.backbone_identity(), "tokenizer_identity": self.tokenizer_identity()}
+
     def other_backbone(self, trained_on):
-        """Why trainable tensors trained on the backbone of identity `trained_on` must not load here, or None: the
-        same architecture with other weights (an Instruct and a Thinking model) would take them and be wrong. None
-        for `trained_on`: a checkpoint written before the identity was recorded."""
-        here = self.backbone_identity()
-        if trained_on is None or trained_on == here:
-            return None
-        return (f"trained on a backbone with other weights than {self.model_cfg.backbone} (backbone identity "
-                f"{trained_on}, this one's {here})")
+        """Why trainable tensors trained on the backbone of `trained_on` (a checkpoint, or its identities()) must not
+        load here, or None: the same architecture with other weights (an Instruct and a Thinking model) would take
+        them and be wrong, and so would token ids from another tokenizer. An identity the checkpoint lacks (written
+        before it was recorded) is not checked."""
+        here = self.identities()
+        for key, what in (("backbone_identity", "other weights"), ("tokenizer_identity", "another tokenizer")):
+            saved = trained_on.get(key)
+            if saved is not None and saved != here[key]:
+                return (f"trained on a backbone with {what} than {self.model_cfg.backbone} ({key.replace('_', ' ')} "
+                        f"{saved}, this one's {here[key]})")
+        return None
 
     def load_trainable_state_dict(self, state):
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -232,6 +246,12 @@ class FashionLensEncoder(Encoder):
         self.calibrator = QueryCalibrator(self.embed_dim, calib_cfg).to(heads_dtype)
         self.set_trainable(model_cfg)
         self.to(device)
+
+    def tokenizer_identity(self):
+        """The tokenizer's vocabulary (every token and its id, ours added) and the processor's chat template."""
+        digest = hashlib.sha256(json.dumps(sorted(self.processor.tokenizer.get_vocab().items())).encode())
+        digest.update((self.processor.chat_template or "").encode())
+        return digest.hexdigest()[:16]
 
     def set_trainable(self, cfg):
         """Trainable backbone weights are fp32 whatever model.fp32_trainable says: the release, too, kept LoRA

@@ -1219,7 +1219,39 @@ def test_a_checkpoint_is_refused_on_a_backbone_with_other_weights(tiny_backbone,
     assert encoder.backbone_identity() in message
     cfg.model.backbone = in_bf16
     assert evaluate.load_encoder(cfg, encoder.trainable_state_dict(), "cpu", source=ckpt,
-                                 trained_on=encoder.backbone_identity()) is not None
+                                 trained_on=encoder.identities()) is not None
+
+
+def test_a_fully_trained_checkpoint_on_a_backbone_with_another_tokenizer_is_refused(tiny_backbone, tmp_path):
+    """model.trainable=full (tiny.yaml) trains every weight, so the checkpoint holds all of them and backbone_identity
+    hashes no tensor: what it still takes from the backbone directory is the tokenizer. A tiny backbone of another
+    seed has another BPE vocabulary (the same size, so every shape fits): its ids mean other tokens, and evaluate.py
+    printed other numbers with exit 0. It is refused naming the checkpoint and both tokenizer identities; the
+    backbone it was trained on loads it.
+    Catches: other_backbone checking the weights only (the tokenizer's row dropped from its loop: the other
+    backbone's table is printed); identities() without the tokenizer."""
+    from config import Config
+    from fake_backbones import make_tiny_backbone
+    from model import build_encoder
+    other = str(tmp_path / "other")
+    make_tiny_backbone(other, seed=7)
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.image_pixels = tiny_backbone, "full", 64 * 64
+    encoder = build_encoder(cfg.model, cfg.calibrator, "cpu")
+    assert not [n for n, p in encoder.named_parameters() if not p.requires_grad]
+    ckpt = str(tmp_path / "best.pt")
+    torch.save({"config": cfg.to_dict(), "model": encoder.trainable_state_dict(), **encoder.identities()}, ckpt)
+    cfg.model.backbone = other
+    here = build_encoder(cfg.model, cfg.calibrator, "cpu").tokenizer_identity()
+    with pytest.raises(SystemExit) as exit_info:
+        main([ckpt, "--backbone", other, "--tasks", "1_t2i_Shoes"])
+    assert str(exit_info.value.code) == (
+        f"evaluate.py: {ckpt}: trained on a backbone with another tokenizer than {other} (tokenizer identity "
+        f"{encoder.tokenizer_identity()}, this one's {here}); point --backbone or model.backbone at the one it was "
+        f"trained on")
+    cfg.model.backbone = tiny_backbone
+    assert evaluate.load_encoder(cfg, encoder.trainable_state_dict(), "cpu", source=ckpt,
+                                 trained_on=evaluate.read_checkpoint(ckpt)[2]) is not None
 
 
 def test_untrained_floor_is_the_same_whatever_random_numbers_came_before(tiny_backbone):
@@ -1271,11 +1303,12 @@ def test_untrained_floor_is_not_checked_against_the_checkpoints_backbone(tiny_ba
     from config import Config
     cfg = Config()
     cfg.model.backbone, cfg.model.trainable = tiny_backbone, "lora"
-    encoder = evaluate.load_encoder(cfg, None, "cpu", source="best.pt", trained_on="0123456789abcdef")
+    encoder = evaluate.load_encoder(cfg, None, "cpu", source="best.pt",
+                                    trained_on={"backbone_identity": "0123456789abcdef"})
     assert encoder.backbone_identity() != "0123456789abcdef"
     with pytest.raises(EvaluationError, match="best.pt: trained on a backbone with other weights"):
         evaluate.load_encoder(cfg, encoder.trainable_state_dict(), "cpu", source="best.pt",
-                              trained_on="0123456789abcdef")
+                              trained_on={"backbone_identity": "0123456789abcdef"})
 
 
 def test_arithmetic_names_device_dtype_attention_kernel_and_packed_vision():

@@ -1730,8 +1730,10 @@ def test_a_run_follows_its_seed_epochs_query_images_weight_decay_and_validation_
     assert_same_state(first["weights"], fresh)
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
     assert [group["weight_decay"] for group in saved["optimizer"]["param_groups"]] == [0.02]
-    # The identity of the backbone weights it trained on, which evaluation checks (fails when checkpoint() omits it).
+    # The identities of the backbone weights and tokenizer it trained on, which evaluation checks (fails when
+    # checkpoint() omits one).
     assert saved["backbone_identity"] == fresh_encoder.backbone_identity()
+    assert saved["tokenizer_identity"] == fresh_encoder.tokenizer_identity() is not None
 
 
 def test_checkpoint_rng_states_load_as_cpu_byte_tensors(tmp_path):
