@@ -329,8 +329,8 @@ def parse_args(argv=None):
 
 def resolve_config(args):
     """(config with command-line overrides, trainable state to load or None, the identities of the backbone it was
-    trained on, label) for the checkpoint, the baseline or the untrained floor. A bad checkpoint or a backbone that is not
-    there is an EvaluationError."""
+    trained on, label) for the checkpoint, the baseline or the untrained floor. A bad checkpoint or a backbone that is
+    not there is an EvaluationError."""
     state = trained_on = None
     if args.ckpt:
         cfg, ckpt_state, trained_on = read_checkpoint(args.ckpt)
