@@ -72,6 +72,16 @@ def instruction_text(query, special_tokens=()):
 
 # ----------------------------------------------------------------------------- shared encoder machinery
 
+def tensors_identity(tensors):
+    """A hash of named tensors by their names and first 64 values rounded to bf16: the same weights in another dtype
+    or file layout hash the same, other weights (another backbone, another checkpoint's trained state) do not."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).view(torch.int16).numpy())
+    return digest.hexdigest()[:16]
+
+
 class Encoder(nn.Module):
     """What FashionLensEncoder and OpenClipEncoder share: batched no-grad encoding and the trainable state."""
 
@@ -129,12 +139,8 @@ class Encoder(nn.Module):
         trainable tensor is left out: with trainable=full the tied lm_head.weight is the trained token embedding under
         a second name, which named_parameters() lists only once."""
         trainable = {n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            if name not in trainable and tensor.is_floating_point():
-                digest.update(name.encode())
-                digest.update(tensor.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).view(torch.int16).numpy())
-        return digest.hexdigest()[:16]
+        return tensors_identity({name: tensor for name, tensor in self.state_dict().items()
+                                 if name not in trainable and tensor.is_floating_point()})
 
     def tokenizer_identity(self):
         """A hash of what turns a prompt into ids, or None where the config names it (open_clip's tokenizer follows
