@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from config import Config, load_config
-from model import build_encoder
+from model import build_encoder, tensors_identity
 from encoding import cache_key, encode_gallery, encode_sharded
 from plumbing import DataError, SettingError, load_checkpoint, one_line, setup_distributed, world, write_text_atomic
 from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
@@ -487,7 +487,9 @@ def main(argv=None):
         sys.exit(f"evaluate.py: {error}")
     if rank == 0:
         shown = results.pop("shown", None)
-        results.update(model=label, split=args.split, root=cfg.data.root, score=score(results))
+        # model_identity: which trained weights these numbers are of (model.py export checks it for its card).
+        results.update(model=label, model_identity=tensors_identity(state) if state is not None else None,
+                       split=args.split, root=cfg.data.root, score=score(results))
         os.makedirs(out, exist_ok=True)
         table = format_table(results, title=f"U-FIRE {args.split}, {label}")
         print(table)

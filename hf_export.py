@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model import QUERY_SUFFIX, QUERY_TOKEN, SYSTEM_PROMPT, TARGET_SUFFIX, TARGET_TOKEN, conversation
+from model import QUERY_SUFFIX, QUERY_TOKEN, SYSTEM_PROMPT, TARGET_SUFFIX, TARGET_TOKEN, conversation, tensors_identity
 from plumbing import load_checkpoint, publish_dir, staging_dir
 
 EXPORT_FILES = Path(__file__).resolve().parent / "export"   # the standalone embedding code and the card template
@@ -124,9 +124,11 @@ def model_card(encoder, source, dtype, effect, numbers):
         frames=encoder.model_cfg.video_frames, prompts=prompts, numbers=numbers or "None given at export.")
 
 
-def card_numbers(ckpt_path, results_path=None):
+def card_numbers(ckpt_path, results_path=None, state=None):
     """The card's numbers: evaluate.py's results.json (--results) as its table, else the model-selection score
-    that train.py stores in the checkpoint."""
+    that train.py stores in the checkpoint. A results.json of other weights than the checkpoint's trainable `state`
+    (another checkpoint, the untrained floor, a baseline) is refused: the card would state another model's numbers.
+    One written before results recorded model_identity must name this checkpoint's path."""
     import evaluate   # here, not at the top: evaluate imports this module
     if results_path:
         try:
@@ -136,6 +138,11 @@ def card_numbers(ckpt_path, results_path=None):
             table = evaluate.format_table(results, title)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{results_path}: not a results.json written by evaluate.py ({err!r})") from err
+        evaluated = results.get("model_identity")
+        if (evaluated != tensors_identity(state) if "model_identity" in results
+                else os.path.realpath(str(results.get("model"))) != os.path.realpath(ckpt_path)):
+            raise ValueError(f"{results_path}: the numbers of {results.get('model')!r}, not of {ckpt_path} (other "
+                             f"trained weights); run evaluate.py on {ckpt_path} and pass its results.json")
         return f"From `{os.path.basename(results_path)}` (evaluate.py):\n\n" + table
     saved = load_checkpoint(ckpt_path, mmap=True)     # its score and step: read_checkpoint has read the weights
     if saved.get("best_score", -1) < 0:
@@ -166,7 +173,7 @@ def main(argv=None):
         cfg, state, trained_on = read_checkpoint(args.ckpt)
         cfg.model.backbone = resolve_backbone(cfg.model, args.backbone, args.ckpt)
         encoder = load_encoder(cfg, state, "cpu", source=args.ckpt, trained_on=trained_on)
-        numbers = card_numbers(args.ckpt, args.results)
+        numbers = card_numbers(args.ckpt, args.results, state)
         effect = export(encoder, args.out_dir, {"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
                         source=os.path.basename(args.ckpt), numbers=numbers)
     except (EvaluationError, OSError, ValueError) as error:

@@ -1,6 +1,7 @@
 """`python model.py export`: the exported directory, loaded with plain transformers and its own fashionlens_embed.py
 (not this repository), gives the training encoder's embeddings for every query kind and for gallery images; it
 loads without warnings; its calibrator equals calibrator.py's; its model card's snippet runs as written."""
+import contextlib
 import importlib.util
 import math
 import os
@@ -627,6 +628,48 @@ def test_standalone_builds_the_training_encoders_evaluation_inputs(trained, medi
             assert torch.equal(built[key], training[key]), key
 
 
+def test_cli_export_puts_only_the_checkpoints_own_numbers_on_its_card(trained, mini_root, tmp_path):
+    """--results from evaluate.py run on the checkpoint goes on the card. After best.pt is replaced by a later best
+    (one LoRA factor moved), the same results.json is another model's numbers: the export is refused naming both,
+    and so are the untrained floor's results for that checkpoint. A results.json written before evaluate.py recorded
+    model_identity is taken when its "model" is this checkpoint's path, refused when it is another's.
+    Catches: card_numbers without its identity check (another model's table on the card); evaluate.py not recording
+    model_identity (`tensors_identity(state)` -> `None`: its own checkpoint's results refused); the path fallback
+    applied to every results.json (`if "model_identity" in results` -> `if False`: the later best's card states the
+    earlier one's numbers)."""
+    import json
+    import evaluate
+    cfg = Config()
+    cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = trained.model_cfg.backbone, "lora", 0.0
+    cfg.model.image_pixels, cfg.data.root = PIXELS, mini_root
+    ckpt, state = str(tmp_path / "best.pt"), trained.trainable_state_dict()
+    torch.save({"config": cfg.to_dict(), "model": state, **trained.identities()}, ckpt)
+
+    def results_of(*how):
+        out = str(tmp_path / f"eval{len(os.listdir(tmp_path))}")
+        evaluate.main([ckpt, *how, "--tasks", "1_t2i_Shoes", "--split", "test", "--out", out])
+        return os.path.join(out, "results.json")
+
+    def export(results):
+        hf_export.main(["export", ckpt, str(tmp_path / f"out{len(os.listdir(tmp_path))}"), "--results", results])
+
+    own, untrained = results_of(), results_of("--untrained")
+    export(own)
+    with pytest.raises(SystemExit, match=re.escape(f"{untrained}: the numbers of 'untrained ({ckpt})', not of {ckpt}")):
+        export(untrained)
+    later = {name: t + 0.1 if name == sorted(state)[0] else t for name, t in state.items()}
+    torch.save({"config": cfg.to_dict(), "model": later, **trained.identities()}, ckpt)
+    with pytest.raises(SystemExit, match=re.escape(f"{own}: the numbers of {ckpt!r}, not of {ckpt} (other trained")):
+        export(own)
+    older = json.load(open(own))
+    del older["model_identity"]
+    for named, refused in ((ckpt, False), (str(tmp_path / "other.pt"), True)):
+        with open(own, "w") as f:
+            json.dump(dict(older, model=named), f)
+        with pytest.raises(SystemExit) if refused else contextlib.nullcontext():
+            export(own)
+
+
 def test_cli_export_refuses_a_checkpoint_on_a_backbone_with_other_weights(trained, tmp_path):
     """`model.py export CKPT OUT --backbone OTHER`, OTHER a tiny backbone of the same architecture and another seed:
     the checkpoint's backbone_identity (the one train.py records, here the trained encoder's own) is not OTHER's, so
@@ -662,7 +705,7 @@ def test_cli_export_takes_the_cards_numbers_from_results_and_the_backbone_from_t
     ckpt = tmp_path / "best.pt"
     torch.save({"config": cfg.to_dict(), "model": trained.trainable_state_dict(), "step": 7, "best_score": 123.4567},
                ckpt)
-    results = {"ks": [1, 5], "split": "test", "root": "/data/u-fire", "sets": {"7_cir_Shoes": {
+    results = {"model": str(ckpt), "ks": [1, 5], "split": "test", "root": "/data/u-fire", "sets": {"7_cir_Shoes": {
         "family": "cir", "queries": 10, "gallery": 100, "recall": {"R@1": 41.5, "R@5": 80.0},
         "chance": {"R@1": 1.0, "R@5": 5.0}, "near_chance": False}}}
     (tmp_path / "results.json").write_text(json.dumps(results))
