@@ -50,7 +50,8 @@ import torch.distributed as dist
 from config import Config, load_config
 from model import build_encoder, tensors_identity
 from encoding import cache_key, encode_gallery, encode_sharded
-from plumbing import DataError, SettingError, load_checkpoint, one_line, setup_distributed, world, write_text_atomic
+from plumbing import (DataError, SettingError, load_checkpoint, one_line, output_folder, setup_distributed, world,
+                      write_text_atomic)
 from prepare_data import SUB_DATASETS, UNSEEN_TASKS, build_eval_sets, build_unseen_eval_set
 
 KS = (1, 5, 10, 50)
@@ -470,9 +471,11 @@ def default_out_dir(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = args.out or default_out_dir(args)
-    if os.path.exists(out) and not os.path.isdir(out):     # found now, not after the whole evaluation
-        sys.exit(f"evaluate.py: {out}: not a folder (results are written into --out)")
+    try:
+        out = output_folder(args.out or default_out_dir(args), "results are written into --out")
+        output_folder(args.cache, "--cache keeps gallery embeddings in it")
+    except DataError as error:
+        sys.exit(f"evaluate.py: {error}")
     device = setup_distributed()
     rank, _ = world()
 

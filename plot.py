@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")                  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from plumbing import DataError, atomic_write, publish_dir, staging_dir, write_text_atomic  # noqa: E402
+from plumbing import DataError, atomic_write, output_folder, publish_dir, staging_dir, write_text_atomic  # noqa: E402
 
 
 def read_log(path):
@@ -247,7 +247,7 @@ def main():
     parser.add_argument("--out", help="folder for the PNGs (default: the log's folder)")
     args = parser.parse_args()
     try:
-        written = plot_log(args.log, args.out)
+        written = plot_log(args.log, output_folder(args.out, "--out: the plots are written into it"))
     except DataError as err:        # names the file: a traceback adds nothing
         sys.exit(f"plot.py: {err}")
     for path in written:

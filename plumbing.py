@@ -23,6 +23,14 @@ class SettingError(ValueError):
     config key(s). train.py prints it in one line."""
 
 
+def output_folder(path, what):
+    """`path`, an output folder a command will write into: a DataError before any work when something other than
+    a folder holds that name (else the work is done first, then lost to a NotADirectoryError traceback)."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(path, f"not a folder ({what})")
+    return path
+
+
 def one_line(err, with_type=False):
     """An exception's message on one line; with_type prefixes its type (for errors raised by other libraries)."""
     text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err     # KeyError quotes its str

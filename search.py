@@ -52,7 +52,8 @@ import torch.distributed as dist
 from encoding import arithmetic, encode_gallery, fingerprint
 from evaluate import UNUSABLE, EvaluationError, load_encoder, read_checkpoint, resolve_backbone
 from model import resolve_device
-from plumbing import DataError, atomic_write, gather_list, one_line, setup_distributed, world, write_text_atomic
+from plumbing import (DataError, atomic_write, gather_list, one_line, output_folder, setup_distributed, world,
+                      write_text_atomic)
 from ufire_mini import REQUESTS, VERBS
 
 # Runtime parameters of approximate indexes: how many IVF lists to probe, how many HNSW candidates to explore.
@@ -446,6 +447,7 @@ def main(argv=None):
     try:
         if args.command == "query":
             return run_query(args)
+        output_folder(args.out, "--out: the index is written into it")
         device = setup_distributed()
         model = Model(args.ckpt, args.backbone, device, args.batch_size)
         meta = index_catalogue(model, args.catalog, args.out, args.index, args.train_size, args.seed)

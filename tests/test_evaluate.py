@@ -1001,16 +1001,19 @@ def test_cli_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny_
     assert not out.exists()
 
 
-def test_cli_out_that_is_a_file_is_refused_before_anything_is_evaluated(tmp_path):
-    """--out naming a file ends evaluate.py in one line naming it before the checkpoint is even read (the checkpoint
-    here does not exist), and the file is left as it was.
-    Catches: main finding out only at its os.makedirs(out), after the whole evaluation (the check removed: a
-    FileExistsError traceback and every number lost)."""
+def test_cli_out_or_cache_that_is_a_file_is_refused_before_anything_is_evaluated(tmp_path):
+    """--out or --cache naming a file ends evaluate.py in one line naming it before the checkpoint is even read (the
+    checkpoint here does not exist), and the file is left as it was.
+    Catches: main finding out only at its os.makedirs(out), after the whole evaluation (the --out check removed: a
+    FileExistsError traceback and every number lost); --cache not checked (a NotADirectoryError traceback when the
+    first gallery chunk is saved)."""
     taken = tmp_path / "results"
     taken.write_text("mine\n")
-    with pytest.raises(SystemExit) as info:
-        main([str(tmp_path / "missing.pt"), "--split", "test", "--out", str(taken)])
-    assert info.value.code == f"evaluate.py: {taken}: not a folder (results are written into --out)"
+    for option, why in (("--out", "results are written into --out"),
+                        ("--cache", "--cache keeps gallery embeddings in it")):
+        with pytest.raises(SystemExit) as info:
+            main([str(tmp_path / "missing.pt"), "--split", "test", option, str(taken)])
+        assert info.value.code == f"evaluate.py: {taken}: not a folder ({why})"
     assert taken.read_text() == "mine\n"
 
 

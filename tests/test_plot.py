@@ -135,6 +135,19 @@ def test_cli_out_writes_the_pngs_there(tmp_path, monkeypatch, capsys):
     assert sorted(capsys.readouterr().out.split()) == [str(tmp_path / "plots" / name) for name in names]
 
 
+def test_cli_out_that_is_a_file_ends_in_one_line_naming_it(tmp_path, monkeypatch):
+    """`plot.py LOG --out FILE` ends in one line naming FILE, which is left as it was.
+    Catches: main not checking --out (publish_dir's FileExistsError traceback after every plot is drawn)."""
+    log, taken = str(tmp_path / "log.jsonl"), tmp_path / "plots"
+    write_log(log, [train_line(s) for s in range(3)])
+    taken.write_text("mine\n")
+    monkeypatch.setattr(sys, "argv", ["plot.py", log, "--out", str(taken)])
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main()
+    assert exit_info.value.code == f"plot.py: {taken}: not a folder (--out: the plots are written into it)"
+    assert taken.read_text() == "mine\n"
+
+
 def test_cli_ends_a_missing_or_empty_log_in_one_line_naming_it(tmp_path, monkeypatch):
     """`plot.py LOG` before training (no log yet), on the run's folder instead of its log, or on a log without
     training lines ends in one line naming the file and, for a missing one, where train.py writes it; nothing is

@@ -832,6 +832,18 @@ def test_k_and_batch_size_below_1_are_usage_errors(capsys):
         assert e.value.code == 2 and "give it without --text and --task" in capsys.readouterr().err
 
 
+def test_an_index_out_that_is_a_file_is_refused_before_anything_is_read(tmp_path):
+    """`search.py index CKPT --out FILE` ends in one line naming FILE before the checkpoint is read (here there is
+    none), and FILE is left as it was.
+    Catches: main not checking --out (a NotADirectoryError traceback at the first shard, after the model load)."""
+    taken = tmp_path / "index"
+    taken.write_text("mine\n")
+    with pytest.raises(SystemExit) as e:
+        search.main(["index", str(tmp_path / "missing.pt"), "--catalog", str(tmp_path), "--out", str(taken)])
+    assert e.value.code == f"search.py: {taken}: not a folder (--out: the index is written into it)"
+    assert taken.read_text() == "mine\n"
+
+
 def test_a_show_path_that_cannot_be_written_is_refused_before_the_search(tmp_path):
     """query --show into a folder that does not exist, or naming a folder, ends in one line naming the path before
     the index is even opened (here there is none); nothing is created.
