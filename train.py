@@ -217,7 +217,8 @@ def refuse_fp16(model_cfg):
 
 
 def learning_rate_factor(cfg, total_steps):
-    """Constant (release; paper section IV-E) or linear warm-up then cosine decay to zero."""
+    """A linear warm-up over train.warmup_steps (either schedule; release: none), then constant (release; paper
+    section IV-E) or cosine decay to zero."""
     def factor(step):
         if step < cfg.train.warmup_steps:
             return (step + 1) / cfg.train.warmup_steps
