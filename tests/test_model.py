@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fake_backbones
+from launch import REPO
 from media import load_image, load_video, resize_frames
 import model
 from benchmarks.host_syncs import AsOnGpu, SyncCounter
@@ -1184,6 +1187,20 @@ def clip(tmp_path_factory):
     torch.manual_seed(0)
     cfg = ModelConfig(kind="openclip", backbone=config, trainable="full")
     return model.build_encoder(cfg, CalibratorConfig(mode="none"), device="cpu").eval()
+
+
+@pytest.mark.parametrize("module", ["model", "media", "fake_backbones"])
+def test_importing_a_module_that_loads_backbones_turns_the_hub_off_before_transformers_reads_it(module):
+    """Each module that loads a backbone or processor sets HF_HUB_OFFLINE itself: a process started without it
+    (the tests' conftest sets it, so only a fresh interpreter can tell) would otherwise let open_clip retry the hub
+    for about 46 s on a pretrained tag. huggingface_hub reads the variable once, on import: its own constant is
+    the independent check that it was set in time.
+    Catches: model.py's (or media.py's, fake_backbones.py's) `os.environ.setdefault("HF_HUB_OFFLINE", "1")` removed."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    script = f"import {module}, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True"]
 
 
 def test_open_clip_offline_fuses_text_and_images(clip, media):
