@@ -531,6 +531,25 @@ def test_standalone_reads_a_clip_with_the_indices_of_the_frames_it_returns(tmp_p
     assert np.array_equal(frames, np.stack([decoded[i] for i in meta.frames_indices]))
 
 
+def test_standalone_stamps_a_clips_frames_at_its_own_rate_and_at_24_where_it_states_none(tmp_path, monkeypatch):
+    """fashionlens_embed.read_video keeps the clip's frame rate (4 here, by hand), which Qwen3-VL's video prompt
+    divides each frame's index by, and falls back to 24 (the processor's default) only where the reader finds none,
+    as media.load_video does for training (test_model.py).
+    Catches: the standalone fallback dropped (`meta.fps = meta.fps or 24.0` removed: fps None reaches the
+    processor), which survived the rest of this file."""
+    fl = load_standalone(os.path.join(os.path.dirname(hf_export.__file__), "export"))
+    path = write_mp4(tmp_path / "slow.mp4", 12, seed=4, rate=4)
+    assert fl.read_video(path, 8)[1].fps == 4
+    read = fl.video_utils.load_video
+
+    def no_rate(*args, **kwargs):
+        frames, meta = read(*args, **kwargs)
+        meta.fps = None
+        return frames, meta
+    monkeypatch.setattr(fl.video_utils, "load_video", no_rate)
+    assert fl.read_video(path, 8)[1].fps == 24.0
+
+
 def test_standalone_names_a_video_it_cannot_read(tmp_path):
     """fashionlens_embed.read_video on a video stream with no decodable frame (.mp4, which stores a frame count, and
     .mkv, which does not) and on an audio-only file: a ValueError naming the file, with the reader's own error. The
