@@ -189,7 +189,8 @@ def test_cli_export_of_a_checkpoint_and_its_model_card_snippet(trained, media, t
     effect and the checkpoint's score in the card, and the card's snippet, run as written (first line: the file
     names) in a fresh Python where this repository is not importable, gives the training embeddings (cosine >=
     0.9999 with the bf16 weights read into fp32). Catches: --dtype ignored (weights saved fp32), the checkpoint's
-    best_score left out of the card, fashionlens_embed.py importing the repository (`from media import ...`)."""
+    best_score left out of the card, fashionlens_embed.py importing the repository (`from media import ...`),
+    the card's `dtype=torch.float32` dropped (the model then runs in bf16, still within the cosine bound)."""
     cfg = Config()
     cfg.model.backbone, cfg.model.trainable, cfg.model.lora_dropout = trained.model_cfg.backbone, "lora", 0.0
     cfg.model.image_pixels = PIXELS
@@ -214,11 +215,13 @@ def test_cli_export_of_a_checkpoint_and_its_model_card_snippet(trained, media, t
     first, rest = snippet.split("\n", 1)
     assert first.startswith("EXPORT_DIR, QUERY_IMAGE, QUERY_VIDEO, GALLERY = ")
     script = (f"EXPORT_DIR, QUERY_IMAGE, QUERY_VIDEO, GALLERY = {str(out)!r}, 'query.jpg', 'query.mp4', "
-              f"['a.jpg', 'b.jpg']\n{rest}torch.save({{'queries': queries, 'gallery': gallery}}, 'emb.pt')\n")
+              f"['a.jpg', 'b.jpg']\n{rest}"
+              "torch.save({'queries': queries, 'gallery': gallery, 'dtype': str(model.dtype)}, 'emb.pt')\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     emb = torch.load(work / "emb.pt", weights_only=True)
+    assert emb["dtype"] == "torch.float32"   # the card loads the bf16 weights into fp32, as it says
     texts = [line.split('"text": "')[1].split('"')[0] for line in rest.splitlines() if '"text": ' in line]
     queries = [{"id": "t", "instruction_text": texts[0], "query_image": [], "query_video": []},
                {"id": "i", "instruction_text": texts[1], "query_image": [str(work / "query.jpg")], "query_video": []},
