@@ -32,16 +32,16 @@ def encode_sharded(encode, items, batch_size, progress, desc, on_chunk=None):
     """Embeddings [len(items), D] fp32 on rank 0 (None on other ranks).
 
     Under torch.distributed rank r encodes items r, r+W, r+2W, ...: interleaving gives every rank the same mix of
-    cheap and expensive queries (text vs video). The list is padded with its last item to a multiple of W so every
-    rank runs the same number of forward batches and nobody waits; the padding is dropped after the gather.
+    cheap and expensive queries (text vs video). Each item is encoded once: a rank with one item fewer than rank 0
+    sends a zero row in its place, so every rank sends as many rows, and the zero rows are dropped after the gather.
     on_chunk(items, emb) sees every encoded chunk (the embedding cache writes it to disk).
     """
     rank, size = world()
-    padded = items + items[-1:] * (-len(items) % size)
-    shard = padded[rank::size]
+    shard = items[rank::size]
+    rows = -(-len(items) // size)                 # rank 0's count, the most any rank has
     chunk = batch_size * CHUNK_BATCHES
     pieces = []
-    with tqdm(total=len(padded), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+    with tqdm(total=rows * size, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True) as bar:
         for start in range(0, len(shard), chunk):
             part = shard[start:start + chunk]
             emb = encode(part, batch_size=batch_size).float().cpu()
@@ -49,16 +49,19 @@ def encode_sharded(encode, items, batch_size, progress, desc, on_chunk=None):
                 on_chunk(part, emb)
             pieces.append(emb)
             bar.update(len(part) * size)
-    local = torch.cat(pieces)
     if size == 1:
-        return local
+        return torch.cat(pieces)
+    width = [pieces[0].shape[1] if pieces else None]
+    if len(items) < size:                         # a rank without items learns the width from rank 0
+        dist.broadcast_object_list(width, src=0)
+    local = torch.cat(pieces + [torch.zeros(rows - len(shard), width[0])])
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     local = local.to(device)
     gathered = [torch.empty_like(local) for _ in range(size)] if rank == 0 else None
     dist.gather(local, gathered, dst=0)
     if rank != 0:
         return None
-    # gathered[r][i] is padded[i * W + r]: stacking on dim 1 restores the original order.
+    # gathered[r][i] is items[i * W + r] (a zero row past the end): stacking on dim 1 restores the order.
     return torch.stack(gathered, dim=1).reshape(-1, local.shape[1])[:len(items)].cpu()
 
 

@@ -438,21 +438,22 @@ def distributed_worker(rank, world, init_file, out_dir, cache_dir):
 
 def test_two_gloo_processes_equal_one(tmp_path):
     """Two gloo processes evaluate like one: the same results on both ranks, the distinct images and queries split
-    between the ranks (one padding item), the cache both wrote serving a one-process rerun whole, and a non-finite
-    query that rank 0 alone sees stopping both ranks with one error.
+    between the ranks (each encoded once: rank 0 has one more), the cache both wrote serving a one-process rerun
+    whole, and a non-finite query that rank 0 alone sees stopping both ranks with one error.
     Catches: rank 0's cache decision not broadcast (`dist.broadcast_object_list(decided, src=0)` dropped: rank 0
-    waits in a collective rank 1 never joins; the process group's 60 s timeout fails the test instead of hanging)."""
+    waits in a collective rank 1 never joins; the process group's 60 s timeout fails the test instead of hanging);
+    rank 1 encoding a copy of the last item to send as many rows as rank 0 (13 and 13)."""
     single = json.loads(json.dumps(evaluate_sets(FakeEncoder(), make_sets(), batch_size=2, progress=False)))
     cache = str(tmp_path / "cache")
     mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path), cache), nprocs=2, join=True)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["results"] == single and ranks[1]["results"] == single
     assert ranks[0]["error"] == ranks[1]["error"] and "9_asfr_B: query b-2" in ranks[0]["error"]
-    # 25 distinct images and 21 queries: odd, so one rank encodes one padding item and both ranks encode as many.
+    # 25 distinct images and 21 queries: odd, so rank 0 encodes one item more than rank 1, and no item twice.
     for kind, expected, per_rank in (("targets", {p for s in make_sets() for p in s.gallery}, 13),
                                      ("queries", {q["id"] for s in make_sets() for q in s.queries}, 11)):
         assert len(expected) == 2 * per_rank - 1
-        assert len(ranks[0][kind]) == len(ranks[1][kind]) == per_rank
+        assert (len(ranks[0][kind]), len(ranks[1][kind])) == (per_rank, per_rank - 1)
         assert set(ranks[0][kind]) | set(ranks[1][kind]) == expected
     # The cache written by both ranks serves a single-process rerun completely.
     rerun = FakeEncoder()
@@ -1395,10 +1396,11 @@ def test_cache_file_of_an_older_format_is_ignored_with_a_warning(tmp_path, capsy
 
 
 def test_encoding_sharded_over_three_ranks_pads_and_restores_the_order(monkeypatch):
-    """Rank r of W encodes items r, r+W, ...; the list is padded with its last item to a multiple of W so that every
-    rank sends a shard of one size, and rank 0 restores the order. Simulated here for W = 3 (the gloo tests run
-    W = 2, where -n % W == n % W): ranks 1 and 2 run first and their shards are handed to rank 0's gather.
-    Catches: the padding as len % W (10 items: shards of 4, 4 and 3); the gather concatenated rank by rank."""
+    """Rank r of W encodes items r, r+W, ...; a rank with one item fewer than rank 0 pads its shard with a zero row
+    so that every rank sends a shard of one size, and rank 0 restores the order. Simulated here for W = 3 (the gloo
+    tests run W = 2): ranks 1 and 2 run first and their shards are handed to rank 0's gather.
+    Catches: the shard size as len // W (10 items: rank 0's 4 rows do not fit); the gather concatenated rank by
+    rank; padding encoded as items (each of the 10 items goes through the model once, the 2 zero rows never)."""
     import encoding
     items = [f"item{j}" for j in range(10)]
     shards = {}
@@ -1418,7 +1420,10 @@ def test_encoding_sharded_over_three_ranks_pads_and_restores_the_order(monkeypat
     fake = FakeDist()
     monkeypatch.setattr(encoding, "dist", fake)
 
+    encoded = []
+
     def encode(part, batch_size):
+        encoded.extend(part)
         return torch.tensor([[float(p[4:]), 1.0] for p in part])
 
     for rank in (1, 2, 0):
@@ -1428,6 +1433,7 @@ def test_encoding_sharded_over_three_ranks_pads_and_restores_the_order(monkeypat
         assert (out is None) == (rank != 0)
     assert [len(shards[r]) for r in range(3)] == [4, 4, 4]
     assert out[:, 0].tolist() == list(range(10))
+    assert sorted(encoded, key=lambda p: int(p[4:])) == items
 
 
 def test_encoding_goes_chunk_by_chunk_over_every_item_once_in_order():

@@ -428,6 +428,39 @@ def test_two_processes_index_like_one(setup, tmp_path):
     assert [s["path"] for s in skipped] == [setup["broken"]] and "cannot read image" in skipped[0]["reason"]
 
 
+def test_two_processes_encode_an_odd_catalogue_once(setup, tmp_path):
+    """A catalogue of 9 (8 readable, the broken one second: rank 1's) split over 2 processes: rank 0 encodes items
+    0, 2, 4, 6, 8 and rank 1 items 1, 3, 5, 7, and the index is 1 process's. The "encoded N images" line sums the
+    ranks' counts, so it said 9 images where one process says 8 (rank 1 also encoded the padding, item 8 again).
+    Catches: encode_sharded encoding its padding (every rank sends as many rows, so the padding was a copy of the
+    last item run through the model: [5, 4])."""
+    import torch.multiprocessing as mp
+    catalogue, one, two = tmp_path / "odd.jsonl", str(tmp_path / "one"), str(tmp_path / "two")
+    paths = [sorted(setup["paths"])[0], setup["broken"], *sorted(setup["paths"])[1:-1]]
+    catalogue.write_text("".join(json.dumps({"path": p}) + "\n" for p in paths))
+    search.index_catalogue(stub_model(), str(catalogue), one, progress=False)
+    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(catalogue), two), nprocs=2, join=True)
+    assert [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)] == [5, 3]
+    (got_paths, got), (want_paths, want) = indexed(two), indexed(one)
+    assert got_paths == want_paths == [p for p in paths if p != setup["broken"]]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_two_processes_index_a_catalogue_of_one_image(setup, tmp_path):
+    """Fewer images than processes: rank 1 has nothing to encode and sends one zero row, of the width rank 0 tells
+    it; the index is rank 0's one image, as one process indexes it.
+    Catches: the width not sent to a rank without images (its zero row has no width: the run fails)."""
+    import torch.multiprocessing as mp
+    catalogue, one, two = tmp_path / "one.jsonl", str(tmp_path / "one"), str(tmp_path / "two")
+    catalogue.write_text(json.dumps({"path": setup["paths"][0]}) + "\n")
+    search.index_catalogue(stub_model(), str(catalogue), one, progress=False)
+    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(catalogue), two), nprocs=2, join=True)
+    assert [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)] == [1, 0]
+    (got_paths, got), (want_paths, want) = indexed(two), indexed(one)
+    assert got_paths == want_paths == [setup["paths"][0]]
+    np.testing.assert_array_equal(got, want)
+
+
 def stub_index(tmp_path, setup, factory="Flat"):
     """An index folder of the catalogue built by stub_model (no checkpoint, embeddings from the image bytes)."""
     out = str(tmp_path / f"stub-{factory.replace(',', '-')}")
