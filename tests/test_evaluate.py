@@ -1226,7 +1226,8 @@ def test_a_checkpoint_is_refused_on_a_backbone_with_other_weights(tiny_backbone,
                                  trained_on=encoder.identities()) is not None
 
 
-def test_a_fully_trained_checkpoint_on_a_backbone_with_another_tokenizer_is_refused(tiny_backbone, tmp_path):
+def test_a_fully_trained_checkpoint_on_a_backbone_with_another_tokenizer_is_refused(tiny_backbone, mini_root,
+                                                                                      tmp_path):
     """model.trainable=full (tiny.yaml) trains every weight, so the checkpoint holds all of them and backbone_identity
     hashes no tensor: what it still takes from the backbone directory is the tokenizer. A tiny backbone of another
     seed has another BPE vocabulary (the same size, so every shape fits): its ids mean other tokens, and evaluate.py
@@ -1248,7 +1249,7 @@ def test_a_fully_trained_checkpoint_on_a_backbone_with_another_tokenizer_is_refu
     cfg.model.backbone = other
     here = build_encoder(cfg.model, cfg.calibrator, "cpu").tokenizer_identity()
     with pytest.raises(SystemExit) as exit_info:
-        main([ckpt, "--backbone", other, "--tasks", "1_t2i_Shoes"])
+        main([ckpt, "--backbone", other, "--root", mini_root, "--tasks", "1_t2i_Shoes"])
     assert str(exit_info.value.code) == (
         f"evaluate.py: {ckpt}: trained on a backbone with another tokenizer than {other} (tokenizer identity "
         f"{encoder.tokenizer_identity()}, this one's {here}); point --backbone or model.backbone at the one it was "
