@@ -22,7 +22,8 @@ import hf_export
 import model
 from calibrator import QueryCalibrator
 from config import CalibratorConfig, Config
-from test_model import PIXELS, build, write_audio_only, write_mp4, write_png, write_undecodable_video
+from test_model import (PIXELS, build, check_clip_rate_and_its_fallback, write_audio_only, write_mp4, write_png,
+                        write_undecodable_video)
 
 
 def perturbed(encoder):
@@ -541,16 +542,7 @@ def test_standalone_stamps_a_clips_frames_at_its_own_rate_and_at_24_where_it_sta
     Catches: the standalone fallback dropped (`meta.fps = meta.fps or 24.0` removed: fps None reaches the
     processor), which survived the rest of this file."""
     fl = load_standalone(os.path.join(os.path.dirname(hf_export.__file__), "export"))
-    path = write_mp4(tmp_path / "slow.mp4", 12, seed=4, rate=4)
-    assert fl.read_video(path, 8)[1].fps == 4
-    read = fl.video_utils.load_video
-
-    def no_rate(*args, **kwargs):
-        frames, meta = read(*args, **kwargs)
-        meta.fps = None
-        return frames, meta
-    monkeypatch.setattr(fl.video_utils, "load_video", no_rate)
-    assert fl.read_video(path, 8)[1].fps == 24.0
+    check_clip_rate_and_its_fallback(fl.read_video, fl, tmp_path, monkeypatch)
 
 
 def test_standalone_names_a_video_it_cannot_read(tmp_path):

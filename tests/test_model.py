@@ -603,16 +603,22 @@ def test_a_clips_frame_rate_reaches_the_video_metadata(tmp_path, monkeypatch):
     Catches: the container's rate replaced by the default (`meta.fps = 24.0`: a 4 fps clip's times 6x too small); the
     fallback dropped (a reader that finds no rate stands in here: fps None, and the processor's timestamps fail)."""
     import media
+    check_clip_rate_and_its_fallback(load_video, media, tmp_path, monkeypatch)
+
+
+def check_clip_rate_and_its_fallback(read_video, module, tmp_path, monkeypatch):
+    """read_video(path, 8) of a 4 fps clip gives fps 4; with the reader `module` calls (its video_utils.load_video)
+    finding no rate, 24."""
     path = write_mp4(tmp_path / "slow.mp4", 12, seed=4, rate=4)
-    assert load_video(path, 8)[1].fps == 4
-    read = media.video_utils.load_video
+    assert read_video(path, 8)[1].fps == 4
+    read = module.video_utils.load_video
 
     def no_rate(*args, **kwargs):
         frames, meta = read(*args, **kwargs)
         meta.fps = None
         return frames, meta
-    monkeypatch.setattr(media.video_utils, "load_video", no_rate)
-    assert load_video(path, 8)[1].fps == 24.0
+    monkeypatch.setattr(module.video_utils, "load_video", no_rate)
+    assert read_video(path, 8)[1].fps == 24.0
 
 
 def test_video_frames_are_resized_as_the_video_processor_resizes_them(tiny_backbone):
