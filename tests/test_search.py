@@ -408,22 +408,29 @@ def distributed_worker(rank, world, init_file, catalogue, out):
     torch.distributed.destroy_process_group()
 
 
+def index_by_one_and_by_two_processes(catalogue, tmp_path):
+    """`catalogue` indexed by stub_model in one process and in two (gloo): the two index folders and the count of
+    images each of the two ranks encoded."""
+    import torch.multiprocessing as mp
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    search.index_catalogue(stub_model(), catalogue, one, progress=False)
+    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), catalogue, two), nprocs=2, join=True)
+    return one, two, [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)]
+
+
 def test_two_processes_index_like_one(setup, tmp_path):
     """Catches: ranks that encode the same images (or drop some), an unreadable image met by rank 1 that rank 0
     does not report, shards of one rank only in the index.
     Mutation run: index_catalogue's reasons from this rank only (dict(model.unreadable.items()) instead of the
     gather): the broken image's reason is lost; encode_gallery given paths[rank::size] on every rank: the paths
     differ."""
-    import torch.multiprocessing as mp
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    search.index_catalogue(stub_model(), setup["catalogue"], one, progress=False)
-    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), setup["catalogue"], two), nprocs=2, join=True)
+    one, two, encoded = index_by_one_and_by_two_processes(setup["catalogue"], tmp_path)
     paths, emb = indexed(two)
     reference_paths, reference = indexed(one)
     assert paths == reference_paths and len(paths) == 9
     np.testing.assert_array_equal(emb, reference)
     # 10 images split 5 and 5; the unreadable one, rank 1's, is not counted as encoded.
-    assert [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)] == [5, 4]
+    assert encoded == [5, 4]
     skipped = json.loads(open(os.path.join(two, "meta.json")).read())["skipped"]
     assert [s["path"] for s in skipped] == [setup["broken"]] and "cannot read image" in skipped[0]["reason"]
 
@@ -434,13 +441,11 @@ def test_two_processes_encode_an_odd_catalogue_once(setup, tmp_path):
     ranks' counts, so it said 9 images where one process says 8 (rank 1 also encoded the padding, item 8 again).
     Catches: encode_sharded encoding its padding (every rank sends as many rows, so the padding was a copy of the
     last item run through the model: [5, 4])."""
-    import torch.multiprocessing as mp
-    catalogue, one, two = tmp_path / "odd.jsonl", str(tmp_path / "one"), str(tmp_path / "two")
+    catalogue = tmp_path / "odd.jsonl"
     paths = [sorted(setup["paths"])[0], setup["broken"], *sorted(setup["paths"])[1:-1]]
     catalogue.write_text("".join(json.dumps({"path": p}) + "\n" for p in paths))
-    search.index_catalogue(stub_model(), str(catalogue), one, progress=False)
-    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(catalogue), two), nprocs=2, join=True)
-    assert [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)] == [5, 3]
+    one, two, encoded = index_by_one_and_by_two_processes(str(catalogue), tmp_path)
+    assert encoded == [5, 3]
     (got_paths, got), (want_paths, want) = indexed(two), indexed(one)
     assert got_paths == want_paths == [p for p in paths if p != setup["broken"]]
     np.testing.assert_array_equal(got, want)
@@ -450,12 +455,10 @@ def test_two_processes_index_a_catalogue_of_one_image(setup, tmp_path):
     """Fewer images than processes: rank 1 has nothing to encode and sends one zero row, of the width rank 0 tells
     it; the index is rank 0's one image, as one process indexes it.
     Catches: the width not sent to a rank without images (its zero row has no width: the run fails)."""
-    import torch.multiprocessing as mp
-    catalogue, one, two = tmp_path / "one.jsonl", str(tmp_path / "one"), str(tmp_path / "two")
+    catalogue = tmp_path / "one.jsonl"
     catalogue.write_text(json.dumps({"path": setup["paths"][0]}) + "\n")
-    search.index_catalogue(stub_model(), str(catalogue), one, progress=False)
-    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(catalogue), two), nprocs=2, join=True)
-    assert [json.load(open(os.path.join(two, f"rank{r}.json"))) for r in range(2)] == [1, 0]
+    one, two, encoded = index_by_one_and_by_two_processes(str(catalogue), tmp_path)
+    assert encoded == [1, 0]
     (got_paths, got), (want_paths, want) = indexed(two), indexed(one)
     assert got_paths == want_paths == [setup["paths"][0]]
     np.testing.assert_array_equal(got, want)
