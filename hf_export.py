@@ -138,9 +138,11 @@ def card_numbers(ckpt_path, results_path=None, state=None):
             table = evaluate.format_table(results, title)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{results_path}: not a results.json written by evaluate.py ({err!r})") from err
-        evaluated = results.get("model_identity")
-        if (evaluated != tensors_identity(state) if "model_identity" in results
-                else os.path.realpath(str(results.get("model"))) != os.path.realpath(ckpt_path)):
+        if "model_identity" in results:
+            same_model = results["model_identity"] == tensors_identity(state)
+        else:   # written before evaluate.py recorded it: the checkpoint's path must match
+            same_model = os.path.realpath(str(results.get("model"))) == os.path.realpath(ckpt_path)
+        if not same_model:
             raise ValueError(f"{results_path}: the numbers of {results.get('model')!r}, not of {ckpt_path} (other "
                              f"trained weights); run evaluate.py on {ckpt_path} and pass its results.json")
         return f"From `{os.path.basename(results_path)}` (evaluate.py):\n\n" + table
